@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# test.sh: the one test command. Installs what is missing (scripts/setup.sh), brings up a test bed
+# of three OpenSSH hosts of its own, runs every test, and always takes the test bed down again.
+# Extra arguments go to `cargo test` (e.g. scripts/test.sh --test exec).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+
+# A test bed separate from the demo's (scripts/testbed.sh defaults), so both can be up at once.
+export TB_DIR=/tmp/fleet-testbed-tests TB_NS_PREFIX=ft- TB_BRIDGE=ftbr0 TB_SUBNET=10.213.1
+
+scripts/testbed.sh down 2>/dev/null || true
+trap 'scripts/testbed.sh down' EXIT
+scripts/testbed.sh up netns
+
+cargo test --locked "$@"

@@ -1,0 +1,62 @@
+//! The command line, as clap reads it. The `///` comments are the `--help` text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::output::ColorChoice;
+
+/// Turn a few GPU PCs into one training job, from one command on a laptop.
+#[derive(Debug, Parser)]
+#[command(name = "fleet", version, about, propagate_version = true, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// The inventory of hosts
+    #[arg(short, long, global = true, env = "FLEET_INVENTORY", default_value = crate::inventory::DEFAULT_PATH)]
+    pub inventory: PathBuf,
+    /// Machine-readable output: one JSON object per line on stdout
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// When to colour the output
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+    /// Print only data and errors
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Print more about what is being done
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    /// Seconds to wait for each host to connect and authenticate
+    #[arg(long, global = true, value_name = "SECONDS", default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    /// Trust hosts whose key is not yet in known_hosts and record their keys there
+    /// (a changed key is still refused)
+    #[arg(long, global = true)]
+    pub accept_new_host_keys: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command on every host at once; each output line is prefixed with its host
+    Exec(ExecArgs),
+    /// Show the hosts of the inventory as fleet will use them (node rank, address, user, ranks)
+    Inventory,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Pass COMMAND to the remote shell as one string, so pipes and `&&` work
+    /// (otherwise every argument arrives exactly as given)
+    #[arg(long)]
+    pub shell: bool,
+    /// The command and its arguments, after `--`
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}

@@ -1,0 +1,66 @@
+//! The subcommands. Each takes the resolved global settings ([`Fleet`]) and its own arguments,
+//! and returns the exit code it decided on; errors it cannot place on a host come back as
+//! `anyhow` errors for `main` to print.
+
+mod exec;
+mod inventory;
+mod table;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command, GlobalArgs};
+use crate::exit_code::ExitCode;
+use crate::inventory::{Inventory, InventoryError};
+use crate::output::Printer;
+use crate::ssh::{ConnectOptions, HostKeyPolicy, Keyring, SshConfig, Target};
+
+/// The global flags, resolved into what commands use.
+pub struct Fleet {
+    pub printer: Printer,
+    global: GlobalArgs,
+}
+
+impl Fleet {
+    pub fn new(global: GlobalArgs) -> Self {
+        let printer = Printer::new(global.color, global.json, global.quiet, global.verbose);
+        Fleet { printer, global }
+    }
+
+    pub fn inventory(&self) -> Result<Inventory, InventoryError> {
+        Inventory::load(&self.global.inventory)
+    }
+
+    /// Where each host is reached, after `~/.ssh/config`.
+    pub fn targets(&self, inventory: &Inventory) -> Result<Vec<Target>> {
+        let config = SshConfig::load_user()?;
+        Ok(inventory.hosts.iter().map(|h| Target::resolve(inventory, h, &config)).collect())
+    }
+
+    /// Connection settings for this run; reads the client keys (asking for passphrases now).
+    pub fn connect_options(&self, inventory: &Inventory, targets: &[Target]) -> Result<ConnectOptions> {
+        let timeout = self.global.connect_timeout;
+        if !(timeout.is_finite() && timeout > 0.0 && timeout <= 3600.0) {
+            anyhow::bail!("--connect-timeout {timeout}: expected seconds between 0 and 3600");
+        }
+        let interactive = self.printer.stderr_is_terminal() && std::io::IsTerminal::is_terminal(&std::io::stdin());
+        Ok(ConnectOptions {
+            timeout: Duration::from_secs_f64(timeout),
+            keepalive: Duration::from_secs(5),
+            keepalive_max: 3,
+            host_keys: Arc::new(HostKeyPolicy::new(inventory.known_hosts.clone(), self.global.accept_new_host_keys)),
+            keyring: Arc::new(Keyring::load(targets, interactive)),
+        })
+    }
+}
+
+/// Runs the command line and returns the exit code.
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let fleet = Fleet::new(cli.global);
+    match cli.command {
+        Command::Exec(args) => exec::run(&fleet, &args).await,
+        Command::Inventory => inventory::run(&fleet),
+    }
+}

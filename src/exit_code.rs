@@ -1,0 +1,35 @@
+//! The exit codes of `fleet`, documented in the README.
+
+/// Why `fleet` exits the way it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitCode {
+    /// Everything asked for succeeded on every host.
+    Success,
+    /// A command failed on at least one host (non-zero exit, or killed by a signal), or fleet
+    /// itself failed.
+    Failure,
+    /// Bad command line or inventory: nothing was run.
+    Usage,
+    /// At least one host could not be reached, its host key was refused, or authentication failed.
+    Unreachable,
+    /// Stopped by Ctrl-C.
+    Interrupted,
+}
+
+impl ExitCode {
+    pub fn code(self) -> u8 {
+        match self {
+            ExitCode::Success => 0,
+            ExitCode::Failure => 1,
+            ExitCode::Usage => 2,
+            ExitCode::Unreachable => 3,
+            ExitCode::Interrupted => 130,
+        }
+    }
+}
+
+impl From<ExitCode> for std::process::ExitCode {
+    fn from(code: ExitCode) -> Self {
+        std::process::ExitCode::from(code.code())
+    }
+}

@@ -1,0 +1,21 @@
+//! fleet: one command on a laptop turns a few GPU PCs into one data-parallel training job.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the command line (clap derive); `--help` text lives there.
+//! - [`commands`]: one module per subcommand, and [`commands::Fleet`], the resolved global flags.
+//! - [`inventory`]: the hosts file (TOML), validated with file:line:column errors.
+//! - [`ssh`]: russh connections: targets (with `~/.ssh/config`), host keys, keys, commands.
+//! - [`shell`]: quoting for the remote shell, so arguments arrive as typed.
+//! - [`output`]: the printer (stdout data, stderr messages), colours, line assembly, sanitising.
+//! - [`exit_code`]: what the process's exit status means.
+//!
+//! The controller never links libtorch; the trainer `fleet-train` (feature `train`) does.
+
+pub mod cli;
+pub mod commands;
+pub mod exit_code;
+pub mod inventory;
+pub mod output;
+pub mod shell;
+pub mod ssh;

@@ -1,0 +1,10 @@
+//! Everything that reaches the terminal: the [`Printer`] (stdout for data, stderr for progress
+//! and logs), colour, sanitising of remote text, and assembly of remote byte streams into lines.
+
+mod lines;
+mod printer;
+mod sanitize;
+
+pub use lines::LineSplitter;
+pub use printer::{ColorChoice, HostLabels, Printer, Stream};
+pub use sanitize::sanitize;

@@ -1,0 +1,201 @@
+//! The one place that decides what goes to stdout (data: tables, command output, JSON lines)
+//! and what goes to stderr (progress, diagnostics, remote stderr), and whether it is coloured.
+
+use std::io::{self, IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use console::{Color, Style};
+use serde::Serialize;
+
+use super::sanitize;
+
+/// `--color`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ColorChoice {
+    /// Colour when writing to a terminal and NO_COLOR is not set.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+/// Which of the process's output streams a line belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// How one output stream is written.
+#[derive(Debug)]
+struct Sink {
+    color: bool,
+    terminal: bool,
+    /// Set once a write fails with a broken pipe (`fleet ... | head`): later writes are dropped.
+    closed: AtomicBool,
+}
+
+impl Sink {
+    fn new(terminal: bool, choice: ColorChoice) -> Self {
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        let color = match choice {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => terminal && !no_color,
+        };
+        Sink { color, terminal, closed: AtomicBool::new(false) }
+    }
+
+    fn write(&self, out: &mut dyn Write, bytes: &[u8]) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        // A stream that cannot be written (a closed pipe: `fleet ... | head`) stays closed; the
+        // run goes on and its exit code still tells how the hosts did.
+        if out.write_all(bytes).and_then(|()| out.flush()).is_err() {
+            self.closed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Writes data to stdout and messages to stderr, honouring `--json`, `--color`, `-q` and `-v`.
+#[derive(Debug)]
+pub struct Printer {
+    stdout: Sink,
+    stderr: Sink,
+    json: bool,
+    quiet: bool,
+    verbose: bool,
+}
+
+impl Printer {
+    pub fn new(color: ColorChoice, json: bool, quiet: bool, verbose: bool) -> Self {
+        Printer {
+            stdout: Sink::new(io::stdout().is_terminal(), color),
+            stderr: Sink::new(io::stderr().is_terminal(), color),
+            json,
+            quiet,
+            verbose,
+        }
+    }
+
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    pub fn verbose(&self) -> bool {
+        self.verbose
+    }
+
+    /// Whether stderr is a terminal (progress bars and prompts need one).
+    pub fn stderr_is_terminal(&self) -> bool {
+        self.stderr.terminal
+    }
+
+    fn sink(&self, stream: Stream) -> &Sink {
+        match stream {
+            Stream::Stdout => &self.stdout,
+            Stream::Stderr => &self.stderr,
+        }
+    }
+
+    /// A style that is applied only when `stream` is coloured.
+    pub fn style(&self, stream: Stream, style: Style) -> Style {
+        style.force_styling(self.sink(stream).color)
+    }
+
+    /// Writes text as it is (tables, reports) to `stream`.
+    pub fn write(&self, stream: Stream, text: &str) {
+        match stream {
+            Stream::Stdout => self.stdout.write(&mut io::stdout().lock(), text.as_bytes()),
+            Stream::Stderr => self.stderr.write(&mut io::stderr().lock(), text.as_bytes()),
+        }
+    }
+
+    /// One JSON Lines record on stdout.
+    pub fn record<T: Serialize>(&self, value: &T) {
+        match serde_json::to_string(value) {
+            Ok(mut line) => {
+                line.push('\n');
+                self.write(Stream::Stdout, &line);
+            }
+            Err(e) => self.error(&format!("cannot encode a JSON record: {e}")),
+        }
+    }
+
+    /// A line from a remote host, behind its prefix, sanitised when `stream` is a terminal.
+    pub fn remote_line(&self, stream: Stream, prefix: &str, line: &[u8]) {
+        let text = sanitize(line, self.sink(stream).terminal);
+        let mut out = String::with_capacity(prefix.len() + text.len() + 1);
+        out.push_str(prefix);
+        out.push_str(&text);
+        out.push('\n');
+        self.write(stream, &out);
+    }
+
+    /// Progress and notes on stderr; silent with `-q` or `--json`.
+    pub fn info(&self, message: &str) {
+        if !self.quiet && !self.json {
+            self.write(Stream::Stderr, &format!("{message}\n"));
+        }
+    }
+
+    /// Details shown with `-v`.
+    pub fn debug(&self, message: &str) {
+        if self.verbose {
+            self.write(Stream::Stderr, &format!("{message}\n"));
+        }
+    }
+
+    pub fn warn(&self, message: &str) {
+        let label = self.style(Stream::Stderr, Style::new().yellow().bold()).apply_to("warning:");
+        self.write(Stream::Stderr, &format!("{label} {message}\n"));
+    }
+
+    pub fn error(&self, message: &str) {
+        let label = self.style(Stream::Stderr, Style::new().red().bold()).apply_to("error:");
+        self.write(Stream::Stderr, &format!("{label} {message}\n"));
+    }
+}
+
+/// Prefixes for lines from each host: the name padded to a common width, a colour per host.
+#[derive(Debug)]
+pub struct HostLabels {
+    stdout: Vec<String>,
+    stderr: Vec<String>,
+}
+
+const PALETTE: [Color; 6] = [Color::Cyan, Color::Magenta, Color::Yellow, Color::Green, Color::Blue, Color::Red];
+
+impl HostLabels {
+    pub fn new<S: AsRef<str>>(printer: &Printer, names: &[S]) -> Self {
+        let width = names.iter().map(|n| console::measure_text_width(n.as_ref())).max().unwrap_or(0);
+        let plain: Vec<String> = names
+            .iter()
+            .map(|n| {
+                let n = n.as_ref();
+                format!("{n}{} | ", " ".repeat(width - console::measure_text_width(n)))
+            })
+            .collect();
+        let paint = |stream: Stream| {
+            plain
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let style = printer.style(stream, Style::new().fg(PALETTE[i % PALETTE.len()]));
+                    style.apply_to(p).to_string()
+                })
+                .collect()
+        };
+        HostLabels { stdout: paint(Stream::Stdout), stderr: paint(Stream::Stderr) }
+    }
+
+    /// The prefix of host `index` for `stream`, coloured when that stream is.
+    pub fn prefix(&self, index: usize, stream: Stream) -> &str {
+        match stream {
+            Stream::Stdout => &self.stdout[index],
+            Stream::Stderr => &self.stderr[index],
+        }
+    }
+}

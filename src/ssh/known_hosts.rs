@@ -1,0 +1,123 @@
+//! Host-key verification against an OpenSSH known_hosts file.
+//!
+//! A key that matches is accepted. A host with no recorded key is refused with its fingerprint
+//! and the way to trust it, unless the user asked to accept new keys (OpenSSH's
+//! `StrictHostKeyChecking=accept-new`), in which case the key is recorded. A host whose key
+//! differs from the recorded one is always refused and the file is never touched.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use russh::keys::{self, HashAlg, PublicKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostKeyError {
+    #[error(
+        "{host}: host key of {endpoint} is not known. It offers {algorithm} key {fingerprint}. Nothing was run. \
+         If this is the right machine (compare with `ssh-keygen -lf /etc/ssh/ssh_host_{short}_key.pub` on it), \
+         run again with --accept-new-host-keys to record it in {}",
+        known_hosts.display()
+    )]
+    Unknown {
+        host: String,
+        endpoint: String,
+        algorithm: String,
+        short: String,
+        fingerprint: String,
+        known_hosts: PathBuf,
+    },
+    #[error(
+        "{host}: HOST KEY CHANGED for {endpoint}! It now offers {algorithm} key {fingerprint}, which is not the key \
+         recorded in {}. Someone may be intercepting the connection, or the machine was reinstalled. Nothing was run \
+         and known_hosts was not modified. If the change is expected, remove the old key with \
+         `ssh-keygen -R '{endpoint}' -f {}` and connect again",
+        known_hosts.display(), known_hosts.display()
+    )]
+    Changed {
+        host: String,
+        endpoint: String,
+        algorithm: String,
+        fingerprint: String,
+        known_hosts: PathBuf,
+    },
+    #[error("{host}: {endpoint} offered a host certificate; fleet checks plain host keys against known_hosts only")]
+    Certificate { host: String, endpoint: String },
+    #[error("{host}: cannot read {}: {message}", known_hosts.display())]
+    Unreadable {
+        host: String,
+        known_hosts: PathBuf,
+        message: String,
+    },
+    #[error("{host}: cannot record the host key in {}: {message}", known_hosts.display())]
+    Record {
+        host: String,
+        known_hosts: PathBuf,
+        message: String,
+    },
+}
+
+/// A key recorded because of `--accept-new-host-keys`.
+#[derive(Clone, Debug)]
+pub struct Learned {
+    pub host: String,
+    pub endpoint: String,
+    pub fingerprint: String,
+}
+
+/// Which known_hosts file to trust, and whether new keys may be added to it.
+#[derive(Debug)]
+pub struct HostKeyPolicy {
+    known_hosts: PathBuf,
+    accept_new: bool,
+    /// Keys recorded in this run; the lock also keeps concurrent appends from interleaving.
+    learned: Mutex<Vec<Learned>>,
+}
+
+impl HostKeyPolicy {
+    pub fn new(known_hosts: PathBuf, accept_new: bool) -> Self {
+        HostKeyPolicy { known_hosts, accept_new, learned: Mutex::new(Vec::new()) }
+    }
+
+    /// Decides whether `key`, offered by `addr:port` (inventory host `host`), is trusted.
+    pub fn verify(&self, host: &str, addr: &str, port: u16, key: &PublicKey) -> Result<(), HostKeyError> {
+        let endpoint = if port == 22 { addr.to_string() } else { format!("[{addr}]:{port}") };
+        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+        let algorithm = key.algorithm().to_string();
+        match keys::check_known_hosts_path(addr, port, key, &self.known_hosts) {
+            Ok(true) => Ok(()),
+            Ok(false) if self.accept_new => {
+                let mut learned = self.learned.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                keys::known_hosts::learn_known_hosts_path(addr, port, key, &self.known_hosts).map_err(|e| {
+                    HostKeyError::Record { host: host.to_string(), known_hosts: self.known_hosts.clone(), message: e.to_string() }
+                })?;
+                learned.push(Learned { host: host.to_string(), endpoint, fingerprint });
+                Ok(())
+            }
+            Ok(false) => Err(HostKeyError::Unknown {
+                host: host.to_string(),
+                short: algorithm.trim_start_matches("ssh-").split('-').next().unwrap_or("ed25519").to_string(),
+                endpoint,
+                algorithm,
+                fingerprint,
+                known_hosts: self.known_hosts.clone(),
+            }),
+            Err(keys::Error::KeyChanged { .. }) => Err(HostKeyError::Changed {
+                host: host.to_string(),
+                endpoint,
+                algorithm,
+                fingerprint,
+                known_hosts: self.known_hosts.clone(),
+            }),
+            Err(e) => Err(HostKeyError::Unreadable {
+                host: host.to_string(),
+                known_hosts: self.known_hosts.clone(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// The keys recorded so far in this run.
+    pub fn learned(&self) -> Vec<Learned> {
+        self.learned.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+}

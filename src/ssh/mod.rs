@@ -1,0 +1,14 @@
+//! SSH to the hosts with russh: one connection per host, host keys checked against
+//! known_hosts, key-file or agent authentication, and commands whose output streams back.
+
+mod auth;
+mod error;
+mod known_hosts;
+mod session;
+mod target;
+
+pub use auth::Keyring;
+pub use error::SshError;
+pub use known_hosts::{HostKeyError, HostKeyPolicy, Learned};
+pub use session::{ConnectOptions, ExitStatus, Session};
+pub use target::{SshConfig, Target};

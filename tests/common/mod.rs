@@ -1,0 +1,176 @@
+//! The harness shared by the integration tests: the test bed's hosts, and a builder that runs
+//! the real `fleet` binary in a clean environment (its own HOME, no agent, no inherited
+//! inventory), so a test sees only what it set up.
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// One host of the test bed, as `scripts/testbed.sh` wrote it to hosts.tsv.
+#[derive(Clone, Debug)]
+pub struct TestHost {
+    pub name: String,
+    pub addr: String,
+    pub port: u16,
+}
+
+/// The running test bed (`scripts/testbed.sh up`, done by `scripts/test.sh`).
+#[derive(Clone, Debug)]
+pub struct Testbed {
+    pub dir: PathBuf,
+    pub hosts: Vec<TestHost>,
+}
+
+impl Testbed {
+    pub fn get() -> Testbed {
+        let dir = PathBuf::from(std::env::var_os("TB_DIR").unwrap_or_else(|| "/tmp/fleet-testbed".into()));
+        let tsv = std::fs::read_to_string(dir.join("hosts.tsv")).unwrap_or_else(|e| {
+            panic!("the test bed is not up ({}: {e}); run the tests with scripts/test.sh", dir.join("hosts.tsv").display())
+        });
+        let hosts = tsv
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                TestHost { name: f[0].to_string(), addr: f[1].to_string(), port: f[2].parse().unwrap() }
+            })
+            .collect();
+        Testbed { dir, hosts }
+    }
+
+    /// The inventory testbed.sh wrote for its hosts.
+    pub fn inventory(&self) -> PathBuf {
+        self.dir.join("fleet.toml")
+    }
+
+    pub fn key(&self) -> PathBuf {
+        self.dir.join("id_ed25519")
+    }
+
+    pub fn known_hosts(&self) -> PathBuf {
+        self.dir.join("known_hosts")
+    }
+
+    /// An inventory for every test-bed host, with `fleet_extra` lines added to `[fleet]`
+    /// (which holds no identity or known_hosts unless given there).
+    pub fn inventory_with(&self, dir: &Path, fleet_extra: &str) -> PathBuf {
+        let mut text = format!("[fleet]\nuser = \"root\"\ndevice = \"cpu\"\n{fleet_extra}\n");
+        for h in &self.hosts {
+            text.push_str(&format!("\n[[host]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\n", h.name, h.addr, h.port));
+        }
+        let path = dir.join("fleet.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Runs a script of the test bed (`stop host3`, `cut host2`, ...).
+    pub fn control(&self, args: &[&str]) {
+        let status = Command::new(repo().join("scripts/testbed.sh"))
+            .args(args)
+            .env("TB_DIR", &self.dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "testbed.sh {args:?} failed");
+    }
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A `fleet` invocation with an isolated environment.
+pub struct Fleet {
+    command: Command,
+    home: tempfile::TempDir,
+}
+
+impl Fleet {
+    pub fn new() -> Fleet {
+        let home = tempfile::tempdir().unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fleet"));
+        command
+            .current_dir(repo())
+            .env("HOME", home.path())
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("FLEET_INVENTORY")
+            .env_remove("NO_COLOR")
+            .env_remove("CLICOLOR_FORCE");
+        Fleet { command, home }
+    }
+
+    /// The HOME the command sees (to place `~/.ssh/config` in).
+    pub fn home(&self) -> &Path {
+        self.home.path()
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Fleet {
+        self.command.arg(arg);
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Fleet
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.command.args(args);
+        self
+    }
+
+    pub fn run_with_env(mut self, key: &str, value: &str) -> Run {
+        self.command.env(key, value);
+        self.run()
+    }
+
+    pub fn run(mut self) -> Run {
+        let output = self.command.output().unwrap();
+        Run::from(output)
+    }
+}
+
+/// What a finished `fleet` printed and how it exited.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// stdout lines, sorted (hosts answer in any order).
+    pub fn sorted_stdout(&self) -> Vec<&str> {
+        let mut lines: Vec<&str> = self.stdout.lines().collect();
+        lines.sort();
+        lines
+    }
+
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) -> &Run {
+        assert_eq!(self.code, Some(code), "exit code\n--- stdout\n{}\n--- stderr\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+/// A fresh ed25519 key pair in `dir`, with an optional passphrase.
+pub fn keygen(dir: &Path, name: &str, passphrase: &str) -> PathBuf {
+    let path = dir.join(name);
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", passphrase, "-C", name, "-f"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    path
+}
