@@ -2,6 +2,7 @@
 //! known_hosts, key-file or agent authentication, and commands whose output streams back.
 
 mod auth;
+mod config;
 mod error;
 mod known_hosts;
 mod session;
@@ -11,4 +12,5 @@ pub use auth::Keyring;
 pub use error::SshError;
 pub use known_hosts::{HostKeyError, HostKeyPolicy, Learned};
 pub use session::{ConnectOptions, ExitStatus, Session};
-pub use target::{SshConfig, Target};
+pub use config::{HostParams, SshConfig};
+pub use target::Target;

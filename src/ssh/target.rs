@@ -4,37 +4,10 @@
 //! address (so an alias's HostName, Port, User and IdentityFile work as they do with `ssh`),
 //! then the inventory's `[fleet]` defaults, then OpenSSH's own defaults (port 22, the local user).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use ssh2_config::{ParseRule, SshConfig as ParsedConfig};
-
-use crate::inventory::{Host, Inventory, expand_tilde};
-
-/// The user's `~/.ssh/config`, or nothing when there is none.
-#[derive(Debug, Default)]
-pub struct SshConfig {
-    parsed: Option<ParsedConfig>,
-}
-
-impl SshConfig {
-    /// Reads `$HOME/.ssh/config` when it exists.
-    pub fn load_user() -> anyhow::Result<SshConfig> {
-        let path = expand_tilde("~/.ssh/config");
-        if !path.is_file() {
-            return Ok(SshConfig::default());
-        }
-        Self::load(&path)
-    }
-
-    pub fn load(path: &Path) -> anyhow::Result<SshConfig> {
-        let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        let mut reader = std::io::BufReader::new(file);
-        let parsed = ParsedConfig::default()
-            .parse(&mut reader, ParseRule::ALLOW_UNKNOWN_FIELDS)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        Ok(SshConfig { parsed: Some(parsed) })
-    }
-}
+use super::config::SshConfig;
+use crate::inventory::{Host, Inventory};
 
 /// A host ready to be dialled.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,27 +24,19 @@ pub struct Target {
 
 impl Target {
     pub fn resolve(inventory: &Inventory, host: &Host, config: &SshConfig) -> Target {
-        let params = config.parsed.as_ref().map(|c| c.query(&host.address));
-        let params = params.as_ref();
-        let addr = params
-            .and_then(|p| p.host_name.as_deref())
-            .map(|h| h.replace("%h", &host.address).replace("%%", "%"))
-            .unwrap_or_else(|| host.address.clone());
-        let port = host.ssh.port.or(params.and_then(|p| p.port)).or(inventory.defaults.port).unwrap_or(22);
+        let params = config.query(&host.address);
+        let addr = params.host_name.unwrap_or_else(|| host.address.clone());
+        let port = host.ssh.port.or(params.port).or(inventory.defaults.port).unwrap_or(22);
         let user = host
             .ssh
             .user
             .clone()
-            .or_else(|| params.and_then(|p| p.user.clone()))
+            .or(params.user)
             .or_else(|| inventory.defaults.user.clone())
             .unwrap_or_else(local_user);
-        let from_config = || -> Option<Vec<PathBuf>> {
-            let files = params?.identity_file.as_ref()?;
-            Some(files.iter().map(|f| expand_tilde(&f.to_string_lossy())).collect())
-        };
-        let identities = match (&host.ssh.identity, from_config(), &inventory.defaults.identity) {
+        let identities = match (&host.ssh.identity, params.identity_files, &inventory.defaults.identity) {
             (Some(own), _, _) => vec![own.clone()],
-            (None, Some(files), _) if !files.is_empty() => files,
+            (None, files, _) if !files.is_empty() => files,
             (None, _, Some(default)) => vec![default.clone()],
             _ => Vec::new(),
         };
@@ -99,9 +64,10 @@ fn local_user() -> String {
 mod tests {
     use super::*;
 
+    use std::path::Path;
+
     fn config(text: &str) -> SshConfig {
-        let parsed = ParsedConfig::default().parse(&mut text.as_bytes(), ParseRule::ALLOW_UNKNOWN_FIELDS).unwrap();
-        SshConfig { parsed: Some(parsed) }
+        SshConfig::parse(text).unwrap()
     }
 
     fn inventory(text: &str) -> Inventory {
