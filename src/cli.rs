@@ -46,6 +46,8 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Run a command on every host at once; each output line is prefixed with its host
     Exec(ExecArgs),
+    /// Make the project folder identical on every host, verified by SHA-256
+    Sync(SyncArgs),
     /// Show the hosts of the inventory as fleet will use them (node rank, address, user, ranks)
     Inventory,
 }
@@ -59,4 +61,17 @@ pub struct ExecArgs {
     /// The command and its arguments, after `--`
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// Print what would be sent, created and removed on each host, and change nothing
+    #[arg(long, conflicts_with = "verify")]
+    pub dry_run: bool,
+    /// Re-hash every file on every host and list the files that differ from the local ones
+    #[arg(long)]
+    pub verify: bool,
+    /// Remove files on the hosts that are not in the project (excluded paths are kept)
+    #[arg(long)]
+    pub delete: bool,
 }

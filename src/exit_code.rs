@@ -17,6 +17,18 @@ pub enum ExitCode {
 }
 
 impl ExitCode {
+    /// The graver of two outcomes, for a command that collects one per host.
+    pub fn max_with(self, other: ExitCode) -> ExitCode {
+        let rank = |c: ExitCode| match c {
+            ExitCode::Success => 0,
+            ExitCode::Failure => 1,
+            ExitCode::Unreachable => 2,
+            ExitCode::Usage => 3,
+            ExitCode::Interrupted => 4,
+        };
+        if rank(other) > rank(self) { other } else { self }
+    }
+
     pub fn code(self) -> u8 {
         match self {
             ExitCode::Success => 0,

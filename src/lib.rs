@@ -19,3 +19,4 @@ pub mod inventory;
 pub mod output;
 pub mod shell;
 pub mod ssh;
+pub mod sync;

@@ -4,6 +4,7 @@ use clap::Parser;
 use fleet::cli::Cli;
 use fleet::exit_code::ExitCode;
 use fleet::inventory::InventoryError;
+use fleet::sync::ManifestError;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -17,7 +18,9 @@ fn main() -> std::process::ExitCode {
     match runtime.block_on(fleet::commands::run(cli)) {
         Ok(code) => code.into(),
         Err(error) => {
-            let code = if error.downcast_ref::<InventoryError>().is_some() { ExitCode::Usage } else { ExitCode::Failure };
+            // Mistakes in what the user gave (inventory, project folder) mean nothing was run.
+            let usage = error.downcast_ref::<InventoryError>().is_some() || error.downcast_ref::<ManifestError>().is_some();
+            let code = if usage { ExitCode::Usage } else { ExitCode::Failure };
             let label = console::style("error:").red().bold().for_stderr();
             eprintln!("{label} {error:#}");
             code.into()

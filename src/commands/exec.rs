@@ -143,9 +143,9 @@ fn summarise(printer: &Printer, targets: &[Target], outcomes: &[Result<ExitStatu
             }
         };
         code = match outcome {
-            Err(_) => ExitCode::Unreachable,
-            Ok(status) if !status.success() && code == ExitCode::Success => ExitCode::Failure,
-            _ => code,
+            Err(_) => code.max_with(ExitCode::Unreachable),
+            Ok(status) if !status.success() => code.max_with(ExitCode::Failure),
+            Ok(_) => code,
         };
         hosts.push(summary);
     }

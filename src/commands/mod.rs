@@ -4,6 +4,7 @@
 
 mod exec;
 mod inventory;
+mod sync;
 mod table;
 
 use std::sync::Arc;
@@ -61,6 +62,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let fleet = Fleet::new(cli.global);
     match cli.command {
         Command::Exec(args) => exec::run(&fleet, &args).await,
+        Command::Sync(args) => sync::run(&fleet, &args).await,
         Command::Inventory => inventory::run(&fleet),
     }
 }

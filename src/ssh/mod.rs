@@ -11,6 +11,6 @@ mod target;
 pub use auth::Keyring;
 pub use error::SshError;
 pub use known_hosts::{HostKeyError, HostKeyPolicy, Learned};
-pub use session::{ConnectOptions, ExitStatus, Session};
+pub use session::{ConnectOptions, ExitStatus, RemoteProcess, Session};
 pub use config::{HostParams, SshConfig};
 pub use target::Target;

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use russh::client::{self, Handle};
 use russh::keys::PublicKeyOrCertificate;
-use russh::{ChannelMsg, Disconnect};
+use russh::client::Msg;
+use russh::{Channel, ChannelMsg, Disconnect};
+use russh_sftp::client::RawSftpSession;
 
 use super::known_hosts::HostKeyError;
 use super::{HostKeyPolicy, Keyring, SshError, Target};
@@ -114,33 +116,79 @@ impl Session {
 
     /// Runs `command` (a shell command line) and hands each chunk of its output to `output` as it
     /// arrives. Reads until the channel closes: the exit status can come before the last data.
-    pub async fn exec(&self, command: &str, mut output: impl FnMut(Stream, &[u8])) -> Result<ExitStatus, SshError> {
-        let mut channel = self.handle.channel_open_session().await.map_err(|e| self.protocol(e))?;
+    pub async fn exec(&self, command: &str, output: impl FnMut(Stream, &[u8])) -> Result<ExitStatus, SshError> {
+        self.exec_with_input(command, &[], output).await
+    }
+
+    /// Like [`Session::exec`], with `input` as the command's stdin (then end of file). Input is
+    /// sent while output is read, so neither side can stall the other.
+    pub async fn exec_with_input(&self, command: &str, input: &[u8], mut output: impl FnMut(Stream, &[u8])) -> Result<ExitStatus, SshError> {
+        let channel = self.handle.channel_open_session().await.map_err(|e| self.protocol(e))?;
         channel.exec(true, command).await.map_err(|e| self.protocol(e))?;
-        let mut status = None;
-        while let Some(message) = channel.wait().await {
-            match message {
-                ChannelMsg::Data { data } => output(Stream::Stdout, &data),
-                ChannelMsg::ExtendedData { data, ext: 1 } => output(Stream::Stderr, &data),
-                ChannelMsg::ExitStatus { exit_status } => status = Some(ExitStatus::Code(exit_status)),
-                ChannelMsg::ExitSignal { signal_name, .. } => status = Some(ExitStatus::Signal(signal_text(&signal_name))),
-                ChannelMsg::Failure => {
-                    return Err(SshError::Lost { host: self.target.name.clone(), reason: "the host refused to run the command".into() });
-                }
-                _ => {}
+        let (mut reader, writer) = channel.split();
+        // A command that exits without reading its input makes sending fail; its status tells.
+        let send = async {
+            if !input.is_empty() {
+                let _ = writer.data(input).await;
             }
-        }
-        status.ok_or_else(|| SshError::Lost {
-            host: self.target.name.clone(),
-            reason: if self.handle.is_closed() { "no keepalive answer or the host closed the connection".into() } else { "the command ended without an exit status".into() },
-        })
+            let _ = writer.eof().await;
+        };
+        let receive = async {
+            let mut status = None;
+            while let Some(message) = reader.wait().await {
+                match message {
+                    ChannelMsg::Data { data } => output(Stream::Stdout, &data),
+                    ChannelMsg::ExtendedData { data, ext: 1 } => output(Stream::Stderr, &data),
+                    ChannelMsg::ExitStatus { exit_status } => status = Some(ExitStatus::Code(exit_status)),
+                    ChannelMsg::ExitSignal { signal_name, .. } => status = Some(ExitStatus::Signal(signal_text(&signal_name))),
+                    ChannelMsg::Failure => {
+                        return Err(SshError::Lost { host: self.target.name.clone(), reason: "the host refused to run the command".into() });
+                    }
+                    _ => {}
+                }
+            }
+            status.ok_or_else(|| SshError::Lost {
+                host: self.target.name.clone(),
+                reason: if self.handle.is_closed() { "no keepalive answer or the host closed the connection".into() } else { "the command ended without an exit status".into() },
+            })
+        };
+        let ((), status) = tokio::join!(send, receive);
+        status
+    }
+
+    /// Starts `command` and returns it running, for commands that live as long as fleet needs
+    /// them (a lock held while its stdin stays open).
+    pub async fn start(&self, command: &str) -> Result<RemoteProcess, SshError> {
+        let channel = self.handle.channel_open_session().await.map_err(|e| self.protocol(e))?;
+        channel.exec(true, command).await.map_err(|e| self.protocol(e))?;
+        Ok(RemoteProcess { host: self.target.name.clone(), channel, stdout: Vec::new(), stderr: Vec::new() })
+    }
+
+    /// An SFTP session on its own channel.
+    pub async fn sftp(&self) -> Result<RawSftpSession, SshError> {
+        let channel = self.handle.channel_open_session().await.map_err(|e| self.protocol(e))?;
+        channel.request_subsystem(true, "sftp").await.map_err(|e| self.protocol(e))?;
+        let config = russh_sftp::client::Config {
+            // The default 16 writes in flight are bound by latency on a real network.
+            max_concurrent_writes: 64,
+            request_timeout_secs: 120,
+            ..Default::default()
+        };
+        let sftp = RawSftpSession::new_with_config(channel.into_stream(), config);
+        sftp.init().await.map_err(|e| SshError::Lost { host: self.target.name.clone(), reason: format!("SFTP did not start: {e}") })?;
+        Ok(sftp)
     }
 
     /// Runs `command` and returns its exit status with everything it printed.
     pub async fn capture(&self, command: &str) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), SshError> {
+        self.capture_with_input(command, &[]).await
+    }
+
+    /// Runs `command` with `input` on its stdin and returns its exit status and output.
+    pub async fn capture_with_input(&self, command: &str, input: &[u8]) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), SshError> {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let status = self
-            .exec(command, |stream, data| match stream {
+            .exec_with_input(command, input, |stream, data| match stream {
                 Stream::Stdout => stdout.extend_from_slice(data),
                 Stream::Stderr => stderr.extend_from_slice(data),
             })
@@ -158,5 +206,47 @@ fn signal_text(signal: &russh::Sig) -> String {
     match signal {
         russh::Sig::Custom(name) => name.clone(),
         other => format!("{other:?}"),
+    }
+}
+
+/// A command still running on a host, started by [`Session::start`].
+pub struct RemoteProcess {
+    host: String,
+    channel: Channel<Msg>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+impl RemoteProcess {
+    /// The next line the command printed on stdout; `Ok(None)` once it ended (its stderr and
+    /// exit status are then in the error it returns from [`RemoteProcess::finish`]).
+    pub async fn next_line(&mut self) -> Option<String> {
+        loop {
+            if let Some(i) = self.stdout.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.stdout.drain(..=i).collect();
+                return Some(String::from_utf8_lossy(&line[..i]).into_owned());
+            }
+            match self.channel.wait().await? {
+                ChannelMsg::Data { data } => self.stdout.extend_from_slice(&data),
+                ChannelMsg::ExtendedData { data, .. } => self.stderr.extend_from_slice(&data),
+                ChannelMsg::Eof | ChannelMsg::Close => return None,
+                _ => {}
+            }
+        }
+    }
+
+    /// What the command printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).trim().to_string()
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// Closes its stdin and waits for it to end.
+    pub async fn finish(mut self) {
+        let _ = self.channel.eof().await;
+        while self.channel.wait().await.is_some() {}
     }
 }

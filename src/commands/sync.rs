@@ -1,0 +1,287 @@
+//! `fleet sync`: the local project folder onto every host, verified; `--dry-run` shows the plan,
+//! `--verify` re-hashes every host's copy and lists what differs.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use futures::future::join_all;
+use serde::Serialize;
+
+use super::{Fleet, table};
+use crate::cli::SyncArgs;
+use crate::exit_code::ExitCode;
+use crate::inventory::{Host, Inventory};
+use crate::output::{Printer, Stream};
+use crate::ssh::{ConnectOptions, Session, Target};
+use crate::sync::remote::{HostTree, SyncError};
+use crate::sync::transfer::{self, Applied, Progress};
+use crate::sync::{Entry, Filter, HashCache, Manifest, Plan, RemoteEntry, plan, scan, split_listing};
+
+/// How one host's sync ended.
+#[derive(Debug)]
+enum HostResult {
+    Synced { plan: Plan, applied: Applied, seconds: f64 },
+    Planned(Plan),
+    Verified(Vec<Difference>),
+}
+
+/// A file that is not the same on a host as locally (`--verify`).
+#[derive(Debug, Serialize)]
+struct Difference {
+    path: String,
+    /// "differs", "missing" or "extra".
+    problem: &'static str,
+}
+
+#[derive(Serialize)]
+struct HostRecord<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    host: &'a str,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    files_sent: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_sent: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unchanged: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    removed: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extraneous: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    plan: Option<&'a Plan>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    differences: Option<&'a [Difference]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+pub async fn run(fleet: &Fleet, args: &SyncArgs) -> Result<ExitCode> {
+    let inventory = fleet.inventory()?;
+    let targets = fleet.targets(&inventory)?;
+    let options = fleet.connect_options(&inventory, &targets)?;
+
+    let started = Instant::now();
+    let source = inventory.sync.source.clone();
+    let filter = Filter::new(&source, &inventory.sync.exclude)?;
+    let (local, filter) = tokio::task::spawn_blocking(move || {
+        let mut cache = HashCache::open(&source);
+        let result = scan(&source, &filter, &mut cache);
+        if let Ok(scan) = &result {
+            cache.save(&scan.manifest);
+        }
+        result.map(|scan| (scan, filter))
+    })
+    .await
+    .context("scanning the project folder")??;
+    fleet.printer.info(&format!(
+        "{}: {} files, {} ({} hashed) in {:.2}s",
+        inventory.sync.source.display(),
+        local.manifest.files().count(),
+        human_bytes(local.manifest.total_bytes()),
+        local.hashed,
+        started.elapsed().as_secs_f64()
+    ));
+
+    let context = HostContext { printer: &fleet.printer, options: &options, source: inventory.sync.source.clone(), local: &local.manifest, filter: &filter, args };
+    let results = join_all(inventory.hosts.iter().zip(&targets).map(|(host, target)| context.sync_host(host, target))).await;
+    Ok(report(&fleet.printer, &inventory, &results, args))
+}
+
+struct HostContext<'a> {
+    printer: &'a Printer,
+    options: &'a ConnectOptions,
+    source: PathBuf,
+    local: &'a Manifest,
+    filter: &'a Filter,
+    args: &'a SyncArgs,
+}
+
+impl HostContext<'_> {
+    async fn sync_host(&self, host: &Host, target: &Target) -> Result<HostResult, SyncError> {
+        let started = Instant::now();
+        let session = Session::connect(target, self.options).await?;
+        let result = self.with_session(&session, host, started).await;
+        session.close().await;
+        result
+    }
+
+    async fn with_session(&self, session: &Session, host: &Host, started: Instant) -> Result<HostResult, SyncError> {
+        let printer = self.printer;
+        let tree = HostTree::lock(session, &host.workdir, || printer.info(&format!("{}: waiting for another sync of {} to finish", host.name, host.workdir))).await?;
+        let result = self.locked(&tree, started).await;
+        tree.release().await;
+        result
+    }
+
+    async fn locked(&self, tree: &HostTree<'_>, started: Instant) -> Result<HostResult, SyncError> {
+        let (saved, listing) = tree.state().await?;
+        let (listing, stale) = split_listing(listing, self.filter);
+        if self.args.verify {
+            return verify(tree, self.local, &listing).await.map(HostResult::Verified);
+        }
+        let plan = plan(self.local, saved.as_ref(), &listing);
+        if self.args.dry_run {
+            return Ok(HostResult::Planned(plan));
+        }
+        tree.remove(&stale).await?;
+        let sftp = tree.session.sftp().await?;
+        let progress = Progress::default();
+        let applied = transfer::apply(tree, &sftp, &self.source, self.local, &listing, &plan, self.args.delete, &progress).await;
+        let _ = sftp.close_session();
+        let applied = applied?;
+        Ok(HostResult::Synced { plan, applied, seconds: started.elapsed().as_secs_f64() })
+    }
+}
+
+/// Re-hashes every file on the host and compares it, and the rest of the tree, with `local`.
+async fn verify(tree: &HostTree<'_>, local: &Manifest, listing: &crate::sync::Listing) -> Result<Vec<Difference>, SyncError> {
+    let files: Vec<String> = listing.iter().filter(|(_, e)| matches!(e, RemoteEntry::File { .. })).map(|(p, _)| p.clone()).collect();
+    let hashes = tree.hash(&files).await?;
+    let mut differences = Vec::new();
+    for (path, entry) in &local.entries {
+        let problem = match (entry, listing.get(path)) {
+            (_, None) => Some("missing"),
+            (Entry::File { sha256, .. }, Some(RemoteEntry::File { .. })) => (hashes.get(path) != Some(sha256)).then_some("differs"),
+            (Entry::Dir, Some(RemoteEntry::Dir)) => None,
+            (Entry::Link { target }, Some(RemoteEntry::Link { target: there })) => (target != there).then_some("differs"),
+            _ => Some("differs"),
+        };
+        if let Some(problem) = problem {
+            differences.push(Difference { path: path.clone(), problem });
+        }
+    }
+    let known: BTreeSet<&String> = local.entries.keys().collect();
+    differences.extend(listing.keys().filter(|p| !known.contains(p)).map(|p| Difference { path: p.clone(), problem: "extra" }));
+    Ok(differences)
+}
+
+fn report(printer: &Printer, inventory: &Inventory, results: &[Result<HostResult, SyncError>], args: &SyncArgs) -> ExitCode {
+    let mut code = ExitCode::Success;
+    let mut rows = Vec::new();
+    for (host, result) in inventory.hosts.iter().zip(results) {
+        let name = host.name.as_str();
+        let mut record = HostRecord {
+            kind: "host",
+            host: name,
+            ok: true,
+            files_sent: None,
+            bytes_sent: None,
+            unchanged: None,
+            removed: None,
+            extraneous: None,
+            seconds: None,
+            plan: None,
+            differences: None,
+            error: None,
+        };
+        match result {
+            Ok(HostResult::Synced { plan, applied, seconds }) => {
+                record.files_sent = Some(applied.files_sent);
+                record.bytes_sent = Some(applied.bytes_sent);
+                record.unchanged = Some(plan.unchanged);
+                record.removed = Some(applied.removed);
+                record.seconds = Some(*seconds);
+                if !args.delete {
+                    record.extraneous = Some(&plan.extraneous);
+                    if !plan.extraneous.is_empty() {
+                        printer.warn(&format!(
+                            "{name}: {} path(s) on the host are not in the project (kept; --delete removes them): {}",
+                            plan.extraneous.len(),
+                            preview(&plan.extraneous)
+                        ));
+                    }
+                }
+                rows.push(vec![
+                    name.to_string(),
+                    applied.files_sent.to_string(),
+                    human_bytes(applied.bytes_sent),
+                    plan.unchanged.to_string(),
+                    applied.removed.to_string(),
+                    format!("{seconds:.2}"),
+                ]);
+            }
+            Ok(HostResult::Planned(plan)) => {
+                record.plan = Some(plan);
+                if !printer.json() {
+                    print_plan(printer, name, plan, args.delete);
+                }
+            }
+            Ok(HostResult::Verified(differences)) => {
+                record.ok = differences.is_empty();
+                record.differences = Some(differences);
+                if !differences.is_empty() {
+                    code = code.max_with(ExitCode::Failure);
+                }
+                if !printer.json() {
+                    for d in differences {
+                        printer.write(Stream::Stdout, &format!("{name}\t{}\t{}\n", d.problem, d.path));
+                    }
+                    if differences.is_empty() {
+                        printer.info(&format!("{name}: every file matches"));
+                    }
+                }
+            }
+            Err(e) => {
+                record.ok = false;
+                record.error = Some(e.to_string());
+                printer.error(&e.to_string());
+                code = code.max_with(if matches!(e, SyncError::Ssh(_)) { ExitCode::Unreachable } else { ExitCode::Failure });
+            }
+        }
+        if printer.json() {
+            printer.record(&record);
+        }
+    }
+    if !rows.is_empty() && !printer.json() {
+        printer.write(Stream::Stdout, &table::render(&["HOST", "SENT", "BYTES", "UNCHANGED", "REMOVED", "SECONDS"], &rows));
+    }
+    code
+}
+
+fn print_plan(printer: &Printer, host: &str, plan: &Plan, delete: bool) {
+    let mut lines = String::new();
+    for p in &plan.conflicts {
+        lines.push_str(&format!("{host}\treplace\t{p}\n"));
+    }
+    for d in &plan.mkdirs {
+        lines.push_str(&format!("{host}\tmkdir\t{d}\n"));
+    }
+    for u in &plan.uploads {
+        lines.push_str(&format!("{host}\tsend\t{}\t{:?} {}\n", u.path, u.reason, human_bytes(u.size)).replace("\tNew ", "\tnew ").replace("\tChanged ", "\tchanged ").replace("\tDrift ", "\tdrift "));
+    }
+    for (p, mode) in &plan.chmods {
+        lines.push_str(&format!("{host}\tchmod\t{p}\t{mode:o}\n"));
+    }
+    for (p, t) in &plan.links {
+        lines.push_str(&format!("{host}\tlink\t{p}\t{t}\n"));
+    }
+    for p in &plan.extraneous {
+        lines.push_str(&format!("{host}\t{}\t{p}\n", if delete { "remove" } else { "extraneous" }));
+    }
+    printer.write(Stream::Stdout, &lines);
+    printer.info(&format!("{host}: {} to send ({}), {} unchanged", plan.uploads.len(), human_bytes(plan.upload_bytes()), plan.unchanged));
+}
+
+fn preview(paths: &[String]) -> String {
+    let shown: Vec<&str> = paths.iter().take(5).map(String::as_str).collect();
+    let more = paths.len().saturating_sub(shown.len());
+    if more > 0 { format!("{} and {more} more", shown.join(", ")) } else { shown.join(", ") }
+}
+
+/// `1.5 MB`, decimal units like rsync and most file managers.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}

@@ -1,0 +1,395 @@
+//! The local side of a sync: which files make up the project and what each one holds.
+//!
+//! A [`Manifest`] maps each relative path (UTF-8, `/`-separated) to a file (size, mtime, mode,
+//! SHA-256), a directory or a symlink. Building one walks `[sync].source`, skips what the
+//! [`Filter`] excludes, and hashes only files whose size, mtime or inode changed since the last
+//! scan ([`HashCache`]), so a sync with nothing to do costs a `stat` per file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The folder fleet keeps its own state in, on the hosts. Never synced.
+pub const STATE_DIR: &str = ".fleet";
+
+/// One entry of the tree.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Entry {
+    File {
+        size: u64,
+        /// Seconds since the epoch: what SFTP can set on the host.
+        mtime: i64,
+        /// Permission bits (`0o755` for a script).
+        mode: u32,
+        /// Lower-case hex.
+        sha256: String,
+    },
+    Dir,
+    Link {
+        target: String,
+    },
+}
+
+/// A tree's entries by relative path. Directories come before what they hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub entries: BTreeMap<String, Entry>,
+}
+
+impl Manifest {
+    pub fn files(&self) -> impl Iterator<Item = (&String, u64, &str)> {
+        self.entries.iter().filter_map(|(path, entry)| match entry {
+            Entry::File { size, sha256, .. } => Some((path, *size, sha256.as_str())),
+            _ => None,
+        })
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.files().map(|(_, size, _)| size).sum()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("sync source {} does not exist or is not a folder", path.display())]
+    SourceMissing { path: PathBuf },
+    #[error("cannot read {}: {error}", path.display())]
+    Unreadable { path: PathBuf, error: std::io::Error },
+    #[error("{}: the name is not UTF-8; rename it to sync it, or exclude it", path.display())]
+    NotUtf8 { path: PathBuf },
+    #[error("{path}: symlink to {target:?} points outside the synced folder; exclude it, or copy what it points to into the folder")]
+    LinkEscapes { path: String, target: String },
+    #[error("{path}: is not a file, folder or symlink (a socket or device?); exclude it")]
+    Special { path: String },
+    #[error("{}: kept changing while it was read; sync again once it is written", path.display())]
+    Unstable { path: PathBuf },
+    #[error("exclude pattern {pattern:?}: {error}")]
+    Pattern { pattern: String, error: String },
+}
+
+/// What is left out of a sync: `[sync].exclude`, the source's `.fleetignore` (gitignore syntax),
+/// and fleet's own state folder.
+#[derive(Debug)]
+pub struct Filter {
+    ignore: Gitignore,
+}
+
+impl Filter {
+    pub fn new(source: &Path, exclude: &[String]) -> Result<Filter, ManifestError> {
+        let mut builder = GitignoreBuilder::new(source);
+        for pattern in exclude.iter().map(String::as_str).chain([&*format!("/{STATE_DIR}/")]) {
+            builder
+                .add_line(None, pattern)
+                .map_err(|e| ManifestError::Pattern { pattern: pattern.to_string(), error: e.to_string() })?;
+        }
+        let fleetignore = source.join(".fleetignore");
+        if fleetignore.is_file() {
+            if let Some(e) = builder.add(&fleetignore) {
+                return Err(ManifestError::Pattern { pattern: fleetignore.display().to_string(), error: e.to_string() });
+            }
+        }
+        let ignore = builder.build().map_err(|e| ManifestError::Pattern { pattern: "(all)".into(), error: e.to_string() })?;
+        Ok(Filter { ignore })
+    }
+
+    /// Is `path` (relative to the source) or a folder above it excluded?
+    pub fn excludes(&self, path: &str, is_dir: bool) -> bool {
+        self.ignore.matched_path_or_any_parents(path, is_dir).is_ignore()
+    }
+}
+
+/// What a scan did, besides the manifest.
+#[derive(Debug, Default)]
+pub struct Scan {
+    pub manifest: Manifest,
+    /// Files whose content was read (not found in the cache).
+    pub hashed: usize,
+}
+
+/// Walks `source` and builds its manifest, hashing only what `cache` does not know.
+pub fn scan(source: &Path, filter: &Filter, cache: &mut HashCache) -> Result<Scan, ManifestError> {
+    if !source.is_dir() {
+        return Err(ManifestError::SourceMissing { path: source.to_path_buf() });
+    }
+    let mut scan = Scan::default();
+    let walk = walkdir::WalkDir::new(source).follow_links(false).sort_by_file_name().min_depth(1);
+    let mut iter = walk.into_iter();
+    while let Some(item) = iter.next() {
+        let item = item.map_err(|e| {
+            let path = e.path().unwrap_or(source).to_path_buf();
+            ManifestError::Unreadable { path, error: e.into() }
+        })?;
+        let rel = relative(source, item.path())?;
+        let file_type = item.file_type();
+        if filter.excludes(&rel, file_type.is_dir()) {
+            if file_type.is_dir() {
+                iter.skip_current_dir();
+            }
+            continue;
+        }
+        let entry = if file_type.is_dir() {
+            Entry::Dir
+        } else if file_type.is_symlink() {
+            let target = std::fs::read_link(item.path()).map_err(|error| ManifestError::Unreadable { path: item.path().into(), error })?;
+            let target = target.to_str().ok_or_else(|| ManifestError::NotUtf8 { path: item.path().into() })?.to_string();
+            if escapes(&rel, &target) {
+                return Err(ManifestError::LinkEscapes { path: rel, target });
+            }
+            Entry::Link { target }
+        } else if file_type.is_file() {
+            let (entry, hashed) = file_entry(item.path(), &rel, cache)?;
+            scan.hashed += usize::from(hashed);
+            entry
+        } else {
+            return Err(ManifestError::Special { path: rel });
+        };
+        scan.manifest.entries.insert(rel, entry);
+    }
+    Ok(scan)
+}
+
+fn relative(source: &Path, path: &Path) -> Result<String, ManifestError> {
+    let rel = path.strip_prefix(source).unwrap_or(path);
+    let parts: Option<Vec<&str>> = rel.components().map(|c| c.as_os_str().to_str()).collect();
+    parts.map(|p| p.join("/")).ok_or_else(|| ManifestError::NotUtf8 { path: path.to_path_buf() })
+}
+
+/// Does a symlink at `link` (relative path) with `target` resolve outside the tree?
+fn escapes(link: &str, target: &str) -> bool {
+    let target = Path::new(target);
+    if target.is_absolute() {
+        return true;
+    }
+    // Depth of the link's folder below the root, then walk the target's components.
+    let mut depth = link.split('/').count() as i64 - 1;
+    for component in target.components() {
+        match component {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => return true,
+        }
+        if depth < 0 {
+            return true;
+        }
+    }
+    false
+}
+
+/// Stat, then hash unless the cache knows the file; re-read when it changes under us.
+fn file_entry(path: &Path, rel: &str, cache: &mut HashCache) -> Result<(Entry, bool), ManifestError> {
+    let unreadable = |error| ManifestError::Unreadable { path: path.to_path_buf(), error };
+    for _ in 0..3 {
+        let before = std::fs::symlink_metadata(path).map_err(unreadable)?;
+        let key = StatKey::of(&before);
+        let mode = before.mode() & 0o7777;
+        if let Some(sha256) = cache.get(rel, &key) {
+            return Ok((Entry::File { size: before.len(), mtime: before.mtime(), mode, sha256 }, false));
+        }
+        let sha256 = hash_file(path).map_err(unreadable)?;
+        let after = std::fs::symlink_metadata(path).map_err(unreadable)?;
+        if StatKey::of(&after) == key {
+            cache.put(rel, key, &sha256);
+            return Ok((Entry::File { size: before.len(), mtime: before.mtime(), mode, sha256 }, true));
+        }
+    }
+    Err(ManifestError::Unstable { path: path.to_path_buf() })
+}
+
+/// SHA-256 of a file's content, lower-case hex.
+pub fn hash_file(path: &Path) -> std::io::Result<String> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// What identifies a file's version without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatKey {
+    size: u64,
+    mtime_ns: i128,
+    ino: u64,
+}
+
+impl StatKey {
+    fn of(meta: &std::fs::Metadata) -> StatKey {
+        StatKey { size: meta.len(), mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()), ino: meta.ino() }
+    }
+}
+
+/// Hashes of local files by path, valid while their size, mtime and inode stay the same.
+/// Kept in `~/.cache/fleet/hashes/`, one file per source folder.
+#[derive(Debug, Default)]
+pub struct HashCache {
+    entries: HashMap<String, (StatKey, String)>,
+    file: Option<PathBuf>,
+    changed: bool,
+    /// Files modified this recently may still change within the same mtime tick: not cached.
+    fresh_after_ns: i128,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    version: u32,
+    entries: HashMap<String, (StatKey, String)>,
+}
+
+impl HashCache {
+    /// The cache for `source`, empty when there is none yet or it cannot be read.
+    pub fn open(source: &Path) -> HashCache {
+        let absolute = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
+        let name = hex::encode(&Sha256::digest(absolute.to_string_lossy().as_bytes())[..12]);
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::inventory::expand_tilde("~/.cache"));
+        let file = base.join("fleet/hashes").join(format!("{name}.json"));
+        let entries = std::fs::read(&file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<CacheFile>(&bytes).ok())
+            .filter(|c| c.version == 1)
+            .map(|c| c.entries)
+            .unwrap_or_default();
+        HashCache { entries, file: Some(file), changed: false, fresh_after_ns: now_ns() - 2_000_000_000 }
+    }
+
+    /// A cache that remembers nothing between runs.
+    pub fn in_memory() -> HashCache {
+        HashCache { fresh_after_ns: now_ns() - 2_000_000_000, ..HashCache::default() }
+    }
+
+    fn get(&self, path: &str, key: &StatKey) -> Option<String> {
+        self.entries.get(path).filter(|(k, _)| k == key).map(|(_, sha)| sha.clone())
+    }
+
+    fn put(&mut self, path: &str, key: StatKey, sha256: &str) {
+        if key.mtime_ns < self.fresh_after_ns {
+            self.entries.insert(path.to_string(), (key, sha256.to_string()));
+            self.changed = true;
+        }
+    }
+
+    /// Keeps only `manifest`'s files and writes the cache (best effort: it is only a cache).
+    pub fn save(&mut self, manifest: &Manifest) {
+        let before = self.entries.len();
+        self.entries.retain(|path, _| matches!(manifest.entries.get(path), Some(Entry::File { .. })));
+        let Some(file) = &self.file else { return };
+        if !self.changed && before == self.entries.len() {
+            return;
+        }
+        let Some(dir) = file.parent() else { return };
+        let data = CacheFile { version: 1, entries: std::mem::take(&mut self.entries) };
+        if let Ok(bytes) = serde_json::to_vec(&data) {
+            let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
+            if std::fs::create_dir_all(dir).is_ok() && std::fs::write(&tmp, bytes).is_ok() {
+                let _ = std::fs::rename(&tmp, file);
+            }
+        }
+        self.entries = data.entries;
+    }
+}
+
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    fn tree() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("data/한국어 폴더")).unwrap();
+        std::fs::create_dir_all(root.join("empty")).unwrap();
+        std::fs::create_dir_all(root.join("target/debug")).unwrap();
+        std::fs::write(root.join("data/한국어 폴더/학습 데이터.csv"), "text,label\n안녕,1\n").unwrap();
+        std::fs::write(root.join("target/debug/big"), "x").unwrap();
+        std::fs::write(root.join("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+        std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(root.join("it's $(x).txt"), "").unwrap();
+        symlink("data/한국어 폴더", root.join("latest")).unwrap();
+        dir
+    }
+
+    #[test]
+    fn scan_keeps_names_modes_links_and_empty_folders() {
+        let dir = tree();
+        let filter = Filter::new(dir.path(), &["target/".to_string()]).unwrap();
+        let scan = scan(dir.path(), &filter, &mut HashCache::in_memory()).unwrap();
+        let paths: Vec<&str> = scan.manifest.entries.keys().map(String::as_str).collect();
+        assert_eq!(paths, ["data", "data/한국어 폴더", "data/한국어 폴더/학습 데이터.csv", "empty", "it's $(x).txt", "latest", "run.sh"]);
+        assert_eq!(scan.manifest.entries["latest"], Entry::Link { target: "data/한국어 폴더".into() });
+        let Entry::File { mode, sha256, .. } = &scan.manifest.entries["run.sh"] else { panic!() };
+        assert_eq!(*mode, 0o755);
+        assert_eq!(sha256, &hash_file(&dir.path().join("run.sh")).unwrap());
+        assert_eq!(scan.hashed, 3);
+    }
+
+    #[test]
+    fn fleetignore_excludes_like_gitignore() {
+        let dir = tree();
+        std::fs::write(dir.path().join(".fleetignore"), "*.csv\n!keep.csv\n").unwrap();
+        std::fs::write(dir.path().join("keep.csv"), "").unwrap();
+        let filter = Filter::new(dir.path(), &[]).unwrap();
+        let scan = scan(dir.path(), &filter, &mut HashCache::in_memory()).unwrap();
+        assert!(scan.manifest.entries.contains_key("keep.csv"));
+        assert!(!scan.manifest.entries.contains_key("data/한국어 폴더/학습 데이터.csv"));
+        assert!(scan.manifest.entries.contains_key("target/debug/big"));
+    }
+
+    #[test]
+    fn links_out_of_the_tree_are_refused_by_name() {
+        let dir = tree();
+        symlink("../../etc/passwd", dir.path().join("data/escape")).unwrap();
+        let filter = Filter::new(dir.path(), &[]).unwrap();
+        let err = scan(dir.path(), &filter, &mut HashCache::in_memory()).unwrap_err().to_string();
+        assert!(err.starts_with("data/escape: symlink to \"../../etc/passwd\" points outside"), "{err}");
+        assert!(escapes("a", "/etc"));
+        assert!(!escapes("a/b/link", "../c"));
+        assert!(escapes("a/link", "../../c"));
+        assert!(!escapes("link", "a/../b"));
+    }
+
+    #[test]
+    fn the_cache_skips_unchanged_files_and_notices_edits() {
+        let dir = tree();
+        let filter = Filter::new(dir.path(), &[]).unwrap();
+        let mut cache = HashCache::in_memory();
+        // Files written just now are too fresh to cache; pretend the scan happens later.
+        cache.fresh_after_ns = i128::MAX;
+        let first = scan(dir.path(), &filter, &mut cache).unwrap();
+        assert_eq!(first.hashed, 4);
+        let second = scan(dir.path(), &filter, &mut cache).unwrap();
+        assert_eq!(second.hashed, 0);
+        assert_eq!(second.manifest, first.manifest);
+        std::fs::write(dir.path().join("run.sh"), "#!/bin/sh\necho changed\n").unwrap();
+        let third = scan(dir.path(), &filter, &mut cache).unwrap();
+        assert_eq!(third.hashed, 1);
+        assert_ne!(third.manifest.entries["run.sh"], first.manifest.entries["run.sh"]);
+    }
+
+    #[test]
+    fn missing_source_is_named() {
+        let filter = Filter::new(Path::new("/nonexistent"), &[]).unwrap();
+        let err = scan(Path::new("/nonexistent/project"), &filter, &mut HashCache::in_memory()).unwrap_err();
+        assert_eq!(err.to_string(), "sync source /nonexistent/project does not exist or is not a folder");
+    }
+}

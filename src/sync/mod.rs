@@ -1,0 +1,30 @@
+//! `fleet sync`: the project folder identical on every host, proven by SHA-256.
+//!
+//! [`manifest`] reads the local tree (pure walk + hash cache), [`plan`] diffs it against what a
+//! host has (pure), [`remote`] reads the host's side and [`transfer`] applies a plan over SFTP.
+
+pub mod manifest;
+pub mod plan;
+pub mod remote;
+pub mod transfer;
+
+pub use manifest::{Entry, Filter, HashCache, Manifest, ManifestError, scan};
+pub use plan::{Listing, Plan, Reason, RemoteEntry, Upload, plan};
+
+/// Drops from a host's listing what the filter excludes (never touched, never reported) and
+/// returns the temporary files an interrupted sync left behind (to be removed).
+pub fn split_listing(listing: Listing, filter: &Filter) -> (Listing, Vec<String>) {
+    let mut stale = Vec::new();
+    let kept = listing
+        .into_iter()
+        .filter(|(path, entry)| {
+            let name = path.rsplit('/').next().unwrap_or(path);
+            if name.starts_with(remote::TMP_PREFIX) {
+                stale.push(path.clone());
+                return false;
+            }
+            !filter.excludes(path, *entry == RemoteEntry::Dir)
+        })
+        .collect();
+    (kept, stale)
+}

@@ -1,0 +1,217 @@
+//! The host's side of a sync: its workdir, held under a lock for the whole sync; what is there
+//! now (a stat listing and the manifest saved by the last verified sync); and the batched
+//! commands a sync runs there (hash, remove, mkdir, link), each one exec for many paths.
+
+use std::collections::HashMap;
+
+use super::manifest::{Manifest, STATE_DIR};
+use super::plan::{Listing, RemoteEntry};
+use crate::shell;
+use crate::ssh::{ExitStatus, RemoteProcess, Session, SshError};
+
+/// Where the last verified manifest is kept, relative to the workdir.
+pub const SAVED_MANIFEST: &str = ".fleet/manifest.json";
+/// Temporary files are named `.fleet-tmp.<nonce>.<n>` beside their destination.
+pub const TMP_PREFIX: &str = ".fleet-tmp.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    #[error("{host}: {message}")]
+    Host { host: String, message: String },
+    #[error("{host}: {path}: {message}")]
+    File { host: String, path: String, message: String },
+}
+
+/// A host's workdir, locked against other syncs until [`HostTree::release`].
+pub struct HostTree<'a> {
+    pub session: &'a Session,
+    /// The workdir's absolute path on the host.
+    pub root: String,
+    lock: RemoteProcess,
+}
+
+/// The workdir as the remote shell should see it: `~/` stays unquoted so it expands there.
+pub fn shell_path(workdir: &str) -> String {
+    match workdir.strip_prefix("~/") {
+        Some(rest) if !rest.is_empty() => format!("~/{}", shell::quote(rest)),
+        _ if workdir == "~" || workdir == "~/" => "~".to_string(),
+        _ => shell::quote(workdir),
+    }
+}
+
+impl<'a> HostTree<'a> {
+    /// Creates the workdir if needed and takes its lock, waiting (up to 10 minutes) while another
+    /// sync holds it; `waiting` is called once if it has to. The lock is a `flock` held by a
+    /// command that lives until its stdin closes, so a laptop that vanishes releases it too.
+    pub async fn lock(session: &'a Session, workdir: &str, waiting: impl FnOnce()) -> Result<HostTree<'a>, SyncError> {
+        let host = session.target().name.clone();
+        let command = format!(
+            "mkdir -p -- {dir}/{STATE_DIR} && cd -- {dir} && {{ flock -n 9 || {{ echo busy; flock -w 600 9; }} || exit 75; \
+             printf 'locked %s\\n' \"$(pwd -P)\"; exec cat >/dev/null; }} 9>{STATE_DIR}/sync.lock",
+            dir = shell_path(workdir)
+        );
+        let mut lock = session.start(&command).await?;
+        let mut waiting = Some(waiting);
+        loop {
+            match lock.next_line().await {
+                Some(line) if line == "busy" => {
+                    if let Some(f) = waiting.take() {
+                        f();
+                    }
+                }
+                Some(line) => {
+                    if let Some(root) = line.strip_prefix("locked ") {
+                        return Ok(HostTree { session, root: root.to_string(), lock });
+                    }
+                }
+                None => {
+                    let why = lock.stderr();
+                    let message = if why.is_empty() {
+                        format!("cannot lock workdir {workdir}: another sync held it for 10 minutes")
+                    } else {
+                        format!("cannot prepare workdir {workdir}: {why}")
+                    };
+                    return Err(SyncError::Host { host, message });
+                }
+            }
+        }
+    }
+
+    pub fn host(&self) -> &str {
+        &self.session.target().name
+    }
+
+    /// Absolute path on the host of `rel`.
+    pub fn path(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.root)
+    }
+
+    /// Releases the lock.
+    pub async fn release(self) {
+        self.lock.finish().await;
+    }
+
+    fn error(&self, message: impl Into<String>) -> SyncError {
+        SyncError::Host { host: self.host().to_string(), message: message.into() }
+    }
+
+    /// Runs `command` in the workdir with `input` on stdin; returns stdout, or an error with stderr.
+    async fn run(&self, what: &str, command: &str, input: &[u8]) -> Result<Vec<u8>, SyncError> {
+        let (status, stdout, stderr) = self.session.capture_with_input(&format!("cd -- {} && {command}", shell::quote(&self.root)), input).await?;
+        if status != ExitStatus::Code(0) {
+            let stderr = String::from_utf8_lossy(&stderr);
+            return Err(self.error(format!("{what} failed ({status:?}): {}", stderr.trim())));
+        }
+        Ok(stdout)
+    }
+
+    /// What the host has now: the saved manifest (if the last sync was verified) and a listing
+    /// of the tree, both read by one command.
+    pub async fn state(&self) -> Result<(Option<Manifest>, Listing), SyncError> {
+        let command = format!(
+            "{{ cat -- {SAVED_MANIFEST} 2>/dev/null; printf '\\0'; \
+             find . -mindepth 1 -path ./{STATE_DIR} -prune -o -printf '%y\\0%s\\0%T@\\0%m\\0%P\\0%l\\0'; }}"
+        );
+        let out = self.run("listing the workdir", &command, &[]).await?;
+        let split = out.iter().position(|&b| b == 0).unwrap_or(out.len());
+        let saved = serde_json::from_slice::<Manifest>(&out[..split]).ok();
+        let listing = parse_listing(out.get(split + 1..).unwrap_or_default()).map_err(|e| self.error(e))?;
+        Ok((saved, listing))
+    }
+
+    /// SHA-256 of files on the host (paths relative to the workdir), read back from its disk.
+    pub async fn hash(&self, paths: &[String]) -> Result<HashMap<String, String>, SyncError> {
+        if paths.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let out = self.run("hashing files", "xargs -0 -r sha256sum -z --", &nul_list(paths)).await?;
+        let mut hashes = HashMap::with_capacity(paths.len());
+        for record in out.split(|&b| b == 0).filter(|r| !r.is_empty()) {
+            let text = String::from_utf8_lossy(record);
+            let (hash, path) = text.split_at(64.min(text.len()));
+            let path = path.get(2..).unwrap_or_default();
+            hashes.insert(path.to_string(), hash.to_string());
+        }
+        Ok(hashes)
+    }
+
+    /// `rm -rf` of many paths.
+    pub async fn remove(&self, paths: &[String]) -> Result<(), SyncError> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        self.run("removing files", "xargs -0 -r rm -rf --", &nul_list(paths)).await.map(drop)
+    }
+
+    /// `mkdir -p` of many folders.
+    pub async fn mkdirs(&self, paths: &[String]) -> Result<(), SyncError> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        self.run("creating folders", "xargs -0 -r mkdir -p --", &nul_list(paths)).await.map(drop)
+    }
+
+    /// Creates (or replaces) symlinks: `(path, target)` pairs.
+    pub async fn links(&self, links: &[(String, String)]) -> Result<(), SyncError> {
+        if links.is_empty() {
+            return Ok(());
+        }
+        let pairs: Vec<String> = links.iter().flat_map(|(path, target)| [target.clone(), path.clone()]).collect();
+        let command = "xargs -0 -r -n 2 sh -c 'ln -sfn -- \"$0\" \"$1\"'";
+        self.run("creating symlinks", command, &nul_list(&pairs)).await.map(drop)
+    }
+}
+
+fn nul_list(paths: &[String]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(paths.iter().map(|p| p.len() + 1).sum());
+    for p in paths {
+        out.extend_from_slice(p.as_bytes());
+        out.push(0);
+    }
+    out
+}
+
+/// Parses `find -printf '%y\0%s\0%T@\0%m\0%P\0%l\0'` output.
+pub fn parse_listing(bytes: &[u8]) -> Result<Listing, String> {
+    let fields: Vec<&[u8]> = bytes.split(|&b| b == 0).collect();
+    let mut listing = Listing::new();
+    for record in fields.chunks_exact(6) {
+        let text = |i: usize| String::from_utf8_lossy(record[i]).into_owned();
+        let path = text(4);
+        let entry = match record[0] {
+            b"f" => RemoteEntry::File {
+                size: text(1).parse().map_err(|_| format!("bad size in listing for {path}"))?,
+                mtime: text(2).split('.').next().and_then(|s| s.parse().ok()).unwrap_or(0),
+                mode: u32::from_str_radix(&text(3), 8).map_err(|_| format!("bad mode in listing for {path}"))?,
+            },
+            b"d" => RemoteEntry::Dir,
+            b"l" => RemoteEntry::Link { target: text(5) },
+            _ => RemoteEntry::Other,
+        };
+        listing.insert(path, entry);
+    }
+    Ok(listing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listing_fields_split_on_nul_only() {
+        let raw = b"d\x004096\x001700000000.5\x00755\x00data dir\x00\x00f\x0012\x001700000001.9999\x00644\x00data dir/a\tb\nc.csv\x00\x00l\x004\x001\x00777\x00ln\x00data dir\x00";
+        let listing = parse_listing(raw).unwrap();
+        assert_eq!(listing["data dir"], RemoteEntry::Dir);
+        assert_eq!(listing["data dir/a\tb\nc.csv"], RemoteEntry::File { size: 12, mtime: 1700000001, mode: 0o644 });
+        assert_eq!(listing["ln"], RemoteEntry::Link { target: "data dir".into() });
+    }
+
+    #[test]
+    fn home_relative_workdirs_expand_remotely() {
+        assert_eq!(shell_path("~/fleet/my project"), "~/'fleet/my project'");
+        assert_eq!(shell_path("~"), "~");
+        assert_eq!(shell_path("/srv/$x"), "'/srv/$x'");
+    }
+}

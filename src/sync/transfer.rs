@@ -1,0 +1,292 @@
+//! Applies a [`Plan`] to one host over SFTP: every file lands under a temporary name beside its
+//! destination, the host hashes what landed, and only when every hash matches are the files
+//! renamed into place (`posix-rename`, atomic). A failure at any point removes the temporary
+//! files and leaves the previous version of every file where it was.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use russh_sftp::client::RawSftpSession;
+use russh_sftp::client::error::Error as SftpError;
+use russh_sftp::protocol::{FileAttributes, OpenFlags, Packet, StatusCode};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use super::manifest::{Entry, Manifest};
+use super::plan::{Listing, Plan, RemoteEntry};
+use super::remote::{HostTree, SAVED_MANIFEST, SyncError, TMP_PREFIX};
+
+/// Bytes per SFTP write request.
+const CHUNK: usize = 64 * 1024;
+/// Write requests in flight per file: enough to fill a link with 100 ms of latency.
+const WRITES_IN_FLIGHT: usize = 64;
+/// Files uploaded at once per host, so small files do not wait on each other's round trips.
+const FILES_IN_FLIGHT: usize = 16;
+
+/// Counts what has been sent to one host, for progress reporting while the sync runs.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes: AtomicU64,
+    pub files: AtomicU64,
+}
+
+/// What applying a plan did.
+#[derive(Debug, Default, Clone)]
+pub struct Applied {
+    pub files_sent: usize,
+    pub bytes_sent: u64,
+    pub removed: usize,
+}
+
+/// Sends what `plan` says to the host and saves the host's new verified manifest.
+pub async fn apply(
+    tree: &HostTree<'_>,
+    sftp: &RawSftpSession,
+    source: &Path,
+    local: &Manifest,
+    listing: &Listing,
+    plan: &Plan,
+    delete: bool,
+    progress: &Progress,
+) -> Result<Applied, SyncError> {
+    let host = tree.host().to_string();
+    let mut applied = Applied::default();
+    if !plan.conflicts.is_empty() {
+        if !delete {
+            return Err(SyncError::Host {
+                host,
+                message: format!(
+                    "{} is of another kind on the host (a folder where a file goes, or the reverse); run with --delete to replace it",
+                    plan.conflicts.join(", ")
+                ),
+            });
+        }
+        tree.remove(&plan.conflicts).await?;
+        applied.removed += plan.conflicts.len();
+    }
+    if delete {
+        tree.remove(&plan.extraneous).await?;
+        applied.removed += plan.extraneous.len();
+    }
+    tree.mkdirs(&plan.mkdirs).await?;
+
+    // Upload every file under a temporary name; on any failure, remove what landed.
+    let nonce = format!("{:08x}", std::process::id() ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())));
+    let staged: Vec<(String, String)> = plan
+        .uploads
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            let dir = u.path.rsplit_once('/').map_or(String::new(), |(d, _)| format!("{d}/"));
+            (u.path.clone(), format!("{dir}{TMP_PREFIX}{nonce}.{i}"))
+        })
+        .collect();
+    let outcome = async {
+        let mut uploads = futures::stream::iter(staged.iter().map(|(path, tmp)| upload(tree, sftp, source, local, path, tmp, progress)))
+            .buffer_unordered(FILES_IN_FLIGHT);
+        while let Some(result) = uploads.next().await {
+            result?;
+        }
+        drop(uploads);
+        verify(tree, local, &staged).await?;
+        commit(tree, sftp, &staged).await
+    }
+    .await;
+    if let Err(e) = outcome {
+        let temporaries: Vec<String> = staged.iter().map(|(_, tmp)| tmp.clone()).collect();
+        let _ = tree.remove(&temporaries).await;
+        return Err(e);
+    }
+    applied.files_sent = plan.uploads.len();
+    applied.bytes_sent = plan.upload_bytes();
+
+    for (path, mode) in &plan.chmods {
+        let attrs = FileAttributes { permissions: Some(*mode), ..Default::default() };
+        sftp.setstat(tree.path(path), attrs).await.map_err(|e| file_error(tree, path, "setting permissions", &e))?;
+    }
+    tree.links(&plan.links).await?;
+    save_manifest(tree, sftp, &saved_manifest(local, listing, plan)).await?;
+    Ok(applied)
+}
+
+/// The manifest to keep on the host: the local one, with the mtime each file has *there*
+/// (what was set for files just sent, what the listing showed for files left alone).
+pub fn saved_manifest(local: &Manifest, listing: &Listing, plan: &Plan) -> Manifest {
+    let sent: std::collections::HashSet<&str> = plan.uploads.iter().map(|u| u.path.as_str()).collect();
+    let mut saved = local.clone();
+    for (path, entry) in saved.entries.iter_mut() {
+        if let Entry::File { mtime, .. } = entry {
+            *mtime = match listing.get(path) {
+                Some(RemoteEntry::File { mtime: there, .. }) if !sent.contains(path.as_str()) => *there,
+                _ => i64::from(sftp_time(*mtime)),
+            };
+        }
+    }
+    saved
+}
+
+/// SFTP version 3 carries times as unsigned 32-bit seconds.
+fn sftp_time(seconds: i64) -> u32 {
+    u32::try_from(seconds.max(0)).unwrap_or(u32::MAX)
+}
+
+fn file_error(tree: &HostTree<'_>, path: &str, doing: &str, error: &SftpError) -> SyncError {
+    let hint = match error {
+        SftpError::Status(status) if status.status_code == StatusCode::Failure => " (is the host's disk full?)",
+        SftpError::Status(status) if status.status_code == StatusCode::PermissionDenied => " (check the workdir's owner and permissions)",
+        _ => "",
+    };
+    SyncError::File { host: tree.host().to_string(), path: path.to_string(), message: format!("{doing} failed: {error}{hint}") }
+}
+
+/// Streams one local file to `tmp` on the host, hashing the bytes as they are read.
+async fn upload(
+    tree: &HostTree<'_>,
+    sftp: &RawSftpSession,
+    source: &Path,
+    local: &Manifest,
+    path: &str,
+    tmp: &str,
+    progress: &Progress,
+) -> Result<(), SyncError> {
+    let Some(Entry::File { size, mtime, mode, sha256 }) = local.entries.get(path) else {
+        return Ok(());
+    };
+    let local_error = |e: std::io::Error| SyncError::File { host: tree.host().to_string(), path: path.to_string(), message: format!("reading the local file failed: {e}") };
+    let mut file = tokio::fs::File::open(source.join(path)).await.map_err(local_error)?;
+    let create = OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::WRITE;
+    let handle = sftp
+        .open(tree.path(tmp), create, FileAttributes { permissions: Some(*mode), ..Default::default() })
+        .await
+        .map_err(|e| file_error(tree, path, "creating it on the host", &e))?
+        .handle;
+
+    let mut hasher = Sha256::new();
+    let mut offset = 0u64;
+    let mut in_flight = FuturesUnordered::new();
+    let mut block = vec![0u8; 16 * CHUNK];
+    loop {
+        let n = read_full(&mut file, &mut block).await.map_err(local_error)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&block[..n]);
+        for chunk in block[..n].chunks(CHUNK) {
+            let len = chunk.len() as u64;
+            let data = chunk.to_vec();
+            let handle = &handle;
+            in_flight.push(async move {
+                let result = sftp.write(handle.as_str(), offset, data).await;
+                progress.bytes.fetch_add(len, Ordering::Relaxed);
+                result
+            });
+            offset += len;
+            if in_flight.len() >= WRITES_IN_FLIGHT {
+                if let Some(result) = in_flight.next().await {
+                    result.map_err(|e| file_error(tree, path, "writing", &e))?;
+                }
+            }
+        }
+    }
+    while let Some(result) = in_flight.next().await {
+        result.map_err(|e| file_error(tree, path, "writing", &e))?;
+    }
+    drop(in_flight);
+    if offset != *size || hex::encode(hasher.finalize()) != *sha256 {
+        let _ = sftp.close(handle.as_str()).await;
+        return Err(SyncError::File {
+            host: tree.host().to_string(),
+            path: path.to_string(),
+            message: "changed while it was being sent; sync again once it is written".into(),
+        });
+    }
+    let time = sftp_time(*mtime);
+    let attrs = FileAttributes { permissions: Some(*mode), atime: Some(time), mtime: Some(time), ..Default::default() };
+    sftp.fsetstat(handle.as_str(), attrs).await.map_err(|e| file_error(tree, path, "setting its time and mode", &e))?;
+    sftp.close(handle.as_str()).await.map_err(|e| file_error(tree, path, "closing", &e))?;
+    progress.files.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+async fn read_full(file: &mut tokio::fs::File, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        let n = file.read(&mut buffer[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}
+
+/// The host reads back every landed file and its SHA-256 must be the local one.
+async fn verify(tree: &HostTree<'_>, local: &Manifest, staged: &[(String, String)]) -> Result<(), SyncError> {
+    let temporaries: Vec<String> = staged.iter().map(|(_, tmp)| tmp.clone()).collect();
+    let landed = tree.hash(&temporaries).await?;
+    for (path, tmp) in staged {
+        let Some(Entry::File { sha256, .. }) = local.entries.get(path) else { continue };
+        match landed.get(tmp) {
+            Some(hash) if hash == sha256 => {}
+            Some(hash) => {
+                return Err(SyncError::File {
+                    host: tree.host().to_string(),
+                    path: path.clone(),
+                    message: format!("landed with SHA-256 {hash}, expected {sha256}; nothing was replaced"),
+                });
+            }
+            None => {
+                return Err(SyncError::File { host: tree.host().to_string(), path: path.clone(), message: "was not found on the host after upload".into() });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Renames every verified temporary file over its destination.
+async fn commit(tree: &HostTree<'_>, sftp: &RawSftpSession, staged: &[(String, String)]) -> Result<(), SyncError> {
+    let mut renames = futures::stream::iter(staged.iter().map(|(path, tmp)| async move {
+        posix_rename(sftp, &tree.path(tmp), &tree.path(path)).await.map_err(|e| file_error(tree, path, "moving it into place", &e))
+    }))
+    .buffer_unordered(WRITES_IN_FLIGHT);
+    while let Some(result) = renames.next().await {
+        result?;
+    }
+    Ok(())
+}
+
+/// OpenSSH's `posix-rename@openssh.com`: rename(2), replacing the destination atomically
+/// (plain SFTP rename refuses an existing destination).
+async fn posix_rename(sftp: &RawSftpSession, from: &str, to: &str) -> Result<(), SftpError> {
+    let mut data = Vec::with_capacity(from.len() + to.len() + 8);
+    for s in [from, to] {
+        data.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        data.extend_from_slice(s.as_bytes());
+    }
+    match sftp.extended("posix-rename@openssh.com", data).await? {
+        Packet::Status(status) if status.status_code == StatusCode::Ok => Ok(()),
+        Packet::Status(status) => Err(SftpError::Status(status)),
+        _ => Err(SftpError::UnexpectedPacket),
+    }
+}
+
+/// Writes the host's manifest beside the tree (temporary name, then rename).
+async fn save_manifest(tree: &HostTree<'_>, sftp: &RawSftpSession, manifest: &Manifest) -> Result<(), SyncError> {
+    let bytes = serde_json::to_vec(manifest).map_err(|e| SyncError::Host { host: tree.host().to_string(), message: e.to_string() })?;
+    let path = tree.path(SAVED_MANIFEST);
+    let tmp = format!("{path}.tmp");
+    let fail = |e: SftpError| file_error(tree, SAVED_MANIFEST, "saving", &e);
+    let create = OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::WRITE;
+    let handle = sftp.open(tmp.as_str(), create, FileAttributes::default()).await.map_err(fail)?.handle;
+    let mut writes = FuturesUnordered::new();
+    for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+        writes.push(sftp.write(handle.as_str(), (i * CHUNK) as u64, chunk.to_vec()));
+    }
+    while let Some(result) = writes.next().await {
+        result.map_err(fail)?;
+    }
+    drop(writes);
+    sftp.close(handle.as_str()).await.map_err(fail)?;
+    posix_rename(sftp, &tmp, &path).await.map_err(fail)
+}
