@@ -65,6 +65,38 @@ impl Testbed {
         path
     }
 
+    /// An inventory whose hosts each get their own workdir under `/tmp/fleet-tests/<name>/`
+    /// (emptied first), syncing `source`.
+    pub fn sync_inventory(&self, dir: &Path, name: &str, source: &Path) -> PathBuf {
+        let root = PathBuf::from("/tmp/fleet-tests").join(name);
+        let _ = std::fs::remove_dir_all(&root);
+        let mut text = format!(
+            "[fleet]\nuser = \"root\"\ndevice = \"cpu\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\n\n[sync]\nsource = \"{}\"\nexclude = [\"target/\"]\n",
+            self.key().display(),
+            self.known_hosts().display(),
+            source.display()
+        );
+        for h in &self.hosts {
+            text.push_str(&format!(
+                "\n[[host]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\nworkdir = \"{}\"\n",
+                h.name,
+                h.addr,
+                h.port,
+                root.join(&h.name).display()
+            ));
+        }
+        let path = dir.join("fleet.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Runs a shell command on a host with OpenSSH's own client, independent of fleet.
+    pub fn ssh(&self, host: &str, command: &str) -> String {
+        let out = Command::new("ssh").arg("-F").arg(self.dir.join("ssh_config")).arg(host).arg(command).output().unwrap();
+        assert!(out.status.success(), "ssh {host} {command}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// Runs a script of the test bed (`stop host3`, `cut host2`, ...).
     pub fn control(&self, args: &[&str]) {
         let status = Command::new(repo().join("scripts/testbed.sh"))

@@ -1,0 +1,170 @@
+//! `fleet sync` when things go wrong: a full disk, a concurrent sync, a file being written.
+//! Nothing may be lost: the previous version of every file stays intact and no temporary
+//! file is left behind.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Fleet, Testbed};
+
+struct Project {
+    tb: Testbed,
+    source: tempfile::TempDir,
+    _config: tempfile::TempDir,
+    inventory: PathBuf,
+    name: String,
+}
+
+impl Project {
+    fn new(name: &str) -> Project {
+        let tb = Testbed::get();
+        let source = tempfile::tempdir().unwrap();
+        let config = tempfile::tempdir().unwrap();
+        let inventory = tb.sync_inventory(config.path(), name, source.path());
+        Project { tb, source, _config: config, inventory, name: name.to_string() }
+    }
+
+    fn write(&self, path: &str, content: impl AsRef<[u8]>) {
+        std::fs::write(self.source.path().join(path), content).unwrap();
+    }
+
+    fn workdir(&self, host: &str) -> String {
+        format!("/tmp/fleet-tests/{}/{host}", self.name)
+    }
+
+    fn sync(&self) -> common::Run {
+        Fleet::new().arg("-i").arg(&self.inventory).arg("sync").run()
+    }
+
+    /// Temporary files left anywhere in a host's workdir.
+    fn leftovers(&self, host: &str) -> String {
+        self.tb.ssh(host, &format!("find '{}' -name '.fleet-tmp.*'", self.workdir(host)))
+    }
+}
+
+/// Unmounts the small file system given to a host, however the test ends.
+struct Unmount<'a>(&'a Project, &'static str);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.tb.ssh(self.1, &format!("umount '{}' || true", self.0.workdir(self.1)));
+    }
+}
+
+#[test]
+fn a_full_disk_names_host_and_file_and_keeps_the_previous_version() {
+    let p = Project::new("disk-full");
+    // host1's workdir is a 2 MB file system, mounted in host1's own mount namespace only.
+    p.tb.ssh("host1", &format!("mkdir -p '{0}' && mount -t tmpfs -o size=2m fleet-test '{0}'", p.workdir("host1")));
+    let _unmount = Unmount(&p, "host1");
+    p.write("model.bin", vec![1u8; 100_000]);
+    p.write("notes.txt", "v1\n");
+    p.sync().assert_code(0);
+    let before = p.tb.ssh("host1", &format!("cd '{}' && sha256sum model.bin notes.txt", p.workdir("host1")));
+
+    p.write("model.bin", vec![2u8; 5_000_000]);
+    p.write("notes.txt", "v2\n");
+    let run = p.sync();
+    run.assert_code(1);
+    assert!(run.stderr.contains("host1: model.bin: writing failed"), "{}", run.stderr);
+    assert!(run.stderr.contains("disk full"), "{}", run.stderr);
+    assert!(!run.stderr.contains("host2:") && !run.stderr.contains("host3:"), "{}", run.stderr);
+    // Nothing on host1 changed, not even the file that fitted: a sync lands whole or not at all.
+    assert_eq!(p.tb.ssh("host1", &format!("cd '{}' && sha256sum model.bin notes.txt", p.workdir("host1"))), before);
+    assert_eq!(p.leftovers("host1"), "");
+    assert_eq!(p.tb.ssh("host2", &format!("cat '{}/notes.txt'", p.workdir("host2"))), "v2\n");
+}
+
+#[test]
+fn a_second_sync_waits_for_the_first_and_never_interleaves() {
+    let p = Project::new("lock");
+    p.write("a.txt", "a\n");
+    // Hold host2's workdir lock from outside fleet, as a sync in progress would.
+    let mut holder = Command::new("ssh")
+        .arg("-F")
+        .arg(p.tb.dir.join("ssh_config"))
+        .arg("host2")
+        .arg(format!("mkdir -p '{0}/.fleet' && cd '{0}' && flock .fleet/sync.lock sh -c 'echo held; exec cat >/dev/null'", p.workdir("host2")))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held = String::new();
+    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut held).unwrap();
+    assert_eq!(held, "held\n");
+
+    let mut sync = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .arg("-i")
+        .arg(&p.inventory)
+        .arg("sync")
+        .env("HOME", p._config.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(sync.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut line = String::new();
+    while !line.contains("waiting for another sync") {
+        assert!(Instant::now() < deadline, "fleet never said it was waiting");
+        line.clear();
+        assert_ne!(stderr.read_line(&mut line).unwrap(), 0, "fleet ended without waiting");
+    }
+    assert!(line.starts_with("host2: waiting for another sync of"), "{line}");
+    // While the lock is held, nothing may land on host2.
+    assert!(!std::path::Path::new(&p.workdir("host2")).join("a.txt").exists());
+
+    holder.stdin.take().unwrap().write_all(b"").unwrap();
+    holder.wait().unwrap();
+    assert!(sync.wait().unwrap().success());
+    assert_eq!(std::fs::read_to_string(format!("{}/a.txt", p.workdir("host2"))).unwrap(), "a\n");
+}
+
+#[test]
+fn a_file_written_during_the_sync_is_named_and_not_half_sent() {
+    let p = Project::new("growing");
+    p.write("steady.txt", "steady\n");
+    p.write("growing.log", "start\n");
+    // Rewrites a counter in place without end: the size stays, the content never repeats.
+    p.write("growing.log", vec![b'.'; 1 << 20]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, rounds) = (stop.clone(), rounds.clone());
+        let path = p.source.path().join("growing.log");
+        std::thread::spawn(move || {
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                file.write_all_at(&n.to_le_bytes(), (n * 4096) % (1 << 20)).unwrap();
+                rounds.store(n, Ordering::Relaxed);
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rounds.load(Ordering::Relaxed) < 1000 {
+        assert!(Instant::now() < deadline, "the writer did not start");
+        std::thread::yield_now();
+    }
+    let run = p.sync();
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_ne!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stderr.contains("growing.log"), "{}", run.stderr);
+    assert!(run.stderr.contains("chang"), "{}", run.stderr);
+    for h in ["host1", "host2", "host3"] {
+        let workdir = p.workdir(h);
+        if std::path::Path::new(&workdir).exists() {
+            assert_eq!(p.leftovers(h), "", "{h}");
+            assert!(!std::path::Path::new(&workdir).join("growing.log").exists(), "{h}: a half-written file landed");
+        }
+    }
+}
