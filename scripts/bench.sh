@@ -3,9 +3,14 @@
 # test bed of three OpenSSH hosts of its own. Prints medians and ratios; asserts nothing.
 #
 #   exec: `fleet exec -- true` on 3 hosts vs 3 parallel OpenSSH `ssh HOST true` (connect, auth, run)
+#   sync: `fleet sync` vs `rsync -a` over OpenSSH to the same 3 hosts in parallel, same tree:
+#         (a) cold: 2,000 small files (~40 MB) plus one 200 MB CSV, nothing on the hosts yet
+#         (b) warm: the same, nothing changed
+#         (c) one file changed among 10,000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-20}
+SYNC_ROUNDS=${SYNC_ROUNDS:-3}
 
 scripts/setup.sh
 cargo build --release --locked --quiet
@@ -40,3 +45,86 @@ fleet_ms=$(median_ms fleet_exec)
 ssh_ms=$(median_ms openssh_exec)
 printf 'exec on %d hosts (median of %d): fleet %s ms, OpenSSH ssh in parallel %s ms, ratio ssh/fleet %.1fx\n' \
   "${#hosts[@]}" "$ROUNDS" "$fleet_ms" "$ssh_ms" "$(awk -v a="$ssh_ms" -v b="$fleet_ms" 'BEGIN { print a / b }')"
+
+# ---- sync ------------------------------------------------------------------------------------
+work=/tmp/fleet-bench
+rm -rf "$work"
+mkdir -p "$work"
+export XDG_CACHE_HOME=$work/cache
+
+# make_tree DIR FILES SIZE: FILES files of SIZE bytes in 20 folders, dated an hour ago.
+make_tree() {
+  local dir=$1 n=$2 size=$3 i
+  mkdir -p "$dir"
+  head -c $((n * size)) /dev/urandom >"$work/blob"
+  for ((i = 0; i < 20; i++)); do mkdir -p "$dir/part$i"; done
+  for ((i = 0; i < n; i++)); do
+    tail -c +$((i * size + 1)) "$work/blob" | head -c "$size" >"$dir/part$((i % 20))/file$i.bin"
+  done
+  rm "$work/blob"
+  find "$dir" -exec touch -d '1 hour ago' {} +
+}
+
+# sync_inventory SOURCE NAME: an inventory syncing SOURCE to $work/NAME/<host>.
+sync_inventory() {
+  sed -e "s|^workdir = \"/tmp/fleet-testbed-work/\(host[0-9]*\)\"|workdir = \"$work/$2/\\1\"|" \
+    -e "s|^master_port = 29500|master_port = 29500\n[sync]\nsource = \"$1\"|" "$TB_DIR/fleet.toml" >"$work/$2.toml"
+  echo "$work/$2.toml"
+}
+
+rsync_all() { # SOURCE NAME
+  local h pids=()
+  for h in "${hosts[@]}"; do
+    rsync -a --delete -e "ssh -F $TB_DIR/ssh_config" "$1/" "$h:$work/$2/$h/" & pids+=($!)
+  done
+  for h in "${pids[@]}"; do wait "$h"; done
+}
+
+# once_ms CMD...: wall time of one run in milliseconds.
+once_ms() {
+  local start end
+  start=$(date +%s%N)
+  "$@" >/dev/null 2>&1 || { echo "bench: '$*' failed" >&2; exit 1; }
+  end=$(date +%s%N)
+  echo $(((end - start) / 1000000))
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+
+report() { # CASE FLEET_MS RSYNC_MS
+  printf 'sync %-32s fleet %6s ms   rsync %6s ms   fleet/rsync %.2fx\n' "$1" "$2" "$3" "$(awk -v a="$2" -v b="$3" 'BEGIN { print a / b }')"
+}
+
+echo "bench: making the trees" >&2
+make_tree "$work/small" 2000 20000
+head -c $((200 << 20)) /dev/urandom | base64 -w 100 | head -c $((200 << 20)) >"$work/small/training_data.csv"
+touch -d '1 hour ago' "$work/small/training_data.csv"
+make_tree "$work/many" 10000 1000
+small_inv=$(sync_inventory "$work/small" fleet-small)
+many_inv=$(sync_inventory "$work/many" fleet-many)
+
+cold_fleet=() cold_rsync=()
+for ((r = 0; r < SYNC_ROUNDS; r++)); do
+  rm -rf "$work/fleet-small" "$work/rsync-small" "$XDG_CACHE_HOME"
+  cold_fleet+=("$(once_ms "$fleet" -i "$small_inv" sync)")
+  cold_rsync+=("$(once_ms rsync_all "$work/small" rsync-small)")
+done
+report "(a) cold, 2000 files + 200 MB" "$(printf '%s\n' "${cold_fleet[@]}" | median)" "$(printf '%s\n' "${cold_rsync[@]}" | median)"
+
+warm_fleet=() warm_rsync=()
+for ((r = 0; r < SYNC_ROUNDS; r++)); do
+  warm_fleet+=("$(once_ms "$fleet" -i "$small_inv" sync)")
+  warm_rsync+=("$(once_ms rsync_all "$work/small" rsync-small)")
+done
+report "(b) warm, nothing changed" "$(printf '%s\n' "${warm_fleet[@]}" | median)" "$(printf '%s\n' "${warm_rsync[@]}" | median)"
+
+"$fleet" -i "$many_inv" sync >/dev/null 2>&1
+rsync_all "$work/many" rsync-many
+one_fleet=() one_rsync=()
+for ((r = 0; r < SYNC_ROUNDS; r++)); do
+  echo "change $r" >>"$work/many/part7/file4567.bin"
+  one_fleet+=("$(once_ms "$fleet" -i "$many_inv" sync)")
+  one_rsync+=("$(once_ms rsync_all "$work/many" rsync-many)")
+done
+report "(c) 1 changed among 10,000" "$(printf '%s\n' "${one_fleet[@]}" | median)" "$(printf '%s\n' "${one_rsync[@]}" | median)"
+rm -rf "$work"

@@ -8,7 +8,13 @@ use crate::output::ColorChoice;
 
 /// Turn a few GPU PCs into one training job, from one command on a laptop.
 #[derive(Debug, Parser)]
-#[command(name = "fleet", version, about, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "fleet",
+    version,
+    about,
+    propagate_version = true,
+    max_term_width = 100
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -59,7 +65,12 @@ pub struct ExecArgs {
     #[arg(long)]
     pub shell: bool,
     /// The command and its arguments, after `--`
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
     pub command: Vec<String>,
 }
 

@@ -26,7 +26,11 @@ impl ExitCode {
             ExitCode::Usage => 3,
             ExitCode::Interrupted => 4,
         };
-        if rank(other) > rank(self) { other } else { self }
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
     }
 
     pub fn code(self) -> u8 {

@@ -139,7 +139,14 @@ pub struct Located {
 
 impl fmt::Display for Located {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "{}:{}:{}: {}", self.path.display(), self.line, self.column, self.message)?;
+        writeln!(
+            f,
+            "{}:{}:{}: {}",
+            self.path.display(),
+            self.line,
+            self.column,
+            self.message
+        )?;
         let gutter = self.line.to_string().len();
         writeln!(f, "{:gutter$} |", "")?;
         writeln!(f, "{} | {}", self.line, self.source_line)?;
@@ -164,7 +171,9 @@ impl Source<'_> {
     fn error(&self, span: Range<usize>, message: impl Into<String>) -> InventoryError {
         let start = span.start.min(self.text.len());
         let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = self.text[start..].find('\n').map_or(self.text.len(), |i| start + i);
+        let line_end = self.text[start..]
+            .find('\n')
+            .map_or(self.text.len(), |i| start + i);
         let source_line = self.text[line_start..line_end].trim_end_matches('\r');
         let column = self.text[line_start..start].chars().count() + 1;
         let end = span.end.clamp(start, line_end);
@@ -180,7 +189,10 @@ impl Source<'_> {
 
     /// The line (1-based) of a byte offset.
     fn line_of(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+        self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
     }
 }
 
@@ -272,7 +284,10 @@ impl Inventory {
         };
         let size = std::fs::metadata(path).map_err(read_error)?.len();
         if size > MAX_BYTES {
-            return Err(InventoryError::TooLarge { path: path.to_path_buf(), size });
+            return Err(InventoryError::TooLarge {
+                path: path.to_path_buf(),
+                size,
+            });
         }
         let bytes = std::fs::read(path).map_err(read_error)?;
         let text = String::from_utf8(bytes).map_err(|e| InventoryError::NotText {
@@ -314,8 +329,16 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
     let fleet = raw.fleet;
     let defaults = SshSettings {
         port: fleet.port.as_ref().map(|p| port(src, p)).transpose()?,
-        user: fleet.user.as_ref().map(|u| non_empty(src, u, "user")).transpose()?,
-        identity: fleet.identity.as_ref().map(|i| local_path(src, i, "identity")).transpose()?,
+        user: fleet
+            .user
+            .as_ref()
+            .map(|u| non_empty(src, u, "user"))
+            .transpose()?,
+        identity: fleet
+            .identity
+            .as_ref()
+            .map(|i| local_path(src, i, "identity"))
+            .transpose()?,
     };
     let known_hosts = match &fleet.known_hosts {
         Some(k) => local_path(src, k, "known_hosts")?,
@@ -325,13 +348,22 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
         Some(w) => non_empty(src, w, "workdir")?,
         None => "~/fleet/project".to_string(),
     };
-    let ranks = fleet.ranks.as_ref().map(|r| rank_count(src, r)).transpose()?.unwrap_or(1);
+    let ranks = fleet
+        .ranks
+        .as_ref()
+        .map(|r| rank_count(src, r))
+        .transpose()?
+        .unwrap_or(1);
     let device = fleet.device.unwrap_or(Device::Cuda);
     let master_port = match &fleet.master_port {
         Some(p) => port(src, p)?,
         None => DEFAULT_MASTER_PORT,
     };
-    let master_addr = fleet.master_addr.as_ref().map(|a| address(src, a)).transpose()?;
+    let master_addr = fleet
+        .master_addr
+        .as_ref()
+        .map(|a| address(src, a))
+        .transpose()?;
     let env = env_table(src, fleet.env)?;
 
     if raw.host.is_empty() {
@@ -354,17 +386,31 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
         };
         let name_span = h.name.as_ref().map_or(h.address.span(), |n| n.span());
         if let Some(first) = names.insert(name.clone(), line) {
-            return Err(src.error(name_span, format!("duplicate host name {name:?}: already used by the host on line {first}")));
+            return Err(src.error(
+                name_span,
+                format!("duplicate host name {name:?}: already used by the host on line {first}"),
+            ));
         }
         let ssh = SshSettings {
             port: h.port.as_ref().map(|p| port(src, p)).transpose()?,
-            user: h.user.as_ref().map(|u| non_empty(src, u, "user")).transpose()?,
-            identity: h.identity.as_ref().map(|i| local_path(src, i, "identity")).transpose()?,
+            user: h
+                .user
+                .as_ref()
+                .map(|u| non_empty(src, u, "user"))
+                .transpose()?,
+            identity: h
+                .identity
+                .as_ref()
+                .map(|i| local_path(src, i, "identity"))
+                .transpose()?,
         };
         // Two entries for one sshd would start two node ranks on one machine by accident.
         let endpoint = (address.to_ascii_lowercase(), ssh.port.or(defaults.port));
         if let Some(first) = endpoints.insert(endpoint, line) {
-            let shown_port = ssh.port.or(defaults.port).map_or(String::new(), |p| format!(":{p}"));
+            let shown_port = ssh
+                .port
+                .or(defaults.port)
+                .map_or(String::new(), |p| format!(":{p}"));
             return Err(src.error(
                 h.address.span(),
                 format!("duplicate address {address}{shown_port}: the host on line {first} has it already"),
@@ -376,8 +422,18 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
             name,
             address,
             ssh,
-            workdir: h.workdir.as_ref().map(|w| non_empty(src, w, "workdir")).transpose()?.unwrap_or_else(|| workdir.clone()),
-            ranks: h.ranks.as_ref().map(|r| rank_count(src, r)).transpose()?.unwrap_or(ranks),
+            workdir: h
+                .workdir
+                .as_ref()
+                .map(|w| non_empty(src, w, "workdir"))
+                .transpose()?
+                .unwrap_or_else(|| workdir.clone()),
+            ranks: h
+                .ranks
+                .as_ref()
+                .map(|r| rank_count(src, r))
+                .transpose()?
+                .unwrap_or(ranks),
             device: h.device.unwrap_or(device),
             env: host_env,
             line,
@@ -410,8 +466,15 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
         master_addr,
         checks,
         sync: Sync {
-            source: if source.is_absolute() { source } else { base.join(source) },
-            exclude: raw.sync.exclude.unwrap_or_else(|| vec![".git/".into(), "target/".into(), "runs/".into()]),
+            source: if source.is_absolute() {
+                source
+            } else {
+                base.join(source)
+            },
+            exclude: raw
+                .sync
+                .exclude
+                .unwrap_or_else(|| vec![".git/".into(), "target/".into(), "runs/".into()]),
         },
         run_command,
     })
@@ -419,7 +482,9 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
 
 /// Rewords serde's messages for people who write TOML, not Rust.
 fn explain(message: &str) -> String {
-    let mut text = message.replace("expected i64", "expected an integer").replace("expected a sequence", "expected an array");
+    let mut text = message
+        .replace("expected i64", "expected an integer")
+        .replace("expected a sequence", "expected an array");
     if let Some(rest) = text.strip_prefix("unknown field `") {
         let (field, expected) = rest.split_once('`').unwrap_or((rest, ""));
         let closest = expected
@@ -456,7 +521,13 @@ fn edit_distance(a: &str, b: &str) -> usize {
 fn port(src: &Source, value: &Spanned<i64>) -> Result<u16, InventoryError> {
     match u16::try_from(*value.get_ref()) {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(src.error(value.span(), format!("port {} is out of range: expected 1 to 65535", value.get_ref()))),
+        _ => Err(src.error(
+            value.span(),
+            format!(
+                "port {} is out of range: expected 1 to 65535",
+                value.get_ref()
+            ),
+        )),
     }
 }
 
@@ -482,7 +553,10 @@ fn non_empty(src: &Source, value: &Spanned<String>, what: &str) -> Result<String
 fn address(src: &Source, value: &Spanned<String>) -> Result<String, InventoryError> {
     let v = non_empty(src, value, "address")?;
     if v.chars().any(char::is_whitespace) || v.starts_with('-') {
-        return Err(src.error(value.span(), format!("address {v:?} is not a host name or IP address")));
+        return Err(src.error(
+            value.span(),
+            format!("address {v:?} is not a host name or IP address"),
+        ));
     }
     Ok(v)
 }
@@ -500,18 +574,31 @@ fn host_name(src: &Source, value: &Spanned<String>) -> Result<String, InventoryE
     Ok(v)
 }
 
-fn local_path(src: &Source, value: &Spanned<String>, what: &str) -> Result<PathBuf, InventoryError> {
+fn local_path(
+    src: &Source,
+    value: &Spanned<String>,
+    what: &str,
+) -> Result<PathBuf, InventoryError> {
     Ok(expand_tilde(&non_empty(src, value, what)?))
 }
 
-fn env_table(src: &Source, table: BTreeMap<Spanned<String>, String>) -> Result<BTreeMap<String, String>, InventoryError> {
+fn env_table(
+    src: &Source,
+    table: BTreeMap<Spanned<String>, String>,
+) -> Result<BTreeMap<String, String>, InventoryError> {
     let mut env = BTreeMap::new();
     for (key, value) in table {
         let k = key.get_ref();
-        let valid = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        let valid = k
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(src.error(key.span(), format!("env name {k:?} is not a valid variable name (letters, digits, '_')")));
+            return Err(src.error(
+                key.span(),
+                format!("env name {k:?} is not a valid variable name (letters, digits, '_')"),
+            ));
         }
         env.insert(key.into_inner(), value);
     }
@@ -522,7 +609,9 @@ fn env_table(src: &Source, table: BTreeMap<Spanned<String>, String>) -> Result<B
 pub fn expand_tilde(path: &str) -> PathBuf {
     match path.strip_prefix('~') {
         Some(rest) if rest.is_empty() || rest.starts_with('/') => {
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
             home.join(rest.trim_start_matches('/'))
         }
         _ => PathBuf::from(path),
@@ -585,7 +674,10 @@ device = "cpu"
     #[test]
     fn unknown_field_is_named_with_its_place() {
         let err = parse("[[host]]\nname = \"a\"\nadress = \"10.0.0.1\"\n").unwrap_err();
-        assert!(err.starts_with("fleet.toml:3:1: unknown field `adress`"), "{err}");
+        assert!(
+            err.starts_with("fleet.toml:3:1: unknown field `adress`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -613,7 +705,10 @@ device = "cpu"
     #[test]
     fn columns_count_characters_not_bytes() {
         let err = parse("[[host]]\nname = \"노드 1\"\naddress = \"a\"\n").unwrap_err();
-        assert!(err.starts_with("fleet.toml:2:8: host name \"노드 1\""), "{err}");
+        assert!(
+            err.starts_with("fleet.toml:2:8: host name \"노드 1\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -624,13 +719,19 @@ device = "cpu"
 
     #[test]
     fn sync_source_is_relative_to_the_inventory() {
-        let inv = Inventory::from_toml(Path::new("inv/fleet.toml"), "[sync]\nsource = \"..\"\n[[host]]\naddress = \"a\"\n").unwrap();
+        let inv = Inventory::from_toml(
+            Path::new("inv/fleet.toml"),
+            "[sync]\nsource = \"..\"\n[[host]]\naddress = \"a\"\n",
+        )
+        .unwrap();
         assert_eq!(inv.sync.source, Path::new("inv/.."));
     }
 
     #[test]
     fn tilde_expands_to_home() {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default();
         assert_eq!(expand_tilde("~/.ssh/id"), home.join(".ssh/id"));
         assert_eq!(expand_tilde("~user/x"), PathBuf::from("~user/x"));
         assert_eq!(expand_tilde("/abs"), PathBuf::from("/abs"));

@@ -7,7 +7,10 @@
 
 /// Quotes one argument so the shell reads it back unchanged.
 pub fn quote(arg: &str) -> String {
-    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | ':' | '=' | ',' | '+' | '@' | '%');
+    let plain = |c: char| {
+        c.is_ascii_alphanumeric()
+            || matches!(c, '-' | '_' | '.' | '/' | ':' | '=' | ',' | '+' | '@' | '%')
+    };
     if !arg.is_empty() && arg.chars().all(plain) {
         return arg.to_string();
     }
@@ -26,7 +29,10 @@ pub fn quote(arg: &str) -> String {
 
 /// Joins arguments into one command line, each quoted.
 pub fn join<S: AsRef<str>>(args: &[S]) -> String {
-    args.iter().map(|a| quote(a.as_ref())).collect::<Vec<_>>().join(" ")
+    args.iter()
+        .map(|a| quote(a.as_ref()))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -38,7 +44,11 @@ mod tests {
     fn through_sh(args: &[&str]) -> Vec<String> {
         let mut line = vec!["printf", "%s\\0"];
         line.extend_from_slice(args);
-        let out = Command::new("sh").arg("-c").arg(join(&line)).output().unwrap();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(join(&line))
+            .output()
+            .unwrap();
         assert!(out.status.success());
         let text = String::from_utf8(out.stdout).unwrap();
         text.split_terminator('\0').map(str::to_string).collect()
@@ -47,15 +57,38 @@ mod tests {
     #[test]
     fn hostile_arguments_arrive_as_text() {
         let args = [
-            "a b", "$HOME", "it's", "; touch /nonexistent-fleet", "$(id)", "`id`", "\"q\"", "a\nb", "*", "~", "",
-            "!", "\\", "'", "''", "노드 1", "-n", "x=$((1+1))", "&&", "|", ">", "#c",
+            "a b",
+            "$HOME",
+            "it's",
+            "; touch /nonexistent-fleet",
+            "$(id)",
+            "`id`",
+            "\"q\"",
+            "a\nb",
+            "*",
+            "~",
+            "",
+            "!",
+            "\\",
+            "'",
+            "''",
+            "노드 1",
+            "-n",
+            "x=$((1+1))",
+            "&&",
+            "|",
+            ">",
+            "#c",
         ];
         assert_eq!(through_sh(&args), args);
     }
 
     #[test]
     fn plain_words_stay_readable() {
-        assert_eq!(join(&["python3", "train.py", "--lr=1e-4", "data/a.csv"]), "python3 train.py --lr=1e-4 data/a.csv");
+        assert_eq!(
+            join(&["python3", "train.py", "--lr=1e-4", "data/a.csv"]),
+            "python3 train.py --lr=1e-4 data/a.csv"
+        );
         assert_eq!(quote("a b"), "'a b'");
         assert_eq!(quote(""), "''");
         assert_eq!(quote("it's"), "'it'\\''s'");

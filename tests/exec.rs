@@ -5,7 +5,13 @@ mod common;
 use common::{Fleet, Testbed, keygen};
 
 fn exec(tb: &Testbed, args: &[&str]) -> common::Run {
-    Fleet::new().arg("-i").arg(tb.inventory()).arg("exec").arg("--").args(args).run()
+    Fleet::new()
+        .arg("-i")
+        .arg(tb.inventory())
+        .arg("exec")
+        .arg("--")
+        .args(args)
+        .run()
 }
 
 #[test]
@@ -13,20 +19,38 @@ fn runs_on_every_host_with_its_prefix() {
     let tb = Testbed::get();
     let run = exec(&tb, &["hostname"]);
     run.assert_code(0);
-    assert_eq!(run.sorted_stdout(), ["host1 | host1", "host2 | host2", "host3 | host3"]);
+    assert_eq!(
+        run.sorted_stdout(),
+        ["host1 | host1", "host2 | host2", "host3 | host3"]
+    );
 }
 
 #[test]
 fn stderr_stays_stderr_and_lines_stay_whole() {
     let tb = Testbed::get();
     // Partial writes and a last line without a newline still come out as whole lines.
-    let run = exec(&tb, &["sh", "-c", "printf 'par'; printf 'tial\\nout\\n'; echo err >&2; printf last"]);
+    let run = exec(
+        &tb,
+        &[
+            "sh",
+            "-c",
+            "printf 'par'; printf 'tial\\nout\\n'; echo err >&2; printf last",
+        ],
+    );
     run.assert_code(0);
     for h in ["host1", "host2", "host3"] {
         for line in ["partial", "out", "last"] {
-            assert!(run.stdout.lines().any(|l| l == format!("{h} | {line}")), "{h} {line}:\n{}", run.stdout);
+            assert!(
+                run.stdout.lines().any(|l| l == format!("{h} | {line}")),
+                "{h} {line}:\n{}",
+                run.stdout
+            );
         }
-        assert!(run.stderr.lines().any(|l| l == format!("{h} | err")), "{}", run.stderr);
+        assert!(
+            run.stderr.lines().any(|l| l == format!("{h} | err")),
+            "{}",
+            run.stderr
+        );
         assert!(!run.stdout.contains("err"));
     }
 }
@@ -36,33 +60,80 @@ fn arguments_arrive_as_literal_text() {
     let tb = Testbed::get();
     let marker = format!("/tmp/fleet-quoting-{}", std::process::id());
     let injected = format!("$(touch {marker})");
-    let run = exec(&tb, &["printf", "%s|", "a b", "$HOME", "it's", "; touch /tmp/x;", &injected, "`id`", "\"q\""]);
+    let run = exec(
+        &tb,
+        &[
+            "printf",
+            "%s|",
+            "a b",
+            "$HOME",
+            "it's",
+            "; touch /tmp/x;",
+            &injected,
+            "`id`",
+            "\"q\"",
+        ],
+    );
     run.assert_code(0);
     let expected = format!("a b|$HOME|it's|; touch /tmp/x;|{injected}|`id`|\"q\"|");
     for h in ["host1", "host2", "host3"] {
-        assert!(run.stdout.lines().any(|l| l == format!("{h} | {expected}")), "{}", run.stdout);
+        assert!(
+            run.stdout.lines().any(|l| l == format!("{h} | {expected}")),
+            "{}",
+            run.stdout
+        );
     }
-    assert!(!std::path::Path::new(&marker).exists(), "an argument was executed");
+    assert!(
+        !std::path::Path::new(&marker).exists(),
+        "an argument was executed"
+    );
 }
 
 #[test]
 fn shell_mode_passes_one_command_line() {
     let tb = Testbed::get();
-    let run = Fleet::new().arg("-i").arg(tb.inventory()).args(["exec", "--shell", "--", "echo $((6*7)) | tr 4 x"]).run();
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(tb.inventory())
+        .args(["exec", "--shell", "--", "echo $((6*7)) | tr 4 x"])
+        .run();
     run.assert_code(0);
-    assert_eq!(run.sorted_stdout(), ["host1 | x2", "host2 | x2", "host3 | x2"]);
+    assert_eq!(
+        run.sorted_stdout(),
+        ["host1 | x2", "host2 | x2", "host3 | x2"]
+    );
 }
 
 #[test]
 fn failed_hosts_are_named_and_the_exit_is_non_zero() {
     let tb = Testbed::get();
-    let run = exec(&tb, &["sh", "-c", "case $(hostname) in host2) echo bad; exit 3;; host3) kill -TERM $$;; esac; echo ok"]);
+    let run = exec(
+        &tb,
+        &[
+            "sh",
+            "-c",
+            "case $(hostname) in host2) echo bad; exit 3;; host3) kill -TERM $$;; esac; echo ok",
+        ],
+    );
     run.assert_code(1);
     assert!(run.stdout.contains("host1 | ok"));
     assert!(run.stdout.contains("host2 | bad"));
-    assert!(run.stderr.contains("host2: exited with 3"), "{}", run.stderr);
-    assert!(run.stderr.contains("host3: killed by SIGTERM"), "{}", run.stderr);
-    assert!(run.stderr.contains("2 of 3 hosts failed: host2 (exit 3), host3 (killed by SIGTERM)"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("host2: exited with 3"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("host3: killed by SIGTERM"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("2 of 3 hosts failed: host2 (exit 3), host3 (killed by SIGTERM)"),
+        "{}",
+        run.stderr
+    );
     assert!(!run.stderr.contains("host1:"), "{}", run.stderr);
 }
 
@@ -72,34 +143,66 @@ fn json_lines_then_a_summary() {
     let run = Fleet::new()
         .arg("-i")
         .arg(tb.inventory())
-        .args(["--json", "exec", "--", "sh", "-c", "echo 'x \"y\"'; echo e >&2; [ $(hostname) != host3 ]"])
+        .args([
+            "--json",
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "echo 'x \"y\"'; echo e >&2; [ $(hostname) != host3 ]",
+        ])
         .run();
     run.assert_code(1);
-    let records: Vec<serde_json::Value> = run.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let records: Vec<serde_json::Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(records.len(), 7, "{}", run.stdout);
     for host in ["host1", "host2", "host3"] {
         assert!(records.contains(&serde_json::json!({"type": "line", "host": host, "stream": "stdout", "line": "x \"y\""})));
-        assert!(records.contains(&serde_json::json!({"type": "line", "host": host, "stream": "stderr", "line": "e"})));
+        assert!(records.contains(
+            &serde_json::json!({"type": "line", "host": host, "stream": "stderr", "line": "e"})
+        ));
     }
     let summary = records.last().unwrap();
     assert_eq!(summary["type"], "summary");
     assert_eq!(summary["ok"], false);
     let hosts = summary["hosts"].as_array().unwrap();
-    assert_eq!(hosts[0], serde_json::json!({"host": "host1", "status": "exited", "exit_code": 0}));
-    assert_eq!(hosts[2], serde_json::json!({"host": "host3", "status": "exited", "exit_code": 1}));
+    assert_eq!(
+        hosts[0],
+        serde_json::json!({"host": "host1", "status": "exited", "exit_code": 0})
+    );
+    assert_eq!(
+        hosts[2],
+        serde_json::json!({"host": "host3", "status": "exited", "exit_code": 1})
+    );
 }
 
 #[test]
 fn runs_as_the_configured_user() {
     let tb = Testbed::get();
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!("identity = \"{}\"\nknown_hosts = \"{}\"", tb.key().display(), tb.known_hosts().display());
+    let extra = format!(
+        "identity = \"{}\"\nknown_hosts = \"{}\"",
+        tb.key().display(),
+        tb.known_hosts().display()
+    );
     let inventory = tb.inventory_with(dir.path(), &extra.replace("user = \"root\"", ""));
-    let text = std::fs::read_to_string(&inventory).unwrap().replace("user = \"root\"", "user = \"train\"");
+    let text = std::fs::read_to_string(&inventory)
+        .unwrap()
+        .replace("user = \"root\"", "user = \"train\"");
     std::fs::write(&inventory, text).unwrap();
-    let run = Fleet::new().arg("-i").arg(&inventory).args(["exec", "--", "id", "-un"]).run();
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(&inventory)
+        .args(["exec", "--", "id", "-un"])
+        .run();
     run.assert_code(0);
-    assert_eq!(run.sorted_stdout(), ["host1 | train", "host2 | train", "host3 | train"]);
+    assert_eq!(
+        run.sorted_stdout(),
+        ["host1 | train", "host2 | train", "host3 | train"]
+    );
 }
 
 #[test]
@@ -108,18 +211,36 @@ fn unknown_host_key_is_refused_and_nothing_runs() {
     let dir = tempfile::tempdir().unwrap();
     let known_hosts = dir.path().join("known_hosts");
     std::fs::write(&known_hosts, "").unwrap();
-    let extra = format!("identity = \"{}\"\nknown_hosts = \"{}\"", tb.key().display(), known_hosts.display());
+    let extra = format!(
+        "identity = \"{}\"\nknown_hosts = \"{}\"",
+        tb.key().display(),
+        known_hosts.display()
+    );
     let inventory = tb.inventory_with(dir.path(), &extra);
     let marker = format!("/tmp/fleet-unknown-key-{}", std::process::id());
-    let run = Fleet::new().arg("-i").arg(&inventory).args(["exec", "--", "touch", &marker]).run();
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(&inventory)
+        .args(["exec", "--", "touch", &marker])
+        .run();
     run.assert_code(3);
     for h in &tb.hosts {
-        let needle = format!("{}: host key of {} is not known. It offers ssh-ed25519 key SHA256:", h.name, h.addr);
+        let needle = format!(
+            "{}: host key of {} is not known. It offers ssh-ed25519 key SHA256:",
+            h.name, h.addr
+        );
         assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
     }
     assert!(run.stderr.contains("--accept-new-host-keys"));
-    assert!(!std::path::Path::new(&marker).exists(), "a command ran on a host with an unknown key");
-    assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), "", "known_hosts was modified");
+    assert!(
+        !std::path::Path::new(&marker).exists(),
+        "a command ran on a host with an unknown key"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&known_hosts).unwrap(),
+        "",
+        "known_hosts was modified"
+    );
 }
 
 #[test]
@@ -127,15 +248,36 @@ fn accept_new_host_keys_records_them_once() {
     let tb = Testbed::get();
     let dir = tempfile::tempdir().unwrap();
     let known_hosts = dir.path().join("ssh/known_hosts");
-    let extra = format!("identity = \"{}\"\nknown_hosts = \"{}\"", tb.key().display(), known_hosts.display());
+    let extra = format!(
+        "identity = \"{}\"\nknown_hosts = \"{}\"",
+        tb.key().display(),
+        known_hosts.display()
+    );
     let inventory = tb.inventory_with(dir.path(), &extra);
-    let run = Fleet::new().arg("-i").arg(&inventory).args(["--accept-new-host-keys", "exec", "--", "true"]).run();
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(&inventory)
+        .args(["--accept-new-host-keys", "exec", "--", "true"])
+        .run();
     run.assert_code(0);
-    assert_eq!(run.stderr.matches("recorded host key SHA256:").count(), 3, "{}", run.stderr);
+    assert_eq!(
+        run.stderr.matches("recorded host key SHA256:").count(),
+        3,
+        "{}",
+        run.stderr
+    );
     let recorded = std::fs::read_to_string(&known_hosts).unwrap();
-    assert_eq!(recorded.lines().filter(|l| !l.is_empty()).count(), 3, "{recorded}");
+    assert_eq!(
+        recorded.lines().filter(|l| !l.is_empty()).count(),
+        3,
+        "{recorded}"
+    );
     // The recorded keys are the hosts' real keys: a strict run now succeeds.
-    let again = Fleet::new().arg("-i").arg(&inventory).args(["exec", "--", "true"]).run();
+    let again = Fleet::new()
+        .arg("-i")
+        .arg(&inventory)
+        .args(["exec", "--", "true"])
+        .run();
     again.assert_code(0);
     assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), recorded);
 }
@@ -151,19 +293,42 @@ fn changed_host_key_is_refused_loudly_and_never_overwritten() {
     let host1 = &tb.hosts[0];
     let tampered: String = real
         .lines()
-        .map(|l| if l.starts_with(&format!("{} ", host1.addr)) { format!("{} {} {}\n", host1.addr, fake[0], fake[1]) } else { format!("{l}\n") })
+        .map(|l| {
+            if l.starts_with(&format!("{} ", host1.addr)) {
+                format!("{} {} {}\n", host1.addr, fake[0], fake[1])
+            } else {
+                format!("{l}\n")
+            }
+        })
         .collect();
     assert_ne!(tampered, real);
     let known_hosts = dir.path().join("known_hosts");
     std::fs::write(&known_hosts, &tampered).unwrap();
-    let extra = format!("identity = \"{}\"\nknown_hosts = \"{}\"", tb.key().display(), known_hosts.display());
+    let extra = format!(
+        "identity = \"{}\"\nknown_hosts = \"{}\"",
+        tb.key().display(),
+        known_hosts.display()
+    );
     let inventory = tb.inventory_with(dir.path(), &extra);
-    let run = Fleet::new().arg("-i").arg(&inventory).args(["--accept-new-host-keys", "exec", "--", "hostname"]).run();
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(&inventory)
+        .args(["--accept-new-host-keys", "exec", "--", "hostname"])
+        .run();
     run.assert_code(3);
-    assert!(run.stderr.contains(&format!("host1: HOST KEY CHANGED for {}!", host1.addr)), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains(&format!("host1: HOST KEY CHANGED for {}!", host1.addr)),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("ssh-keygen -R"), "{}", run.stderr);
     assert_eq!(run.sorted_stdout(), ["host2 | host2", "host3 | host3"]);
-    assert_eq!(std::fs::read_to_string(&known_hosts).unwrap(), tampered, "known_hosts was modified");
+    assert_eq!(
+        std::fs::read_to_string(&known_hosts).unwrap(),
+        tampered,
+        "known_hosts was modified"
+    );
 }
 
 #[test]
@@ -171,13 +336,25 @@ fn wrong_client_key_is_refused_with_each_host_named() {
     let tb = Testbed::get();
     let dir = tempfile::tempdir().unwrap();
     let stranger = keygen(dir.path(), "stranger", "");
-    let extra = format!("identity = \"{}\"\nknown_hosts = \"{}\"", stranger.display(), tb.known_hosts().display());
+    let extra = format!(
+        "identity = \"{}\"\nknown_hosts = \"{}\"",
+        stranger.display(),
+        tb.known_hosts().display()
+    );
     let inventory = tb.inventory_with(dir.path(), &extra);
-    let run = Fleet::new().arg("-i").arg(&inventory).args(["exec", "--", "hostname"]).run();
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(&inventory)
+        .args(["exec", "--", "hostname"])
+        .run();
     run.assert_code(3);
     assert_eq!(run.stdout, "");
     for h in &tb.hosts {
-        let needle = format!("{}: authentication as \"root\" failed; tried {}", h.name, stranger.display());
+        let needle = format!(
+            "{}: authentication as \"root\" failed; tried {}",
+            h.name,
+            stranger.display()
+        );
         assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
     }
 }
@@ -187,11 +364,24 @@ fn encrypted_key_without_a_terminal_says_what_to_do() {
     let tb = Testbed::get();
     let dir = tempfile::tempdir().unwrap();
     let locked = keygen(dir.path(), "locked", "correct horse");
-    let extra = format!("identity = \"{}\"\nknown_hosts = \"{}\"", locked.display(), tb.known_hosts().display());
+    let extra = format!(
+        "identity = \"{}\"\nknown_hosts = \"{}\"",
+        locked.display(),
+        tb.known_hosts().display()
+    );
     let inventory = tb.inventory_with(dir.path(), &extra);
-    let run = Fleet::new().arg("-i").arg(&inventory).args(["exec", "--", "hostname"]).run();
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(&inventory)
+        .args(["exec", "--", "hostname"])
+        .run();
     run.assert_code(3);
-    assert!(run.stderr.contains("encrypted; add it to ssh-agent with `ssh-add"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("encrypted; add it to ssh-agent with `ssh-add"),
+        "{}",
+        run.stderr
+    );
     assert!(!run.stderr.contains("correct horse"));
 }
 
@@ -202,7 +392,10 @@ fn ssh_config_alias_supplies_address_port_user_and_key() {
     let ssh_dir = fleet.home().join(".ssh");
     std::fs::create_dir_all(&ssh_dir).unwrap();
     let mut config = String::new();
-    let mut inventory = format!("[fleet]\nknown_hosts = \"{}\"\n", tb.known_hosts().display());
+    let mut inventory = format!(
+        "[fleet]\nknown_hosts = \"{}\"\n",
+        tb.known_hosts().display()
+    );
     for h in &tb.hosts {
         config.push_str(&format!(
             "Host gpu-{}\n  HostName {}\n  Port {}\n  User train\n  IdentityFile {}\n\n",
@@ -211,13 +404,27 @@ fn ssh_config_alias_supplies_address_port_user_and_key() {
             h.port,
             tb.key().display()
         ));
-        inventory.push_str(&format!("\n[[host]]\nname = \"{}\"\naddress = \"gpu-{}\"\n", h.name, h.name));
+        inventory.push_str(&format!(
+            "\n[[host]]\nname = \"{}\"\naddress = \"gpu-{}\"\n",
+            h.name, h.name
+        ));
     }
     std::fs::write(ssh_dir.join("config"), config).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.toml");
     std::fs::write(&path, inventory).unwrap();
-    let run = fleet.arg("-i").arg(&path).args(["exec", "--", "sh", "-c", "echo $(id -un)@$(hostname)"]).run();
+    let run = fleet
+        .arg("-i")
+        .arg(&path)
+        .args(["exec", "--", "sh", "-c", "echo $(id -un)@$(hostname)"])
+        .run();
     run.assert_code(0);
-    assert_eq!(run.sorted_stdout(), ["host1 | train@host1", "host2 | train@host2", "host3 | train@host3"]);
+    assert_eq!(
+        run.sorted_stdout(),
+        [
+            "host1 | train@host1",
+            "host2 | train@host2",
+            "host3 | train@host3"
+        ]
+    );
 }

@@ -27,14 +27,29 @@ fn stopped_host_is_named_and_the_others_still_run() {
     let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
     let tb = Testbed::get();
     tb.control(&["stop", "host3"]);
-    let _restore = Restore { tb: &tb, args: ["start", "host3"] };
-    let run = Fleet::new().arg("-i").arg(tb.inventory()).args(["exec", "--", "hostname"]).run();
+    let _restore = Restore {
+        tb: &tb,
+        args: ["start", "host3"],
+    };
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(tb.inventory())
+        .args(["exec", "--", "hostname"])
+        .run();
     run.assert_code(3);
     assert_eq!(run.sorted_stdout(), ["host1 | host1", "host2 | host2"]);
     let host3 = &tb.hosts[2];
-    let needle = format!("host3: cannot connect to {}:{}: Connection refused", host3.addr, host3.port);
+    let needle = format!(
+        "host3: cannot connect to {}:{}: Connection refused",
+        host3.addr, host3.port
+    );
     assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
-    assert!(run.stderr.contains("1 of 3 hosts failed: host3 (unreachable)"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("1 of 3 hosts failed: host3 (unreachable)"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
@@ -42,7 +57,10 @@ fn silent_host_times_out_at_the_deadline() {
     let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
     let tb = Testbed::get();
     tb.control(&["cut", "host2"]);
-    let _restore = Restore { tb: &tb, args: ["heal", "host2"] };
+    let _restore = Restore {
+        tb: &tb,
+        args: ["heal", "host2"],
+    };
     let run = Fleet::new()
         .arg("-i")
         .arg(tb.inventory())

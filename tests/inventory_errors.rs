@@ -7,7 +7,13 @@ use common::Fleet;
 
 /// Runs `fleet inventory` on a fixture and returns what it printed on stderr.
 fn error_for(fixture: &str) -> String {
-    let run = Fleet::new().args(["-i", &format!("tests/fixtures/inventory/{fixture}.toml"), "inventory"]).run();
+    let run = Fleet::new()
+        .args([
+            "-i",
+            &format!("tests/fixtures/inventory/{fixture}.toml"),
+            "inventory",
+        ])
+        .run();
     run.assert_code(2);
     assert_eq!(run.stdout, "", "nothing may reach stdout on an error");
     run.stderr
@@ -45,26 +51,61 @@ snapshot_tests!(
 
 #[test]
 fn missing_file_says_how_to_make_one() {
-    let run = Fleet::new().args(["-i", "tests/fixtures/inventory/absent.toml", "exec", "--", "true"]).run();
+    let run = Fleet::new()
+        .args([
+            "-i",
+            "tests/fixtures/inventory/absent.toml",
+            "exec",
+            "--",
+            "true",
+        ])
+        .run();
     run.assert_code(2);
     insta::assert_snapshot!("missing_file", run.stderr);
 }
 
 #[test]
 fn the_environment_names_the_inventory() {
-    let run = Fleet::new().args(["inventory"]).run_with_env("FLEET_INVENTORY", "tests/fixtures/inventory/zero_ranks.toml");
+    let run = Fleet::new().args(["inventory"]).run_with_env(
+        "FLEET_INVENTORY",
+        "tests/fixtures/inventory/zero_ranks.toml",
+    );
     run.assert_code(2);
-    assert!(run.stderr.starts_with("error: tests/fixtures/inventory/zero_ranks.toml:7:9: ranks = 0"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .starts_with("error: tests/fixtures/inventory/zero_ranks.toml:7:9: ranks = 0"),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
 fn the_example_is_the_seed_guides_three_pcs() {
-    let run = Fleet::new().args(["-i", "inventory/example.toml", "--json", "inventory"]).run();
+    let run = Fleet::new()
+        .args(["-i", "inventory/example.toml", "--json", "inventory"])
+        .run();
     run.assert_code(0);
-    let hosts: Vec<serde_json::Value> = run.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let addresses: Vec<&str> = hosts.iter().map(|h| h["address"].as_str().unwrap()).collect();
-    assert_eq!(addresses, ["192.168.1.100", "192.168.1.101", "192.168.1.102"]);
-    assert!(hosts.iter().all(|h| h["ranks"] == 1 && h["device"] == "cuda"));
-    let first: Vec<u64> = hosts.iter().map(|h| h["first_rank"].as_u64().unwrap()).collect();
+    let hosts: Vec<serde_json::Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let addresses: Vec<&str> = hosts
+        .iter()
+        .map(|h| h["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        addresses,
+        ["192.168.1.100", "192.168.1.101", "192.168.1.102"]
+    );
+    assert!(
+        hosts
+            .iter()
+            .all(|h| h["ranks"] == 1 && h["device"] == "cuda")
+    );
+    let first: Vec<u64> = hosts
+        .iter()
+        .map(|h| h["first_rank"].as_u64().unwrap())
+        .collect();
     assert_eq!(first, [0, 1, 2]);
 }

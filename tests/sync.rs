@@ -24,7 +24,13 @@ impl Project {
         let source = tempfile::tempdir().unwrap();
         let config = tempfile::tempdir().unwrap();
         let inventory = tb.sync_inventory(config.path(), name, source.path());
-        Project { tb, source, config, inventory, name: name.to_string() }
+        Project {
+            tb,
+            source,
+            config,
+            inventory,
+            name: name.to_string(),
+        }
     }
 
     fn root(&self) -> &Path {
@@ -64,17 +70,31 @@ impl Project {
         let out = self.tb.ssh(host, &format!("cd '{}' && find . -path ./.fleet -prune -o -type f -print0 | xargs -0 -r sha256sum -z", self.workdir(host)));
         out.split('\0')
             .filter(|r| !r.is_empty())
-            .map(|r| (r[66..].trim_start_matches("./").to_string(), r[..64].to_string()))
+            .map(|r| {
+                (
+                    r[66..].trim_start_matches("./").to_string(),
+                    r[..64].to_string(),
+                )
+            })
             .collect()
     }
 
     /// `path -> inode` on `host`: a file rewritten gets a new inode (temporary file + rename).
     fn remote_inodes(&self, host: &str) -> BTreeMap<String, String> {
-        let out = self.tb.ssh(host, &format!("cd '{}' && find . -path ./.fleet -prune -o -type f -printf '%i %P\\0'", self.workdir(host)));
-        out.split('\0').filter(|r| !r.is_empty()).map(|r| {
-            let (inode, path) = r.split_once(' ').unwrap();
-            (path.to_string(), inode.to_string())
-        }).collect()
+        let out = self.tb.ssh(
+            host,
+            &format!(
+                "cd '{}' && find . -path ./.fleet -prune -o -type f -printf '%i %P\\0'",
+                self.workdir(host)
+            ),
+        );
+        out.split('\0')
+            .filter(|r| !r.is_empty())
+            .map(|r| {
+                let (inode, path) = r.split_once(' ').unwrap();
+                (path.to_string(), inode.to_string())
+            })
+            .collect()
     }
 
     fn local_hashes(&self) -> BTreeMap<String, String> {
@@ -88,7 +108,12 @@ impl Project {
             .unwrap()
             .split('\0')
             .filter(|r| !r.is_empty())
-            .map(|r| (r[66..].trim_start_matches("./").to_string(), r[..64].to_string()))
+            .map(|r| {
+                (
+                    r[66..].trim_start_matches("./").to_string(),
+                    r[..64].to_string(),
+                )
+            })
             .collect()
     }
 }
@@ -110,12 +135,25 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 #[test]
 fn a_tricky_tree_lands_identical_on_every_host_and_resyncs_nothing() {
     let p = Project::new("tricky-tree");
-    p.write("data/training_data_10000.csv", "text,label\n\"안녕, 세계\",1\n");
-    p.write("data/한국어 폴더/학습 데이터.csv", "문장,레이블\n좋아요,1\n");
-    p.write("names with spaces/it's \"quoted\" $(touch x) `id`.txt", "careful\n");
+    p.write(
+        "data/training_data_10000.csv",
+        "text,label\n\"안녕, 세계\",1\n",
+    );
+    p.write(
+        "data/한국어 폴더/학습 데이터.csv",
+        "문장,레이블\n좋아요,1\n",
+    );
+    p.write(
+        "names with spaces/it's \"quoted\" $(touch x) `id`.txt",
+        "careful\n",
+    );
     p.write("a/b/c/d/deep.txt", "deep\n");
     p.write("run.sh", "#!/bin/sh\necho run\n");
-    std::fs::set_permissions(p.root().join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        p.root().join("run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     std::fs::create_dir_all(p.root().join("empty/inner")).unwrap();
     symlink("data/training_data_10000.csv", p.root().join("latest.csv")).unwrap();
     p.write("target/skip.bin", "excluded");
@@ -129,17 +167,31 @@ fn a_tricky_tree_lands_identical_on_every_host_and_resyncs_nothing() {
         assert_eq!(records[h]["files_sent"], 6, "{h}: {}", run.stdout);
         assert_eq!(p.remote_hashes(h), local, "{h}");
         let modes = p.tb.ssh(h, &format!("cd '{}' && stat -c '%a %F' run.sh empty/inner latest.csv && readlink latest.csv && ls target 2>&1 || true", p.workdir(h)));
-        assert_eq!(modes, "755 regular file\n755 directory\n777 symbolic link\ndata/training_data_10000.csv\nls: cannot access 'target': No such file or directory\n", "{h}");
+        assert_eq!(
+            modes,
+            "755 regular file\n755 directory\n777 symbolic link\ndata/training_data_10000.csv\nls: cannot access 'target': No such file or directory\n",
+            "{h}"
+        );
     }
-    assert!(!p.root().join("x").exists() && !Path::new(&p.workdir("host1")).join("x").exists(), "a name was executed");
+    assert!(
+        !p.root().join("x").exists() && !Path::new(&p.workdir("host1")).join("x").exists(),
+        "a name was executed"
+    );
 
-    let inodes: Vec<_> = ["host1", "host2", "host3"].iter().map(|h| p.remote_inodes(h)).collect();
+    let inodes: Vec<_> = ["host1", "host2", "host3"]
+        .iter()
+        .map(|h| p.remote_inodes(h))
+        .collect();
     let (again, records) = p.sync_json(&[]);
     again.assert_code(0);
     for (i, h) in ["host1", "host2", "host3"].iter().enumerate() {
         assert_eq!(records[*h]["files_sent"], 0, "{}", again.stdout);
         assert_eq!(records[*h]["unchanged"], 6);
-        assert_eq!(p.remote_inodes(h), inodes[i], "{h}: a second sync rewrote files");
+        assert_eq!(
+            p.remote_inodes(h),
+            inodes[i],
+            "{h}: a second sync rewrote files"
+        );
     }
 }
 
@@ -150,20 +202,37 @@ fn only_the_changed_file_is_sent_and_host_edits_are_restored() {
         p.write(&format!("f{i:02}.txt"), format!("file {i}\n"));
     }
     p.fleet(&["sync"]).assert_code(0);
-    let before: Vec<_> = ["host1", "host2", "host3"].iter().map(|h| p.remote_inodes(h)).collect();
+    let before: Vec<_> = ["host1", "host2", "host3"]
+        .iter()
+        .map(|h| p.remote_inodes(h))
+        .collect();
 
     p.write("f07.txt", "changed locally\n");
-    p.tb.ssh("host2", &format!("echo edited on host2 > '{}/f13.txt'", p.workdir("host2")));
+    p.tb.ssh(
+        "host2",
+        &format!("echo edited on host2 > '{}/f13.txt'", p.workdir("host2")),
+    );
     let (run, records) = p.sync_json(&[]);
     run.assert_code(0);
     let local = p.local_hashes();
     for (i, h) in ["host1", "host2", "host3"].iter().enumerate() {
         let expected_sent = if *h == "host2" { 2 } else { 1 };
-        assert_eq!(records[*h]["files_sent"], expected_sent, "{h}: {}", run.stdout);
+        assert_eq!(
+            records[*h]["files_sent"], expected_sent,
+            "{h}: {}",
+            run.stdout
+        );
         assert_eq!(p.remote_hashes(h), local, "{h}");
         let after = p.remote_inodes(h);
-        let rewritten: Vec<&String> = after.keys().filter(|k| after[*k] != before[i][*k]).collect();
-        let expected: Vec<&str> = if *h == "host2" { vec!["f07.txt", "f13.txt"] } else { vec!["f07.txt"] };
+        let rewritten: Vec<&String> = after
+            .keys()
+            .filter(|k| after[*k] != before[i][*k])
+            .collect();
+        let expected: Vec<&str> = if *h == "host2" {
+            vec!["f07.txt", "f13.txt"]
+        } else {
+            vec!["f07.txt"]
+        };
         assert_eq!(rewritten, expected, "{h}");
     }
 }
@@ -174,21 +243,51 @@ fn dry_run_changes_nothing_and_verify_finds_differences() {
     p.write("keep.txt", "keep\n");
     p.write("data.csv", "a,b\n");
     p.fleet(&["sync"]).assert_code(0);
-    p.tb.ssh("host3", &format!("cd '{}' && echo tampered > data.csv && echo stray > stray.txt", p.workdir("host3")));
+    p.tb.ssh(
+        "host3",
+        &format!(
+            "cd '{}' && echo tampered > data.csv && echo stray > stray.txt",
+            p.workdir("host3")
+        ),
+    );
     p.write("new.txt", "new\n");
 
     let dry = p.fleet(&["sync", "--dry-run"]);
     dry.assert_code(0);
-    assert!(dry.stdout.contains("host1\tsend\tnew.txt\tnew 4 B"), "{}", dry.stdout);
-    assert!(dry.stdout.contains("host3\tsend\tdata.csv\tdrift"), "{}", dry.stdout);
-    assert!(dry.stdout.contains("host3\textraneous\tstray.txt"), "{}", dry.stdout);
-    assert!(!Path::new(&p.workdir("host1")).join("new.txt").exists(), "dry run wrote a file");
+    assert!(
+        dry.stdout.contains("host1\tsend\tnew.txt\tnew 4 B"),
+        "{}",
+        dry.stdout
+    );
+    assert!(
+        dry.stdout.contains("host3\tsend\tdata.csv\tdrift"),
+        "{}",
+        dry.stdout
+    );
+    assert!(
+        dry.stdout.contains("host3\textraneous\tstray.txt"),
+        "{}",
+        dry.stdout
+    );
+    assert!(
+        !Path::new(&p.workdir("host1")).join("new.txt").exists(),
+        "dry run wrote a file"
+    );
 
     let verify = p.fleet(&["sync", "--verify"]);
     verify.assert_code(1);
     let mut lines: Vec<&str> = verify.stdout.lines().collect();
     lines.sort();
-    assert_eq!(lines, ["host1\tmissing\tnew.txt", "host2\tmissing\tnew.txt", "host3\tdiffers\tdata.csv", "host3\textra\tstray.txt", "host3\tmissing\tnew.txt"]);
+    assert_eq!(
+        lines,
+        [
+            "host1\tmissing\tnew.txt",
+            "host2\tmissing\tnew.txt",
+            "host3\tdiffers\tdata.csv",
+            "host3\textra\tstray.txt",
+            "host3\tmissing\tnew.txt"
+        ]
+    );
 
     let run = p.fleet(&["sync"]);
     run.assert_code(0);
@@ -203,13 +302,28 @@ fn a_missing_source_or_a_link_out_of_the_tree_is_refused_by_name() {
     symlink("/etc/passwd", p.root().join("passwd")).unwrap();
     let run = p.fleet(&["sync"]);
     run.assert_code(2);
-    assert!(run.stderr.contains("passwd: symlink to \"/etc/passwd\" points outside the synced folder"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("passwd: symlink to \"/etc/passwd\" points outside the synced folder"),
+        "{}",
+        run.stderr
+    );
 
     let gone = p.root().join("gone");
-    let text = std::fs::read_to_string(&p.inventory).unwrap().replace(&format!("source = \"{}\"", p.root().display()), &format!("source = \"{}\"", gone.display()));
+    let text = std::fs::read_to_string(&p.inventory).unwrap().replace(
+        &format!("source = \"{}\"", p.root().display()),
+        &format!("source = \"{}\"", gone.display()),
+    );
     std::fs::write(&p.inventory, text).unwrap();
     let run = p.fleet(&["sync"]);
     run.assert_code(2);
-    assert!(run.stderr.contains(&format!("sync source {} does not exist or is not a folder", gone.display())), "{}", run.stderr);
+    assert!(
+        run.stderr.contains(&format!(
+            "sync source {} does not exist or is not a folder",
+            gone.display()
+        )),
+        "{}",
+        run.stderr
+    );
     let _ = &p.config;
 }

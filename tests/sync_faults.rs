@@ -5,10 +5,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,13 @@ impl Project {
         let source = tempfile::tempdir().unwrap();
         let config = tempfile::tempdir().unwrap();
         let inventory = tb.sync_inventory(config.path(), name, source.path());
-        Project { tb, source, _config: config, inventory, name: name.to_string() }
+        Project {
+            tb,
+            source,
+            _config: config,
+            inventory,
+            name: name.to_string(),
+        }
     }
 
     fn write(&self, path: &str, content: impl AsRef<[u8]>) {
@@ -40,12 +46,19 @@ impl Project {
     }
 
     fn sync(&self) -> common::Run {
-        Fleet::new().arg("-i").arg(&self.inventory).arg("sync").run()
+        Fleet::new()
+            .arg("-i")
+            .arg(&self.inventory)
+            .arg("sync")
+            .run()
     }
 
     /// Temporary files left anywhere in a host's workdir.
     fn leftovers(&self, host: &str) -> String {
-        self.tb.ssh(host, &format!("find '{}' -name '.fleet-tmp.*'", self.workdir(host)))
+        self.tb.ssh(
+            host,
+            &format!("find '{}' -name '.fleet-tmp.*'", self.workdir(host)),
+        )
     }
 }
 
@@ -54,7 +67,10 @@ struct Unmount<'a>(&'a Project, &'static str);
 
 impl Drop for Unmount<'_> {
     fn drop(&mut self) {
-        let _ = self.0.tb.ssh(self.1, &format!("umount '{}' || true", self.0.workdir(self.1)));
+        let _ = self.0.tb.ssh(
+            self.1,
+            &format!("umount '{}' || true", self.0.workdir(self.1)),
+        );
     }
 }
 
@@ -62,24 +78,56 @@ impl Drop for Unmount<'_> {
 fn a_full_disk_names_host_and_file_and_keeps_the_previous_version() {
     let p = Project::new("disk-full");
     // host1's workdir is a 2 MB file system, mounted in host1's own mount namespace only.
-    p.tb.ssh("host1", &format!("mkdir -p '{0}' && mount -t tmpfs -o size=2m fleet-test '{0}'", p.workdir("host1")));
+    p.tb.ssh(
+        "host1",
+        &format!(
+            "mkdir -p '{0}' && mount -t tmpfs -o size=2m fleet-test '{0}'",
+            p.workdir("host1")
+        ),
+    );
     let _unmount = Unmount(&p, "host1");
     p.write("model.bin", vec![1u8; 100_000]);
     p.write("notes.txt", "v1\n");
     p.sync().assert_code(0);
-    let before = p.tb.ssh("host1", &format!("cd '{}' && sha256sum model.bin notes.txt", p.workdir("host1")));
+    let before = p.tb.ssh(
+        "host1",
+        &format!(
+            "cd '{}' && sha256sum model.bin notes.txt",
+            p.workdir("host1")
+        ),
+    );
 
     p.write("model.bin", vec![2u8; 5_000_000]);
     p.write("notes.txt", "v2\n");
     let run = p.sync();
     run.assert_code(1);
-    assert!(run.stderr.contains("host1: model.bin: writing failed"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("host1: model.bin: writing failed"),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("disk full"), "{}", run.stderr);
-    assert!(!run.stderr.contains("host2:") && !run.stderr.contains("host3:"), "{}", run.stderr);
+    assert!(
+        !run.stderr.contains("host2:") && !run.stderr.contains("host3:"),
+        "{}",
+        run.stderr
+    );
     // Nothing on host1 changed, not even the file that fitted: a sync lands whole or not at all.
-    assert_eq!(p.tb.ssh("host1", &format!("cd '{}' && sha256sum model.bin notes.txt", p.workdir("host1"))), before);
+    assert_eq!(
+        p.tb.ssh(
+            "host1",
+            &format!(
+                "cd '{}' && sha256sum model.bin notes.txt",
+                p.workdir("host1")
+            )
+        ),
+        before
+    );
     assert_eq!(p.leftovers("host1"), "");
-    assert_eq!(p.tb.ssh("host2", &format!("cat '{}/notes.txt'", p.workdir("host2"))), "v2\n");
+    assert_eq!(
+        p.tb.ssh("host2", &format!("cat '{}/notes.txt'", p.workdir("host2"))),
+        "v2\n"
+    );
 }
 
 #[test]
@@ -97,7 +145,9 @@ fn a_second_sync_waits_for_the_first_and_never_interleaves() {
         .spawn()
         .unwrap();
     let mut held = String::new();
-    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut held).unwrap();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut held)
+        .unwrap();
     assert_eq!(held, "held\n");
 
     let mut sync = Command::new(env!("CARGO_BIN_EXE_fleet"))
@@ -115,16 +165,30 @@ fn a_second_sync_waits_for_the_first_and_never_interleaves() {
     while !line.contains("waiting for another sync") {
         assert!(Instant::now() < deadline, "fleet never said it was waiting");
         line.clear();
-        assert_ne!(stderr.read_line(&mut line).unwrap(), 0, "fleet ended without waiting");
+        assert_ne!(
+            stderr.read_line(&mut line).unwrap(),
+            0,
+            "fleet ended without waiting"
+        );
     }
-    assert!(line.starts_with("host2: waiting for another sync of"), "{line}");
+    assert!(
+        line.starts_with("host2: waiting for another sync of"),
+        "{line}"
+    );
     // While the lock is held, nothing may land on host2.
-    assert!(!std::path::Path::new(&p.workdir("host2")).join("a.txt").exists());
+    assert!(
+        !std::path::Path::new(&p.workdir("host2"))
+            .join("a.txt")
+            .exists()
+    );
 
     holder.stdin.take().unwrap().write_all(b"").unwrap();
     holder.wait().unwrap();
     assert!(sync.wait().unwrap().success());
-    assert_eq!(std::fs::read_to_string(format!("{}/a.txt", p.workdir("host2"))).unwrap(), "a\n");
+    assert_eq!(
+        std::fs::read_to_string(format!("{}/a.txt", p.workdir("host2"))).unwrap(),
+        "a\n"
+    );
 }
 
 #[test]
@@ -144,7 +208,8 @@ fn a_file_written_during_the_sync_is_named_and_not_half_sent() {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                file.write_all_at(&n.to_le_bytes(), (n * 4096) % (1 << 20)).unwrap();
+                file.write_all_at(&n.to_le_bytes(), (n * 4096) % (1 << 20))
+                    .unwrap();
                 rounds.store(n, Ordering::Relaxed);
             }
         })
@@ -164,7 +229,10 @@ fn a_file_written_during_the_sync_is_named_and_not_half_sent() {
         let workdir = p.workdir(h);
         if std::path::Path::new(&workdir).exists() {
             assert_eq!(p.leftovers(h), "", "{h}");
-            assert!(!std::path::Path::new(&workdir).join("growing.log").exists(), "{h}: a half-written file landed");
+            assert!(
+                !std::path::Path::new(&workdir).join("growing.log").exists(),
+                "{h}: a half-written file landed"
+            );
         }
     }
 }

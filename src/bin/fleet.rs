@@ -8,7 +8,10 @@ use fleet::sync::ManifestError;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -19,8 +22,13 @@ fn main() -> std::process::ExitCode {
         Ok(code) => code.into(),
         Err(error) => {
             // Mistakes in what the user gave (inventory, project folder) mean nothing was run.
-            let usage = error.downcast_ref::<InventoryError>().is_some() || error.downcast_ref::<ManifestError>().is_some();
-            let code = if usage { ExitCode::Usage } else { ExitCode::Failure };
+            let usage = error.downcast_ref::<InventoryError>().is_some()
+                || error.downcast_ref::<ManifestError>().is_some();
+            let code = if usage {
+                ExitCode::Usage
+            } else {
+                ExitCode::Failure
+            };
             let label = console::style("error:").red().bold().for_stderr();
             eprintln!("{label} {error:#}");
             code.into()

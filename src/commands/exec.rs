@@ -48,17 +48,25 @@ pub async fn run(fleet: &Fleet, args: &ExecArgs) -> Result<ExitCode> {
     let inventory = fleet.inventory()?;
     let targets = fleet.targets(&inventory)?;
     let options = fleet.connect_options(&inventory, &targets)?;
-    let command = if args.shell { args.command.join(" ") } else { shell::join(&args.command) };
+    let command = if args.shell {
+        args.command.join(" ")
+    } else {
+        shell::join(&args.command)
+    };
     let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
     let labels = HostLabels::new(&fleet.printer, &names);
 
-    let outcomes = join_all(
-        targets.iter().enumerate().map(|(index, target)| run_on(&fleet.printer, &labels, &options, index, target, &command)),
-    )
-    .await;
+    let outcomes =
+        join_all(targets.iter().enumerate().map(|(index, target)| {
+            run_on(&fleet.printer, &labels, &options, index, target, &command)
+        }))
+        .await;
 
     for learned in options.host_keys.learned() {
-        fleet.printer.info(&format!("{}: recorded host key {} of {}", learned.host, learned.fingerprint, learned.endpoint));
+        fleet.printer.info(&format!(
+            "{}: recorded host key {} of {}",
+            learned.host, learned.fingerprint, learned.endpoint
+        ));
     }
     Ok(summarise(&fleet.printer, &targets, &outcomes))
 }
@@ -72,9 +80,23 @@ async fn run_on(
     command: &str,
 ) -> Result<ExitStatus, SshError> {
     let session = Session::connect(target, options).await?;
-    printer.debug(&format!("{}: connected to {} as {}", target.name, target.endpoint(), target.user));
-    let mut output = HostOutput { printer, labels, index, host: &target.name, stdout: LineSplitter::new(), stderr: LineSplitter::new() };
-    let status = session.exec(command, |stream, data| output.push(stream, data)).await;
+    printer.debug(&format!(
+        "{}: connected to {} as {}",
+        target.name,
+        target.endpoint(),
+        target.user
+    ));
+    let mut output = HostOutput {
+        printer,
+        labels,
+        index,
+        host: &target.name,
+        stdout: LineSplitter::new(),
+        stderr: LineSplitter::new(),
+    };
+    let status = session
+        .exec(command, |stream, data| output.push(stream, data))
+        .await;
     output.finish();
     session.close().await;
     status
@@ -97,27 +119,47 @@ impl HostOutput<'_> {
             Stream::Stdout => &mut self.stdout,
             Stream::Stderr => &mut self.stderr,
         };
-        splitter.push(data, |line| emit(printer, labels, index, host, stream, line));
+        splitter.push(data, |line| {
+            emit(printer, labels, index, host, stream, line)
+        });
     }
 
     fn finish(&mut self) {
         let (printer, labels, index, host) = (self.printer, self.labels, self.index, self.host);
-        self.stdout.finish(|line| emit(printer, labels, index, host, Stream::Stdout, line));
-        self.stderr.finish(|line| emit(printer, labels, index, host, Stream::Stderr, line));
+        self.stdout
+            .finish(|line| emit(printer, labels, index, host, Stream::Stdout, line));
+        self.stderr
+            .finish(|line| emit(printer, labels, index, host, Stream::Stderr, line));
     }
 }
 
-fn emit(printer: &Printer, labels: &HostLabels, index: usize, host: &str, stream: Stream, line: &[u8]) {
+fn emit(
+    printer: &Printer,
+    labels: &HostLabels,
+    index: usize,
+    host: &str,
+    stream: Stream,
+    line: &[u8],
+) {
     if printer.json() {
         let text = String::from_utf8_lossy(line);
-        printer.record(&LineRecord { kind: "line", host, stream, line: &text });
+        printer.record(&LineRecord {
+            kind: "line",
+            host,
+            stream,
+            line: &text,
+        });
     } else {
         printer.remote_line(stream, labels.prefix(index, stream), line);
     }
 }
 
 /// Reports how each host ended and decides the exit code from all of them.
-fn summarise(printer: &Printer, targets: &[Target], outcomes: &[Result<ExitStatus, SshError>]) -> ExitCode {
+fn summarise(
+    printer: &Printer,
+    targets: &[Target],
+    outcomes: &[Result<ExitStatus, SshError>],
+) -> ExitCode {
     let mut code = ExitCode::Success;
     let mut hosts = Vec::with_capacity(targets.len());
     let mut failed = Vec::new();
@@ -129,17 +171,35 @@ fn summarise(printer: &Printer, targets: &[Target], outcomes: &[Result<ExitStatu
                     failed.push(format!("{host} (exit {c})"));
                     printer.error(&format!("{host}: exited with {c}"));
                 }
-                HostSummary { host, status: "exited", exit_code: Some(*c), signal: None, error: None }
+                HostSummary {
+                    host,
+                    status: "exited",
+                    exit_code: Some(*c),
+                    signal: None,
+                    error: None,
+                }
             }
             Ok(ExitStatus::Signal(s)) => {
                 failed.push(format!("{host} (killed by SIG{s})"));
                 printer.error(&format!("{host}: killed by SIG{s}"));
-                HostSummary { host, status: "signal", exit_code: None, signal: Some(s), error: None }
+                HostSummary {
+                    host,
+                    status: "signal",
+                    exit_code: None,
+                    signal: Some(s),
+                    error: None,
+                }
             }
             Err(e) => {
                 failed.push(format!("{host} ({})", e.kind().replace('_', " ")));
                 printer.error(&e.to_string());
-                HostSummary { host, status: e.kind(), exit_code: None, signal: None, error: Some(e.to_string()) }
+                HostSummary {
+                    host,
+                    status: e.kind(),
+                    exit_code: None,
+                    signal: None,
+                    error: Some(e.to_string()),
+                }
             }
         };
         code = match outcome {
@@ -150,9 +210,18 @@ fn summarise(printer: &Printer, targets: &[Target], outcomes: &[Result<ExitStatu
         hosts.push(summary);
     }
     if printer.json() {
-        printer.record(&SummaryRecord { kind: "summary", ok: code == ExitCode::Success, hosts });
+        printer.record(&SummaryRecord {
+            kind: "summary",
+            ok: code == ExitCode::Success,
+            hosts,
+        });
     } else if !failed.is_empty() {
-        printer.error(&format!("{} of {} hosts failed: {}", failed.len(), targets.len(), failed.join(", ")));
+        printer.error(&format!(
+            "{} of {} hosts failed: {}",
+            failed.len(),
+            targets.len(),
+            failed.join(", ")
+        ));
     } else {
         printer.debug(&format!("all {} hosts exited 0", targets.len()));
     }

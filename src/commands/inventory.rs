@@ -66,7 +66,22 @@ pub fn run(fleet: &Fleet) -> Result<ExitCode> {
             ]
         })
         .collect();
-    fleet.printer.write(Stream::Stdout, &table::render(&["NODE", "HOST", "ADDRESS", "PORT", "USER", "GLOBAL RANKS", "DEVICE", "WORKDIR"], &rows));
+    fleet.printer.write(
+        Stream::Stdout,
+        &table::render(
+            &[
+                "NODE",
+                "HOST",
+                "ADDRESS",
+                "PORT",
+                "USER",
+                "GLOBAL RANKS",
+                "DEVICE",
+                "WORKDIR",
+            ],
+            &rows,
+        ),
+    );
     let master = inventory.master_addr.as_deref().unwrap_or(&targets[0].addr);
     fleet.printer.info(&format!(
         "{} hosts, world size {}, MASTER_ADDR {master}:{}",

@@ -37,21 +37,33 @@ impl Fleet {
     /// Where each host is reached, after `~/.ssh/config`.
     pub fn targets(&self, inventory: &Inventory) -> Result<Vec<Target>> {
         let config = SshConfig::load_user()?;
-        Ok(inventory.hosts.iter().map(|h| Target::resolve(inventory, h, &config)).collect())
+        Ok(inventory
+            .hosts
+            .iter()
+            .map(|h| Target::resolve(inventory, h, &config))
+            .collect())
     }
 
     /// Connection settings for this run; reads the client keys (asking for passphrases now).
-    pub fn connect_options(&self, inventory: &Inventory, targets: &[Target]) -> Result<ConnectOptions> {
+    pub fn connect_options(
+        &self,
+        inventory: &Inventory,
+        targets: &[Target],
+    ) -> Result<ConnectOptions> {
         let timeout = self.global.connect_timeout;
         if !(timeout.is_finite() && timeout > 0.0 && timeout <= 3600.0) {
             anyhow::bail!("--connect-timeout {timeout}: expected seconds between 0 and 3600");
         }
-        let interactive = self.printer.stderr_is_terminal() && std::io::IsTerminal::is_terminal(&std::io::stdin());
+        let interactive = self.printer.stderr_is_terminal()
+            && std::io::IsTerminal::is_terminal(&std::io::stdin());
         Ok(ConnectOptions {
             timeout: Duration::from_secs_f64(timeout),
             keepalive: Duration::from_secs(5),
             keepalive_max: 3,
-            host_keys: Arc::new(HostKeyPolicy::new(inventory.known_hosts.clone(), self.global.accept_new_host_keys)),
+            host_keys: Arc::new(HostKeyPolicy::new(
+                inventory.known_hosts.clone(),
+                self.global.accept_new_host_keys,
+            )),
             keyring: Arc::new(Keyring::load(targets, interactive)),
         })
     }

@@ -3,10 +3,12 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use futures::future::join_all;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::{Fleet, table};
@@ -17,12 +19,18 @@ use crate::output::{Printer, Stream};
 use crate::ssh::{ConnectOptions, Session, Target};
 use crate::sync::remote::{HostTree, SyncError};
 use crate::sync::transfer::{self, Applied, Progress};
-use crate::sync::{Entry, Filter, HashCache, Manifest, Plan, RemoteEntry, plan, scan, split_listing};
+use crate::sync::{
+    Entry, Filter, HashCache, Manifest, Plan, RemoteEntry, plan, scan, split_listing,
+};
 
 /// How one host's sync ended.
 #[derive(Debug)]
 enum HostResult {
-    Synced { plan: Plan, applied: Applied, seconds: f64 },
+    Synced {
+        plan: Plan,
+        applied: Applied,
+        seconds: f64,
+    },
     Planned(Plan),
     Verified(Vec<Difference>),
 }
@@ -88,8 +96,23 @@ pub async fn run(fleet: &Fleet, args: &SyncArgs) -> Result<ExitCode> {
         started.elapsed().as_secs_f64()
     ));
 
-    let context = HostContext { printer: &fleet.printer, options: &options, source: inventory.sync.source.clone(), local: &local.manifest, filter: &filter, args };
-    let results = join_all(inventory.hosts.iter().zip(&targets).map(|(host, target)| context.sync_host(host, target))).await;
+    let context = HostContext {
+        printer: &fleet.printer,
+        options: &options,
+        source: inventory.sync.source.clone(),
+        local: &local.manifest,
+        filter: &filter,
+        args,
+        bars: fleet.printer.progress_bars(),
+    };
+    let results = join_all(
+        inventory
+            .hosts
+            .iter()
+            .zip(&targets)
+            .map(|(host, target)| context.sync_host(host, target)),
+    )
+    .await;
     Ok(report(&fleet.printer, &inventory, &results, args))
 }
 
@@ -100,6 +123,7 @@ struct HostContext<'a> {
     local: &'a Manifest,
     filter: &'a Filter,
     args: &'a SyncArgs,
+    bars: Option<MultiProgress>,
 }
 
 impl HostContext<'_> {
@@ -111,9 +135,20 @@ impl HostContext<'_> {
         result
     }
 
-    async fn with_session(&self, session: &Session, host: &Host, started: Instant) -> Result<HostResult, SyncError> {
+    async fn with_session(
+        &self,
+        session: &Session,
+        host: &Host,
+        started: Instant,
+    ) -> Result<HostResult, SyncError> {
         let printer = self.printer;
-        let tree = HostTree::lock(session, &host.workdir, || printer.info(&format!("{}: waiting for another sync of {} to finish", host.name, host.workdir))).await?;
+        let tree = HostTree::lock(session, &host.workdir, || {
+            printer.info(&format!(
+                "{}: waiting for another sync of {} to finish",
+                host.name, host.workdir
+            ))
+        })
+        .await?;
         let result = self.locked(&tree, started).await;
         tree.release().await;
         result
@@ -123,7 +158,9 @@ impl HostContext<'_> {
         let (saved, listing) = tree.state().await?;
         let (listing, stale) = split_listing(listing, self.filter);
         if self.args.verify {
-            return verify(tree, self.local, &listing).await.map(HostResult::Verified);
+            return verify(tree, self.local, &listing)
+                .await
+                .map(HostResult::Verified);
         }
         let plan = plan(self.local, saved.as_ref(), &listing);
         if self.args.dry_run {
@@ -132,36 +169,99 @@ impl HostContext<'_> {
         tree.remove(&stale).await?;
         let sftp = tree.session.sftp().await?;
         let progress = Progress::default();
-        let applied = transfer::apply(tree, &sftp, &self.source, self.local, &listing, &plan, self.args.delete, &progress).await;
+        let bar = self
+            .bars
+            .as_ref()
+            .map(|bars| host_bar(bars, tree.host(), &plan));
+        let applied = {
+            let applying = transfer::apply(
+                tree,
+                &sftp,
+                &self.source,
+                self.local,
+                &listing,
+                &plan,
+                self.args.delete,
+                &progress,
+            );
+            tokio::pin!(applying);
+            loop {
+                tokio::select! {
+                    result = &mut applying => break result,
+                    // Redraw the bar from the counters; nothing waits on this.
+                    () = tokio::time::sleep(Duration::from_millis(100)), if bar.is_some() => {
+                        if let Some(bar) = &bar {
+                            bar.set_position(progress.bytes.load(Ordering::Relaxed));
+                            bar.set_message(format!("{}/{} files", progress.files.load(Ordering::Relaxed), plan.uploads.len()));
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
         let _ = sftp.close_session();
         let applied = applied?;
-        Ok(HostResult::Synced { plan, applied, seconds: started.elapsed().as_secs_f64() })
+        Ok(HostResult::Synced {
+            plan,
+            applied,
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
 }
 
 /// Re-hashes every file on the host and compares it, and the rest of the tree, with `local`.
-async fn verify(tree: &HostTree<'_>, local: &Manifest, listing: &crate::sync::Listing) -> Result<Vec<Difference>, SyncError> {
-    let files: Vec<String> = listing.iter().filter(|(_, e)| matches!(e, RemoteEntry::File { .. })).map(|(p, _)| p.clone()).collect();
+async fn verify(
+    tree: &HostTree<'_>,
+    local: &Manifest,
+    listing: &crate::sync::Listing,
+) -> Result<Vec<Difference>, SyncError> {
+    let files: Vec<String> = listing
+        .iter()
+        .filter(|(_, e)| matches!(e, RemoteEntry::File { .. }))
+        .map(|(p, _)| p.clone())
+        .collect();
     let hashes = tree.hash(&files).await?;
     let mut differences = Vec::new();
     for (path, entry) in &local.entries {
         let problem = match (entry, listing.get(path)) {
             (_, None) => Some("missing"),
-            (Entry::File { sha256, .. }, Some(RemoteEntry::File { .. })) => (hashes.get(path) != Some(sha256)).then_some("differs"),
+            (Entry::File { sha256, .. }, Some(RemoteEntry::File { .. })) => {
+                (hashes.get(path) != Some(sha256)).then_some("differs")
+            }
             (Entry::Dir, Some(RemoteEntry::Dir)) => None,
-            (Entry::Link { target }, Some(RemoteEntry::Link { target: there })) => (target != there).then_some("differs"),
+            (Entry::Link { target }, Some(RemoteEntry::Link { target: there })) => {
+                (target != there).then_some("differs")
+            }
             _ => Some("differs"),
         };
         if let Some(problem) = problem {
-            differences.push(Difference { path: path.clone(), problem });
+            differences.push(Difference {
+                path: path.clone(),
+                problem,
+            });
         }
     }
     let known: BTreeSet<&String> = local.entries.keys().collect();
-    differences.extend(listing.keys().filter(|p| !known.contains(p)).map(|p| Difference { path: p.clone(), problem: "extra" }));
+    differences.extend(
+        listing
+            .keys()
+            .filter(|p| !known.contains(p))
+            .map(|p| Difference {
+                path: p.clone(),
+                problem: "extra",
+            }),
+    );
     Ok(differences)
 }
 
-fn report(printer: &Printer, inventory: &Inventory, results: &[Result<HostResult, SyncError>], args: &SyncArgs) -> ExitCode {
+fn report(
+    printer: &Printer,
+    inventory: &Inventory,
+    results: &[Result<HostResult, SyncError>],
+    args: &SyncArgs,
+) -> ExitCode {
     let mut code = ExitCode::Success;
     let mut rows = Vec::new();
     for (host, result) in inventory.hosts.iter().zip(results) {
@@ -181,7 +281,11 @@ fn report(printer: &Printer, inventory: &Inventory, results: &[Result<HostResult
             error: None,
         };
         match result {
-            Ok(HostResult::Synced { plan, applied, seconds }) => {
+            Ok(HostResult::Synced {
+                plan,
+                applied,
+                seconds,
+            }) => {
                 record.files_sent = Some(applied.files_sent);
                 record.bytes_sent = Some(applied.bytes_sent);
                 record.unchanged = Some(plan.unchanged);
@@ -220,7 +324,10 @@ fn report(printer: &Printer, inventory: &Inventory, results: &[Result<HostResult
                 }
                 if !printer.json() {
                     for d in differences {
-                        printer.write(Stream::Stdout, &format!("{name}\t{}\t{}\n", d.problem, d.path));
+                        printer.write(
+                            Stream::Stdout,
+                            &format!("{name}\t{}\t{}\n", d.problem, d.path),
+                        );
                     }
                     if differences.is_empty() {
                         printer.info(&format!("{name}: every file matches"));
@@ -231,7 +338,11 @@ fn report(printer: &Printer, inventory: &Inventory, results: &[Result<HostResult
                 record.ok = false;
                 record.error = Some(e.to_string());
                 printer.error(&e.to_string());
-                code = code.max_with(if matches!(e, SyncError::Ssh(_)) { ExitCode::Unreachable } else { ExitCode::Failure });
+                code = code.max_with(if matches!(e, SyncError::Ssh(_)) {
+                    ExitCode::Unreachable
+                } else {
+                    ExitCode::Failure
+                });
             }
         }
         if printer.json() {
@@ -239,9 +350,28 @@ fn report(printer: &Printer, inventory: &Inventory, results: &[Result<HostResult
         }
     }
     if !rows.is_empty() && !printer.json() {
-        printer.write(Stream::Stdout, &table::render(&["HOST", "SENT", "BYTES", "UNCHANGED", "REMOVED", "SECONDS"], &rows));
+        printer.write(
+            Stream::Stdout,
+            &table::render(
+                &["HOST", "SENT", "BYTES", "UNCHANGED", "REMOVED", "SECONDS"],
+                &rows,
+            ),
+        );
     }
     code
+}
+
+/// One bar per host: bytes sent of the bytes to send, rate, files.
+fn host_bar(bars: &MultiProgress, host: &str, plan: &Plan) -> ProgressBar {
+    let bar = bars.add(ProgressBar::new(plan.upload_bytes()));
+    let style = ProgressStyle::with_template(
+        "{prefix:.bold} [{bar:30.cyan/blue}] {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(host.to_string());
+    bar
 }
 
 fn print_plan(printer: &Printer, host: &str, plan: &Plan, delete: bool) {
@@ -253,7 +383,17 @@ fn print_plan(printer: &Printer, host: &str, plan: &Plan, delete: bool) {
         lines.push_str(&format!("{host}\tmkdir\t{d}\n"));
     }
     for u in &plan.uploads {
-        lines.push_str(&format!("{host}\tsend\t{}\t{:?} {}\n", u.path, u.reason, human_bytes(u.size)).replace("\tNew ", "\tnew ").replace("\tChanged ", "\tchanged ").replace("\tDrift ", "\tdrift "));
+        lines.push_str(
+            &format!(
+                "{host}\tsend\t{}\t{:?} {}\n",
+                u.path,
+                u.reason,
+                human_bytes(u.size)
+            )
+            .replace("\tNew ", "\tnew ")
+            .replace("\tChanged ", "\tchanged ")
+            .replace("\tDrift ", "\tdrift "),
+        );
     }
     for (p, mode) in &plan.chmods {
         lines.push_str(&format!("{host}\tchmod\t{p}\t{mode:o}\n"));
@@ -262,16 +402,28 @@ fn print_plan(printer: &Printer, host: &str, plan: &Plan, delete: bool) {
         lines.push_str(&format!("{host}\tlink\t{p}\t{t}\n"));
     }
     for p in &plan.extraneous {
-        lines.push_str(&format!("{host}\t{}\t{p}\n", if delete { "remove" } else { "extraneous" }));
+        lines.push_str(&format!(
+            "{host}\t{}\t{p}\n",
+            if delete { "remove" } else { "extraneous" }
+        ));
     }
     printer.write(Stream::Stdout, &lines);
-    printer.info(&format!("{host}: {} to send ({}), {} unchanged", plan.uploads.len(), human_bytes(plan.upload_bytes()), plan.unchanged));
+    printer.info(&format!(
+        "{host}: {} to send ({}), {} unchanged",
+        plan.uploads.len(),
+        human_bytes(plan.upload_bytes()),
+        plan.unchanged
+    ));
 }
 
 fn preview(paths: &[String]) -> String {
     let shown: Vec<&str> = paths.iter().take(5).map(String::as_str).collect();
     let more = paths.len().saturating_sub(shown.len());
-    if more > 0 { format!("{} and {more} more", shown.join(", ")) } else { shown.join(", ") }
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
 }
 
 /// `1.5 MB`, decimal units like rsync and most file managers.
@@ -283,5 +435,9 @@ pub fn human_bytes(bytes: u64) -> String {
         value /= 1000.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }

@@ -2,7 +2,10 @@
 
 /// Columns padded to their widest cell, two spaces apart; the last column is not padded.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = header.iter().map(|h| console::measure_text_width(h)).collect();
+    let mut widths: Vec<usize> = header
+        .iter()
+        .map(|h| console::measure_text_width(h))
+        .collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(console::measure_text_width(cell));

@@ -66,7 +66,15 @@ mod tests {
     fn chunk_boundaries_do_not_matter() {
         let text = b"alpha\nbeta\r\n\ngamma";
         let whole = split(&[text]);
-        assert_eq!(whole, [b"alpha".to_vec(), b"beta".to_vec(), b"".to_vec(), b"gamma".to_vec()]);
+        assert_eq!(
+            whole,
+            [
+                b"alpha".to_vec(),
+                b"beta".to_vec(),
+                b"".to_vec(),
+                b"gamma".to_vec()
+            ]
+        );
         for cut in 0..text.len() {
             assert_eq!(split(&[&text[..cut], &text[cut..]]), whole, "cut at {cut}");
         }
@@ -78,6 +86,9 @@ mod tests {
     fn huge_lines_come_out_in_bounded_pieces() {
         let big = vec![b'x'; MAX_LINE * 2 + 10];
         let lines = split(&[&big, b"\n"]);
-        assert_eq!(lines.iter().map(Vec::len).collect::<Vec<_>>(), [MAX_LINE, MAX_LINE, 10]);
+        assert_eq!(
+            lines.iter().map(Vec::len).collect::<Vec<_>>(),
+            [MAX_LINE, MAX_LINE, 10]
+        );
     }
 }

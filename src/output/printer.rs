@@ -44,7 +44,11 @@ impl Sink {
             ColorChoice::Never => false,
             ColorChoice::Auto => terminal && !no_color,
         };
-        Sink { color, terminal, closed: AtomicBool::new(false) }
+        Sink {
+            color,
+            terminal,
+            closed: AtomicBool::new(false),
+        }
     }
 
     fn write(&self, out: &mut dyn Write, bytes: &[u8]) {
@@ -88,9 +92,16 @@ impl Printer {
         self.verbose
     }
 
-    /// Whether stderr is a terminal (progress bars and prompts need one).
+    /// Whether stderr is a terminal (prompts need one).
     pub fn stderr_is_terminal(&self) -> bool {
         self.stderr.terminal
+    }
+
+    /// Progress bars: on a terminal only, never with `-q`, `--json` or in CI.
+    pub fn progress_bars(&self) -> Option<indicatif::MultiProgress> {
+        let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+        (self.stderr.terminal && !self.quiet && !self.json && !ci)
+            .then(indicatif::MultiProgress::new)
     }
 
     fn sink(&self, stream: Stream) -> &Sink {
@@ -149,12 +160,16 @@ impl Printer {
     }
 
     pub fn warn(&self, message: &str) {
-        let label = self.style(Stream::Stderr, Style::new().yellow().bold()).apply_to("warning:");
+        let label = self
+            .style(Stream::Stderr, Style::new().yellow().bold())
+            .apply_to("warning:");
         self.write(Stream::Stderr, &format!("{label} {message}\n"));
     }
 
     pub fn error(&self, message: &str) {
-        let label = self.style(Stream::Stderr, Style::new().red().bold()).apply_to("error:");
+        let label = self
+            .style(Stream::Stderr, Style::new().red().bold())
+            .apply_to("error:");
         self.write(Stream::Stderr, &format!("{label} {message}\n"));
     }
 }
@@ -166,16 +181,30 @@ pub struct HostLabels {
     stderr: Vec<String>,
 }
 
-const PALETTE: [Color; 6] = [Color::Cyan, Color::Magenta, Color::Yellow, Color::Green, Color::Blue, Color::Red];
+const PALETTE: [Color; 6] = [
+    Color::Cyan,
+    Color::Magenta,
+    Color::Yellow,
+    Color::Green,
+    Color::Blue,
+    Color::Red,
+];
 
 impl HostLabels {
     pub fn new<S: AsRef<str>>(printer: &Printer, names: &[S]) -> Self {
-        let width = names.iter().map(|n| console::measure_text_width(n.as_ref())).max().unwrap_or(0);
+        let width = names
+            .iter()
+            .map(|n| console::measure_text_width(n.as_ref()))
+            .max()
+            .unwrap_or(0);
         let plain: Vec<String> = names
             .iter()
             .map(|n| {
                 let n = n.as_ref();
-                format!("{n}{} | ", " ".repeat(width - console::measure_text_width(n)))
+                format!(
+                    "{n}{} | ",
+                    " ".repeat(width - console::measure_text_width(n))
+                )
             })
             .collect();
         let paint = |stream: Stream| {
@@ -188,7 +217,10 @@ impl HostLabels {
                 })
                 .collect()
         };
-        HostLabels { stdout: paint(Stream::Stdout), stderr: paint(Stream::Stderr) }
+        HostLabels {
+            stdout: paint(Stream::Stdout),
+            stderr: paint(Stream::Stderr),
+        }
     }
 
     /// The prefix of host `index` for `stream`, coloured when that stream is.

@@ -49,19 +49,39 @@ impl Keyring {
         } else {
             Vec::new()
         };
-        Keyring { named, defaults, agent }
+        Keyring {
+            named,
+            defaults,
+            agent,
+        }
     }
 
     /// Offers this run's keys to the host until one is accepted.
-    pub async fn authenticate<H: Handler>(&self, handle: &mut Handle<H>, target: &Target) -> Result<(), SshError> {
+    pub async fn authenticate<H: Handler>(
+        &self,
+        handle: &mut Handle<H>,
+        target: &Target,
+    ) -> Result<(), SshError> {
         let mut tried = Vec::new();
-        let protocol = |source| SshError::Protocol { host: target.name.clone(), source };
-        let hash = handle.best_supported_rsa_hash().await.map_err(protocol)?.flatten();
+        let protocol = |source| SshError::Protocol {
+            host: target.name.clone(),
+            source,
+        };
+        let hash = handle
+            .best_supported_rsa_hash()
+            .await
+            .map_err(protocol)?
+            .flatten();
         for path in &target.identities {
             match self.named.get(path) {
                 Some(Ok(key)) => {
                     let offer = PrivateKeyWithHashAlg::new(key.clone(), hash);
-                    if handle.authenticate_publickey(&target.user, offer).await.map_err(protocol)?.success() {
+                    if handle
+                        .authenticate_publickey(&target.user, offer)
+                        .await
+                        .map_err(protocol)?
+                        .success()
+                    {
                         return Ok(());
                     }
                     tried.push(path.display().to_string());
@@ -80,21 +100,35 @@ impl Keyring {
         if target.identities.is_empty() {
             for (path, key) in &self.defaults {
                 let offer = PrivateKeyWithHashAlg::new(key.clone(), hash);
-                if handle.authenticate_publickey(&target.user, offer).await.map_err(protocol)?.success() {
+                if handle
+                    .authenticate_publickey(&target.user, offer)
+                    .await
+                    .map_err(protocol)?
+                    .success()
+                {
                     return Ok(());
                 }
                 tried.push(path.display().to_string());
             }
         }
         let hint = if tried.is_empty() {
-            "no key at all: set `identity` in the inventory, or start ssh-agent and add a key".to_string()
+            "no key at all: set `identity` in the inventory, or start ssh-agent and add a key"
+                .to_string()
         } else {
-            format!(". Is the public key in ~{}/.ssh/authorized_keys on the host? (ssh-copy-id -i KEY.pub {}@{})", target.user, target.user, target.addr)
+            format!(
+                ". Is the public key in ~{}/.ssh/authorized_keys on the host? (ssh-copy-id -i KEY.pub {}@{})",
+                target.user, target.user, target.addr
+            )
         };
         if tried.is_empty() {
             tried.push("nothing".to_string());
         }
-        Err(SshError::Auth { host: target.name.clone(), user: target.user.clone(), tried, hint })
+        Err(SshError::Auth {
+            host: target.name.clone(),
+            user: target.user.clone(),
+            tried,
+            hint,
+        })
     }
 }
 
@@ -104,15 +138,34 @@ async fn try_agent<H: Handler>(
     hash: Option<keys::HashAlg>,
     tried: &mut Vec<String>,
 ) -> Result<bool, String> {
-    let mut agent = AgentClient::connect_env().await.map_err(|e| e.to_string())?;
-    let identities = agent.request_identities().await.map_err(|e| e.to_string())?;
+    let mut agent = AgentClient::connect_env()
+        .await
+        .map_err(|e| e.to_string())?;
+    let identities = agent
+        .request_identities()
+        .await
+        .map_err(|e| e.to_string())?;
     for identity in identities {
-        let AgentIdentity::PublicKey { key, comment } = identity else { continue };
+        let AgentIdentity::PublicKey { key, comment } = identity else {
+            continue;
+        };
         let hash = if key.algorithm().is_rsa() { hash } else { None };
-        if handle.authenticate_publickey_with(&target.user, key, hash, &mut agent).await.map_err(|e| e.to_string())?.success() {
+        if handle
+            .authenticate_publickey_with(&target.user, key, hash, &mut agent)
+            .await
+            .map_err(|e| e.to_string())?
+            .success()
+        {
             return Ok(true);
         }
-        tried.push(format!("ssh-agent key {}", if comment.is_empty() { "(no comment)" } else { &comment }));
+        tried.push(format!(
+            "ssh-agent key {}",
+            if comment.is_empty() {
+                "(no comment)"
+            } else {
+                &comment
+            }
+        ));
     }
     Ok(false)
 }
@@ -125,7 +178,9 @@ fn read_key(path: &Path, ask: bool) -> Result<PrivateKey, String> {
             let term = console::Term::stderr();
             for _ in 0..3 {
                 let _ = term.write_str(&format!("Enter passphrase for key {}: ", path.display()));
-                let passphrase = term.read_secure_line().map_err(|e| format!("cannot read the passphrase: {e}"))?;
+                let passphrase = term
+                    .read_secure_line()
+                    .map_err(|e| format!("cannot read the passphrase: {e}"))?;
                 match keys::load_secret_key(path, Some(&passphrase)) {
                     Ok(key) => return Ok(key),
                     Err(_) => {

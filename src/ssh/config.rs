@@ -43,13 +43,18 @@ impl SshConfig {
     }
 
     pub fn load(path: &Path) -> anyhow::Result<SshConfig> {
-        let text = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-        Self::parse(&String::from_utf8_lossy(&text)).map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))
+        let text = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        Self::parse(&String::from_utf8_lossy(&text))
+            .map_err(|e| anyhow::anyhow!("{}:{e}", path.display()))
     }
 
     /// Parses config text; an error names the line (`LINE: message`).
     pub fn parse(text: &str) -> Result<SshConfig, String> {
-        let mut blocks = vec![Block { patterns: Some(vec!["*".to_string()]), settings: Vec::new() }];
+        let mut blocks = vec![Block {
+            patterns: Some(vec!["*".to_string()]),
+            settings: Vec::new(),
+        }];
         for (number, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -60,13 +65,20 @@ impl SshConfig {
             let value = value.trim().trim_matches('"').to_string();
             match keyword.as_str() {
                 "host" => {
-                    let patterns: Vec<String> = value.split_whitespace().map(str::to_string).collect();
+                    let patterns: Vec<String> =
+                        value.split_whitespace().map(str::to_string).collect();
                     if patterns.is_empty() {
                         return Err(format!("{}: Host needs at least one pattern", number + 1));
                     }
-                    blocks.push(Block { patterns: Some(patterns), settings: Vec::new() });
+                    blocks.push(Block {
+                        patterns: Some(patterns),
+                        settings: Vec::new(),
+                    });
                 }
-                "match" => blocks.push(Block { patterns: None, settings: Vec::new() }),
+                "match" => blocks.push(Block {
+                    patterns: None,
+                    settings: Vec::new(),
+                }),
                 "hostname" | "port" | "user" | "identityfile" => {
                     if keyword == "port" && value.parse::<u16>().map_or(true, |p| p == 0) {
                         return Err(format!("{}: bad Port {value:?}", number + 1));
@@ -85,7 +97,9 @@ impl SshConfig {
     pub fn query(&self, host: &str) -> HostParams {
         let mut params = HostParams::default();
         for block in &self.blocks {
-            let Some(patterns) = &block.patterns else { continue };
+            let Some(patterns) = &block.patterns else {
+                continue;
+            };
             if !matches_host(patterns, host) {
                 continue;
             }
@@ -108,7 +122,9 @@ impl SshConfig {
 
 /// `Keyword value` or `Keyword=value`.
 fn split_keyword(line: &str) -> (&str, &str) {
-    let end = line.find(|c: char| c.is_whitespace() || c == '=').unwrap_or(line.len());
+    let end = line
+        .find(|c: char| c.is_whitespace() || c == '=')
+        .unwrap_or(line.len());
     let rest = line[end..].trim_start();
     let rest = rest.strip_prefix('=').unwrap_or(rest);
     (&line[..end], rest)
@@ -181,7 +197,10 @@ Host *
         assert_eq!(p.host_name.as_deref(), Some("gpu1.lab.example"));
         assert_eq!(p.port, Some(2222));
         assert_eq!(p.user.as_deref(), Some("everyone"));
-        assert_eq!(p.identity_files, [PathBuf::from("/keys/lab"), PathBuf::from("/keys/default")]);
+        assert_eq!(
+            p.identity_files,
+            [PathBuf::from("/keys/lab"), PathBuf::from("/keys/default")]
+        );
     }
 
     #[test]
@@ -205,6 +224,9 @@ Host *
 
     #[test]
     fn bad_port_names_its_line() {
-        assert_eq!(SshConfig::parse("Host a\n  Port x\n").unwrap_err(), "2: bad Port \"x\"");
+        assert_eq!(
+            SshConfig::parse("Host a\n  Port x\n").unwrap_err(),
+            "2: bad Port \"x\""
+        );
     }
 }

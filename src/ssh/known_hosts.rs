@@ -40,7 +40,9 @@ pub enum HostKeyError {
         fingerprint: String,
         known_hosts: PathBuf,
     },
-    #[error("{host}: {endpoint} offered a host certificate; fleet checks plain host keys against known_hosts only")]
+    #[error(
+        "{host}: {endpoint} offered a host certificate; fleet checks plain host keys against known_hosts only"
+    )]
     Certificate { host: String, endpoint: String },
     #[error("{host}: cannot read {}: {message}", known_hosts.display())]
     Unreadable {
@@ -75,27 +77,56 @@ pub struct HostKeyPolicy {
 
 impl HostKeyPolicy {
     pub fn new(known_hosts: PathBuf, accept_new: bool) -> Self {
-        HostKeyPolicy { known_hosts, accept_new, learned: Mutex::new(Vec::new()) }
+        HostKeyPolicy {
+            known_hosts,
+            accept_new,
+            learned: Mutex::new(Vec::new()),
+        }
     }
 
     /// Decides whether `key`, offered by `addr:port` (inventory host `host`), is trusted.
-    pub fn verify(&self, host: &str, addr: &str, port: u16, key: &PublicKey) -> Result<(), HostKeyError> {
-        let endpoint = if port == 22 { addr.to_string() } else { format!("[{addr}]:{port}") };
+    pub fn verify(
+        &self,
+        host: &str,
+        addr: &str,
+        port: u16,
+        key: &PublicKey,
+    ) -> Result<(), HostKeyError> {
+        let endpoint = if port == 22 {
+            addr.to_string()
+        } else {
+            format!("[{addr}]:{port}")
+        };
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
         let algorithm = key.algorithm().to_string();
         match keys::check_known_hosts_path(addr, port, key, &self.known_hosts) {
             Ok(true) => Ok(()),
             Ok(false) if self.accept_new => {
-                let mut learned = self.learned.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                keys::known_hosts::learn_known_hosts_path(addr, port, key, &self.known_hosts).map_err(|e| {
-                    HostKeyError::Record { host: host.to_string(), known_hosts: self.known_hosts.clone(), message: e.to_string() }
-                })?;
-                learned.push(Learned { host: host.to_string(), endpoint, fingerprint });
+                let mut learned = self
+                    .learned
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                keys::known_hosts::learn_known_hosts_path(addr, port, key, &self.known_hosts)
+                    .map_err(|e| HostKeyError::Record {
+                        host: host.to_string(),
+                        known_hosts: self.known_hosts.clone(),
+                        message: e.to_string(),
+                    })?;
+                learned.push(Learned {
+                    host: host.to_string(),
+                    endpoint,
+                    fingerprint,
+                });
                 Ok(())
             }
             Ok(false) => Err(HostKeyError::Unknown {
                 host: host.to_string(),
-                short: algorithm.trim_start_matches("ssh-").split('-').next().unwrap_or("ed25519").to_string(),
+                short: algorithm
+                    .trim_start_matches("ssh-")
+                    .split('-')
+                    .next()
+                    .unwrap_or("ed25519")
+                    .to_string(),
                 endpoint,
                 algorithm,
                 fingerprint,
@@ -118,6 +149,9 @@ impl HostKeyPolicy {
 
     /// The keys recorded so far in this run.
     pub fn learned(&self) -> Vec<Learned> {
-        self.learned.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.learned
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 }

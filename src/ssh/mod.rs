@@ -9,8 +9,8 @@ mod session;
 mod target;
 
 pub use auth::Keyring;
+pub use config::{HostParams, SshConfig};
 pub use error::SshError;
 pub use known_hosts::{HostKeyError, HostKeyPolicy, Learned};
 pub use session::{ConnectOptions, ExitStatus, RemoteProcess, Session};
-pub use config::{HostParams, SshConfig};
 pub use target::Target;

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use russh::client::Msg;
 use russh::client::{self, Handle};
 use russh::keys::PublicKeyOrCertificate;
-use russh::client::Msg;
 use russh::{Channel, ChannelMsg, Disconnect};
 use russh_sftp::client::RawSftpSession;
 
@@ -56,11 +56,19 @@ enum HandshakeError {
 impl client::Handler for Verifier {
     type Error = HandshakeError;
 
-    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
-            return Err(HostKeyError::Certificate { host: self.target.name.clone(), endpoint: self.target.endpoint() }.into());
+            return Err(HostKeyError::Certificate {
+                host: self.target.name.clone(),
+                endpoint: self.target.endpoint(),
+            }
+            .into());
         };
-        self.policy.verify(&self.target.name, &self.target.addr, self.target.port, key)?;
+        self.policy
+            .verify(&self.target.name, &self.target.addr, self.target.port, key)?;
         Ok(true)
     }
 }
@@ -92,18 +100,29 @@ impl Session {
             nodelay: true,
             ..Default::default()
         });
-        let verifier = Verifier { target: target.clone(), policy: options.host_keys.clone() };
+        let verifier = Verifier {
+            target: target.clone(),
+            policy: options.host_keys.clone(),
+        };
         let mut handle = client::connect(config, (target.addr.as_str(), target.port), verifier)
             .await
             .map_err(|e| match e {
                 HandshakeError::HostKey(e) => SshError::HostKey(e),
-                HandshakeError::Ssh(russh::Error::IO(source)) => {
-                    SshError::Connect { host: target.name.clone(), addr: target.endpoint(), source }
-                }
-                HandshakeError::Ssh(source) => SshError::Protocol { host: target.name.clone(), source },
+                HandshakeError::Ssh(russh::Error::IO(source)) => SshError::Connect {
+                    host: target.name.clone(),
+                    addr: target.endpoint(),
+                    source,
+                },
+                HandshakeError::Ssh(source) => SshError::Protocol {
+                    host: target.name.clone(),
+                    source,
+                },
             })?;
         options.keyring.authenticate(&mut handle, target).await?;
-        Ok(Session { target: target.clone(), handle })
+        Ok(Session {
+            target: target.clone(),
+            handle,
+        })
     }
 
     pub fn target(&self) -> &Target {
@@ -111,20 +130,39 @@ impl Session {
     }
 
     fn protocol(&self, source: russh::Error) -> SshError {
-        SshError::Protocol { host: self.target.name.clone(), source }
+        SshError::Protocol {
+            host: self.target.name.clone(),
+            source,
+        }
     }
 
     /// Runs `command` (a shell command line) and hands each chunk of its output to `output` as it
     /// arrives. Reads until the channel closes: the exit status can come before the last data.
-    pub async fn exec(&self, command: &str, output: impl FnMut(Stream, &[u8])) -> Result<ExitStatus, SshError> {
+    pub async fn exec(
+        &self,
+        command: &str,
+        output: impl FnMut(Stream, &[u8]),
+    ) -> Result<ExitStatus, SshError> {
         self.exec_with_input(command, &[], output).await
     }
 
     /// Like [`Session::exec`], with `input` as the command's stdin (then end of file). Input is
     /// sent while output is read, so neither side can stall the other.
-    pub async fn exec_with_input(&self, command: &str, input: &[u8], mut output: impl FnMut(Stream, &[u8])) -> Result<ExitStatus, SshError> {
-        let channel = self.handle.channel_open_session().await.map_err(|e| self.protocol(e))?;
-        channel.exec(true, command).await.map_err(|e| self.protocol(e))?;
+    pub async fn exec_with_input(
+        &self,
+        command: &str,
+        input: &[u8],
+        mut output: impl FnMut(Stream, &[u8]),
+    ) -> Result<ExitStatus, SshError> {
+        let channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|e| self.protocol(e))?;
+        channel
+            .exec(true, command)
+            .await
+            .map_err(|e| self.protocol(e))?;
         let (mut reader, writer) = channel.split();
         // A command that exits without reading its input makes sending fail; its status tells.
         let send = async {
@@ -139,17 +177,28 @@ impl Session {
                 match message {
                     ChannelMsg::Data { data } => output(Stream::Stdout, &data),
                     ChannelMsg::ExtendedData { data, ext: 1 } => output(Stream::Stderr, &data),
-                    ChannelMsg::ExitStatus { exit_status } => status = Some(ExitStatus::Code(exit_status)),
-                    ChannelMsg::ExitSignal { signal_name, .. } => status = Some(ExitStatus::Signal(signal_text(&signal_name))),
+                    ChannelMsg::ExitStatus { exit_status } => {
+                        status = Some(ExitStatus::Code(exit_status))
+                    }
+                    ChannelMsg::ExitSignal { signal_name, .. } => {
+                        status = Some(ExitStatus::Signal(signal_text(&signal_name)))
+                    }
                     ChannelMsg::Failure => {
-                        return Err(SshError::Lost { host: self.target.name.clone(), reason: "the host refused to run the command".into() });
+                        return Err(SshError::Lost {
+                            host: self.target.name.clone(),
+                            reason: "the host refused to run the command".into(),
+                        });
                     }
                     _ => {}
                 }
             }
             status.ok_or_else(|| SshError::Lost {
                 host: self.target.name.clone(),
-                reason: if self.handle.is_closed() { "no keepalive answer or the host closed the connection".into() } else { "the command ended without an exit status".into() },
+                reason: if self.handle.is_closed() {
+                    "no keepalive answer or the host closed the connection".into()
+                } else {
+                    "the command ended without an exit status".into()
+                },
             })
         };
         let ((), status) = tokio::join!(send, receive);
@@ -159,15 +208,34 @@ impl Session {
     /// Starts `command` and returns it running, for commands that live as long as fleet needs
     /// them (a lock held while its stdin stays open).
     pub async fn start(&self, command: &str) -> Result<RemoteProcess, SshError> {
-        let channel = self.handle.channel_open_session().await.map_err(|e| self.protocol(e))?;
-        channel.exec(true, command).await.map_err(|e| self.protocol(e))?;
-        Ok(RemoteProcess { host: self.target.name.clone(), channel, stdout: Vec::new(), stderr: Vec::new() })
+        let channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|e| self.protocol(e))?;
+        channel
+            .exec(true, command)
+            .await
+            .map_err(|e| self.protocol(e))?;
+        Ok(RemoteProcess {
+            host: self.target.name.clone(),
+            channel,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+        })
     }
 
     /// An SFTP session on its own channel.
     pub async fn sftp(&self) -> Result<RawSftpSession, SshError> {
-        let channel = self.handle.channel_open_session().await.map_err(|e| self.protocol(e))?;
-        channel.request_subsystem(true, "sftp").await.map_err(|e| self.protocol(e))?;
+        let channel = self
+            .handle
+            .channel_open_session()
+            .await
+            .map_err(|e| self.protocol(e))?;
+        channel
+            .request_subsystem(true, "sftp")
+            .await
+            .map_err(|e| self.protocol(e))?;
         let config = russh_sftp::client::Config {
             // The default 16 writes in flight are bound by latency on a real network.
             max_concurrent_writes: 64,
@@ -175,7 +243,10 @@ impl Session {
             ..Default::default()
         };
         let sftp = RawSftpSession::new_with_config(channel.into_stream(), config);
-        sftp.init().await.map_err(|e| SshError::Lost { host: self.target.name.clone(), reason: format!("SFTP did not start: {e}") })?;
+        sftp.init().await.map_err(|e| SshError::Lost {
+            host: self.target.name.clone(),
+            reason: format!("SFTP did not start: {e}"),
+        })?;
         Ok(sftp)
     }
 
@@ -185,7 +256,11 @@ impl Session {
     }
 
     /// Runs `command` with `input` on its stdin and returns its exit status and output.
-    pub async fn capture_with_input(&self, command: &str, input: &[u8]) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), SshError> {
+    pub async fn capture_with_input(
+        &self,
+        command: &str,
+        input: &[u8],
+    ) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), SshError> {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let status = self
             .exec_with_input(command, input, |stream, data| match stream {
@@ -198,7 +273,10 @@ impl Session {
 
     /// Says goodbye to the host; errors are irrelevant at this point.
     pub async fn close(self) {
-        let _ = self.handle.disconnect(Disconnect::ByApplication, "", "en").await;
+        let _ = self
+            .handle
+            .disconnect(Disconnect::ByApplication, "", "en")
+            .await;
     }
 }
 

@@ -26,7 +26,12 @@ impl Target {
     pub fn resolve(inventory: &Inventory, host: &Host, config: &SshConfig) -> Target {
         let params = config.query(&host.address);
         let addr = params.host_name.unwrap_or_else(|| host.address.clone());
-        let port = host.ssh.port.or(params.port).or(inventory.defaults.port).unwrap_or(22);
+        let port = host
+            .ssh
+            .port
+            .or(params.port)
+            .or(inventory.defaults.port)
+            .unwrap_or(22);
         let user = host
             .ssh
             .user
@@ -34,13 +39,23 @@ impl Target {
             .or(params.user)
             .or_else(|| inventory.defaults.user.clone())
             .unwrap_or_else(local_user);
-        let identities = match (&host.ssh.identity, params.identity_files, &inventory.defaults.identity) {
+        let identities = match (
+            &host.ssh.identity,
+            params.identity_files,
+            &inventory.defaults.identity,
+        ) {
             (Some(own), _, _) => vec![own.clone()],
             (None, files, _) if !files.is_empty() => files,
             (None, _, Some(default)) => vec![default.clone()],
             _ => Vec::new(),
         };
-        Target { name: host.name.clone(), addr, port, user, identities }
+        Target {
+            name: host.name.clone(),
+            addr,
+            port,
+            user,
+            identities,
+        }
     }
 
     /// `addr:port` as people write it (IPv6 in brackets).
@@ -76,20 +91,41 @@ mod tests {
 
     #[test]
     fn alias_supplies_what_the_host_entry_leaves_out() {
-        let inv = inventory("[fleet]\nuser = \"trainer\"\n[[host]]\nname = \"a\"\naddress = \"gpu1\"\n[[host]]\nname = \"b\"\naddress = \"gpu2\"\nuser = \"bob\"\nport = 23\n");
-        let cfg = config("Host gpu*\n  HostName %h.lab\n  Port 2222\n  User alice\n  IdentityFile /keys/lab\n");
+        let inv = inventory(
+            "[fleet]\nuser = \"trainer\"\n[[host]]\nname = \"a\"\naddress = \"gpu1\"\n[[host]]\nname = \"b\"\naddress = \"gpu2\"\nuser = \"bob\"\nport = 23\n",
+        );
+        let cfg = config(
+            "Host gpu*\n  HostName %h.lab\n  Port 2222\n  User alice\n  IdentityFile /keys/lab\n",
+        );
         let a = Target::resolve(&inv, &inv.hosts[0], &cfg);
-        assert_eq!((a.addr.as_str(), a.port, a.user.as_str()), ("gpu1.lab", 2222, "alice"));
+        assert_eq!(
+            (a.addr.as_str(), a.port, a.user.as_str()),
+            ("gpu1.lab", 2222, "alice")
+        );
         assert_eq!(a.identities, [PathBuf::from("/keys/lab")]);
         let b = Target::resolve(&inv, &inv.hosts[1], &cfg);
-        assert_eq!((b.addr.as_str(), b.port, b.user.as_str()), ("gpu2.lab", 23, "bob"));
+        assert_eq!(
+            (b.addr.as_str(), b.port, b.user.as_str()),
+            ("gpu2.lab", 23, "bob")
+        );
     }
 
     #[test]
     fn fleet_defaults_fill_in_without_a_config() {
-        let inv = inventory("[fleet]\nuser = \"trainer\"\nidentity = \"/k\"\nport = 2200\n[[host]]\naddress = \"10.0.0.1\"\n");
+        let inv = inventory(
+            "[fleet]\nuser = \"trainer\"\nidentity = \"/k\"\nport = 2200\n[[host]]\naddress = \"10.0.0.1\"\n",
+        );
         let t = Target::resolve(&inv, &inv.hosts[0], &SshConfig::default());
-        assert_eq!(t, Target { name: "10.0.0.1".into(), addr: "10.0.0.1".into(), port: 2200, user: "trainer".into(), identities: vec!["/k".into()] });
+        assert_eq!(
+            t,
+            Target {
+                name: "10.0.0.1".into(),
+                addr: "10.0.0.1".into(),
+                port: 2200,
+                user: "trainer".into(),
+                identities: vec!["/k".into()]
+            }
+        );
         assert_eq!(t.endpoint(), "10.0.0.1:2200");
     }
 }

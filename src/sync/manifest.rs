@@ -61,10 +61,15 @@ pub enum ManifestError {
     #[error("sync source {} does not exist or is not a folder", path.display())]
     SourceMissing { path: PathBuf },
     #[error("cannot read {}: {error}", path.display())]
-    Unreadable { path: PathBuf, error: std::io::Error },
+    Unreadable {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("{}: the name is not UTF-8; rename it to sync it, or exclude it", path.display())]
     NotUtf8 { path: PathBuf },
-    #[error("{path}: symlink to {target:?} points outside the synced folder; exclude it, or copy what it points to into the folder")]
+    #[error(
+        "{path}: symlink to {target:?} points outside the synced folder; exclude it, or copy what it points to into the folder"
+    )]
     LinkEscapes { path: String, target: String },
     #[error("{path}: is not a file, folder or symlink (a socket or device?); exclude it")]
     Special { path: String },
@@ -84,24 +89,39 @@ pub struct Filter {
 impl Filter {
     pub fn new(source: &Path, exclude: &[String]) -> Result<Filter, ManifestError> {
         let mut builder = GitignoreBuilder::new(source);
-        for pattern in exclude.iter().map(String::as_str).chain([&*format!("/{STATE_DIR}/")]) {
+        for pattern in exclude
+            .iter()
+            .map(String::as_str)
+            .chain([&*format!("/{STATE_DIR}/")])
+        {
             builder
                 .add_line(None, pattern)
-                .map_err(|e| ManifestError::Pattern { pattern: pattern.to_string(), error: e.to_string() })?;
+                .map_err(|e| ManifestError::Pattern {
+                    pattern: pattern.to_string(),
+                    error: e.to_string(),
+                })?;
         }
         let fleetignore = source.join(".fleetignore");
         if fleetignore.is_file() {
             if let Some(e) = builder.add(&fleetignore) {
-                return Err(ManifestError::Pattern { pattern: fleetignore.display().to_string(), error: e.to_string() });
+                return Err(ManifestError::Pattern {
+                    pattern: fleetignore.display().to_string(),
+                    error: e.to_string(),
+                });
             }
         }
-        let ignore = builder.build().map_err(|e| ManifestError::Pattern { pattern: "(all)".into(), error: e.to_string() })?;
+        let ignore = builder.build().map_err(|e| ManifestError::Pattern {
+            pattern: "(all)".into(),
+            error: e.to_string(),
+        })?;
         Ok(Filter { ignore })
     }
 
     /// Is `path` (relative to the source) or a folder above it excluded?
     pub fn excludes(&self, path: &str, is_dir: bool) -> bool {
-        self.ignore.matched_path_or_any_parents(path, is_dir).is_ignore()
+        self.ignore
+            .matched_path_or_any_parents(path, is_dir)
+            .is_ignore()
     }
 }
 
@@ -116,15 +136,23 @@ pub struct Scan {
 /// Walks `source` and builds its manifest, hashing only what `cache` does not know.
 pub fn scan(source: &Path, filter: &Filter, cache: &mut HashCache) -> Result<Scan, ManifestError> {
     if !source.is_dir() {
-        return Err(ManifestError::SourceMissing { path: source.to_path_buf() });
+        return Err(ManifestError::SourceMissing {
+            path: source.to_path_buf(),
+        });
     }
     let mut scan = Scan::default();
-    let walk = walkdir::WalkDir::new(source).follow_links(false).sort_by_file_name().min_depth(1);
+    let walk = walkdir::WalkDir::new(source)
+        .follow_links(false)
+        .sort_by_file_name()
+        .min_depth(1);
     let mut iter = walk.into_iter();
     while let Some(item) = iter.next() {
         let item = item.map_err(|e| {
             let path = e.path().unwrap_or(source).to_path_buf();
-            ManifestError::Unreadable { path, error: e.into() }
+            ManifestError::Unreadable {
+                path,
+                error: e.into(),
+            }
         })?;
         let rel = relative(source, item.path())?;
         let file_type = item.file_type();
@@ -137,8 +165,17 @@ pub fn scan(source: &Path, filter: &Filter, cache: &mut HashCache) -> Result<Sca
         let entry = if file_type.is_dir() {
             Entry::Dir
         } else if file_type.is_symlink() {
-            let target = std::fs::read_link(item.path()).map_err(|error| ManifestError::Unreadable { path: item.path().into(), error })?;
-            let target = target.to_str().ok_or_else(|| ManifestError::NotUtf8 { path: item.path().into() })?.to_string();
+            let target =
+                std::fs::read_link(item.path()).map_err(|error| ManifestError::Unreadable {
+                    path: item.path().into(),
+                    error,
+                })?;
+            let target = target
+                .to_str()
+                .ok_or_else(|| ManifestError::NotUtf8 {
+                    path: item.path().into(),
+                })?
+                .to_string();
             if escapes(&rel, &target) {
                 return Err(ManifestError::LinkEscapes { path: rel, target });
             }
@@ -158,7 +195,11 @@ pub fn scan(source: &Path, filter: &Filter, cache: &mut HashCache) -> Result<Sca
 fn relative(source: &Path, path: &Path) -> Result<String, ManifestError> {
     let rel = path.strip_prefix(source).unwrap_or(path);
     let parts: Option<Vec<&str>> = rel.components().map(|c| c.as_os_str().to_str()).collect();
-    parts.map(|p| p.join("/")).ok_or_else(|| ManifestError::NotUtf8 { path: path.to_path_buf() })
+    parts
+        .map(|p| p.join("/"))
+        .ok_or_else(|| ManifestError::NotUtf8 {
+            path: path.to_path_buf(),
+        })
 }
 
 /// Does a symlink at `link` (relative path) with `target` resolve outside the tree?
@@ -184,23 +225,48 @@ fn escapes(link: &str, target: &str) -> bool {
 }
 
 /// Stat, then hash unless the cache knows the file; re-read when it changes under us.
-fn file_entry(path: &Path, rel: &str, cache: &mut HashCache) -> Result<(Entry, bool), ManifestError> {
-    let unreadable = |error| ManifestError::Unreadable { path: path.to_path_buf(), error };
+fn file_entry(
+    path: &Path,
+    rel: &str,
+    cache: &mut HashCache,
+) -> Result<(Entry, bool), ManifestError> {
+    let unreadable = |error| ManifestError::Unreadable {
+        path: path.to_path_buf(),
+        error,
+    };
     for _ in 0..3 {
         let before = std::fs::symlink_metadata(path).map_err(unreadable)?;
         let key = StatKey::of(&before);
         let mode = before.mode() & 0o7777;
         if let Some(sha256) = cache.get(rel, &key) {
-            return Ok((Entry::File { size: before.len(), mtime: before.mtime(), mode, sha256 }, false));
+            return Ok((
+                Entry::File {
+                    size: before.len(),
+                    mtime: before.mtime(),
+                    mode,
+                    sha256,
+                },
+                false,
+            ));
         }
         let sha256 = hash_file(path).map_err(unreadable)?;
         let after = std::fs::symlink_metadata(path).map_err(unreadable)?;
         if StatKey::of(&after) == key {
             cache.put(rel, key, &sha256);
-            return Ok((Entry::File { size: before.len(), mtime: before.mtime(), mode, sha256 }, true));
+            return Ok((
+                Entry::File {
+                    size: before.len(),
+                    mtime: before.mtime(),
+                    mode,
+                    sha256,
+                },
+                true,
+            ));
         }
     }
-    Err(ManifestError::Unstable { path: path.to_path_buf() })
+    Err(ManifestError::Unstable {
+        path: path.to_path_buf(),
+    })
 }
 
 /// SHA-256 of a file's content, lower-case hex.
@@ -228,7 +294,11 @@ pub struct StatKey {
 
 impl StatKey {
     fn of(meta: &std::fs::Metadata) -> StatKey {
-        StatKey { size: meta.len(), mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()), ino: meta.ino() }
+        StatKey {
+            size: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ino: meta.ino(),
+        }
     }
 }
 
@@ -264,21 +334,33 @@ impl HashCache {
             .filter(|c| c.version == 1)
             .map(|c| c.entries)
             .unwrap_or_default();
-        HashCache { entries, file: Some(file), changed: false, fresh_after_ns: now_ns() - 2_000_000_000 }
+        HashCache {
+            entries,
+            file: Some(file),
+            changed: false,
+            fresh_after_ns: now_ns() - 2_000_000_000,
+        }
     }
 
     /// A cache that remembers nothing between runs.
     pub fn in_memory() -> HashCache {
-        HashCache { fresh_after_ns: now_ns() - 2_000_000_000, ..HashCache::default() }
+        HashCache {
+            fresh_after_ns: now_ns() - 2_000_000_000,
+            ..HashCache::default()
+        }
     }
 
     fn get(&self, path: &str, key: &StatKey) -> Option<String> {
-        self.entries.get(path).filter(|(k, _)| k == key).map(|(_, sha)| sha.clone())
+        self.entries
+            .get(path)
+            .filter(|(k, _)| k == key)
+            .map(|(_, sha)| sha.clone())
     }
 
     fn put(&mut self, path: &str, key: StatKey, sha256: &str) {
         if key.mtime_ns < self.fresh_after_ns {
-            self.entries.insert(path.to_string(), (key, sha256.to_string()));
+            self.entries
+                .insert(path.to_string(), (key, sha256.to_string()));
             self.changed = true;
         }
     }
@@ -286,13 +368,17 @@ impl HashCache {
     /// Keeps only `manifest`'s files and writes the cache (best effort: it is only a cache).
     pub fn save(&mut self, manifest: &Manifest) {
         let before = self.entries.len();
-        self.entries.retain(|path, _| matches!(manifest.entries.get(path), Some(Entry::File { .. })));
+        self.entries
+            .retain(|path, _| matches!(manifest.entries.get(path), Some(Entry::File { .. })));
         let Some(file) = &self.file else { return };
         if !self.changed && before == self.entries.len() {
             return;
         }
         let Some(dir) = file.parent() else { return };
-        let data = CacheFile { version: 1, entries: std::mem::take(&mut self.entries) };
+        let data = CacheFile {
+            version: 1,
+            entries: std::mem::take(&mut self.entries),
+        };
         if let Ok(bytes) = serde_json::to_vec(&data) {
             let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
             if std::fs::create_dir_all(dir).is_ok() && std::fs::write(&tmp, bytes).is_ok() {
@@ -320,10 +406,15 @@ mod tests {
         std::fs::create_dir_all(root.join("data/한국어 폴더")).unwrap();
         std::fs::create_dir_all(root.join("empty")).unwrap();
         std::fs::create_dir_all(root.join("target/debug")).unwrap();
-        std::fs::write(root.join("data/한국어 폴더/학습 데이터.csv"), "text,label\n안녕,1\n").unwrap();
+        std::fs::write(
+            root.join("data/한국어 폴더/학습 데이터.csv"),
+            "text,label\n안녕,1\n",
+        )
+        .unwrap();
         std::fs::write(root.join("target/debug/big"), "x").unwrap();
         std::fs::write(root.join("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
-        std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
         std::fs::write(root.join("it's $(x).txt"), "").unwrap();
         symlink("data/한국어 폴더", root.join("latest")).unwrap();
         dir
@@ -335,9 +426,27 @@ mod tests {
         let filter = Filter::new(dir.path(), &["target/".to_string()]).unwrap();
         let scan = scan(dir.path(), &filter, &mut HashCache::in_memory()).unwrap();
         let paths: Vec<&str> = scan.manifest.entries.keys().map(String::as_str).collect();
-        assert_eq!(paths, ["data", "data/한국어 폴더", "data/한국어 폴더/학습 데이터.csv", "empty", "it's $(x).txt", "latest", "run.sh"]);
-        assert_eq!(scan.manifest.entries["latest"], Entry::Link { target: "data/한국어 폴더".into() });
-        let Entry::File { mode, sha256, .. } = &scan.manifest.entries["run.sh"] else { panic!() };
+        assert_eq!(
+            paths,
+            [
+                "data",
+                "data/한국어 폴더",
+                "data/한국어 폴더/학습 데이터.csv",
+                "empty",
+                "it's $(x).txt",
+                "latest",
+                "run.sh"
+            ]
+        );
+        assert_eq!(
+            scan.manifest.entries["latest"],
+            Entry::Link {
+                target: "data/한국어 폴더".into()
+            }
+        );
+        let Entry::File { mode, sha256, .. } = &scan.manifest.entries["run.sh"] else {
+            panic!()
+        };
         assert_eq!(*mode, 0o755);
         assert_eq!(sha256, &hash_file(&dir.path().join("run.sh")).unwrap());
         assert_eq!(scan.hashed, 3);
@@ -351,7 +460,12 @@ mod tests {
         let filter = Filter::new(dir.path(), &[]).unwrap();
         let scan = scan(dir.path(), &filter, &mut HashCache::in_memory()).unwrap();
         assert!(scan.manifest.entries.contains_key("keep.csv"));
-        assert!(!scan.manifest.entries.contains_key("data/한국어 폴더/학습 데이터.csv"));
+        assert!(
+            !scan
+                .manifest
+                .entries
+                .contains_key("data/한국어 폴더/학습 데이터.csv")
+        );
         assert!(scan.manifest.entries.contains_key("target/debug/big"));
     }
 
@@ -360,8 +474,13 @@ mod tests {
         let dir = tree();
         symlink("../../etc/passwd", dir.path().join("data/escape")).unwrap();
         let filter = Filter::new(dir.path(), &[]).unwrap();
-        let err = scan(dir.path(), &filter, &mut HashCache::in_memory()).unwrap_err().to_string();
-        assert!(err.starts_with("data/escape: symlink to \"../../etc/passwd\" points outside"), "{err}");
+        let err = scan(dir.path(), &filter, &mut HashCache::in_memory())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("data/escape: symlink to \"../../etc/passwd\" points outside"),
+            "{err}"
+        );
         assert!(escapes("a", "/etc"));
         assert!(!escapes("a/b/link", "../c"));
         assert!(escapes("a/link", "../../c"));
@@ -383,13 +502,24 @@ mod tests {
         std::fs::write(dir.path().join("run.sh"), "#!/bin/sh\necho changed\n").unwrap();
         let third = scan(dir.path(), &filter, &mut cache).unwrap();
         assert_eq!(third.hashed, 1);
-        assert_ne!(third.manifest.entries["run.sh"], first.manifest.entries["run.sh"]);
+        assert_ne!(
+            third.manifest.entries["run.sh"],
+            first.manifest.entries["run.sh"]
+        );
     }
 
     #[test]
     fn missing_source_is_named() {
         let filter = Filter::new(Path::new("/nonexistent"), &[]).unwrap();
-        let err = scan(Path::new("/nonexistent/project"), &filter, &mut HashCache::in_memory()).unwrap_err();
-        assert_eq!(err.to_string(), "sync source /nonexistent/project does not exist or is not a folder");
+        let err = scan(
+            Path::new("/nonexistent/project"),
+            &filter,
+            &mut HashCache::in_memory(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "sync source /nonexistent/project does not exist or is not a folder"
+        );
     }
 }

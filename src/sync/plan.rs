@@ -16,9 +16,15 @@ use super::manifest::{Entry, Manifest};
 /// One path of the host's tree, as listed now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RemoteEntry {
-    File { size: u64, mtime: i64, mode: u32 },
+    File {
+        size: u64,
+        mtime: i64,
+        mode: u32,
+    },
     Dir,
-    Link { target: String },
+    Link {
+        target: String,
+    },
     /// A socket, device or anything else.
     Other,
 }
@@ -66,7 +72,11 @@ pub struct Plan {
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
-        self.conflicts.is_empty() && self.mkdirs.is_empty() && self.uploads.is_empty() && self.chmods.is_empty() && self.links.is_empty()
+        self.conflicts.is_empty()
+            && self.mkdirs.is_empty()
+            && self.uploads.is_empty()
+            && self.chmods.is_empty()
+            && self.links.is_empty()
     }
 
     pub fn upload_bytes(&self) -> u64 {
@@ -97,26 +107,36 @@ pub fn plan(local: &Manifest, last: Option<&Manifest>, listing: &Listing) -> Pla
                 }
                 _ => plan.links.push((path.clone(), target.clone())),
             },
-            Entry::File { size, mtime: _, mode, sha256 } => {
+            Entry::File {
+                size,
+                mtime: _,
+                mode,
+                sha256,
+            } => {
                 let reason = match there {
                     None => Some(Reason::New),
-                    Some(RemoteEntry::File { size: now_size, mtime: now_mtime, mode: now_mode }) => {
-                        match last.and_then(|m| m.entries.get(path)) {
-                            Some(Entry::File { size: saved_size, mtime: saved_mtime, sha256: saved_sha, .. })
-                                if saved_size == now_size && saved_mtime == now_mtime =>
-                            {
-                                if saved_sha != sha256 {
-                                    Some(Reason::Changed)
-                                } else {
-                                    if now_mode != mode {
-                                        plan.chmods.push((path.clone(), *mode));
-                                    }
-                                    None
+                    Some(RemoteEntry::File {
+                        size: now_size,
+                        mtime: now_mtime,
+                        mode: now_mode,
+                    }) => match last.and_then(|m| m.entries.get(path)) {
+                        Some(Entry::File {
+                            size: saved_size,
+                            mtime: saved_mtime,
+                            sha256: saved_sha,
+                            ..
+                        }) if saved_size == now_size && saved_mtime == now_mtime => {
+                            if saved_sha != sha256 {
+                                Some(Reason::Changed)
+                            } else {
+                                if now_mode != mode {
+                                    plan.chmods.push((path.clone(), *mode));
                                 }
+                                None
                             }
-                            _ => Some(Reason::Drift),
                         }
-                    }
+                        _ => Some(Reason::Drift),
+                    },
                     Some(RemoteEntry::Dir) => {
                         plan.conflicts.push(path.clone());
                         Some(Reason::Drift)
@@ -124,14 +144,23 @@ pub fn plan(local: &Manifest, last: Option<&Manifest>, listing: &Listing) -> Pla
                     Some(_) => Some(Reason::Drift),
                 };
                 match reason {
-                    Some(reason) => plan.uploads.push(Upload { path: path.clone(), size: *size, reason }),
+                    Some(reason) => plan.uploads.push(Upload {
+                        path: path.clone(),
+                        size: *size,
+                        reason,
+                    }),
                     None => plan.unchanged += 1,
                 }
             }
         }
     }
     // Reverse order puts children before their parents.
-    plan.extraneous = listing.keys().rev().filter(|p| !local.entries.contains_key(*p)).cloned().collect();
+    plan.extraneous = listing
+        .keys()
+        .rev()
+        .filter(|p| !local.entries.contains_key(*p))
+        .cloned()
+        .collect();
     plan
 }
 
@@ -141,7 +170,12 @@ mod tests {
     use proptest::prelude::*;
 
     fn file(content: &str, mode: u32) -> Entry {
-        Entry::File { size: content.len() as u64, mtime: 1000, mode, sha256: format!("sha-of-{content}") }
+        Entry::File {
+            size: content.len() as u64,
+            mtime: 1000,
+            mode,
+            sha256: format!("sha-of-{content}"),
+        }
     }
 
     /// The listing a host has right after `manifest` was applied to it.
@@ -151,9 +185,17 @@ mod tests {
             .iter()
             .map(|(p, e)| {
                 let r = match e {
-                    Entry::File { size, mtime, mode, .. } => RemoteEntry::File { size: *size, mtime: *mtime, mode: *mode },
+                    Entry::File {
+                        size, mtime, mode, ..
+                    } => RemoteEntry::File {
+                        size: *size,
+                        mtime: *mtime,
+                        mode: *mode,
+                    },
                     Entry::Dir => RemoteEntry::Dir,
-                    Entry::Link { target } => RemoteEntry::Link { target: target.clone() },
+                    Entry::Link { target } => RemoteEntry::Link {
+                        target: target.clone(),
+                    },
                 };
                 (p.clone(), r)
             })
@@ -161,7 +203,12 @@ mod tests {
     }
 
     /// Applies a plan to a simulated host (with `--delete`), returning its new manifest and listing.
-    fn apply(plan: &Plan, local: &Manifest, last: Option<&Manifest>, listing: &Listing) -> (Manifest, Listing) {
+    fn apply(
+        plan: &Plan,
+        local: &Manifest,
+        last: Option<&Manifest>,
+        listing: &Listing,
+    ) -> (Manifest, Listing) {
         let mut listing = listing.clone();
         for p in &plan.conflicts {
             listing.retain(|k, _| k != p && !k.starts_with(&format!("{p}/")));
@@ -175,8 +222,18 @@ mod tests {
         }
         for u in &plan.uploads {
             let e = local.entries[&u.path].clone();
-            if let Entry::File { size, mtime, mode, .. } = &e {
-                listing.insert(u.path.clone(), RemoteEntry::File { size: *size, mtime: *mtime, mode: *mode });
+            if let Entry::File {
+                size, mtime, mode, ..
+            } = &e
+            {
+                listing.insert(
+                    u.path.clone(),
+                    RemoteEntry::File {
+                        size: *size,
+                        mtime: *mtime,
+                        mode: *mode,
+                    },
+                );
             }
             saved.entries.insert(u.path.clone(), e);
         }
@@ -193,16 +250,35 @@ mod tests {
     }
 
     fn manifest(entries: &[(&str, Entry)]) -> Manifest {
-        Manifest { entries: entries.iter().map(|(p, e)| (p.to_string(), e.clone())).collect() }
+        Manifest {
+            entries: entries
+                .iter()
+                .map(|(p, e)| (p.to_string(), e.clone()))
+                .collect(),
+        }
     }
 
     #[test]
     fn drift_on_the_host_is_sent_again() {
         let local = manifest(&[("a", file("1", 0o644)), ("b", file("2", 0o644))]);
         let mut listing = listing_of(&local);
-        listing.insert("a".into(), RemoteEntry::File { size: 1, mtime: 2000, mode: 0o644 });
+        listing.insert(
+            "a".into(),
+            RemoteEntry::File {
+                size: 1,
+                mtime: 2000,
+                mode: 0o644,
+            },
+        );
         let p = plan(&local, Some(&local), &listing);
-        assert_eq!(p.uploads, [Upload { path: "a".into(), size: 1, reason: Reason::Drift }]);
+        assert_eq!(
+            p.uploads,
+            [Upload {
+                path: "a".into(),
+                size: 1,
+                reason: Reason::Drift
+            }]
+        );
         assert_eq!(p.unchanged, 1);
     }
 
@@ -236,29 +312,41 @@ mod tests {
         let local = manifest(&[("keep", file("k", 0o644))]);
         let mut listing = listing_of(&local);
         listing.insert("old".into(), RemoteEntry::Dir);
-        listing.insert("old/x".into(), RemoteEntry::File { size: 0, mtime: 0, mode: 0o644 });
+        listing.insert(
+            "old/x".into(),
+            RemoteEntry::File {
+                size: 0,
+                mtime: 0,
+                mode: 0o644,
+            },
+        );
         let p = plan(&local, Some(&local), &listing);
         assert_eq!(p.extraneous, ["old/x", "old"]);
     }
 
     fn arb_manifest() -> impl Strategy<Value = Manifest> {
         let entry = prop_oneof![
-            (0u8..4, prop::bool::ANY).prop_map(|(c, x)| file(&c.to_string(), if x { 0o755 } else { 0o644 })),
+            (0u8..4, prop::bool::ANY)
+                .prop_map(|(c, x)| file(&c.to_string(), if x { 0o755 } else { 0o644 })),
             Just(Entry::Dir),
-            (0u8..3).prop_map(|t| Entry::Link { target: format!("t{t}") }),
+            (0u8..3).prop_map(|t| Entry::Link {
+                target: format!("t{t}")
+            }),
         ];
-        prop::collection::btree_map("[ab]{1,2}(/[ab]{1,2}){0,2}", entry, 0..12).prop_map(|mut entries| {
-            // A path whose parent is not a folder cannot exist; make every parent a folder.
-            let paths: Vec<String> = entries.keys().cloned().collect();
-            for p in paths {
-                let mut parent = p.as_str();
-                while let Some((up, _)) = parent.rsplit_once('/') {
-                    entries.insert(up.to_string(), Entry::Dir);
-                    parent = up;
+        prop::collection::btree_map("[ab]{1,2}(/[ab]{1,2}){0,2}", entry, 0..12).prop_map(
+            |mut entries| {
+                // A path whose parent is not a folder cannot exist; make every parent a folder.
+                let paths: Vec<String> = entries.keys().cloned().collect();
+                for p in paths {
+                    let mut parent = p.as_str();
+                    while let Some((up, _)) = parent.rsplit_once('/') {
+                        entries.insert(up.to_string(), Entry::Dir);
+                        parent = up;
+                    }
                 }
-            }
-            Manifest { entries }
-        })
+                Manifest { entries }
+            },
+        )
     }
 
     proptest! {

@@ -21,7 +21,11 @@ pub enum SyncError {
     #[error("{host}: {message}")]
     Host { host: String, message: String },
     #[error("{host}: {path}: {message}")]
-    File { host: String, path: String, message: String },
+    File {
+        host: String,
+        path: String,
+        message: String,
+    },
 }
 
 /// A host's workdir, locked against other syncs until [`HostTree::release`].
@@ -45,7 +49,11 @@ impl<'a> HostTree<'a> {
     /// Creates the workdir if needed and takes its lock, waiting (up to 10 minutes) while another
     /// sync holds it; `waiting` is called once if it has to. The lock is a `flock` held by a
     /// command that lives until its stdin closes, so a laptop that vanishes releases it too.
-    pub async fn lock(session: &'a Session, workdir: &str, waiting: impl FnOnce()) -> Result<HostTree<'a>, SyncError> {
+    pub async fn lock(
+        session: &'a Session,
+        workdir: &str,
+        waiting: impl FnOnce(),
+    ) -> Result<HostTree<'a>, SyncError> {
         let host = session.target().name.clone();
         let command = format!(
             "mkdir -p -- {dir}/{STATE_DIR} && cd -- {dir} && {{ flock -n 9 || {{ echo busy; flock -w 600 9; }} || exit 75; \
@@ -63,13 +71,19 @@ impl<'a> HostTree<'a> {
                 }
                 Some(line) => {
                     if let Some(root) = line.strip_prefix("locked ") {
-                        return Ok(HostTree { session, root: root.to_string(), lock });
+                        return Ok(HostTree {
+                            session,
+                            root: root.to_string(),
+                            lock,
+                        });
                     }
                 }
                 None => {
                     let why = lock.stderr();
                     let message = if why.is_empty() {
-                        format!("cannot lock workdir {workdir}: another sync held it for 10 minutes")
+                        format!(
+                            "cannot lock workdir {workdir}: another sync held it for 10 minutes"
+                        )
                     } else {
                         format!("cannot prepare workdir {workdir}: {why}")
                     };
@@ -94,12 +108,21 @@ impl<'a> HostTree<'a> {
     }
 
     fn error(&self, message: impl Into<String>) -> SyncError {
-        SyncError::Host { host: self.host().to_string(), message: message.into() }
+        SyncError::Host {
+            host: self.host().to_string(),
+            message: message.into(),
+        }
     }
 
     /// Runs `command` in the workdir with `input` on stdin; returns stdout, or an error with stderr.
     async fn run(&self, what: &str, command: &str, input: &[u8]) -> Result<Vec<u8>, SyncError> {
-        let (status, stdout, stderr) = self.session.capture_with_input(&format!("cd -- {} && {command}", shell::quote(&self.root)), input).await?;
+        let (status, stdout, stderr) = self
+            .session
+            .capture_with_input(
+                &format!("cd -- {} && {command}", shell::quote(&self.root)),
+                input,
+            )
+            .await?;
         if status != ExitStatus::Code(0) {
             let stderr = String::from_utf8_lossy(&stderr);
             return Err(self.error(format!("{what} failed ({status:?}): {}", stderr.trim())));
@@ -117,7 +140,8 @@ impl<'a> HostTree<'a> {
         let out = self.run("listing the workdir", &command, &[]).await?;
         let split = out.iter().position(|&b| b == 0).unwrap_or(out.len());
         let saved = serde_json::from_slice::<Manifest>(&out[..split]).ok();
-        let listing = parse_listing(out.get(split + 1..).unwrap_or_default()).map_err(|e| self.error(e))?;
+        let listing =
+            parse_listing(out.get(split + 1..).unwrap_or_default()).map_err(|e| self.error(e))?;
         Ok((saved, listing))
     }
 
@@ -126,7 +150,13 @@ impl<'a> HostTree<'a> {
         if paths.is_empty() {
             return Ok(HashMap::new());
         }
-        let out = self.run("hashing files", "xargs -0 -r sha256sum -z --", &nul_list(paths)).await?;
+        let out = self
+            .run(
+                "hashing files",
+                "xargs -0 -r sha256sum -z --",
+                &nul_list(paths),
+            )
+            .await?;
         let mut hashes = HashMap::with_capacity(paths.len());
         for record in out.split(|&b| b == 0).filter(|r| !r.is_empty()) {
             let text = String::from_utf8_lossy(record);
@@ -142,7 +172,9 @@ impl<'a> HostTree<'a> {
         if paths.is_empty() {
             return Ok(());
         }
-        self.run("removing files", "xargs -0 -r rm -rf --", &nul_list(paths)).await.map(drop)
+        self.run("removing files", "xargs -0 -r rm -rf --", &nul_list(paths))
+            .await
+            .map(drop)
     }
 
     /// `mkdir -p` of many folders.
@@ -150,7 +182,13 @@ impl<'a> HostTree<'a> {
         if paths.is_empty() {
             return Ok(());
         }
-        self.run("creating folders", "xargs -0 -r mkdir -p --", &nul_list(paths)).await.map(drop)
+        self.run(
+            "creating folders",
+            "xargs -0 -r mkdir -p --",
+            &nul_list(paths),
+        )
+        .await
+        .map(drop)
     }
 
     /// Creates (or replaces) symlinks: `(path, target)` pairs.
@@ -158,9 +196,14 @@ impl<'a> HostTree<'a> {
         if links.is_empty() {
             return Ok(());
         }
-        let pairs: Vec<String> = links.iter().flat_map(|(path, target)| [target.clone(), path.clone()]).collect();
+        let pairs: Vec<String> = links
+            .iter()
+            .flat_map(|(path, target)| [target.clone(), path.clone()])
+            .collect();
         let command = "xargs -0 -r -n 2 sh -c 'ln -sfn -- \"$0\" \"$1\"'";
-        self.run("creating symlinks", command, &nul_list(&pairs)).await.map(drop)
+        self.run("creating symlinks", command, &nul_list(&pairs))
+            .await
+            .map(drop)
     }
 }
 
@@ -182,9 +225,16 @@ pub fn parse_listing(bytes: &[u8]) -> Result<Listing, String> {
         let path = text(4);
         let entry = match record[0] {
             b"f" => RemoteEntry::File {
-                size: text(1).parse().map_err(|_| format!("bad size in listing for {path}"))?,
-                mtime: text(2).split('.').next().and_then(|s| s.parse().ok()).unwrap_or(0),
-                mode: u32::from_str_radix(&text(3), 8).map_err(|_| format!("bad mode in listing for {path}"))?,
+                size: text(1)
+                    .parse()
+                    .map_err(|_| format!("bad size in listing for {path}"))?,
+                mtime: text(2)
+                    .split('.')
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0),
+                mode: u32::from_str_radix(&text(3), 8)
+                    .map_err(|_| format!("bad mode in listing for {path}"))?,
             },
             b"d" => RemoteEntry::Dir,
             b"l" => RemoteEntry::Link { target: text(5) },
@@ -204,8 +254,20 @@ mod tests {
         let raw = b"d\x004096\x001700000000.5\x00755\x00data dir\x00\x00f\x0012\x001700000001.9999\x00644\x00data dir/a\tb\nc.csv\x00\x00l\x004\x001\x00777\x00ln\x00data dir\x00";
         let listing = parse_listing(raw).unwrap();
         assert_eq!(listing["data dir"], RemoteEntry::Dir);
-        assert_eq!(listing["data dir/a\tb\nc.csv"], RemoteEntry::File { size: 12, mtime: 1700000001, mode: 0o644 });
-        assert_eq!(listing["ln"], RemoteEntry::Link { target: "data dir".into() });
+        assert_eq!(
+            listing["data dir/a\tb\nc.csv"],
+            RemoteEntry::File {
+                size: 12,
+                mtime: 1700000001,
+                mode: 0o644
+            }
+        );
+        assert_eq!(
+            listing["ln"],
+            RemoteEntry::Link {
+                target: "data dir".into()
+            }
+        );
     }
 
     #[test]

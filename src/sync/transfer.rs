@@ -72,19 +72,32 @@ pub async fn apply(
     tree.mkdirs(&plan.mkdirs).await?;
 
     // Upload every file under a temporary name; on any failure, remove what landed.
-    let nonce = format!("{:08x}", std::process::id() ^ (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos())));
+    let nonce = format!(
+        "{:08x}",
+        std::process::id()
+            ^ (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos()))
+    );
     let staged: Vec<(String, String)> = plan
         .uploads
         .iter()
         .enumerate()
         .map(|(i, u)| {
-            let dir = u.path.rsplit_once('/').map_or(String::new(), |(d, _)| format!("{d}/"));
+            let dir = u
+                .path
+                .rsplit_once('/')
+                .map_or(String::new(), |(d, _)| format!("{d}/"));
             (u.path.clone(), format!("{dir}{TMP_PREFIX}{nonce}.{i}"))
         })
         .collect();
     let outcome = async {
-        let mut uploads = futures::stream::iter(staged.iter().map(|(path, tmp)| upload(tree, sftp, source, local, path, tmp, progress)))
-            .buffer_unordered(FILES_IN_FLIGHT);
+        let mut uploads = futures::stream::iter(
+            staged
+                .iter()
+                .map(|(path, tmp)| upload(tree, sftp, source, local, path, tmp, progress)),
+        )
+        .buffer_unordered(FILES_IN_FLIGHT);
         while let Some(result) = uploads.next().await {
             result?;
         }
@@ -102,8 +115,13 @@ pub async fn apply(
     applied.bytes_sent = plan.upload_bytes();
 
     for (path, mode) in &plan.chmods {
-        let attrs = FileAttributes { permissions: Some(*mode), ..Default::default() };
-        sftp.setstat(tree.path(path), attrs).await.map_err(|e| file_error(tree, path, "setting permissions", &e))?;
+        let attrs = FileAttributes {
+            permissions: Some(*mode),
+            ..Default::default()
+        };
+        sftp.setstat(tree.path(path), attrs)
+            .await
+            .map_err(|e| file_error(tree, path, "setting permissions", &e))?;
     }
     tree.links(&plan.links).await?;
     save_manifest(tree, sftp, &saved_manifest(local, listing, plan)).await?;
@@ -113,12 +131,15 @@ pub async fn apply(
 /// The manifest to keep on the host: the local one, with the mtime each file has *there*
 /// (what was set for files just sent, what the listing showed for files left alone).
 pub fn saved_manifest(local: &Manifest, listing: &Listing, plan: &Plan) -> Manifest {
-    let sent: std::collections::HashSet<&str> = plan.uploads.iter().map(|u| u.path.as_str()).collect();
+    let sent: std::collections::HashSet<&str> =
+        plan.uploads.iter().map(|u| u.path.as_str()).collect();
     let mut saved = local.clone();
     for (path, entry) in saved.entries.iter_mut() {
         if let Entry::File { mtime, .. } = entry {
             *mtime = match listing.get(path) {
-                Some(RemoteEntry::File { mtime: there, .. }) if !sent.contains(path.as_str()) => *there,
+                Some(RemoteEntry::File { mtime: there, .. }) if !sent.contains(path.as_str()) => {
+                    *there
+                }
                 _ => i64::from(sftp_time(*mtime)),
             };
         }
@@ -133,11 +154,19 @@ fn sftp_time(seconds: i64) -> u32 {
 
 fn file_error(tree: &HostTree<'_>, path: &str, doing: &str, error: &SftpError) -> SyncError {
     let hint = match error {
-        SftpError::Status(status) if status.status_code == StatusCode::Failure => " (is the host's disk full?)",
-        SftpError::Status(status) if status.status_code == StatusCode::PermissionDenied => " (check the workdir's owner and permissions)",
+        SftpError::Status(status) if status.status_code == StatusCode::Failure => {
+            " (is the host's disk full?)"
+        }
+        SftpError::Status(status) if status.status_code == StatusCode::PermissionDenied => {
+            " (check the workdir's owner and permissions)"
+        }
         _ => "",
     };
-    SyncError::File { host: tree.host().to_string(), path: path.to_string(), message: format!("{doing} failed: {error}{hint}") }
+    SyncError::File {
+        host: tree.host().to_string(),
+        path: path.to_string(),
+        message: format!("{doing} failed: {error}{hint}"),
+    }
 }
 
 /// Streams one local file to `tmp` on the host, hashing the bytes as they are read.
@@ -150,14 +179,33 @@ async fn upload(
     tmp: &str,
     progress: &Progress,
 ) -> Result<(), SyncError> {
-    let Some(Entry::File { size, mtime, mode, sha256 }) = local.entries.get(path) else {
+    let Some(Entry::File {
+        size,
+        mtime,
+        mode,
+        sha256,
+    }) = local.entries.get(path)
+    else {
         return Ok(());
     };
-    let local_error = |e: std::io::Error| SyncError::File { host: tree.host().to_string(), path: path.to_string(), message: format!("reading the local file failed: {e}") };
-    let mut file = tokio::fs::File::open(source.join(path)).await.map_err(local_error)?;
+    let local_error = |e: std::io::Error| SyncError::File {
+        host: tree.host().to_string(),
+        path: path.to_string(),
+        message: format!("reading the local file failed: {e}"),
+    };
+    let mut file = tokio::fs::File::open(source.join(path))
+        .await
+        .map_err(local_error)?;
     let create = OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::WRITE;
     let handle = sftp
-        .open(tree.path(tmp), create, FileAttributes { permissions: Some(*mode), ..Default::default() })
+        .open(
+            tree.path(tmp),
+            create,
+            FileAttributes {
+                permissions: Some(*mode),
+                ..Default::default()
+            },
+        )
         .await
         .map_err(|e| file_error(tree, path, "creating it on the host", &e))?
         .handle;
@@ -167,7 +215,9 @@ async fn upload(
     let mut in_flight = FuturesUnordered::new();
     let mut block = vec![0u8; 16 * CHUNK];
     loop {
-        let n = read_full(&mut file, &mut block).await.map_err(local_error)?;
+        let n = read_full(&mut file, &mut block)
+            .await
+            .map_err(local_error)?;
         if n == 0 {
             break;
         }
@@ -202,9 +252,18 @@ async fn upload(
         });
     }
     let time = sftp_time(*mtime);
-    let attrs = FileAttributes { permissions: Some(*mode), atime: Some(time), mtime: Some(time), ..Default::default() };
-    sftp.fsetstat(handle.as_str(), attrs).await.map_err(|e| file_error(tree, path, "setting its time and mode", &e))?;
-    sftp.close(handle.as_str()).await.map_err(|e| file_error(tree, path, "closing", &e))?;
+    let attrs = FileAttributes {
+        permissions: Some(*mode),
+        atime: Some(time),
+        mtime: Some(time),
+        ..Default::default()
+    };
+    sftp.fsetstat(handle.as_str(), attrs)
+        .await
+        .map_err(|e| file_error(tree, path, "setting its time and mode", &e))?;
+    sftp.close(handle.as_str())
+        .await
+        .map_err(|e| file_error(tree, path, "closing", &e))?;
     progress.files.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
@@ -222,22 +281,34 @@ async fn read_full(file: &mut tokio::fs::File, buffer: &mut [u8]) -> std::io::Re
 }
 
 /// The host reads back every landed file and its SHA-256 must be the local one.
-async fn verify(tree: &HostTree<'_>, local: &Manifest, staged: &[(String, String)]) -> Result<(), SyncError> {
+async fn verify(
+    tree: &HostTree<'_>,
+    local: &Manifest,
+    staged: &[(String, String)],
+) -> Result<(), SyncError> {
     let temporaries: Vec<String> = staged.iter().map(|(_, tmp)| tmp.clone()).collect();
     let landed = tree.hash(&temporaries).await?;
     for (path, tmp) in staged {
-        let Some(Entry::File { sha256, .. }) = local.entries.get(path) else { continue };
+        let Some(Entry::File { sha256, .. }) = local.entries.get(path) else {
+            continue;
+        };
         match landed.get(tmp) {
             Some(hash) if hash == sha256 => {}
             Some(hash) => {
                 return Err(SyncError::File {
                     host: tree.host().to_string(),
                     path: path.clone(),
-                    message: format!("landed with SHA-256 {hash}, expected {sha256}; nothing was replaced"),
+                    message: format!(
+                        "landed with SHA-256 {hash}, expected {sha256}; nothing was replaced"
+                    ),
                 });
             }
             None => {
-                return Err(SyncError::File { host: tree.host().to_string(), path: path.clone(), message: "was not found on the host after upload".into() });
+                return Err(SyncError::File {
+                    host: tree.host().to_string(),
+                    path: path.clone(),
+                    message: "was not found on the host after upload".into(),
+                });
             }
         }
     }
@@ -245,9 +316,15 @@ async fn verify(tree: &HostTree<'_>, local: &Manifest, staged: &[(String, String
 }
 
 /// Renames every verified temporary file over its destination.
-async fn commit(tree: &HostTree<'_>, sftp: &RawSftpSession, staged: &[(String, String)]) -> Result<(), SyncError> {
+async fn commit(
+    tree: &HostTree<'_>,
+    sftp: &RawSftpSession,
+    staged: &[(String, String)],
+) -> Result<(), SyncError> {
     let mut renames = futures::stream::iter(staged.iter().map(|(path, tmp)| async move {
-        posix_rename(sftp, &tree.path(tmp), &tree.path(path)).await.map_err(|e| file_error(tree, path, "moving it into place", &e))
+        posix_rename(sftp, &tree.path(tmp), &tree.path(path))
+            .await
+            .map_err(|e| file_error(tree, path, "moving it into place", &e))
     }))
     .buffer_unordered(WRITES_IN_FLIGHT);
     while let Some(result) = renames.next().await {
@@ -272,13 +349,24 @@ async fn posix_rename(sftp: &RawSftpSession, from: &str, to: &str) -> Result<(),
 }
 
 /// Writes the host's manifest beside the tree (temporary name, then rename).
-async fn save_manifest(tree: &HostTree<'_>, sftp: &RawSftpSession, manifest: &Manifest) -> Result<(), SyncError> {
-    let bytes = serde_json::to_vec(manifest).map_err(|e| SyncError::Host { host: tree.host().to_string(), message: e.to_string() })?;
+async fn save_manifest(
+    tree: &HostTree<'_>,
+    sftp: &RawSftpSession,
+    manifest: &Manifest,
+) -> Result<(), SyncError> {
+    let bytes = serde_json::to_vec(manifest).map_err(|e| SyncError::Host {
+        host: tree.host().to_string(),
+        message: e.to_string(),
+    })?;
     let path = tree.path(SAVED_MANIFEST);
     let tmp = format!("{path}.tmp");
     let fail = |e: SftpError| file_error(tree, SAVED_MANIFEST, "saving", &e);
     let create = OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::WRITE;
-    let handle = sftp.open(tmp.as_str(), create, FileAttributes::default()).await.map_err(fail)?.handle;
+    let handle = sftp
+        .open(tmp.as_str(), create, FileAttributes::default())
+        .await
+        .map_err(fail)?
+        .handle;
     let mut writes = FuturesUnordered::new();
     for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
         writes.push(sftp.write(handle.as_str(), (i * CHUNK) as u64, chunk.to_vec()));

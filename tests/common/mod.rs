@@ -25,16 +25,25 @@ pub struct Testbed {
 
 impl Testbed {
     pub fn get() -> Testbed {
-        let dir = PathBuf::from(std::env::var_os("TB_DIR").unwrap_or_else(|| "/tmp/fleet-testbed".into()));
+        let dir = PathBuf::from(
+            std::env::var_os("TB_DIR").unwrap_or_else(|| "/tmp/fleet-testbed".into()),
+        );
         let tsv = std::fs::read_to_string(dir.join("hosts.tsv")).unwrap_or_else(|e| {
-            panic!("the test bed is not up ({}: {e}); run the tests with scripts/test.sh", dir.join("hosts.tsv").display())
+            panic!(
+                "the test bed is not up ({}: {e}); run the tests with scripts/test.sh",
+                dir.join("hosts.tsv").display()
+            )
         });
         let hosts = tsv
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| {
                 let f: Vec<&str> = l.split('\t').collect();
-                TestHost { name: f[0].to_string(), addr: f[1].to_string(), port: f[2].parse().unwrap() }
+                TestHost {
+                    name: f[0].to_string(),
+                    addr: f[1].to_string(),
+                    port: f[2].parse().unwrap(),
+                }
             })
             .collect();
         Testbed { dir, hosts }
@@ -58,7 +67,10 @@ impl Testbed {
     pub fn inventory_with(&self, dir: &Path, fleet_extra: &str) -> PathBuf {
         let mut text = format!("[fleet]\nuser = \"root\"\ndevice = \"cpu\"\n{fleet_extra}\n");
         for h in &self.hosts {
-            text.push_str(&format!("\n[[host]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\n", h.name, h.addr, h.port));
+            text.push_str(&format!(
+                "\n[[host]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\n",
+                h.name, h.addr, h.port
+            ));
         }
         let path = dir.join("fleet.toml");
         std::fs::write(&path, text).unwrap();
@@ -92,8 +104,18 @@ impl Testbed {
 
     /// Runs a shell command on a host with OpenSSH's own client, independent of fleet.
     pub fn ssh(&self, host: &str, command: &str) -> String {
-        let out = Command::new("ssh").arg("-F").arg(self.dir.join("ssh_config")).arg(host).arg(command).output().unwrap();
-        assert!(out.status.success(), "ssh {host} {command}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg(self.dir.join("ssh_config"))
+            .arg(host)
+            .arg(command)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ssh {host} {command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -190,7 +212,13 @@ impl Run {
 
     #[track_caller]
     pub fn assert_code(&self, code: i32) -> &Run {
-        assert_eq!(self.code, Some(code), "exit code\n--- stdout\n{}\n--- stderr\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code,
+            Some(code),
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
         self
     }
 }
