@@ -59,7 +59,7 @@ make_tree() {
   head -c $((n * size)) /dev/urandom >"$work/blob"
   for ((i = 0; i < 20; i++)); do mkdir -p "$dir/part$i"; done
   for ((i = 0; i < n; i++)); do
-    tail -c +$((i * size + 1)) "$work/blob" | head -c "$size" >"$dir/part$((i % 20))/file$i.bin"
+    dd if="$work/blob" of="$dir/part$((i % 20))/file$i.bin" bs="$size" skip="$i" count=1 status=none
   done
   rm "$work/blob"
   find "$dir" -exec touch -d '1 hour ago' {} +
@@ -75,7 +75,7 @@ sync_inventory() {
 rsync_all() { # SOURCE NAME
   local h pids=()
   for h in "${hosts[@]}"; do
-    rsync -a --delete -e "ssh -F $TB_DIR/ssh_config" "$1/" "$h:$work/$2/$h/" & pids+=($!)
+    rsync -a --mkpath --delete -e "ssh -F $TB_DIR/ssh_config" "$1/" "$h:$work/$2/$h/" & pids+=($!)
   done
   for h in "${pids[@]}"; do wait "$h"; done
 }
@@ -97,7 +97,7 @@ report() { # CASE FLEET_MS RSYNC_MS
 
 echo "bench: making the trees" >&2
 make_tree "$work/small" 2000 20000
-head -c $((200 << 20)) /dev/urandom | base64 -w 100 | head -c $((200 << 20)) >"$work/small/training_data.csv"
+head -c $((150 << 20)) /dev/urandom | base64 -w 99 >"$work/small/training_data.csv" # 200 MB of text
 touch -d '1 hour ago' "$work/small/training_data.csv"
 make_tree "$work/many" 10000 1000
 small_inv=$(sync_inventory "$work/small" fleet-small)

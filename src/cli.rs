@@ -52,6 +52,8 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Run a command on every host at once; each output line is prefixed with its host
     Exec(ExecArgs),
+    /// Start every rank on every host at once and stream one merged log; stop all when one fails
+    Run(RunArgs),
     /// Make the project folder identical on every host, verified by SHA-256
     Sync(SyncArgs),
     /// Show the hosts of the inventory as fleet will use them (node rank, address, user, ranks)
@@ -74,7 +76,7 @@ pub struct ExecArgs {
     pub command: Vec<String>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct SyncArgs {
     /// Print what would be sent, created and removed on each host, and change nothing
     #[arg(long, conflicts_with = "verify")]
@@ -85,4 +87,27 @@ pub struct SyncArgs {
     /// Remove files on the hosts that are not in the project (excluded paths are kept)
     #[arg(long)]
     pub delete: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Start one `torchrun` per host (for scripts written for torch.distributed) instead of
+    /// the command once per rank
+    #[arg(long, conflicts_with = "accelerate")]
+    pub torchrun: bool,
+    /// Start one `accelerate launch` per host
+    #[arg(long)]
+    pub accelerate: bool,
+    /// Do not sync the project first
+    #[arg(long)]
+    pub no_sync: bool,
+    /// Seconds between SIGTERM and SIGKILL when stopping the job
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub grace: u64,
+    /// Prefix each line with the seconds since the job started
+    #[arg(long)]
+    pub timestamps: bool,
+    /// The command and its arguments (default: [run].command of the inventory)
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }

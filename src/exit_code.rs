@@ -14,6 +14,8 @@ pub enum ExitCode {
     Unreachable,
     /// Stopped by Ctrl-C.
     Interrupted,
+    /// A code passed through from elsewhere: `fleet run` exits with the failed rank's own code.
+    Exact(u8),
 }
 
 impl ExitCode {
@@ -25,6 +27,7 @@ impl ExitCode {
             ExitCode::Unreachable => 2,
             ExitCode::Usage => 3,
             ExitCode::Interrupted => 4,
+            ExitCode::Exact(_) => 5,
         };
         if rank(other) > rank(self) {
             other
@@ -40,6 +43,7 @@ impl ExitCode {
             ExitCode::Usage => 2,
             ExitCode::Unreachable => 3,
             ExitCode::Interrupted => 130,
+            ExitCode::Exact(code) => code,
         }
     }
 }

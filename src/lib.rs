@@ -16,6 +16,7 @@ pub mod cli;
 pub mod commands;
 pub mod exit_code;
 pub mod inventory;
+pub mod launch;
 pub mod output;
 pub mod shell;
 pub mod ssh;

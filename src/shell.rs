@@ -35,6 +35,12 @@ pub fn join<S: AsRef<str>>(args: &[S]) -> String {
         .join(" ")
 }
 
+/// A POSIX shell script as one command line, whatever the user's login shell is (bash, zsh,
+/// fish): `sh -c 'SCRIPT'`.
+pub fn sh(script: &str) -> String {
+    format!("sh -c {}", quote(script))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 
 mod exec;
 mod inventory;
+mod run;
 mod sync;
 mod table;
 
@@ -74,6 +75,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let fleet = Fleet::new(cli.global);
     match cli.command {
         Command::Exec(args) => exec::run(&fleet, &args).await,
+        Command::Run(args) => run::run(&fleet, &args).await,
         Command::Sync(args) => sync::run(&fleet, &args).await,
         Command::Inventory => inventory::run(&fleet),
     }

@@ -1,0 +1,238 @@
+//! Which processes a job starts on which host, with which environment: a pure function of the
+//! inventory and the command, so every rule (rank numbering, torchrun's variable names, the
+//! launcher modes) is unit-tested without a network.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::inventory::Inventory;
+
+/// How the command is started on the hosts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The command once per rank, with torchrun's environment (RANK, WORLD_SIZE, ...).
+    #[default]
+    Ranks,
+    /// One `torchrun` per host, which starts that host's ranks.
+    Torchrun,
+    /// One `accelerate launch` per host.
+    Accelerate,
+}
+
+/// One process fleet starts and supervises: a rank, or a per-host launcher.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Process {
+    /// Position in [`JobPlan::processes`]; names its files in the job directory.
+    pub index: usize,
+    /// Index of its host in the inventory (= node rank).
+    pub host: usize,
+    /// Shown in every log line: the global rank (`3`) or, for a per-host launcher, the node (`n1`).
+    pub label: String,
+    pub env: BTreeMap<String, String>,
+    pub argv: Vec<String>,
+}
+
+/// Everything a job starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct JobPlan {
+    pub job_id: String,
+    pub mode: Mode,
+    pub master_addr: String,
+    pub master_port: u16,
+    pub world_size: u32,
+    pub processes: Vec<Process>,
+}
+
+impl JobPlan {
+    /// The processes that run on host `host`.
+    pub fn on_host(&self, host: usize) -> impl Iterator<Item = &Process> {
+        self.processes.iter().filter(move |p| p.host == host)
+    }
+}
+
+/// Plans a job. `addresses` are the hosts' addresses as dialled (rank 0's is MASTER_ADDR unless
+/// the inventory sets `master_addr`).
+pub fn plan(inventory: &Inventory, addresses: &[String], command: &[String], mode: Mode, job_id: &str) -> JobPlan {
+    let master_addr = inventory.master_addr.clone().unwrap_or_else(|| addresses[0].clone());
+    let master_port = inventory.master_port.to_string();
+    let world_size = inventory.world_size();
+    let nnodes = inventory.hosts.len().to_string();
+    let mut processes = Vec::new();
+    for ((node, host), first) in inventory.hosts.iter().enumerate().zip(inventory.first_ranks()) {
+        // Ours first, then the user's: the inventory may override anything, e.g. OMP_NUM_THREADS.
+        let mut common = BTreeMap::from([
+            ("FLEET_JOB_ID".to_string(), job_id.to_string()),
+            ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
+        ]);
+        common.extend(host.env.clone());
+        match mode {
+            Mode::Ranks => {
+                for local in 0..host.ranks {
+                    let mut env = BTreeMap::from([
+                        ("RANK".to_string(), (first + local).to_string()),
+                        ("LOCAL_RANK".to_string(), local.to_string()),
+                        ("WORLD_SIZE".to_string(), world_size.to_string()),
+                        ("LOCAL_WORLD_SIZE".to_string(), host.ranks.to_string()),
+                        ("NODE_RANK".to_string(), node.to_string()),
+                        ("GROUP_RANK".to_string(), node.to_string()),
+                        ("NNODES".to_string(), nnodes.clone()),
+                        ("MASTER_ADDR".to_string(), master_addr.clone()),
+                        ("MASTER_PORT".to_string(), master_port.clone()),
+                    ]);
+                    env.extend(common.clone());
+                    let index = processes.len();
+                    processes.push(Process { index, host: node, label: (first + local).to_string(), env, argv: command.to_vec() });
+                }
+            }
+            Mode::Torchrun | Mode::Accelerate => {
+                let mut argv: Vec<String> = if mode == Mode::Torchrun {
+                    [
+                        "torchrun",
+                        "--nnodes",
+                        &nnodes,
+                        "--nproc-per-node",
+                        &host.ranks.to_string(),
+                        "--node-rank",
+                        &node.to_string(),
+                        "--master-addr",
+                        &master_addr,
+                        "--master-port",
+                        &master_port,
+                    ]
+                    .map(String::from)
+                    .to_vec()
+                } else {
+                    let mut a: Vec<String> = [
+                        "accelerate",
+                        "launch",
+                        "--num_machines",
+                        &nnodes,
+                        "--num_processes",
+                        &world_size.to_string(),
+                        "--machine_rank",
+                        &node.to_string(),
+                        "--main_process_ip",
+                        &master_addr,
+                        "--main_process_port",
+                        &master_port,
+                    ]
+                    .map(String::from)
+                    .to_vec();
+                    match host.device {
+                        crate::inventory::Device::Cpu => a.push("--cpu".into()),
+                        crate::inventory::Device::Cuda if world_size > 1 => a.push("--multi_gpu".into()),
+                        crate::inventory::Device::Cuda => {}
+                    }
+                    a
+                };
+                argv.extend(command.iter().cloned());
+                let index = processes.len();
+                processes.push(Process { index, host: node, label: format!("n{node}"), env: common, argv });
+            }
+        }
+    }
+    JobPlan { job_id: job_id.to_string(), mode, master_addr, master_port: inventory.master_port, world_size, processes }
+}
+
+/// A job id: sortable by start time, unique enough for one user's runs.
+pub fn new_job_id() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = now.as_secs() as i64;
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    let salt = (now.subsec_nanos() ^ std::process::id().rotate_left(16)) & 0xffff;
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{salt:04x}", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn inventory(text: &str) -> Inventory {
+        Inventory::from_toml(Path::new("fleet.toml"), text).unwrap()
+    }
+
+    const FLEET: &str = "[fleet]\nenv = { OMP_NUM_THREADS = \"2\" }\n[[host]]\nname = \"a\"\naddress = \"10.0.0.1\"\n\
+        [[host]]\nname = \"b\"\naddress = \"10.0.0.2\"\nranks = 2\nenv = { NCCL_DEBUG = \"INFO\", PYTHONUNBUFFERED = \"0\" }\n\
+        [[host]]\nname = \"c\"\naddress = \"10.0.0.3\"\n";
+
+    fn addresses() -> Vec<String> {
+        vec!["10.0.0.1".into(), "10.0.0.2".into(), "10.0.0.3".into()]
+    }
+
+    #[test]
+    fn every_rank_gets_torchruns_environment() {
+        let inv = inventory(FLEET);
+        let job = plan(&inv, &addresses(), &["python3".into(), "train.py".into()], Mode::Ranks, "J");
+        let summary: Vec<(usize, &str, &str, &str, &str)> = job
+            .processes
+            .iter()
+            .map(|p| (p.host, p.env["RANK"].as_str(), p.env["LOCAL_RANK"].as_str(), p.env["LOCAL_WORLD_SIZE"].as_str(), p.env["NODE_RANK"].as_str()))
+            .collect();
+        assert_eq!(summary, [(0, "0", "0", "1", "0"), (1, "1", "0", "2", "1"), (1, "2", "1", "2", "1"), (2, "3", "0", "1", "2")]);
+        for p in &job.processes {
+            assert_eq!(p.env["WORLD_SIZE"], "4");
+            assert_eq!(p.env["NNODES"], "3");
+            assert_eq!(p.env["MASTER_ADDR"], "10.0.0.1");
+            assert_eq!(p.env["MASTER_PORT"], "29500");
+            assert_eq!(p.env["FLEET_JOB_ID"], "J");
+            assert_eq!(p.env["GROUP_RANK"], p.env["NODE_RANK"]);
+            assert_eq!(p.env["OMP_NUM_THREADS"], "2");
+            assert_eq!(p.argv, ["python3", "train.py"]);
+            assert_eq!(p.label, p.env["RANK"]);
+        }
+        assert_eq!(job.processes[1].env["NCCL_DEBUG"], "INFO");
+        assert_eq!(job.processes[1].env["PYTHONUNBUFFERED"], "0", "the inventory overrides fleet's defaults");
+        assert_eq!(job.processes[0].env["PYTHONUNBUFFERED"], "1");
+    }
+
+    #[test]
+    fn torchrun_mode_starts_one_launcher_per_host() {
+        let inv = inventory(&FLEET.replace("[fleet]\n", "[fleet]\nmaster_addr = \"192.168.9.9\"\nmaster_port = 29555\n"));
+        let job = plan(&inv, &addresses(), &["train.py".into(), "--lr".into(), "1e-4".into()], Mode::Torchrun, "J");
+        assert_eq!(job.processes.len(), 3);
+        assert_eq!(
+            job.processes[1].argv,
+            "torchrun --nnodes 3 --nproc-per-node 2 --node-rank 1 --master-addr 192.168.9.9 --master-port 29555 train.py --lr 1e-4"
+                .split(' ')
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(job.processes[1].label, "n1");
+        assert!(!job.processes[1].env.contains_key("RANK"), "torchrun sets the ranks itself");
+    }
+
+    #[test]
+    fn accelerate_mode_matches_the_fleet() {
+        let inv = inventory(&FLEET.replace("[fleet]\n", "[fleet]\ndevice = \"cpu\"\n"));
+        let job = plan(&inv, &addresses(), &["train.py".into()], Mode::Accelerate, "J");
+        assert_eq!(
+            job.processes[2].argv.join(" "),
+            "accelerate launch --num_machines 3 --num_processes 4 --machine_rank 2 --main_process_ip 10.0.0.1 --main_process_port 29500 --cpu train.py"
+        );
+    }
+
+    #[test]
+    fn job_ids_sort_by_time() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_783), (2026, 11, 26));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        let id = new_job_id();
+        assert_eq!(id.len(), 20, "{id}");
+    }
+}

@@ -1,0 +1,347 @@
+//! The one loop that owns a running job: it receives every follower's events and the user's
+//! signals, prints and records the merged log, and decides when to stop the job.
+//!
+//! The first process to exit non-zero (or a host that is lost) stops every other process:
+//! SIGTERM to each process group, then SIGKILL after the grace period. Ctrl-C once does the same
+//! stop; a second Ctrl-C kills at once; a third leaves without waiting.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use serde::Serialize;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use super::follow::Event;
+use super::plan::JobPlan;
+use super::remote::{signal_script, stem};
+use crate::output::{LineSplitter, Printer, Stream, sanitize};
+use crate::shell;
+use crate::ssh::Session;
+
+/// How many of a failed process's last lines are shown.
+const TAIL_LINES: usize = 20;
+
+/// How each process ended, and what that means for fleet's exit code.
+#[derive(Debug, Default, Serialize)]
+pub struct Outcome {
+    /// Per process: its exit status (128 + n when killed by signal n); `None` if never known.
+    pub exits: Vec<Option<i32>>,
+    /// The process whose failure stopped the job.
+    pub first_failure: Option<usize>,
+    /// Hosts lost while the job ran, with why.
+    pub lost: Vec<(String, String)>,
+    pub interrupted: bool,
+    /// Latest start minus earliest start.
+    pub start_skew_ms: Option<f64>,
+    pub lines: Vec<u64>,
+    pub seconds: f64,
+}
+
+impl Outcome {
+    /// The exit code of `fleet run`: the first failed process's own code, 130 after Ctrl-C,
+    /// 3 when a host was lost, 0 when everything succeeded.
+    pub fn exit_code(&self) -> u8 {
+        if self.interrupted {
+            return 130;
+        }
+        if let Some(p) = self.first_failure {
+            let code = self.exits[p].unwrap_or(1);
+            return u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1);
+        }
+        if !self.lost.is_empty() {
+            return 3;
+        }
+        0
+    }
+}
+
+/// What the loop needs to know about the job and how to reach it.
+pub struct Supervisor<'a> {
+    pub printer: &'a Printer,
+    pub job: &'a JobPlan,
+    pub host_names: &'a [String],
+    /// Connected sessions, by host.
+    pub sessions: &'a [Session],
+    /// Each host's workdir as the remote shell should see it.
+    pub workdirs: &'a [String],
+    pub grace: Duration,
+    pub timestamps: bool,
+    /// Local folder for the per-process logs, the merged log and summary.json.
+    pub run_dir: Option<PathBuf>,
+    /// Per host: are its processes followed? (A host that refused the job started none.)
+    pub followed: Vec<bool>,
+}
+
+/// Per-process state of the loop.
+struct Track {
+    splitter: LineSplitter,
+    prefix: String,
+    plain_prefix: String,
+    tail: VecDeque<String>,
+    file: Option<BufWriter<File>>,
+    ended: bool,
+}
+
+impl Supervisor<'_> {
+    /// Supervises until every followed process has ended. With `stop_first`, the job is
+    /// stopped at once (some host refused it).
+    pub async fn run(&self, mut events: mpsc::Receiver<Event>, stop_first: bool) -> Outcome {
+        let started = Instant::now();
+        let n = self.job.processes.len();
+        let mut outcome = Outcome { exits: vec![None; n], lines: vec![0; n], ..Outcome::default() };
+        let mut tracks = self.tracks();
+        let mut merged = self.run_dir.as_ref().and_then(|d| File::create(d.join("merged.log")).ok()).map(BufWriter::new);
+        let mut starts: Vec<Option<u128>> = vec![None; n];
+
+        let mut interrupts = match signal(SignalKind::interrupt()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.printer.warn(&format!("cannot catch Ctrl-C ({e}): it will stop fleet, not the job"));
+                None
+            }
+        };
+        let mut terminations = signal(SignalKind::terminate()).ok();
+        let mut stopping: FuturesUnordered<BoxFuture<'_, ()>> = FuturesUnordered::new();
+        let mut kill_at: Option<tokio::time::Instant> = None;
+        let mut stop_requested = false;
+        let mut killed = false;
+        if stop_first {
+            stop_requested = true;
+            stopping.push(Box::pin(self.signal_all("TERM")));
+            kill_at = Some(tokio::time::Instant::now() + self.grace);
+        }
+
+        while tracks.iter().any(|t| !t.ended) {
+            tokio::select! {
+                event = events.recv() => {
+                    let Some(event) = event else { break };
+                    match event {
+                        Event::Started { process, at_ns } => starts[process] = Some(at_ns),
+                        Event::Output { process, bytes } => {
+                            let track = &mut tracks[process];
+                            if let Some(file) = &mut track.file {
+                                let _ = file.write_all(&bytes);
+                            }
+                            let elapsed = started.elapsed();
+                            let mut count = 0;
+                            let (printer, timestamps) = (self.printer, self.timestamps);
+                            let Track { splitter, prefix, plain_prefix, tail, .. } = track;
+                            splitter.push(&bytes, |line| {
+                                count += 1;
+                                emit(printer, timestamps, elapsed, prefix, plain_prefix, line, tail, merged.as_mut());
+                            });
+                            outcome.lines[process] += count;
+                        }
+                        Event::Exited { process, code } => {
+                            let track = &mut tracks[process];
+                            let elapsed = started.elapsed();
+                            let mut count = 0;
+                            let Track { splitter, prefix, plain_prefix, tail, .. } = track;
+                            splitter.finish(|line| {
+                                count += 1;
+                                emit(self.printer, self.timestamps, elapsed, prefix, plain_prefix, line, tail, merged.as_mut());
+                            });
+                            outcome.lines[process] += count;
+                            track.ended = true;
+                            if let Some(file) = &mut track.file {
+                                let _ = file.flush();
+                            }
+                            outcome.exits[process] = Some(code);
+                            if code != 0 && outcome.first_failure.is_none() && !stop_requested {
+                                outcome.first_failure = Some(process);
+                                let p = &self.job.processes[process];
+                                self.printer.error(&format!(
+                                    "{} on {} exited with {code}{}; stopping the other processes",
+                                    self.describe(process),
+                                    self.host_names[p.host],
+                                    signal_note(code)
+                                ));
+                            }
+                            if outcome.first_failure.is_some() && !stop_requested {
+                                stop_requested = true;
+                                stopping.push(Box::pin(self.signal_all("TERM")));
+                                kill_at = Some(tokio::time::Instant::now() + self.grace);
+                            }
+                        }
+                        Event::Lost { host, error } => {
+                            self.printer.error(&format!("{}: lost while the job ran ({error}); stopping the other processes", self.host_names[host]));
+                            outcome.lost.push((self.host_names[host].clone(), error));
+                            for p in self.job.on_host(host) {
+                                tracks[p.index].ended = true;
+                            }
+                            if !stop_requested {
+                                stop_requested = true;
+                                stopping.push(Box::pin(self.signal_all("TERM")));
+                                kill_at = Some(tokio::time::Instant::now() + self.grace);
+                            }
+                        }
+                    }
+                }
+                Some(()) = recv(&mut interrupts) => {
+                    outcome.interrupted = true;
+                    if !stop_requested {
+                        stop_requested = true;
+                        self.printer.warn(&format!("interrupted: stopping every process (Ctrl-C again to kill them now, {}s grace)", self.grace.as_secs()));
+                        stopping.push(Box::pin(self.signal_all("TERM")));
+                        kill_at = Some(tokio::time::Instant::now() + self.grace);
+                    } else if !killed {
+                        killed = true;
+                        self.printer.warn("killing every process now (Ctrl-C again to leave without waiting)");
+                        stopping.push(Box::pin(self.signal_all("KILL")));
+                    } else {
+                        self.printer.warn("leaving without waiting: processes may still be running; see fleet ps");
+                        break;
+                    }
+                }
+                Some(()) = recv(&mut terminations) => {
+                    outcome.interrupted = true;
+                    if !stop_requested {
+                        stop_requested = true;
+                        stopping.push(Box::pin(self.signal_all("TERM")));
+                        kill_at = Some(tokio::time::Instant::now() + self.grace);
+                    }
+                }
+                () = sleep_until(kill_at), if kill_at.is_some() && !killed => {
+                    killed = true;
+                    self.printer.warn(&format!("processes still running after {}s: killing them", self.grace.as_secs()));
+                    stopping.push(Box::pin(self.signal_all("KILL")));
+                }
+                Some(()) = stopping.next(), if !stopping.is_empty() => {}
+            }
+        }
+        // Signals sent but not yet confirmed still finish, so no process outlives a stop.
+        while stopping.next().await.is_some() {}
+        if let Some(m) = &mut merged {
+            let _ = m.flush();
+        }
+
+        let known: Vec<u128> = starts.iter().flatten().copied().collect();
+        if let (Some(min), Some(max)) = (known.iter().min(), known.iter().max()) {
+            outcome.start_skew_ms = Some((max - min) as f64 / 1e6);
+        }
+        outcome.seconds = started.elapsed().as_secs_f64();
+        if let Some(p) = outcome.first_failure {
+            let tail = &tracks[p].tail;
+            if !tail.is_empty() {
+                let mut text = format!("last {} lines of {}:\n", tail.len(), self.describe(p));
+                for line in tail {
+                    text.push_str("  ");
+                    text.push_str(&sanitize(line.as_bytes(), self.printer.stderr_is_terminal()));
+                    text.push('\n');
+                }
+                self.printer.write(Stream::Stderr, &text);
+            }
+        }
+        outcome
+    }
+
+    fn describe(&self, process: usize) -> String {
+        let label = &self.job.processes[process].label;
+        match label.strip_prefix('n') {
+            Some(node) => format!("node {node}"),
+            None => format!("rank {label}"),
+        }
+    }
+
+    fn tracks(&self) -> Vec<Track> {
+        let width = self.job.processes.iter().map(|p| p.label.len()).max().unwrap_or(1);
+        let host_width = self.host_names.iter().map(|h| console::measure_text_width(h)).max().unwrap_or(0);
+        const COLORS: [console::Color; 6] = [
+            console::Color::Cyan,
+            console::Color::Magenta,
+            console::Color::Yellow,
+            console::Color::Green,
+            console::Color::Blue,
+            console::Color::Red,
+        ];
+        self.job
+            .processes
+            .iter()
+            .map(|p| {
+                let host = &self.host_names[p.host];
+                let plain_prefix = format!("[{:>width$} {host:<host_width$}] ", p.label);
+                let style = self.printer.style(Stream::Stdout, console::Style::new().fg(COLORS[p.host % COLORS.len()]));
+                let file = self
+                    .run_dir
+                    .as_ref()
+                    .and_then(|d| File::create(d.join(format!("{}.log", stem(p)))).ok())
+                    .map(BufWriter::new);
+                Track {
+                    splitter: LineSplitter::new(),
+                    prefix: style.apply_to(&plain_prefix).to_string(),
+                    plain_prefix,
+                    tail: VecDeque::with_capacity(TAIL_LINES),
+                    file,
+                    ended: !self.followed[p.host],
+                }
+            })
+            .collect()
+    }
+
+    /// Sends `signal` to every process group of the job on every host still connected.
+    async fn signal_all(&self, signal: &'static str) {
+        let signals = self.sessions.iter().enumerate().map(|(host, session)| async move {
+            let stems: Vec<String> = self.job.on_host(host).map(stem).collect();
+            let script = signal_script(&self.workdirs[host], &self.job.job_id, &stems, signal);
+            if let Err(e) = session.capture(&shell::sh(&script)).await {
+                self.printer.warn(&format!("{}: could not send SIG{signal}: {e}", self.host_names[host]));
+            }
+        });
+        futures::future::join_all(signals).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    printer: &Printer,
+    timestamps: bool,
+    elapsed: Duration,
+    prefix: &str,
+    plain_prefix: &str,
+    line: &[u8],
+    tail: &mut VecDeque<String>,
+    merged: Option<&mut BufWriter<File>>,
+) {
+    let stamp = if timestamps { format!("+{:.3}s ", elapsed.as_secs_f64()) } else { String::new() };
+    let text = String::from_utf8_lossy(line);
+    if printer.json() {
+        printer.record(&serde_json::json!({"type": "line", "process": plain_prefix.trim(), "line": text}));
+    } else {
+        printer.remote_line(Stream::Stdout, &format!("{stamp}{prefix}"), line);
+    }
+    if let Some(m) = merged {
+        let _ = writeln!(m, "{stamp}{plain_prefix}{text}");
+    }
+    if tail.len() == TAIL_LINES {
+        tail.pop_front();
+    }
+    tail.push_back(text.into_owned());
+}
+
+/// The next signal of a stream that may not exist.
+async fn recv(stream: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match stream {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn signal_note(code: i32) -> String {
+    match code {
+        129..=159 => format!(" (killed by signal {})", code - 128),
+        _ => String::new(),
+    }
+}
