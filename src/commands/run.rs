@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::Fleet;
-use crate::cli::{RunArgs, SyncArgs};
+use crate::cli::RunArgs;
 use crate::exit_code::ExitCode;
 use crate::launch::follow::{Followed, follow_host};
 use crate::launch::remote::{BUSY, NO_WORKDIR, job_dir, start_script, stem};
@@ -50,7 +50,7 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
         Mode::Ranks
     };
     if !args.no_sync {
-        let code = super::sync::run(fleet, &SyncArgs::default()).await?;
+        let code = super::sync::before_run(fleet).await?;
         if code != ExitCode::Success {
             fleet.printer.error("the sync failed; nothing was started (--no-sync starts without syncing)");
             return Ok(code);

@@ -70,6 +70,15 @@ struct HostRecord<'a> {
 }
 
 pub async fn run(fleet: &Fleet, args: &SyncArgs) -> Result<ExitCode> {
+    sync(fleet, args, false).await
+}
+
+/// The sync before a `fleet run`: its report is progress, so it goes to stderr (no JSON).
+pub async fn before_run(fleet: &Fleet) -> Result<ExitCode> {
+    sync(fleet, &SyncArgs::default(), true).await
+}
+
+async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCode> {
     let inventory = fleet.inventory()?;
     let targets = fleet.targets(&inventory)?;
     let options = fleet.connect_options(&inventory, &targets)?;
@@ -113,7 +122,7 @@ pub async fn run(fleet: &Fleet, args: &SyncArgs) -> Result<ExitCode> {
             .map(|(host, target)| context.sync_host(host, target)),
     )
     .await;
-    Ok(report(&fleet.printer, &inventory, &results, args))
+    Ok(report(&fleet.printer, &inventory, &results, args, before_run))
 }
 
 struct HostContext<'a> {
@@ -261,6 +270,7 @@ fn report(
     inventory: &Inventory,
     results: &[Result<HostResult, SyncError>],
     args: &SyncArgs,
+    before_run: bool,
 ) -> ExitCode {
     let mut code = ExitCode::Success;
     let mut rows = Vec::new();
@@ -345,18 +355,16 @@ fn report(
                 });
             }
         }
-        if printer.json() {
+        if printer.json() && !before_run {
             printer.record(&record);
         }
     }
-    if !rows.is_empty() && !printer.json() {
-        printer.write(
-            Stream::Stdout,
-            &table::render(
-                &["HOST", "SENT", "BYTES", "UNCHANGED", "REMOVED", "SECONDS"],
-                &rows,
-            ),
-        );
+    if before_run {
+        let sent: usize = rows.iter().filter_map(|r| r[1].parse::<usize>().ok()).sum();
+        printer.info(&format!("synced {} hosts: {sent} files sent", rows.len()));
+    } else if !rows.is_empty() && !printer.json() {
+        let header = ["HOST", "SENT", "BYTES", "UNCHANGED", "REMOVED", "SECONDS"];
+        printer.write(Stream::Stdout, &table::render(&header, &rows));
     }
     code
 }

@@ -178,6 +178,17 @@ impl Fleet {
         self.run()
     }
 
+    /// Starts it with stdout and stderr piped, for tests that act while it runs.
+    pub fn spawn(mut self) -> (std::process::Child, tempfile::TempDir) {
+        let child = self
+            .command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child, self.home)
+    }
+
     pub fn run(mut self) -> Run {
         let output = self.command.output().unwrap();
         Run::from(output)
