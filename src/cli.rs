@@ -108,6 +108,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub timestamps: bool,
     /// The command and its arguments (default: [run].command of the inventory)
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "COMMAND"
+    )]
     pub command: Vec<String>,
 }

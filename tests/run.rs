@@ -25,12 +25,21 @@ impl Job {
         std::fs::write(source.path().join("README"), "a job\n").unwrap();
         let config = tempfile::tempdir().unwrap();
         let inventory = tb.sync_inventory(config.path(), name, source.path());
-        Job { tb, source, _config: config, inventory }
+        Job {
+            tb,
+            source,
+            _config: config,
+            inventory,
+        }
     }
 
     fn with_ranks_on_host2(self, ranks: u32) -> Job {
         let text = std::fs::read_to_string(&self.inventory).unwrap();
-        let text = text.replacen("name = \"host2\"\n", &format!("name = \"host2\"\nranks = {ranks}\n"), 1);
+        let text = text.replacen(
+            "name = \"host2\"\n",
+            &format!("name = \"host2\"\nranks = {ranks}\n"),
+            1,
+        );
         std::fs::write(&self.inventory, text).unwrap();
         self
     }
@@ -47,8 +56,12 @@ impl Job {
             .hosts
             .iter()
             .flat_map(|h| {
-                let out = self.tb.ssh(&h.name, &format!("pgrep -a -f '{pattern}' || true"));
-                out.lines().map(|l| format!("{}: {l}", h.name)).collect::<Vec<_>>()
+                let out = self
+                    .tb
+                    .ssh(&h.name, &format!("pgrep -a -f '{pattern}' || true"));
+                out.lines()
+                    .map(|l| format!("{}: {l}", h.name))
+                    .collect::<Vec<_>>()
             })
             .collect()
     }
@@ -60,7 +73,10 @@ fn await_lines(out: &mut impl BufRead, needle: &str, count: usize) {
     let mut seen = 0;
     let mut line = String::new();
     while seen < count {
-        assert!(Instant::now() < deadline, "only {seen} of {count} lines with {needle:?}");
+        assert!(
+            Instant::now() < deadline,
+            "only {seen} of {count} lines with {needle:?}"
+        );
         line.clear();
         assert_ne!(out.read_line(&mut line).unwrap(), 0, "fleet ended early");
         seen += usize::from(line.contains(needle));
@@ -92,7 +108,9 @@ fn every_rank_gets_its_environment() {
     let mut lines = run.sorted_stdout();
     let job_id = lines[0].rsplit("JOB=").next().unwrap().to_string();
     assert_eq!(job_id.len(), 20, "{}", run.stdout);
-    lines.iter_mut().for_each(|l| *l = l.trim_end_matches(&job_id));
+    lines
+        .iter_mut()
+        .for_each(|l| *l = l.trim_end_matches(&job_id));
     let expected: Vec<String> = (0..3)
         .map(|r| {
             format!(
@@ -108,8 +126,13 @@ fn every_rank_gets_its_environment() {
     let runs = job.source.path().join("runs").join(&job_id);
     let merged = std::fs::read_to_string(runs.join("merged.log")).unwrap();
     assert_eq!(merged.lines().count(), 3);
-    assert!(std::fs::read_to_string(runs.join("rank-1.log")).unwrap().starts_with("RANK=1 "));
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(runs.join("summary.json")).unwrap()).unwrap();
+    assert!(
+        std::fs::read_to_string(runs.join("rank-1.log"))
+            .unwrap()
+            .starts_with("RANK=1 ")
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runs.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["exit_code"], 0);
     assert_eq!(summary["outcome"]["exits"], serde_json::json!([0, 0, 0]));
 }
@@ -117,48 +140,116 @@ fn every_rank_gets_its_environment() {
 #[test]
 fn two_ranks_on_one_host_make_four() {
     let job = Job::new("run-four").with_ranks_on_host2(2);
-    let run = job.fleet(&["run", "--", "sh", "-c", "echo $RANK/$LOCAL_RANK/$LOCAL_WORLD_SIZE/$WORLD_SIZE@$(hostname)"]).run();
+    let run = job
+        .fleet(&[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo $RANK/$LOCAL_RANK/$LOCAL_WORLD_SIZE/$WORLD_SIZE@$(hostname)",
+        ])
+        .run();
     run.assert_code(0);
-    assert_eq!(run.sorted_stdout(), ["[0 host1] 0/0/1/4@host1", "[1 host2] 1/0/2/4@host2", "[2 host2] 2/1/2/4@host2", "[3 host3] 3/0/1/4@host3"]);
+    assert_eq!(
+        run.sorted_stdout(),
+        [
+            "[0 host1] 0/0/1/4@host1",
+            "[1 host2] 1/0/2/4@host2",
+            "[2 host2] 2/1/2/4@host2",
+            "[3 host3] 3/0/1/4@host3"
+        ]
+    );
 }
 
 #[test]
 fn the_first_failure_stops_every_rank_and_its_code_is_fleets() {
     let job = Job::new("run-fail");
     let script = "if [ $RANK = 1 ]; then echo about to fail; sleep 1; exit 3; fi; echo waiting; exec sleep 6001";
-    let run = job.fleet(&["run", "--grace", "2", "--", "sh", "-c", script]).run();
+    let run = job
+        .fleet(&["run", "--grace", "2", "--", "sh", "-c", script])
+        .run();
     run.assert_code(3);
-    assert!(run.stderr.contains("rank 1 on host2 exited with 3; stopping the other processes"), "{}", run.stderr);
-    assert!(run.stderr.contains("last 1 lines of rank 1:\n  about to fail"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("rank 1 on host2 exited with 3; stopping the other processes"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("last 1 lines of rank 1:\n  about to fail"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(job.remaining("sleep 6001"), Vec::<String>::new());
 }
 
 #[test]
 fn ctrl_c_stops_every_rank_and_exits_130() {
     let job = Job::new("run-interrupt");
-    let (mut child, _home) = job.fleet(&["run", "--grace", "2", "--", "sh", "-c", "echo ready; exec sleep 6002"]).spawn();
+    let (mut child, _home) = job
+        .fleet(&[
+            "run",
+            "--grace",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 6002",
+        ])
+        .spawn();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     await_lines(&mut stdout, "ready", 3);
-    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     assert_eq!(wait(&mut child), Some(130));
     let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    assert!(stderr.contains("interrupted: stopping every process"), "{stderr}");
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        stderr.contains("interrupted: stopping every process"),
+        "{stderr}"
+    );
     assert_eq!(job.remaining("sleep 6002"), Vec::<String>::new());
 }
 
 #[test]
 fn a_second_job_in_the_same_workdir_is_refused_by_name() {
     let job = Job::new("run-busy");
-    let (mut first, _home) = job.fleet(&["run", "--grace", "1", "--", "sh", "-c", "echo ready; exec sleep 6003"]).spawn();
+    let (mut first, _home) = job
+        .fleet(&[
+            "run",
+            "--grace",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 6003",
+        ])
+        .spawn();
     let mut stdout = BufReader::new(first.stdout.take().unwrap());
     await_lines(&mut stdout, "ready", 3);
     let second = job.fleet(&["run", "--no-sync", "--", "true"]).run();
     second.assert_code(1);
     assert!(second.stderr.contains("host1: job 20"), "{}", second.stderr);
-    assert!(second.stderr.contains("is still running in /tmp/fleet-tests/run-busy/host1"), "{}", second.stderr);
-    std::process::Command::new("kill").args(["-INT", &first.id().to_string()]).status().unwrap();
+    assert!(
+        second
+            .stderr
+            .contains("is still running in /tmp/fleet-tests/run-busy/host1"),
+        "{}",
+        second.stderr
+    );
+    std::process::Command::new("kill")
+        .args(["-INT", &first.id().to_string()])
+        .status()
+        .unwrap();
     assert_eq!(wait(&mut first), Some(130));
     assert_eq!(job.remaining("sleep 6003"), Vec::<String>::new());
 }
@@ -166,13 +257,25 @@ fn a_second_job_in_the_same_workdir_is_refused_by_name() {
 #[test]
 fn six_hundred_thousand_lines_arrive_whole_and_in_order() {
     let job = Job::new("run-lines");
-    let run = job.fleet(&["run", "--", "sh", "-c", "seq -f \"line %.0f of rank $RANK, padded to be long enough\" 1 200000"]).run();
+    let run = job
+        .fleet(&[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "seq -f \"line %.0f of rank $RANK, padded to be long enough\" 1 200000",
+        ])
+        .run();
     run.assert_code(0);
     let mut next = [1u64; 3];
     let mut total = 0;
     for line in run.stdout.lines() {
         let rank: usize = line[1..2].parse().unwrap();
-        let expected = format!("[{rank} host{}] line {} of rank {rank}, padded to be long enough", rank + 1, next[rank]);
+        let expected = format!(
+            "[{rank} host{}] line {} of rank {rank}, padded to be long enough",
+            rank + 1,
+            next[rank]
+        );
         assert_eq!(line, expected);
         next[rank] += 1;
         total += 1;
@@ -183,11 +286,25 @@ fn six_hundred_thousand_lines_arrive_whole_and_in_order() {
 #[test]
 fn runs_back_to_back_leave_no_session_behind() {
     let job = Job::new("run-repeat");
-    let sessions = |job: &Job| -> Vec<usize> { job.tb.hosts.iter().map(|h| job.tb.ssh(&h.name, "pgrep -c -x sshd || true").trim().parse().unwrap()).collect() };
+    let sessions = |job: &Job| -> Vec<usize> {
+        job.tb
+            .hosts
+            .iter()
+            .map(|h| {
+                job.tb
+                    .ssh(&h.name, "pgrep -c -x sshd || true")
+                    .trim()
+                    .parse()
+                    .unwrap()
+            })
+            .collect()
+    };
     job.fleet(&["run", "--", "true"]).run().assert_code(0);
     let before = sessions(&job);
     for _ in 0..10 {
-        job.fleet(&["run", "--no-sync", "--", "true"]).run().assert_code(0);
+        job.fleet(&["run", "--no-sync", "--", "true"])
+            .run()
+            .assert_code(0);
     }
     assert_eq!(sessions(&job), before);
 }

@@ -40,7 +40,10 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     } else if let Some(command) = &inventory.run_command {
         command.clone()
     } else {
-        bail!("no command to run: give one after `--` (fleet run -- python3 train.py) or set [run].command in {}", inventory.path.display());
+        bail!(
+            "no command to run: give one after `--` (fleet run -- python3 train.py) or set [run].command in {}",
+            inventory.path.display()
+        );
     };
     let mode = if args.torchrun {
         Mode::Torchrun
@@ -52,7 +55,9 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     if !args.no_sync {
         let code = super::sync::before_run(fleet).await?;
         if code != ExitCode::Success {
-            fleet.printer.error("the sync failed; nothing was started (--no-sync starts without syncing)");
+            fleet
+                .printer
+                .error("the sync failed; nothing was started (--no-sync starts without syncing)");
             return Ok(code);
         }
     }
@@ -75,7 +80,11 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     let addresses: Vec<String> = targets.iter().map(|t| t.addr.clone()).collect();
     let job_id = new_job_id();
     let job = plan(&inventory, &addresses, &command, mode, &job_id);
-    let workdirs: Vec<String> = inventory.hosts.iter().map(|h| shell_path(&h.workdir)).collect();
+    let workdirs: Vec<String> = inventory
+        .hosts
+        .iter()
+        .map(|h| shell_path(&h.workdir))
+        .collect();
 
     // Gloo and NCCL bind to whatever the host name resolves to, often 127.0.1.1: name the
     // interface that reaches the master instead, unless the user did.
@@ -108,16 +117,28 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
         match result {
             Ok((ExitStatus::Code(0), _, _)) => {}
             Ok((ExitStatus::Code(BUSY), out, _)) => {
-                let running = String::from_utf8_lossy(out).trim().trim_start_matches("busy ").to_string();
-                fleet.printer.error(&format!("{host}: job {running} is still running in {} (fleet stop, or wait for it)", inventory.hosts[i].workdir));
+                let running = String::from_utf8_lossy(out)
+                    .trim()
+                    .trim_start_matches("busy ")
+                    .to_string();
+                fleet.printer.error(&format!(
+                    "{host}: job {running} is still running in {} (fleet stop, or wait for it)",
+                    inventory.hosts[i].workdir
+                ));
                 refused = true;
             }
             Ok((ExitStatus::Code(NO_WORKDIR), _, _)) => {
-                fleet.printer.error(&format!("{host}: workdir {} does not exist (run fleet sync)", inventory.hosts[i].workdir));
+                fleet.printer.error(&format!(
+                    "{host}: workdir {} does not exist (run fleet sync)",
+                    inventory.hosts[i].workdir
+                ));
                 refused = true;
             }
             Ok((status, _, err)) => {
-                fleet.printer.error(&format!("{host}: could not start the job ({status:?}): {}", String::from_utf8_lossy(err).trim()));
+                fleet.printer.error(&format!(
+                    "{host}: could not start the job ({status:?}): {}",
+                    String::from_utf8_lossy(err).trim()
+                ));
                 refused = true;
             }
             Err(e) => {
@@ -131,7 +152,9 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     let run_dir = match std::fs::create_dir_all(&run_dir) {
         Ok(()) => Some(run_dir),
         Err(e) => {
-            fleet.printer.warn(&format!("cannot keep logs in {}: {e}", run_dir.display()));
+            fleet
+                .printer
+                .warn(&format!("cannot keep logs in {}: {e}", run_dir.display()));
             None
         }
     };
@@ -152,7 +175,10 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
         grace: Duration::from_secs(args.grace),
         timestamps: args.timestamps,
         run_dir: run_dir.clone(),
-        followed: starts.iter().map(|s| matches!(s, Ok((ExitStatus::Code(0), _, _)))).collect(),
+        followed: starts
+            .iter()
+            .map(|s| matches!(s, Ok((ExitStatus::Code(0), _, _))))
+            .collect(),
     };
     let (events, receiver) = mpsc::channel(1024);
     let mut followers = Vec::new();
@@ -162,25 +188,55 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
         }
         let sftp = session.sftp().await?;
         let root = remote_root(session, &workdirs[i]).await?;
-        let processes = job.on_host(i).map(|p| Followed { process: p.index, stem: stem(p), offset: 0 }).collect();
-        followers.push(follow_host(sftp, i, format!("{root}/{}", job_dir(&job_id)), processes, events.clone()));
+        let processes = job
+            .on_host(i)
+            .map(|p| Followed {
+                process: p.index,
+                stem: stem(p),
+                offset: 0,
+            })
+            .collect();
+        followers.push(follow_host(
+            sftp,
+            i,
+            format!("{root}/{}", job_dir(&job_id)),
+            processes,
+            events.clone(),
+        ));
     }
     drop(events);
     // When a host refused, whatever did start is stopped at once.
     let (outcome, _) = tokio::join!(supervisor.run(receiver, refused), join_all(followers));
 
-    let code = if refused { ExitCode::Failure.code() } else { outcome.exit_code() };
+    let code = if refused {
+        ExitCode::Failure.code()
+    } else {
+        outcome.exit_code()
+    };
     if let Some(dir) = &run_dir {
-        let summary = Summary { job_id: &job_id, command: &command, mode, hosts: &host_names, plan: &job, outcome: &outcome, exit_code: code };
+        let summary = Summary {
+            job_id: &job_id,
+            command: &command,
+            mode,
+            hosts: &host_names,
+            plan: &job,
+            outcome: &outcome,
+            exit_code: code,
+        };
         if let Ok(json) = serde_json::to_vec_pretty(&summary) {
             let _ = std::fs::write(dir.join("summary.json"), json);
         }
     }
-    let skew = outcome.start_skew_ms.map_or(String::new(), |ms| format!(", start skew {ms:.1} ms"));
+    let skew = outcome
+        .start_skew_ms
+        .map_or(String::new(), |ms| format!(", start skew {ms:.1} ms"));
     fleet.printer.info(&format!(
         "job {job_id}: exit {code} after {:.1}s{skew}; logs in {}",
         outcome.seconds,
-        run_dir.as_ref().map_or(PathBuf::from("(none)"), |d| d.clone()).display()
+        run_dir
+            .as_ref()
+            .map_or(PathBuf::from("(none)"), |d| d.clone())
+            .display()
     ));
     for session in sessions {
         session.close().await;
@@ -199,16 +255,24 @@ async fn interface_to(session: &Session, addr: &str) -> Option<String> {
         addr = shell::quote(addr)
     );
     match session.capture(&shell::sh(&script)).await {
-        Ok((ExitStatus::Code(0), out, _)) => Some(String::from_utf8_lossy(&out).trim().to_string()).filter(|s| !s.is_empty()),
+        Ok((ExitStatus::Code(0), out, _)) => {
+            Some(String::from_utf8_lossy(&out).trim().to_string()).filter(|s| !s.is_empty())
+        }
         _ => None,
     }
 }
 
 /// The absolute path of a workdir on the host (SFTP does not expand `~`).
 async fn remote_root(session: &Session, workdir: &str) -> Result<String> {
-    let (status, out, err) = session.capture(&shell::sh(&format!("cd -- {workdir} && pwd -P"))).await?;
+    let (status, out, err) = session
+        .capture(&shell::sh(&format!("cd -- {workdir} && pwd -P")))
+        .await?;
     if status != ExitStatus::Code(0) {
-        bail!("{}: cannot enter {workdir}: {}", session.target().name, String::from_utf8_lossy(&err).trim());
+        bail!(
+            "{}: cannot enter {workdir}: {}",
+            session.target().name,
+            String::from_utf8_lossy(&err).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out).trim().to_string())
 }

@@ -3,12 +3,15 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use futures::future::join_all;
+use anyhow::Result;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared, join_all};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use russh_sftp::client::RawSftpSession;
 use serde::Serialize;
 
 use super::{Fleet, table};
@@ -20,7 +23,8 @@ use crate::ssh::{ConnectOptions, Session, Target};
 use crate::sync::remote::{HostTree, SyncError};
 use crate::sync::transfer::{self, Applied, Progress};
 use crate::sync::{
-    Entry, Filter, HashCache, Manifest, Plan, RemoteEntry, plan, scan, split_listing,
+    Entry, Filter, HashCache, Manifest, ManifestError, Plan, RemoteEntry, Scan, plan, scan,
+    split_listing,
 };
 
 /// How one host's sync ended.
@@ -83,33 +87,35 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
     let targets = fleet.targets(&inventory)?;
     let options = fleet.connect_options(&inventory, &targets)?;
 
+    // The local scan runs while the hosts connect and list their trees.
     let started = Instant::now();
     let source = inventory.sync.source.clone();
-    let filter = Filter::new(&source, &inventory.sync.exclude)?;
-    let (local, filter) = tokio::task::spawn_blocking(move || {
+    let filter = Arc::new(Filter::new(&source, &inventory.sync.exclude)?);
+    let scan_filter = filter.clone();
+    let scanning = tokio::task::spawn_blocking(move || {
         let mut cache = HashCache::open(&source);
-        let result = scan(&source, &filter, &mut cache);
+        let result = scan(&source, &scan_filter, &mut cache);
         if let Ok(scan) = &result {
             cache.save(&scan.manifest);
         }
-        result.map(|scan| (scan, filter))
-    })
-    .await
-    .context("scanning the project folder")??;
-    fleet.printer.info(&format!(
-        "{}: {} files, {} ({} hashed) in {:.2}s",
-        inventory.sync.source.display(),
-        local.manifest.files().count(),
-        human_bytes(local.manifest.total_bytes()),
-        local.hashed,
-        started.elapsed().as_secs_f64()
-    ));
+        result
+    });
+    let scanned: SharedScan = async move {
+        Arc::new(scanning.await.unwrap_or_else(|e| {
+            Err(ManifestError::Unreadable {
+                path: PathBuf::from("(scan)"),
+                error: std::io::Error::other(e.to_string()),
+            })
+        }))
+    }
+    .boxed()
+    .shared();
 
     let context = HostContext {
         printer: &fleet.printer,
         options: &options,
         source: inventory.sync.source.clone(),
-        local: &local.manifest,
+        scanned: scanned.clone(),
         filter: &filter,
         args,
         bars: fleet.printer.progress_bars(),
@@ -122,14 +128,39 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
             .map(|(host, target)| context.sync_host(host, target)),
     )
     .await;
-    Ok(report(&fleet.printer, &inventory, &results, args, before_run))
+    drop(context);
+    let local = match Arc::try_unwrap(scanned.await) {
+        Ok(result) => result?,
+        Err(shared) => match shared.as_ref() {
+            Ok(_) => unreachable!("every other holder of the scan is gone"),
+            Err(e) => anyhow::bail!("{e}"),
+        },
+    };
+    fleet.printer.info(&format!(
+        "{}: {} files, {} ({} hashed) in {:.2}s",
+        inventory.sync.source.display(),
+        local.manifest.files().count(),
+        human_bytes(local.manifest.total_bytes()),
+        local.hashed,
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(report(
+        &fleet.printer,
+        &inventory,
+        &results,
+        args,
+        before_run,
+    ))
 }
+
+/// The local scan, awaited by every host.
+type SharedScan = Shared<BoxFuture<'static, Arc<Result<Scan, ManifestError>>>>;
 
 struct HostContext<'a> {
     printer: &'a Printer,
     options: &'a ConnectOptions,
     source: PathBuf,
-    local: &'a Manifest,
+    scanned: SharedScan,
     filter: &'a Filter,
     args: &'a SyncArgs,
     bars: Option<MultiProgress>,
@@ -139,6 +170,11 @@ impl HostContext<'_> {
     async fn sync_host(&self, host: &Host, target: &Target) -> Result<HostResult, SyncError> {
         let started = Instant::now();
         let session = Session::connect(target, self.options).await?;
+        self.printer.debug(&format!(
+            "{}: connected after {:.0} ms",
+            host.name,
+            started.elapsed().as_secs_f64() * 1e3
+        ));
         let result = self.with_session(&session, host, started).await;
         session.close().await;
         result
@@ -151,32 +187,65 @@ impl HostContext<'_> {
         started: Instant,
     ) -> Result<HostResult, SyncError> {
         let printer = self.printer;
-        let tree = HostTree::lock(session, &host.workdir, || {
-            printer.info(&format!(
-                "{}: waiting for another sync of {} to finish",
-                host.name, host.workdir
-            ))
-        })
-        .await?;
-        let result = self.locked(&tree, started).await;
+        let (tree, sftp) = tokio::join!(
+            HostTree::lock(session, &host.workdir, || {
+                printer.info(&format!(
+                    "{}: waiting for another sync of {} to finish",
+                    host.name, host.workdir
+                ))
+            }),
+            session.sftp()
+        );
+        let tree = tree?;
+        let result = match sftp {
+            Ok(sftp) => {
+                let result = self.locked(&tree, &sftp, started).await;
+                let _ = sftp.close_session();
+                result
+            }
+            Err(e) => Err(e.into()),
+        };
         tree.release().await;
         result
     }
 
-    async fn locked(&self, tree: &HostTree<'_>, started: Instant) -> Result<HostResult, SyncError> {
+    async fn locked(
+        &self,
+        tree: &HostTree<'_>,
+        sftp: &RawSftpSession,
+        started: Instant,
+    ) -> Result<HostResult, SyncError> {
+        let scanned = self.scanned.clone().await;
+        let Ok(local) = scanned.as_ref() else {
+            // The scan's own error is reported once, for all hosts.
+            return Err(SyncError::Host {
+                host: tree.host().to_string(),
+                message: "the local scan failed".into(),
+            });
+        };
+        let local = &local.manifest;
         let (saved, listing) = tree.state().await?;
+        self.printer.debug(&format!(
+            "{}: locked and listed after {:.0} ms",
+            tree.host(),
+            started.elapsed().as_secs_f64() * 1e3
+        ));
         let (listing, stale) = split_listing(listing, self.filter);
         if self.args.verify {
-            return verify(tree, self.local, &listing)
+            return verify(tree, local, &listing)
                 .await
                 .map(HostResult::Verified);
         }
-        let plan = plan(self.local, saved.as_ref(), &listing);
+        let plan = plan(local, saved.as_ref(), &listing);
         if self.args.dry_run {
             return Ok(HostResult::Planned(plan));
         }
+        self.printer.debug(&format!(
+            "{}: planned after {:.0} ms",
+            tree.host(),
+            started.elapsed().as_secs_f64() * 1e3
+        ));
         tree.remove(&stale).await?;
-        let sftp = tree.session.sftp().await?;
         let progress = Progress::default();
         let bar = self
             .bars
@@ -185,9 +254,9 @@ impl HostContext<'_> {
         let applied = {
             let applying = transfer::apply(
                 tree,
-                &sftp,
+                sftp,
                 &self.source,
-                self.local,
+                local,
                 &listing,
                 &plan,
                 self.args.delete,
@@ -210,8 +279,12 @@ impl HostContext<'_> {
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
-        let _ = sftp.close_session();
         let applied = applied?;
+        self.printer.debug(&format!(
+            "{}: applied after {:.0} ms",
+            tree.host(),
+            started.elapsed().as_secs_f64() * 1e3
+        ));
         Ok(HostResult::Synced {
             plan,
             applied,

@@ -38,16 +38,34 @@ pub struct Followed {
 
 /// Follows every given process of one host until each has ended. Returns early with
 /// [`Event::Lost`] when SFTP fails.
-pub async fn follow_host(sftp: RawSftpSession, host: usize, dir: String, processes: Vec<Followed>, events: mpsc::Sender<Event>) {
-    let followers = processes.into_iter().map(|p| follow_one(&sftp, &dir, p, &events));
+pub async fn follow_host(
+    sftp: RawSftpSession,
+    host: usize,
+    dir: String,
+    processes: Vec<Followed>,
+    events: mpsc::Sender<Event>,
+) {
+    let followers = processes
+        .into_iter()
+        .map(|p| follow_one(&sftp, &dir, p, &events));
     let results = futures::future::join_all(followers).await;
     if let Some(Err(error)) = results.into_iter().find(Result::is_err) {
-        let _ = events.send(Event::Lost { host, error: error.to_string() }).await;
+        let _ = events
+            .send(Event::Lost {
+                host,
+                error: error.to_string(),
+            })
+            .await;
     }
     let _ = sftp.close_session();
 }
 
-async fn follow_one(sftp: &RawSftpSession, dir: &str, followed: Followed, events: &mpsc::Sender<Event>) -> Result<(), SftpError> {
+async fn follow_one(
+    sftp: &RawSftpSession,
+    dir: &str,
+    followed: Followed,
+    events: &mpsc::Sender<Event>,
+) -> Result<(), SftpError> {
     let base = format!("{dir}/{}", followed.stem);
     let process = followed.process;
     let mut idle = Duration::from_millis(5);
@@ -61,10 +79,22 @@ async fn follow_one(sftp: &RawSftpSession, dir: &str, followed: Followed, events
         }
         pause(&mut idle).await;
     };
-    let _ = events.send(Event::Started { process, at_ns: started }).await;
+    let _ = events
+        .send(Event::Started {
+            process,
+            at_ns: started,
+        })
+        .await;
 
     let log = loop {
-        match sftp.open(format!("{base}.log"), OpenFlags::READ, FileAttributes::default()).await {
+        match sftp
+            .open(
+                format!("{base}.log"),
+                OpenFlags::READ,
+                FileAttributes::default(),
+            )
+            .await
+        {
             Ok(handle) => break handle.handle,
             Err(e) if is_missing(&e) => pause(&mut idle).await,
             Err(e) => return Err(e),
@@ -77,7 +107,14 @@ async fn follow_one(sftp: &RawSftpSession, dir: &str, followed: Followed, events
             Ok(data) if !data.data.is_empty() => {
                 offset += data.data.len() as u64;
                 idle = Duration::from_millis(5);
-                if events.send(Event::Output { process, bytes: data.data }).await.is_err() {
+                if events
+                    .send(Event::Output {
+                        process,
+                        bytes: data.data,
+                    })
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 continue;
@@ -114,7 +151,10 @@ fn is_missing(e: &SftpError) -> bool {
 
 /// The whole of a small file, or `None` when it does not exist yet.
 async fn read_small(sftp: &RawSftpSession, path: &str) -> Result<Option<String>, SftpError> {
-    let handle = match sftp.open(path, OpenFlags::READ, FileAttributes::default()).await {
+    let handle = match sftp
+        .open(path, OpenFlags::READ, FileAttributes::default())
+        .await
+    {
         Ok(h) => h.handle,
         Err(e) if is_missing(&e) => return Ok(None),
         Err(e) => return Err(e),

@@ -54,13 +54,27 @@ impl JobPlan {
 
 /// Plans a job. `addresses` are the hosts' addresses as dialled (rank 0's is MASTER_ADDR unless
 /// the inventory sets `master_addr`).
-pub fn plan(inventory: &Inventory, addresses: &[String], command: &[String], mode: Mode, job_id: &str) -> JobPlan {
-    let master_addr = inventory.master_addr.clone().unwrap_or_else(|| addresses[0].clone());
+pub fn plan(
+    inventory: &Inventory,
+    addresses: &[String],
+    command: &[String],
+    mode: Mode,
+    job_id: &str,
+) -> JobPlan {
+    let master_addr = inventory
+        .master_addr
+        .clone()
+        .unwrap_or_else(|| addresses[0].clone());
     let master_port = inventory.master_port.to_string();
     let world_size = inventory.world_size();
     let nnodes = inventory.hosts.len().to_string();
     let mut processes = Vec::new();
-    for ((node, host), first) in inventory.hosts.iter().enumerate().zip(inventory.first_ranks()) {
+    for ((node, host), first) in inventory
+        .hosts
+        .iter()
+        .enumerate()
+        .zip(inventory.first_ranks())
+    {
         // Ours first, then the user's: the inventory may override anything, e.g. OMP_NUM_THREADS.
         let mut common = BTreeMap::from([
             ("FLEET_JOB_ID".to_string(), job_id.to_string()),
@@ -83,7 +97,13 @@ pub fn plan(inventory: &Inventory, addresses: &[String], command: &[String], mod
                     ]);
                     env.extend(common.clone());
                     let index = processes.len();
-                    processes.push(Process { index, host: node, label: (first + local).to_string(), env, argv: command.to_vec() });
+                    processes.push(Process {
+                        index,
+                        host: node,
+                        label: (first + local).to_string(),
+                        env,
+                        argv: command.to_vec(),
+                    });
                 }
             }
             Mode::Torchrun | Mode::Accelerate => {
@@ -122,28 +142,50 @@ pub fn plan(inventory: &Inventory, addresses: &[String], command: &[String], mod
                     .to_vec();
                     match host.device {
                         crate::inventory::Device::Cpu => a.push("--cpu".into()),
-                        crate::inventory::Device::Cuda if world_size > 1 => a.push("--multi_gpu".into()),
+                        crate::inventory::Device::Cuda if world_size > 1 => {
+                            a.push("--multi_gpu".into())
+                        }
                         crate::inventory::Device::Cuda => {}
                     }
                     a
                 };
                 argv.extend(command.iter().cloned());
                 let index = processes.len();
-                processes.push(Process { index, host: node, label: format!("n{node}"), env: common, argv });
+                processes.push(Process {
+                    index,
+                    host: node,
+                    label: format!("n{node}"),
+                    env: common,
+                    argv,
+                });
             }
         }
     }
-    JobPlan { job_id: job_id.to_string(), mode, master_addr, master_port: inventory.master_port, world_size, processes }
+    JobPlan {
+        job_id: job_id.to_string(),
+        mode,
+        master_addr,
+        master_port: inventory.master_port,
+        world_size,
+        processes,
+    }
 }
 
 /// A job id: sortable by start time, unique enough for one user's runs.
 pub fn new_job_id() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let secs = now.as_secs() as i64;
     let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, d) = civil_from_days(days);
     let salt = (now.subsec_nanos() ^ std::process::id().rotate_left(16)) & 0xffff;
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{salt:04x}", rest / 3600, rest % 3600 / 60, rest % 60)
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}-{salt:04x}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -179,13 +221,35 @@ mod tests {
     #[test]
     fn every_rank_gets_torchruns_environment() {
         let inv = inventory(FLEET);
-        let job = plan(&inv, &addresses(), &["python3".into(), "train.py".into()], Mode::Ranks, "J");
+        let job = plan(
+            &inv,
+            &addresses(),
+            &["python3".into(), "train.py".into()],
+            Mode::Ranks,
+            "J",
+        );
         let summary: Vec<(usize, &str, &str, &str, &str)> = job
             .processes
             .iter()
-            .map(|p| (p.host, p.env["RANK"].as_str(), p.env["LOCAL_RANK"].as_str(), p.env["LOCAL_WORLD_SIZE"].as_str(), p.env["NODE_RANK"].as_str()))
+            .map(|p| {
+                (
+                    p.host,
+                    p.env["RANK"].as_str(),
+                    p.env["LOCAL_RANK"].as_str(),
+                    p.env["LOCAL_WORLD_SIZE"].as_str(),
+                    p.env["NODE_RANK"].as_str(),
+                )
+            })
             .collect();
-        assert_eq!(summary, [(0, "0", "0", "1", "0"), (1, "1", "0", "2", "1"), (1, "2", "1", "2", "1"), (2, "3", "0", "1", "2")]);
+        assert_eq!(
+            summary,
+            [
+                (0, "0", "0", "1", "0"),
+                (1, "1", "0", "2", "1"),
+                (1, "2", "1", "2", "1"),
+                (2, "3", "0", "1", "2")
+            ]
+        );
         for p in &job.processes {
             assert_eq!(p.env["WORLD_SIZE"], "4");
             assert_eq!(p.env["NNODES"], "3");
@@ -198,14 +262,26 @@ mod tests {
             assert_eq!(p.label, p.env["RANK"]);
         }
         assert_eq!(job.processes[1].env["NCCL_DEBUG"], "INFO");
-        assert_eq!(job.processes[1].env["PYTHONUNBUFFERED"], "0", "the inventory overrides fleet's defaults");
+        assert_eq!(
+            job.processes[1].env["PYTHONUNBUFFERED"], "0",
+            "the inventory overrides fleet's defaults"
+        );
         assert_eq!(job.processes[0].env["PYTHONUNBUFFERED"], "1");
     }
 
     #[test]
     fn torchrun_mode_starts_one_launcher_per_host() {
-        let inv = inventory(&FLEET.replace("[fleet]\n", "[fleet]\nmaster_addr = \"192.168.9.9\"\nmaster_port = 29555\n"));
-        let job = plan(&inv, &addresses(), &["train.py".into(), "--lr".into(), "1e-4".into()], Mode::Torchrun, "J");
+        let inv = inventory(&FLEET.replace(
+            "[fleet]\n",
+            "[fleet]\nmaster_addr = \"192.168.9.9\"\nmaster_port = 29555\n",
+        ));
+        let job = plan(
+            &inv,
+            &addresses(),
+            &["train.py".into(), "--lr".into(), "1e-4".into()],
+            Mode::Torchrun,
+            "J",
+        );
         assert_eq!(job.processes.len(), 3);
         assert_eq!(
             job.processes[1].argv,
@@ -214,13 +290,22 @@ mod tests {
                 .collect::<Vec<_>>()
         );
         assert_eq!(job.processes[1].label, "n1");
-        assert!(!job.processes[1].env.contains_key("RANK"), "torchrun sets the ranks itself");
+        assert!(
+            !job.processes[1].env.contains_key("RANK"),
+            "torchrun sets the ranks itself"
+        );
     }
 
     #[test]
     fn accelerate_mode_matches_the_fleet() {
         let inv = inventory(&FLEET.replace("[fleet]\n", "[fleet]\ndevice = \"cpu\"\n"));
-        let job = plan(&inv, &addresses(), &["train.py".into()], Mode::Accelerate, "J");
+        let job = plan(
+            &inv,
+            &addresses(),
+            &["train.py".into()],
+            Mode::Accelerate,
+            "J",
+        );
         assert_eq!(
             job.processes[2].argv.join(" "),
             "accelerate launch --num_machines 3 --num_processes 4 --machine_rank 2 --main_process_ip 10.0.0.1 --main_process_port 29500 --cpu train.py"

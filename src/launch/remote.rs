@@ -35,7 +35,12 @@ pub const NO_WORKDIR: u32 = 70;
 
 /// The shell script that starts host `host`'s processes of `job`, run with `sh -c`. It prints
 /// `busy <job>` (exit 75) when another job runs there, or `started` once every wrapper is off.
-pub fn start_script(workdir: &str, job: &JobPlan, host: usize, extra_env: &BTreeMap<String, String>) -> String {
+pub fn start_script(
+    workdir: &str,
+    job: &JobPlan,
+    host: usize,
+    extra_env: &BTreeMap<String, String>,
+) -> String {
     let dir = job_dir(&job.job_id);
     let mut script = format!(
         "cd -- {workdir} 2>/dev/null || {{ echo \"no workdir\"; exit {NO_WORKDIR}; }}\n\
@@ -48,7 +53,10 @@ pub fn start_script(workdir: &str, job: &JobPlan, host: usize, extra_env: &BTree
     );
     for process in job.on_host(host) {
         let wrapper = wrapper_script(&dir, process, extra_env);
-        script.push_str(&format!("setsid -f sh -c {} fleet-rank </dev/null >/dev/null 2>&1\n", quote(&wrapper)));
+        script.push_str(&format!(
+            "setsid -f sh -c {} fleet-rank </dev/null >/dev/null 2>&1\n",
+            quote(&wrapper)
+        ));
     }
     script.push_str("echo started\n");
     script
@@ -60,7 +68,10 @@ fn wrapper_script(dir: &str, process: &Process, extra_env: &BTreeMap<String, Str
     let stem = format!("{dir}/{}", stem(process));
     let mut env = extra_env.clone();
     env.extend(process.env.clone());
-    let exports: Vec<String> = env.iter().map(|(k, v)| format!("{k}={}", quote(v))).collect();
+    let exports: Vec<String> = env
+        .iter()
+        .map(|(k, v)| format!("{k}={}", quote(v)))
+        .collect();
     let argv: Vec<String> = process.argv.iter().map(|a| quote(a)).collect();
     format!(
         "export {exports}\n\
@@ -101,7 +112,10 @@ mod tests {
             index,
             host: 0,
             label: label.to_string(),
-            env: BTreeMap::from([("RANK".to_string(), label.to_string()), ("ODD".to_string(), "it's $HOME".to_string())]),
+            env: BTreeMap::from([
+                ("RANK".to_string(), label.to_string()),
+                ("ODD".to_string(), "it's $HOME".to_string()),
+            ]),
             argv: argv.iter().map(|s| s.to_string()).collect(),
         };
         JobPlan {
@@ -110,7 +124,10 @@ mod tests {
             master_addr: "127.0.0.1".into(),
             master_port: 29500,
             world_size: 2,
-            processes: vec![process(0, "0", &["sh", "-c", "echo rank $RANK: $ODD; exit 3"]), process(1, "1", &["printf", "%s\\n", "a b"])],
+            processes: vec![
+                process(0, "0", &["sh", "-c", "echo rank $RANK: $ODD; exit 3"]),
+                process(1, "1", &["printf", "%s\\n", "a b"]),
+            ],
         }
     }
 
@@ -121,12 +138,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let workdir = dir.path().to_str().unwrap();
         let script = start_script(&quote(workdir), &job(), 0, &BTreeMap::new());
-        let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "started\n", "{}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "started\n",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let jobs = dir.path().join(".fleet/jobs/J1");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !(jobs.join("rank-0.exit").exists() && jobs.join("rank-1.exit").exists()) {
-            assert!(std::time::Instant::now() < deadline, "the wrappers did not finish");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the wrappers did not finish"
+            );
             std::thread::yield_now();
         }
         let read = |f: &str| std::fs::read_to_string(jobs.join(f)).unwrap();

@@ -94,15 +94,25 @@ impl Supervisor<'_> {
     pub async fn run(&self, mut events: mpsc::Receiver<Event>, stop_first: bool) -> Outcome {
         let started = Instant::now();
         let n = self.job.processes.len();
-        let mut outcome = Outcome { exits: vec![None; n], lines: vec![0; n], ..Outcome::default() };
+        let mut outcome = Outcome {
+            exits: vec![None; n],
+            lines: vec![0; n],
+            ..Outcome::default()
+        };
         let mut tracks = self.tracks();
-        let mut merged = self.run_dir.as_ref().and_then(|d| File::create(d.join("merged.log")).ok()).map(BufWriter::new);
+        let mut merged = self
+            .run_dir
+            .as_ref()
+            .and_then(|d| File::create(d.join("merged.log")).ok())
+            .map(BufWriter::new);
         let mut starts: Vec<Option<u128>> = vec![None; n];
 
         let mut interrupts = match signal(SignalKind::interrupt()) {
             Ok(s) => Some(s),
             Err(e) => {
-                self.printer.warn(&format!("cannot catch Ctrl-C ({e}): it will stop fleet, not the job"));
+                self.printer.warn(&format!(
+                    "cannot catch Ctrl-C ({e}): it will stop fleet, not the job"
+                ));
                 None
             }
         };
@@ -232,7 +242,10 @@ impl Supervisor<'_> {
                 let mut text = format!("last {} lines of {}:\n", tail.len(), self.describe(p));
                 for line in tail {
                     text.push_str("  ");
-                    text.push_str(&sanitize(line.as_bytes(), self.printer.stderr_is_terminal()));
+                    text.push_str(&sanitize(
+                        line.as_bytes(),
+                        self.printer.stderr_is_terminal(),
+                    ));
                     text.push('\n');
                 }
                 self.printer.write(Stream::Stderr, &text);
@@ -250,8 +263,19 @@ impl Supervisor<'_> {
     }
 
     fn tracks(&self) -> Vec<Track> {
-        let width = self.job.processes.iter().map(|p| p.label.len()).max().unwrap_or(1);
-        let host_width = self.host_names.iter().map(|h| console::measure_text_width(h)).max().unwrap_or(0);
+        let width = self
+            .job
+            .processes
+            .iter()
+            .map(|p| p.label.len())
+            .max()
+            .unwrap_or(1);
+        let host_width = self
+            .host_names
+            .iter()
+            .map(|h| console::measure_text_width(h))
+            .max()
+            .unwrap_or(0);
         const COLORS: [console::Color; 6] = [
             console::Color::Cyan,
             console::Color::Magenta,
@@ -266,7 +290,10 @@ impl Supervisor<'_> {
             .map(|p| {
                 let host = &self.host_names[p.host];
                 let plain_prefix = format!("[{:>width$} {host:<host_width$}] ", p.label);
-                let style = self.printer.style(Stream::Stdout, console::Style::new().fg(COLORS[p.host % COLORS.len()]));
+                let style = self.printer.style(
+                    Stream::Stdout,
+                    console::Style::new().fg(COLORS[p.host % COLORS.len()]),
+                );
                 let file = self
                     .run_dir
                     .as_ref()
@@ -286,13 +313,20 @@ impl Supervisor<'_> {
 
     /// Sends `signal` to every process group of the job on every host still connected.
     async fn signal_all(&self, signal: &'static str) {
-        let signals = self.sessions.iter().enumerate().map(|(host, session)| async move {
-            let stems: Vec<String> = self.job.on_host(host).map(stem).collect();
-            let script = signal_script(&self.workdirs[host], &self.job.job_id, &stems, signal);
-            if let Err(e) = session.capture(&shell::sh(&script)).await {
-                self.printer.warn(&format!("{}: could not send SIG{signal}: {e}", self.host_names[host]));
-            }
-        });
+        let signals = self
+            .sessions
+            .iter()
+            .enumerate()
+            .map(|(host, session)| async move {
+                let stems: Vec<String> = self.job.on_host(host).map(stem).collect();
+                let script = signal_script(&self.workdirs[host], &self.job.job_id, &stems, signal);
+                if let Err(e) = session.capture(&shell::sh(&script)).await {
+                    self.printer.warn(&format!(
+                        "{}: could not send SIG{signal}: {e}",
+                        self.host_names[host]
+                    ));
+                }
+            });
         futures::future::join_all(signals).await;
     }
 }
@@ -308,10 +342,16 @@ fn emit(
     tail: &mut VecDeque<String>,
     merged: Option<&mut BufWriter<File>>,
 ) {
-    let stamp = if timestamps { format!("+{:.3}s ", elapsed.as_secs_f64()) } else { String::new() };
+    let stamp = if timestamps {
+        format!("+{:.3}s ", elapsed.as_secs_f64())
+    } else {
+        String::new()
+    };
     let text = String::from_utf8_lossy(line);
     if printer.json() {
-        printer.record(&serde_json::json!({"type": "line", "process": plain_prefix.trim(), "line": text}));
+        printer.record(
+            &serde_json::json!({"type": "line", "process": plain_prefix.trim(), "line": text}),
+        );
     } else {
         printer.remote_line(Stream::Stdout, &format!("{stamp}{prefix}"), line);
     }

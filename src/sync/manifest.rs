@@ -54,7 +54,69 @@ impl Manifest {
     pub fn total_bytes(&self) -> u64 {
         self.files().map(|(_, size, _)| size).sum()
     }
+
+    /// The form kept on hosts: NUL-separated fields, a few times faster to read than JSON
+    /// for the 10,000-file trees a sync must handle in a fraction of a second. Paths may hold
+    /// any character but NUL, which no path can.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.entries.len() * 100);
+        out.extend_from_slice(MANIFEST_MAGIC);
+        for (path, entry) in &self.entries {
+            let fields: Vec<String> = match entry {
+                Entry::File {
+                    size,
+                    mtime,
+                    mode,
+                    sha256,
+                } => {
+                    vec![
+                        "F".into(),
+                        sha256.clone(),
+                        size.to_string(),
+                        mtime.to_string(),
+                        mode.to_string(),
+                    ]
+                }
+                Entry::Dir => vec!["D".into()],
+                Entry::Link { target } => vec!["L".into(), target.clone()],
+            };
+            for field in fields.iter().map(String::as_str).chain([path.as_str()]) {
+                out.extend_from_slice(field.as_bytes());
+                out.push(0);
+            }
+        }
+        out
+    }
+
+    /// Reads [`Manifest::to_bytes`]; `None` for anything else (a manifest is only a cache of
+    /// what was verified: one that cannot be read means "verify everything again").
+    pub fn from_bytes(bytes: &[u8]) -> Option<Manifest> {
+        let mut fields = bytes.strip_prefix(MANIFEST_MAGIC)?.split(|&b| b == 0);
+        let mut text = || fields.next().and_then(|f| std::str::from_utf8(f).ok());
+        let mut entries = BTreeMap::new();
+        loop {
+            let entry = match text() {
+                Some("F") => Entry::File {
+                    sha256: text()?.to_string(),
+                    size: text()?.parse().ok()?,
+                    mtime: text()?.parse().ok()?,
+                    mode: text()?.parse().ok()?,
+                },
+                Some("D") => Entry::Dir,
+                Some("L") => Entry::Link {
+                    target: text()?.to_string(),
+                },
+                Some("") | None => break,
+                Some(_) => return None,
+            };
+            entries.insert(text()?.to_string(), entry);
+        }
+        Some(Manifest { entries })
+    }
 }
+
+/// The first bytes of a saved manifest, with its format version.
+const MANIFEST_MAGIC: &[u8] = b"fleet-manifest 1\0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -505,6 +567,30 @@ mod tests {
         assert_ne!(
             third.manifest.entries["run.sh"],
             first.manifest.entries["run.sh"]
+        );
+    }
+
+    #[test]
+    fn saved_manifests_read_back_exactly() {
+        let dir = tree();
+        let filter = Filter::new(dir.path(), &[]).unwrap();
+        let manifest = scan(dir.path(), &filter, &mut HashCache::in_memory())
+            .unwrap()
+            .manifest;
+        let mut odd = manifest.clone();
+        odd.entries.insert(
+            "new\nline/and tab\t".into(),
+            Entry::Link {
+                target: "x y".into(),
+            },
+        );
+        for m in [manifest, odd, Manifest::default()] {
+            assert_eq!(Manifest::from_bytes(&m.to_bytes()), Some(m));
+        }
+        assert_eq!(Manifest::from_bytes(b"{\"entries\":{}}"), None);
+        assert_eq!(
+            Manifest::from_bytes(b"fleet-manifest 1\0F\0abc\0notanumber\0"),
+            None
         );
     }
 

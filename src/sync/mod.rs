@@ -8,7 +8,7 @@ pub mod plan;
 pub mod remote;
 pub mod transfer;
 
-pub use manifest::{Entry, Filter, HashCache, Manifest, ManifestError, scan};
+pub use manifest::{Entry, Filter, HashCache, Manifest, ManifestError, Scan, scan};
 pub use plan::{Listing, Plan, Reason, RemoteEntry, Upload, plan};
 
 /// Drops from a host's listing what the filter excludes (never touched, never reported) and
