@@ -54,6 +54,12 @@ pub enum Command {
     Exec(ExecArgs),
     /// Start every rank on every host at once and stream one merged log; stop all when one fails
     Run(RunArgs),
+    /// Print a job's logs, merged (the current job by default); -f follows them as they grow
+    Logs(LogsArgs),
+    /// Show the recent jobs in every host's workdir and the state of each process
+    Ps,
+    /// Stop a job on every host (the current job by default): SIGTERM, then SIGKILL after a grace period
+    Stop(StopArgs),
     /// Make the project folder identical on every host, verified by SHA-256
     Sync(SyncArgs),
     /// Show the hosts of the inventory as fleet will use them (node rank, address, user, ranks)
@@ -107,6 +113,10 @@ pub struct RunArgs {
     /// Prefix each line with the seconds since the job started
     #[arg(long)]
     pub timestamps: bool,
+    /// Start the job, print its id and return; `fleet logs -f`, `fleet ps` and `fleet stop`
+    /// attach to it later (a detached job is not stopped when one of its ranks fails)
+    #[arg(long)]
+    pub detach: bool,
     /// The command and its arguments (default: [run].command of the inventory)
     #[arg(
         trailing_var_arg = true,
@@ -114,4 +124,25 @@ pub struct RunArgs {
         value_name = "COMMAND"
     )]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The job id (default: the current job of the first host)
+    pub job: Option<String>,
+    /// Keep following until every process has ended
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only this rank (or `n1` for node 1's launcher)
+    #[arg(long, value_name = "RANK")]
+    pub rank: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// The job id (default: the current job on each host)
+    pub job: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub grace: u64,
 }

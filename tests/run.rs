@@ -284,27 +284,74 @@ fn six_hundred_thousand_lines_arrive_whole_and_in_order() {
 }
 
 #[test]
-fn runs_back_to_back_leave_no_session_behind() {
-    let job = Job::new("run-repeat");
-    let sessions = |job: &Job| -> Vec<usize> {
-        job.tb
-            .hosts
-            .iter()
-            .map(|h| {
-                job.tb
-                    .ssh(&h.name, "pgrep -c -x sshd || true")
-                    .trim()
-                    .parse()
-                    .unwrap()
-            })
-            .collect()
-    };
-    job.fleet(&["run", "--", "true"]).run().assert_code(0);
-    let before = sessions(&job);
-    for _ in 0..10 {
-        job.fleet(&["run", "--no-sync", "--", "true"])
-            .run()
-            .assert_code(0);
+fn a_killed_laptop_loses_nothing_and_logs_reattach() {
+    let job = Job::new("run-reattach");
+    let script = "echo first; i=1; while [ $i -le 20 ]; do echo \"line $i of $RANK\"; i=$((i+1)); sleep 0.05; done";
+    let (mut child, _home) = job.fleet(&["run", "--", "sh", "-c", script]).spawn();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    await_lines(&mut stdout, "first", 1);
+    child.kill().unwrap(); // SIGKILL: no chance to stop anything
+    child.wait().unwrap();
+
+    let logs = job.fleet(&["logs", "-f"]).run();
+    logs.assert_code(0);
+    for rank in 0..3 {
+        let mine: Vec<&str> = logs
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with(&format!("[{rank} ")))
+            .collect();
+        assert_eq!(mine.len(), 21, "rank {rank}: {}", logs.stdout);
+        assert!(mine[0].ends_with("] first"));
+        assert!(mine[20].ends_with(&format!("] line 20 of {rank}")));
     }
-    assert_eq!(sessions(&job), before);
+    let only = job.fleet(&["logs", "--rank", "2"]).run();
+    only.assert_code(0);
+    assert_eq!(only.stdout.lines().count(), 21);
+    assert!(only.stdout.lines().all(|l| l.starts_with("[2 host3] ")));
+}
+
+#[test]
+fn detached_jobs_show_in_ps_and_stop_on_request() {
+    let job = Job::new("run-detach");
+    let started = job
+        .fleet(&[
+            "run",
+            "--detach",
+            "--",
+            "sh",
+            "-c",
+            "echo up; exec sleep 6004",
+        ])
+        .run();
+    started.assert_code(0);
+    let job_id = started.stdout.trim().to_string();
+    assert_eq!(job_id.len(), 20, "{}", started.stdout);
+
+    let logs = job.fleet(&["logs", &job_id]).run();
+    logs.assert_code(0);
+    let ps = job.fleet(&["--json", "ps"]).run();
+    ps.assert_code(0);
+    let states: Vec<serde_json::Value> = ps
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["job"] == job_id.as_str())
+        .collect();
+    assert_eq!(states.len(), 3, "{}", ps.stdout);
+    assert!(
+        states.iter().all(|s| s["state"] == "running"),
+        "{}",
+        ps.stdout
+    );
+
+    let stop = job.fleet(&["stop", "--grace", "2", &job_id]).run();
+    stop.assert_code(0);
+    assert_eq!(
+        stop.stdout.matches("exited 143").count(),
+        3,
+        "{}",
+        stop.stdout
+    );
+    assert_eq!(job.remaining("sleep 6004"), Vec::<String>::new());
 }

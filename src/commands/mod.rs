@@ -4,6 +4,7 @@
 
 mod exec;
 mod inventory;
+mod jobs;
 mod run;
 mod sync;
 mod table;
@@ -75,6 +76,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let fleet = Fleet::new(cli.global);
     match cli.command {
         Command::Exec(args) => exec::run(&fleet, &args).await,
+        Command::Logs(args) => jobs::logs(&fleet, &args).await,
+        Command::Ps => jobs::ps(&fleet).await,
+        Command::Stop(args) => jobs::stop(&fleet, &args).await,
         Command::Run(args) => run::run(&fleet, &args).await,
         Command::Sync(args) => sync::run(&fleet, &args).await,
         Command::Inventory => inventory::run(&fleet),

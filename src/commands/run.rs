@@ -148,6 +148,16 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
         }
     }
 
+    if args.detach && !refused {
+        fleet
+            .printer
+            .write(crate::output::Stream::Stdout, &format!("{job_id}\n"));
+        fleet.printer.info(&format!("job {job_id} started; follow it with `fleet logs -f {job_id}`, stop it with `fleet stop {job_id}`"));
+        for session in sessions {
+            session.close().await;
+        }
+        return Ok(ExitCode::Success);
+    }
     let run_dir = inventory.sync.source.join("runs").join(&job_id);
     let run_dir = match std::fs::create_dir_all(&run_dir) {
         Ok(()) => Some(run_dir),
@@ -194,6 +204,7 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
                 process: p.index,
                 stem: stem(p),
                 offset: 0,
+                until_exit: true,
             })
             .collect();
         followers.push(follow_host(

@@ -129,21 +129,25 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
     )
     .await;
     drop(context);
-    let local = match Arc::try_unwrap(scanned.await) {
-        Ok(result) => result?,
+    let describe = |local: &Scan| {
+        fleet.printer.info(&format!(
+            "{}: {} files, {} ({} hashed) in {:.2}s",
+            inventory.sync.source.display(),
+            local.manifest.files().count(),
+            human_bytes(local.manifest.total_bytes()),
+            local.hashed,
+            started.elapsed().as_secs_f64()
+        ))
+    };
+    // The hosts are done with the scan: it is ours again, with its error's type intact.
+    match Arc::try_unwrap(scanned.await) {
+        Ok(Ok(local)) => describe(&local),
+        Ok(Err(e)) => return Err(e.into()),
         Err(shared) => match shared.as_ref() {
-            Ok(_) => unreachable!("every other holder of the scan is gone"),
+            Ok(local) => describe(local),
             Err(e) => anyhow::bail!("{e}"),
         },
-    };
-    fleet.printer.info(&format!(
-        "{}: {} files, {} ({} hashed) in {:.2}s",
-        inventory.sync.source.display(),
-        local.manifest.files().count(),
-        human_bytes(local.manifest.total_bytes()),
-        local.hashed,
-        started.elapsed().as_secs_f64()
-    ));
+    }
     Ok(report(
         &fleet.printer,
         &inventory,

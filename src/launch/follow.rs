@@ -21,6 +21,8 @@ pub enum Event {
     Exited { process: usize, code: i32 },
     /// The host stopped answering: its processes' fate is unknown.
     Lost { host: usize, error: String },
+    /// Not following: the end of its log so far was reached and it is still running.
+    Caught { process: usize },
 }
 
 /// Bytes asked for per read.
@@ -34,6 +36,8 @@ pub struct Followed {
     pub stem: String,
     /// Where to start reading its log.
     pub offset: u64,
+    /// Keep reading until it exits (`fleet run`, `fleet logs -f`), or stop at the current end.
+    pub until_exit: bool,
 }
 
 /// Follows every given process of one host until each has ended. Returns early with
@@ -132,6 +136,10 @@ async fn follow_one(
         if let Some(text) = read_small(sftp, &format!("{base}.exit")).await? {
             ended = Some(text.trim().parse().unwrap_or(-1));
             continue;
+        }
+        if !followed.until_exit {
+            let _ = events.send(Event::Caught { process }).await;
+            break;
         }
         pause(&mut idle).await;
     }

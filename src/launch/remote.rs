@@ -102,6 +102,79 @@ pub fn signal_script(workdir: &str, job_id: &str, stems: &[String], signal: &str
     )
 }
 
+/// How a process of a job stands on its host.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ProcessState {
+    pub stem: String,
+    /// "running", "exited N", or "lost" (no exit recorded and its process group is gone).
+    pub state: String,
+}
+
+/// A job as one host knows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct JobState {
+    pub job_id: String,
+    /// The job folder's absolute path on the host.
+    pub dir: String,
+    pub processes: Vec<ProcessState>,
+}
+
+/// Reports jobs in a workdir: `job` itself, or the current (latest) one, or with `all` the
+/// last ten. Prints `job ID DIR` then `STEM STATE` lines per job.
+pub fn status_script(workdir: &str, job: Option<&str>, all: bool) -> String {
+    let select = match (job, all) {
+        (Some(job), _) => format!("jobs={}", quote(job)),
+        (None, true) => "jobs=$(ls -1 jobs 2>/dev/null | tail -n 10)".to_string(),
+        (None, false) => "jobs=$(cat current-job 2>/dev/null)".to_string(),
+    };
+    format!(
+        "cd -- {workdir}/.fleet 2>/dev/null || exit 0\n\
+         {select}\n\
+         for j in $jobs; do\n\
+           [ -d \"jobs/$j\" ] || continue\n\
+           printf 'job %s %s\\n' \"$j\" \"$(cd \"jobs/$j\" && pwd -P)\"\n\
+           for f in \"jobs/$j\"/*.start; do\n\
+             [ -e \"$f\" ] || continue\n\
+             s=${{f%.start}}\n\
+             if [ -e \"$s.exit\" ]; then st=\"exited $(cat \"$s.exit\")\"\n\
+             elif [ -s \"$s.pid\" ] && kill -0 -\"$(cat \"$s.pid\")\" 2>/dev/null; then st=running\n\
+             else st=lost; fi\n\
+             printf '%s %s\\n' \"${{s##*/}}\" \"$st\"\n\
+           done\n\
+         done\n"
+    )
+}
+
+/// Parses [`status_script`] output.
+pub fn parse_status(text: &str) -> Vec<JobState> {
+    let mut jobs: Vec<JobState> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("job ") {
+            let (job_id, dir) = rest.split_once(' ').unwrap_or((rest, ""));
+            jobs.push(JobState {
+                job_id: job_id.to_string(),
+                dir: dir.to_string(),
+                processes: Vec::new(),
+            });
+        } else if let (Some(job), Some((stem, state))) = (jobs.last_mut(), line.split_once(' ')) {
+            job.processes.push(ProcessState {
+                stem: stem.to_string(),
+                state: state.to_string(),
+            });
+        }
+    }
+    jobs
+}
+
+/// The label shown in log prefixes for a file stem: `rank-3` → `3`, `node-1` → `n1`.
+pub fn label_of(stem: &str) -> String {
+    match (stem.strip_prefix("rank-"), stem.strip_prefix("node-")) {
+        (Some(rank), _) => rank.to_string(),
+        (_, Some(node)) => format!("n{node}"),
+        _ => stem.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +239,48 @@ mod tests {
         assert!(read("rank-0.start").trim().parse::<u128>().is_ok());
         assert!(read("rank-1.pid").trim().parse::<u32>().is_ok());
         assert_eq!(read("../../current-job"), "J1\n");
+    }
+
+    #[test]
+    fn the_status_script_reports_each_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let workdir = dir.path().to_str().unwrap();
+        let script = start_script(&quote(workdir), &job(), 0, &BTreeMap::new());
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
+        let jobs_dir = dir.path().join(".fleet/jobs/J1");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !(jobs_dir.join("rank-0.exit").exists() && jobs_dir.join("rank-1.exit").exists()) {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        std::fs::write(jobs_dir.join("rank-2.start"), "1\n").unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(status_script(&quote(workdir), None, false))
+            .output()
+            .unwrap();
+        let jobs = parse_status(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].job_id, "J1");
+        let states: Vec<(&str, &str)> = jobs[0]
+            .processes
+            .iter()
+            .map(|p| (p.stem.as_str(), p.state.as_str()))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("rank-0", "exited 3"),
+                ("rank-1", "exited 0"),
+                ("rank-2", "lost")
+            ]
+        );
+        assert_eq!(label_of("rank-12"), "12");
+        assert_eq!(label_of("node-2"), "n2");
     }
 
     #[test]

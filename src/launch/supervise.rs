@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::follow::Event;
 use super::plan::JobPlan;
 use super::remote::{signal_script, stem};
-use crate::output::{LineSplitter, Printer, Stream, sanitize};
+use crate::output::{LineSplitter, Printer, ProcessLabels, Stream, sanitize};
 use crate::shell;
 use crate::ssh::Session;
 
@@ -133,6 +133,7 @@ impl Supervisor<'_> {
                     let Some(event) = event else { break };
                     match event {
                         Event::Started { process, at_ns } => starts[process] = Some(at_ns),
+                        Event::Caught { .. } => {}
                         Event::Output { process, bytes } => {
                             let track = &mut tracks[process];
                             if let Some(file) = &mut track.file {
@@ -263,37 +264,17 @@ impl Supervisor<'_> {
     }
 
     fn tracks(&self) -> Vec<Track> {
-        let width = self
+        let described: Vec<(String, String, usize)> = self
             .job
             .processes
             .iter()
-            .map(|p| p.label.len())
-            .max()
-            .unwrap_or(1);
-        let host_width = self
-            .host_names
-            .iter()
-            .map(|h| console::measure_text_width(h))
-            .max()
-            .unwrap_or(0);
-        const COLORS: [console::Color; 6] = [
-            console::Color::Cyan,
-            console::Color::Magenta,
-            console::Color::Yellow,
-            console::Color::Green,
-            console::Color::Blue,
-            console::Color::Red,
-        ];
+            .map(|p| (p.label.clone(), self.host_names[p.host].clone(), p.host))
+            .collect();
+        let labels = ProcessLabels::new(self.printer, &described);
         self.job
             .processes
             .iter()
             .map(|p| {
-                let host = &self.host_names[p.host];
-                let plain_prefix = format!("[{:>width$} {host:<host_width$}] ", p.label);
-                let style = self.printer.style(
-                    Stream::Stdout,
-                    console::Style::new().fg(COLORS[p.host % COLORS.len()]),
-                );
                 let file = self
                     .run_dir
                     .as_ref()
@@ -301,8 +282,8 @@ impl Supervisor<'_> {
                     .map(BufWriter::new);
                 Track {
                     splitter: LineSplitter::new(),
-                    prefix: style.apply_to(&plain_prefix).to_string(),
-                    plain_prefix,
+                    prefix: labels.prefix(p.index).to_string(),
+                    plain_prefix: labels.plain(p.index).to_string(),
                     tail: VecDeque::with_capacity(TAIL_LINES),
                     file,
                     ended: !self.followed[p.host],

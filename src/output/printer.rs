@@ -231,3 +231,51 @@ impl HostLabels {
         }
     }
 }
+
+/// Prefixes for lines from processes of a job: `[rank host] `, padded, coloured per host.
+#[derive(Debug)]
+pub struct ProcessLabels {
+    plain: Vec<String>,
+    coloured: Vec<String>,
+}
+
+impl ProcessLabels {
+    /// `processes`: (label, host name, host index) of each process.
+    pub fn new(printer: &Printer, processes: &[(String, String, usize)]) -> Self {
+        let width = processes.iter().map(|p| p.0.len()).max().unwrap_or(1);
+        let host_width = processes
+            .iter()
+            .map(|p| console::measure_text_width(&p.1))
+            .max()
+            .unwrap_or(0);
+        let plain: Vec<String> = processes
+            .iter()
+            .map(|(label, host, _)| {
+                let pad = host_width - console::measure_text_width(host);
+                format!("[{label:>width$} {host}{}] ", " ".repeat(pad))
+            })
+            .collect();
+        let coloured = plain
+            .iter()
+            .zip(processes)
+            .map(|(p, (_, _, host))| {
+                let style = printer.style(
+                    Stream::Stdout,
+                    Style::new().fg(PALETTE[host % PALETTE.len()]),
+                );
+                style.apply_to(p).to_string()
+            })
+            .collect();
+        ProcessLabels { plain, coloured }
+    }
+
+    /// For the terminal (coloured when stdout is).
+    pub fn prefix(&self, process: usize) -> &str {
+        &self.coloured[process]
+    }
+
+    /// For files.
+    pub fn plain(&self, process: usize) -> &str {
+        &self.plain[process]
+    }
+}
