@@ -67,7 +67,7 @@ make_tree() {
 
 # sync_inventory SOURCE NAME: an inventory syncing SOURCE to $work/NAME/<host>.
 sync_inventory() {
-  sed -e "s|^workdir = \"/tmp/fleet-testbed-work/\(host[0-9]*\)\"|workdir = \"$work/$2/\\1\"|" \
+  sed -e "s|^workdir = \"$TB_DIR/work/\(host[0-9]*\)\"|workdir = \"$work/$2/\\1\"|" \
     -e "s|^master_port = 29500|master_port = 29500\n[sync]\nsource = \"$1\"|" "$TB_DIR/fleet.toml" >"$work/$2.toml"
   echo "$work/$2.toml"
 }

@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
 # demo.sh: fleet on a local three-host fleet. Installs what is missing, builds fleet, starts three
-# OpenSSH hosts in network namespaces (scripts/testbed.sh), shows the inventory fleet reads, runs
-# a command on all three at once, and takes the hosts down again, also on failure or Ctrl-C.
+# OpenSSH hosts in network namespaces (scripts/testbed.sh), then shows the inventory, syncs a small
+# project to every host, checks it there, and runs a three-rank job whose merged log streams back.
+# The hosts are taken down again at the end, also on failure or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 cargo build --release --locked --quiet
-fleet=target/release/fleet
+fleet=$PWD/target/release/fleet
 
 export TB_DIR=${TB_DIR:-/tmp/fleet-testbed}
+project=$(mktemp -d /tmp/fleet-demo.XXXXXX)
 scripts/testbed.sh down 2>/dev/null || true
-trap 'scripts/testbed.sh down' EXIT
+trap 'scripts/testbed.sh down; rm -rf "$project"' EXIT
 scripts/testbed.sh up netns
-export FLEET_INVENTORY=$TB_DIR/fleet.toml
 
-echo "+ fleet inventory" >&2
-$fleet inventory
-echo "+ fleet exec -- sh -c 'echo \$(hostname): \$(nproc) cores, \$(uname -sr)'" >&2
-$fleet exec -- sh -c 'echo $(hostname): $(nproc) cores, $(uname -sr)'
+# A small project: data and a script that every rank runs.
+mkdir -p "$project/data"
+seq 1 10000 | awk '{print "example " $1 "," $1 % 2}' >"$project/data/training_data_10000.csv"
+cat >"$project/train.sh" <<'SCRIPT'
+#!/bin/sh
+# Each rank counts its shard of the data: rows where row number % WORLD_SIZE == RANK.
+rows=$(awk -F, -v r="$RANK" -v w="$WORLD_SIZE" 'NR % w == r' data/training_data_10000.csv | wc -l)
+echo "rank $RANK of $WORLD_SIZE on $(hostname): $rows rows, master $MASTER_ADDR:$MASTER_PORT via $GLOO_SOCKET_IFNAME"
+SCRIPT
+chmod +x "$project/train.sh"
+sed "s|^master_port = 29500|master_port = 29500\n\n[sync]\nsource = \"$project\"|" "$TB_DIR/fleet.toml" >"$project/fleet.toml"
+export FLEET_INVENTORY=$project/fleet.toml
+
+step() { printf '\n+ %s\n' "$*" >&2; "$@"; }
+step "$fleet" inventory
+step "$fleet" sync
+step "$fleet" sync --verify
+step "$fleet" run -- ./train.sh

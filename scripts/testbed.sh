@@ -20,7 +20,7 @@
 #
 # Written to $TB_DIR: id_ed25519 (client key, authorised for root and train), known_hosts,
 # ssh_config (ssh -F $TB_DIR/ssh_config host1), hosts.tsv (name addr port netns) and fleet.toml,
-# an inventory for the hosts (user root, device cpu, workdir /tmp/fleet-testbed-work/<host>).
+# an inventory for the hosts (user root, device cpu, workdir $TB_DIR/work/<host>, emptied by `up`).
 #
 # Environment: TB_DIR (/tmp/fleet-testbed), TB_N (3), TB_PORT_BASE (2200), TB_NS_PREFIX (tb-),
 # TB_BRIDGE (tbbr0), TB_SUBNET (10.213.0), TB_PRIVATE_HOME (1; 0 shares /root and /home).
@@ -193,7 +193,7 @@ write_inventory() { # variant
     echo "user = \"root\""
     echo "identity = \"$TB_DIR/id_ed25519\""
     echo "known_hosts = \"$TB_DIR/known_hosts\""
-    echo "workdir = \"/tmp/fleet-testbed-work\""
+    echo "workdir = \"$TB_DIR/work\""
     echo "device = \"cpu\""
     echo "master_port = 29500"
     for ((i = 1; i <= TB_N; i++)); do
@@ -202,7 +202,7 @@ write_inventory() { # variant
       echo "name = \"host$i\""
       echo "address = \"$(host_addr "$1" "$i")\""
       echo "port = $(host_port "$1" "$i")"
-      echo "workdir = \"/tmp/fleet-testbed-work/host$i\""
+      echo "workdir = \"$TB_DIR/work/host$i\""
     done
   } >"$TB_DIR/fleet.toml"
 }
@@ -264,6 +264,7 @@ cmd_up() {
   trap 'rc=$?; if ((rc != 0)); then log "up failed, tearing down"; cmd_down; fi' EXIT
   : >"$TB_DIR/known_hosts"
   : >"$TB_DIR/hosts.tsv"
+  rm -rf "$TB_DIR/work"
   rm -f "$TB_DIR/id_ed25519" "$TB_DIR/id_ed25519.pub"
   ssh-keygen -q -t ed25519 -N '' -C fleet-testbed-client -f "$TB_DIR/id_ed25519"
   cat >"$TB_DIR/ssh_config" <<CONFIG

@@ -70,7 +70,7 @@ impl<'a> HostTree<'a> {
             "mkdir -p -- {dir}/{STATE_DIR} && cd -- {dir} && {{ flock -n 9 || {{ echo busy; flock -w 600 9; }} || exit 75\n\
              printf 'locked %s\\n' \"$(pwd -P)\"\n\
              if [ -f {SAVED_MANIFEST} ]; then wc -c < {SAVED_MANIFEST}; cat {SAVED_MANIFEST}; else echo 0; fi\n\
-             find . -mindepth 1 -path ./{STATE_DIR} -prune -o -printf '%y\\0%s\\0%T@\\0%m\\0%P\\0%l\\0' > {STATE_DIR}/listing\n\
+             find . -mindepth 1 -path ./{STATE_DIR} -prune -o -printf '%y\\0%s\\0%Ts\\0%m\\0%P\\0%l\\0' > {STATE_DIR}/listing\n\
              wc -c < {STATE_DIR}/listing; cat {STATE_DIR}/listing; rm -f {STATE_DIR}/listing\n\
              exec cat >/dev/null; }} 9>{STATE_DIR}/sync.lock",
             dir = shell_path(workdir)
@@ -270,7 +270,7 @@ pub fn parse_hashes(out: &[u8], paths: &[String]) -> HashMap<String, String> {
     hashes
 }
 
-/// Parses `find -printf '%y\0%s\0%T@\0%m\0%P\0%l\0'` output.
+/// Parses `find -printf '%y\0%s\0%Ts\0%m\0%P\0%l\0'` output.
 pub fn parse_listing(bytes: &[u8]) -> Result<Listing, String> {
     let fields: Vec<&[u8]> = bytes.split(|&b| b == 0).collect();
     let mut listing = Listing::new();
