@@ -3,12 +3,13 @@
 # what is present already is left alone, so a second run takes a second.
 #
 #   Debian packages: openssh-server and openssh-client (the test bed's hosts), iproute2 (network
-#   namespaces), rsync (the benchmark's baseline), procps (pgrep).
+#   namespaces), iptables (firewall faults in tests), rsync (the benchmark's baseline), procps
+#   (pgrep), python3 (what training hosts have: fleet check listens on the master port with it).
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-packages=(openssh-server openssh-client iproute2 rsync procps)
+packages=(openssh-server openssh-client iproute2 iptables rsync procps python3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

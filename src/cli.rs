@@ -50,6 +50,8 @@ pub struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Prove the hosts can train together: versions, GPUs, disk, clock, files, the master port
+    Check,
     /// Run a command on every host at once; each output line is prefixed with its host
     Exec(ExecArgs),
     /// Start every rank on every host at once and stream one merged log; stop all when one fails
@@ -107,6 +109,9 @@ pub struct RunArgs {
     /// Do not sync the project first
     #[arg(long)]
     pub no_sync: bool,
+    /// Do not run `fleet check` first
+    #[arg(long)]
+    pub no_check: bool,
     /// Seconds between SIGTERM and SIGKILL when stopping the job
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub grace: u64,

@@ -7,6 +7,9 @@
 //! - [`inventory`]: the hosts file (TOML), validated with file:line:column errors.
 //! - [`ssh`]: russh connections: targets (with `~/.ssh/config`), host keys, keys, commands.
 //! - [`shell`]: quoting for the remote shell, so arguments arrive as typed.
+//! - [`sync`]: the project onto every host: manifest, plan (pure), remote side, transfer.
+//! - [`preflight`]: `fleet check`'s probe script and its cross-host checks (pure).
+//! - [`launch`]: `fleet run`: rank plan (pure), job folder scripts, log followers, supervisor.
 //! - [`output`]: the printer (stdout data, stderr messages), colours, line assembly, sanitising.
 //! - [`exit_code`]: what the process's exit status means.
 //!
@@ -18,6 +21,7 @@ pub mod exit_code;
 pub mod inventory;
 pub mod launch;
 pub mod output;
+pub mod preflight;
 pub mod shell;
 pub mod ssh;
 pub mod sync;

@@ -71,3 +71,42 @@ fn silent_host_times_out_at_the_deadline() {
     let needle = format!("host2: no answer from {}:22 within 1s", tb.hosts[1].addr);
     assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
 }
+
+#[test]
+fn check_names_a_stopped_host_and_checks_the_others() {
+    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    let tb = Testbed::get();
+    tb.control(&["stop", "host2"]);
+    let _restore = Restore {
+        tb: &tb,
+        args: ["start", "host2"],
+    };
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(tb.inventory())
+        .args(["--json", "check"])
+        .run();
+    run.assert_code(3);
+    let records: Vec<serde_json::Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let unreachable: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["check"] == "reachable")
+        .collect();
+    assert_eq!(unreachable.len(), 1);
+    assert_eq!(unreachable[0]["host"], "host2");
+    assert_eq!(unreachable[0]["ok"], false);
+    // The others were still probed.
+    for host in ["host1", "host3"] {
+        assert!(
+            records
+                .iter()
+                .any(|r| r["check"] == "disk" && r["host"] == host && r["ok"] == true),
+            "{host}: {}",
+            run.stdout
+        );
+    }
+}

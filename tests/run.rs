@@ -6,6 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::Child;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Fleet, Testbed};
@@ -25,6 +26,12 @@ impl Job {
         std::fs::write(source.path().join("README"), "a job\n").unwrap();
         let config = tempfile::tempdir().unwrap();
         let inventory = tb.sync_inventory(config.path(), name, source.path());
+        // Tests run side by side: each job gets its own master port for `fleet check`.
+        static NEXT_PORT: AtomicU16 = AtomicU16::new(29600);
+        let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        let text = std::fs::read_to_string(&inventory).unwrap();
+        let text = text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1);
+        std::fs::write(&inventory, text).unwrap();
         Job {
             tb,
             source,
@@ -42,6 +49,15 @@ impl Job {
         );
         std::fs::write(&self.inventory, text).unwrap();
         self
+    }
+
+    fn master_port(&self) -> u16 {
+        let text = std::fs::read_to_string(&self.inventory).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("master_port = "))
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 
     fn fleet(&self, args: &[&str]) -> Fleet {
@@ -105,6 +121,7 @@ fn every_rank_gets_its_environment() {
     let run = job.fleet(&["run", "--", "sh", "-c", ENV]).run();
     run.assert_code(0);
     let master = &job.tb.hosts[0].addr;
+    let port = job.master_port();
     let mut lines = run.sorted_stdout();
     let job_id = lines[0].rsplit("JOB=").next().unwrap().to_string();
     assert_eq!(job_id.len(), 20, "{}", run.stdout);
@@ -115,7 +132,7 @@ fn every_rank_gets_its_environment() {
         .map(|r| {
             format!(
                 "[{r} host{}] RANK={r} LOCAL_RANK=0 WORLD_SIZE=3 LOCAL_WORLD_SIZE=1 NODE_RANK={r} GROUP_RANK={r} NNODES=3 \
-                 MASTER={master}:29500 UNBUFFERED=1 IFNAME=eth0/eth0 HOST=host{} JOB=",
+                 MASTER={master}:{port} UNBUFFERED=1 IFNAME=eth0/eth0 HOST=host{} JOB=",
                 r + 1,
                 r + 1
             )

@@ -2,6 +2,7 @@
 //! and returns the exit code it decided on; errors it cannot place on a host come back as
 //! `anyhow` errors for `main` to print.
 
+mod check;
 mod exec;
 mod inventory;
 mod jobs;
@@ -75,6 +76,7 @@ impl Fleet {
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let fleet = Fleet::new(cli.global);
     match cli.command {
+        Command::Check => check::run(&fleet).await,
         Command::Exec(args) => exec::run(&fleet, &args).await,
         Command::Logs(args) => jobs::logs(&fleet, &args).await,
         Command::Ps => jobs::ps(&fleet).await,

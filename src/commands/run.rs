@@ -14,7 +14,7 @@ use super::Fleet;
 use crate::cli::RunArgs;
 use crate::exit_code::ExitCode;
 use crate::launch::follow::{Followed, follow_host};
-use crate::launch::remote::{BUSY, NO_WORKDIR, job_dir, start_script, stem};
+use crate::launch::remote::{BUSY, NO_WORKDIR, interface_to, job_dir, start_script, stem};
 use crate::launch::supervise::{Outcome, Supervisor};
 use crate::launch::{JobPlan, Mode, new_job_id, plan};
 use crate::shell;
@@ -62,6 +62,15 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
         }
     }
 
+    if !args.no_check {
+        let code = super::check::before_run(fleet).await?;
+        if code != ExitCode::Success {
+            fleet
+                .printer
+                .error("the check failed; nothing was started (--no-check starts anyway)");
+            return Ok(code);
+        }
+    }
     let targets = fleet.targets(&inventory)?;
     let options = fleet.connect_options(&inventory, &targets)?;
     let connected = join_all(targets.iter().map(|t| Session::connect(t, &options))).await;
@@ -253,24 +262,6 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
         session.close().await;
     }
     Ok(ExitCode::Exact(code))
-}
-
-/// The interface of `host` that reaches `addr`: the one holding it, else the route's device.
-async fn interface_to(session: &Session, addr: &str) -> Option<String> {
-    let script = format!(
-        "a={addr}\n\
-         case $a in *[!0-9.:]*) a=$(getent hosts \"$a\" | awk '{{print $1; exit}}') ;; esac\n\
-         i=$(ip -o addr show to \"$a\" 2>/dev/null | awk '{{print $2; exit}}')\n\
-         [ -n \"$i\" ] || i=$(ip -o route get \"$a\" 2>/dev/null | sed -n 's/.* dev \\([^ ]*\\).*/\\1/p')\n\
-         printf '%s' \"$i\"",
-        addr = shell::quote(addr)
-    );
-    match session.capture(&shell::sh(&script)).await {
-        Ok((ExitStatus::Code(0), out, _)) => {
-            Some(String::from_utf8_lossy(&out).trim().to_string()).filter(|s| !s.is_empty())
-        }
-        _ => None,
-    }
 }
 
 /// The absolute path of a workdir on the host (SFTP does not expand `~`).

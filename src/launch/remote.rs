@@ -175,6 +175,24 @@ pub fn label_of(stem: &str) -> String {
     }
 }
 
+/// The interface of `host` that reaches `addr`: the one holding it, else the route's device.
+pub async fn interface_to(session: &crate::ssh::Session, addr: &str) -> Option<String> {
+    let script = format!(
+        "a={addr}\n\
+         case $a in *[!0-9.:]*) a=$(getent hosts \"$a\" | awk '{{print $1; exit}}') ;; esac\n\
+         i=$(ip -o addr show to \"$a\" 2>/dev/null | awk '{{print $2; exit}}')\n\
+         [ -n \"$i\" ] || i=$(ip -o route get \"$a\" 2>/dev/null | sed -n 's/.* dev \\([^ ]*\\).*/\\1/p')\n\
+         printf '%s' \"$i\"",
+        addr = quote(addr)
+    );
+    match session.capture(&crate::shell::sh(&script)).await {
+        Ok((crate::ssh::ExitStatus::Code(0), out, _)) => {
+            Some(String::from_utf8_lossy(&out).trim().to_string()).filter(|s| !s.is_empty())
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

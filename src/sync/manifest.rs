@@ -142,7 +142,7 @@ pub enum ManifestError {
 }
 
 /// What is left out of a sync: `[sync].exclude`, the source's `.fleetignore` (gitignore syntax),
-/// and fleet's own state folder.
+/// fleet's own state folder, and `runs/`, where `fleet run` keeps its local logs.
 #[derive(Debug)]
 pub struct Filter {
     ignore: Gitignore,

@@ -39,6 +39,40 @@ pub struct HostTree<'a> {
     listing: Vec<u8>,
 }
 
+/// The saved manifest and a listing of a workdir, read without taking the sync lock (for
+/// `fleet check`: a sync running at the same time can make it report files out of sync).
+pub async fn peek(
+    session: &Session,
+    workdir: &str,
+) -> Result<(Option<Manifest>, Listing), SyncError> {
+    let host = session.target().name.clone();
+    let script = format!(
+        "cd -- {dir} 2>/dev/null || exit 0\n\
+         cat {SAVED_MANIFEST} 2>/dev/null; printf '\\0\\0\\0\\0'\n\
+         find . -mindepth 1 -path ./{STATE_DIR} -prune -o -printf '%y\\0%s\\0%Ts\\0%m\\0%P\\0%l\\0'",
+        dir = shell_path(workdir)
+    );
+    let (_, out, _) = session.capture(&shell::sh(&script)).await?;
+    // The saved manifest ends with a NUL; four more mark where the listing starts.
+    let split = out
+        .windows(4)
+        .position(|w| w == [0, 0, 0, 0])
+        .map_or(out.len(), |i| {
+            // Runs of NULs can end the manifest (an empty last field): take the last four.
+            let mut end = i + 4;
+            while out.get(end) == Some(&0) {
+                end += 1;
+            }
+            end
+        });
+    let saved = out
+        .get(..split.saturating_sub(4))
+        .and_then(Manifest::from_bytes);
+    let listing = parse_listing(out.get(split..).unwrap_or_default())
+        .map_err(|message| SyncError::Host { host, message })?;
+    Ok((saved, listing))
+}
+
 /// A decimal length on its own line, then that many bytes.
 async fn read_sized(process: &mut RemoteProcess) -> Option<Vec<u8>> {
     let length: usize = process.next_line().await?.trim().parse().ok()?;

@@ -14,6 +14,8 @@ pub struct TestHost {
     pub name: String,
     pub addr: String,
     pub port: u16,
+    /// Its network namespace (netns variant).
+    pub netns: String,
 }
 
 /// The running test bed (`scripts/testbed.sh up`, done by `scripts/test.sh`).
@@ -43,6 +45,7 @@ impl Testbed {
                     name: f[0].to_string(),
                     addr: f[1].to_string(),
                     port: f[2].parse().unwrap(),
+                    netns: f.get(3).unwrap_or(&"").to_string(),
                 }
             })
             .collect();

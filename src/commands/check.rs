@@ -1,0 +1,433 @@
+//! `fleet check`: probes every host at once, checks that they can train together (same
+//! versions, GPUs for the ranks, disk, clock, files in sync, the master port reachable from every
+//! host), and says what to fix.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+use futures::future::join_all;
+use serde::Serialize;
+
+use super::{Fleet, table};
+use crate::exit_code::ExitCode;
+use crate::inventory::Inventory;
+use crate::launch::remote::interface_to;
+use crate::output::{Printer, Stream};
+use crate::preflight::{
+    Finding, HostReport, connect_script, evaluate, listener_script, parse_probe, probe_script,
+};
+use crate::shell;
+use crate::ssh::{ExitStatus, Session};
+use crate::sync::remote::{peek, shell_path};
+use crate::sync::{Filter, HashCache, plan, scan, split_listing};
+
+/// How long a probe may take (importing torch is slow on a cold disk).
+const PROBE_DEADLINE: Duration = Duration::from_secs(60);
+/// How long a host may take to open a TCP connection to the master port.
+const CONNECT_SECONDS: u32 = 3;
+
+#[derive(Serialize)]
+struct CheckRecord<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(flatten)]
+    finding: &'a Finding,
+}
+
+#[derive(Serialize)]
+struct Verdict {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    ok: bool,
+    failed: usize,
+}
+
+pub async fn run(fleet: &Fleet) -> Result<ExitCode> {
+    check(fleet, false).await
+}
+
+/// The check before a `fleet run`: only problems are printed, on stderr.
+pub async fn before_run(fleet: &Fleet) -> Result<ExitCode> {
+    check(fleet, true).await
+}
+
+async fn check(fleet: &Fleet, before_run: bool) -> Result<ExitCode> {
+    let inventory = fleet.inventory()?;
+    let targets = fleet.targets(&inventory)?;
+    let options = fleet.connect_options(&inventory, &targets)?;
+    let connected = join_all(targets.iter().map(|t| Session::connect(t, &options))).await;
+    let mut sessions: Vec<Option<Session>> = connected.iter().map(|_| None).collect();
+    let mut reports: Vec<HostReport> = Vec::new();
+    for ((i, result), host) in connected.into_iter().enumerate().zip(&inventory.hosts) {
+        match result {
+            Ok(session) => {
+                sessions[i] = Some(session);
+                reports.push(HostReport {
+                    host: host.name.clone(),
+                    ..HostReport::default()
+                });
+            }
+            Err(e) => reports.push(HostReport {
+                host: host.name.clone(),
+                error: Some(e.to_string()),
+                ..HostReport::default()
+            }),
+        }
+    }
+    let master_addr = inventory
+        .master_addr
+        .clone()
+        .unwrap_or_else(|| targets[0].addr.clone());
+
+    // Probes, the file comparison and the port check run on all hosts at once.
+    let checks = &inventory.checks;
+    let probes = join_all(sessions.iter().zip(&inventory.hosts).map(
+        |(session, host)| async move {
+            let session = session.as_ref()?;
+            let script = probe_script(&shell_path(&host.workdir), checks);
+            let sent = now_ms();
+            let result =
+                tokio::time::timeout(PROBE_DEADLINE, session.capture(&shell::sh(&script))).await;
+            let laptop = (sent + now_ms()) / 2;
+            Some(match result {
+                Ok(Ok((_, out, _))) => Ok((
+                    parse_probe(&host.name, &String::from_utf8_lossy(&out)),
+                    laptop,
+                )),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!(
+                    "{}: no answer to the probe within {}s",
+                    host.name,
+                    PROBE_DEADLINE.as_secs()
+                )),
+            })
+        },
+    ));
+    // Before a run the sync has just happened (or was declined with --no-sync).
+    let files = async {
+        if before_run {
+            Vec::new()
+        } else {
+            files_in_sync(&inventory, &sessions).await
+        }
+    };
+    let (probes, files, port, interfaces) = tokio::join!(
+        probes,
+        files,
+        master_port(&inventory, &sessions, &master_addr),
+        join_all(
+            sessions
+                .iter()
+                .map(|s| async { interface_to(s.as_ref()?, &master_addr).await })
+        )
+    );
+    let mut laptop_ms = vec![0; reports.len()];
+    for (i, probe) in probes.into_iter().enumerate() {
+        match probe {
+            Some(Ok((report, laptop))) => {
+                reports[i] = report;
+                laptop_ms[i] = laptop;
+            }
+            Some(Err(error)) => reports[i].error = Some(error),
+            None => {}
+        }
+    }
+
+    let mut findings = evaluate(&inventory, &reports, &laptop_ms);
+    findings.extend(files);
+    findings.extend(port);
+    for ((host, report), iface) in inventory.hosts.iter().zip(&reports).zip(&interfaces) {
+        if let (None, Some(iface)) = (&report.error, iface) {
+            findings.push(Finding {
+                check: "route to master".into(),
+                host: Some(host.name.clone()),
+                ok: true,
+                detail: format!(
+                    "via {iface} (fleet run sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME={iface})"
+                ),
+                fix: None,
+            });
+        }
+    }
+    for session in sessions.into_iter().flatten() {
+        session.close().await;
+    }
+    Ok(report(
+        &fleet.printer,
+        &findings,
+        reports.iter().any(|r| r.error.is_some()),
+        before_run,
+    ))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Compares the local project with each host's tree (without syncing).
+async fn files_in_sync(inventory: &Inventory, sessions: &[Option<Session>]) -> Vec<Finding> {
+    let source = inventory.sync.source.clone();
+    let Ok(filter) = Filter::new(&source, &inventory.sync.exclude) else {
+        return Vec::new();
+    };
+    let scanned = tokio::task::spawn_blocking(move || {
+        let mut cache = HashCache::open(&source);
+        let result = scan(&source, &filter, &mut cache);
+        if let Ok(s) = &result {
+            cache.save(&s.manifest);
+        }
+        result.map(|s| (s, filter))
+    })
+    .await;
+    let Ok(Ok((local, filter))) = scanned else {
+        return vec![Finding {
+            check: "files".into(),
+            host: None,
+            ok: false,
+            detail: format!(
+                "cannot read the project folder {}",
+                inventory.sync.source.display()
+            ),
+            fix: Some("see fleet sync for the error".into()),
+        }];
+    };
+    let checks = sessions
+        .iter()
+        .zip(&inventory.hosts)
+        .map(|(session, host)| {
+            let (local, filter) = (&local, &filter);
+            async move {
+                let session = session.as_ref()?;
+                let name = Some(host.name.clone());
+                Some(match peek(session, &host.workdir).await {
+                    Ok((saved, listing)) => {
+                        let (listing, _) = split_listing(listing, filter);
+                        let plan = plan(&local.manifest, saved.as_ref(), &listing);
+                        if plan.is_empty() {
+                            Finding {
+                                check: "files".into(),
+                                host: name,
+                                ok: true,
+                                detail: format!("{} files in sync", plan.unchanged),
+                                fix: None,
+                            }
+                        } else {
+                            Finding {
+                                check: "files".into(),
+                                host: name,
+                                ok: false,
+                                detail: format!(
+                                    "{} files to send, {} folders to create",
+                                    plan.uploads.len(),
+                                    plan.mkdirs.len()
+                                ),
+                                fix: Some("run fleet sync (fleet run does it first)".into()),
+                            }
+                        }
+                    }
+                    Err(e) => Finding {
+                        check: "files".into(),
+                        host: name,
+                        ok: false,
+                        detail: e.to_string(),
+                        fix: None,
+                    },
+                })
+            }
+        });
+    join_all(checks).await.into_iter().flatten().collect()
+}
+
+/// Listens on MASTER_PORT on the master and has every other host connect to it.
+async fn master_port(
+    inventory: &Inventory,
+    sessions: &[Option<Session>],
+    master_addr: &str,
+) -> Vec<Finding> {
+    let port = inventory.master_port;
+    let check = "master port";
+    let Some(master) = sessions[0].as_ref() else {
+        return Vec::new();
+    };
+    let master_name = inventory.hosts[0].name.clone();
+    let fail = |host: &str, detail: String, fix: &str| Finding {
+        check: check.into(),
+        host: Some(host.to_string()),
+        ok: false,
+        detail,
+        fix: Some(fix.into()),
+    };
+    let Ok(mut listener) = master.start(&shell::sh(&listener_script(port, 30))).await else {
+        return vec![fail(
+            &master_name,
+            "could not start a listener".into(),
+            "check the host",
+        )];
+    };
+    let first = listener.next_line().await.unwrap_or_default();
+    if let Some(holder) = first.strip_prefix("in use") {
+        listener.finish().await;
+        let holder = holder.trim();
+        let held = if holder.is_empty() {
+            String::new()
+        } else {
+            format!(" by {holder}")
+        };
+        return vec![fail(
+            &master_name,
+            format!("port {port} is in use{held} on {master_name}"),
+            "stop what holds it (a previous job: fleet ps / fleet stop), or set master_port to a free port",
+        )];
+    }
+    if first != "listening" {
+        listener.finish().await;
+        return vec![Finding {
+            check: check.into(),
+            host: Some(master_name),
+            ok: true,
+            detail: format!("not tested ({first}: python3 is needed on the master to listen)"),
+            fix: None,
+        }];
+    }
+    let script = connect_script(master_addr, port, CONNECT_SECONDS);
+    let attempts = sessions
+        .iter()
+        .zip(&inventory.hosts)
+        .skip(1)
+        .map(|(session, host)| {
+            let script = &script;
+            async move {
+                let session = session.as_ref()?;
+                let answer = match session.capture(&shell::sh(script)).await {
+                    Ok((ExitStatus::Code(0), out, _)) => {
+                        String::from_utf8_lossy(&out).trim().to_string()
+                    }
+                    Ok((_, _, err)) => format!("error {}", String::from_utf8_lossy(&err).trim()),
+                    Err(e) => format!("error {e}"),
+                };
+                let target = format!("{master_addr}:{port}");
+                Some(match answer.as_str() {
+                    "ok" => Finding {
+                        check: check.into(),
+                        host: Some(host.name.clone()),
+                        ok: true,
+                        detail: format!("reaches {target}"),
+                        fix: None,
+                    },
+                    "timeout" => fail(
+                        &host.name,
+                        format!("{} cannot reach {target} (timed out: firewall?)", host.name),
+                        FIREWALL_FIX,
+                    ),
+                    "refused" => fail(
+                        &host.name,
+                        format!("{} cannot reach {target} (connection refused)", host.name),
+                        FIREWALL_FIX,
+                    ),
+                    other => fail(
+                        &host.name,
+                        format!("{} cannot test {target}: {other}", host.name),
+                        "install python3 or bash on the host",
+                    ),
+                })
+            }
+        });
+    let mut findings: Vec<Finding> = join_all(attempts).await.into_iter().flatten().collect();
+    listener.finish().await;
+    if findings.is_empty() {
+        findings.push(Finding {
+            check: check.into(),
+            host: Some(master_name),
+            ok: true,
+            detail: format!("{port} free"),
+            fix: None,
+        });
+    }
+    findings
+}
+
+const FIREWALL_FIX: &str = "open the port on the master: Linux `sudo ufw allow 29500/tcp` or \
+    `sudo firewall-cmd --add-port=29500/tcp`; Windows `New-NetFirewallRule -DisplayName fleet -Direction Inbound -Protocol TCP -LocalPort 29500 -Action Allow`";
+
+fn report(
+    printer: &Printer,
+    findings: &[Finding],
+    unreachable: bool,
+    before_run: bool,
+) -> ExitCode {
+    let failed = findings.iter().filter(|f| !f.ok).count();
+    if before_run {
+        for f in findings.iter().filter(|f| !f.ok) {
+            let host = f
+                .host
+                .as_deref()
+                .map_or(String::new(), |h| format!("{h}: "));
+            let fix = f
+                .fix
+                .as_deref()
+                .map_or(String::new(), |x| format!("\n  fix: {x}"));
+            printer.error(&format!("{host}{}: {}{fix}", f.check, f.detail));
+        }
+        printer.info(&format!(
+            "checked: {} of {} checks passed",
+            findings.len() - failed,
+            findings.len()
+        ));
+    } else if printer.json() {
+        for finding in findings {
+            printer.record(&CheckRecord {
+                kind: "check",
+                finding,
+            });
+        }
+        printer.record(&Verdict {
+            kind: "verdict",
+            ok: failed == 0,
+            failed,
+        });
+    } else {
+        let ok = printer
+            .style(Stream::Stdout, console::Style::new().green())
+            .apply_to("✓")
+            .to_string();
+        let bad = printer
+            .style(Stream::Stdout, console::Style::new().red().bold())
+            .apply_to("✗")
+            .to_string();
+        let rows: Vec<Vec<String>> = findings
+            .iter()
+            .map(|f| {
+                vec![
+                    f.check.clone(),
+                    f.host.clone().unwrap_or_else(|| "all".into()),
+                    format!("{} {}", if f.ok { &ok } else { &bad }, f.detail),
+                ]
+            })
+            .collect();
+        printer.write(
+            Stream::Stdout,
+            &table::render(&["CHECK", "HOST", "RESULT"], &rows),
+        );
+        for f in findings.iter().filter(|f| !f.ok) {
+            let host = f
+                .host
+                .as_deref()
+                .map_or(String::new(), |h| format!("{h}: "));
+            let fix = f
+                .fix
+                .as_deref()
+                .map_or(String::new(), |x| format!("\n  fix: {x}"));
+            printer.error(&format!("{host}{}: {}{fix}", f.check, f.detail));
+        }
+        if failed == 0 {
+            printer.info("every check passed");
+        }
+    }
+    match (unreachable, failed) {
+        (true, _) => ExitCode::Unreachable,
+        (false, 0) => ExitCode::Success,
+        _ => ExitCode::Failure,
+    }
+}

@@ -1,0 +1,526 @@
+//! `fleet check`'s knowledge: what to read on each host (one probe script, `key=value` lines)
+//! and the cross-host checks, as pure functions over what the probes read.
+//!
+//! A value that must be equal everywhere (torch, its CUDA build, NCCL, the Python minor version,
+//! fleet-train, each `[[check]]` with `must_match`) is reported with every host's value when it
+//! is not; a missing tool reads "not installed", never an error.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::inventory::{Check, Device, Inventory};
+use crate::shell::quote;
+
+/// What one host's probe read, or why it could not.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HostReport {
+    pub host: String,
+    pub values: BTreeMap<String, String>,
+    /// Set when the host could not be probed at all.
+    pub error: Option<String>,
+}
+
+impl HostReport {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+}
+
+/// The probe script for a host: one `key=value` per line. `check.<name>` lines hold the
+/// `[[check]]` probes' first output line.
+pub fn probe_script(workdir: &str, checks: &[Check]) -> String {
+    let mut script = format!("fleet_probe_py={}\n", quote(PYTHON_PROBE));
+    script.push_str(
+        "echo \"os=$(. /etc/os-release 2>/dev/null; echo \"${PRETTY_NAME:-$(uname -s)}\")\"\n\
+         echo \"arch=$(uname -m)\"\n\
+         echo \"kernel=$(uname -r)\"\n\
+         echo \"hostname=$(hostname)\"\n\
+         echo \"hostname_address=$(getent hosts \"$(hostname)\" | awk '{print $1; exit}')\"\n\
+         echo \"time_ms=$(($(date +%s%N) / 1000000))\"\n",
+    );
+    script.push_str(&format!(
+        "d={workdir}; while [ ! -d \"$d\" ] && [ \"$d\" != / ]; do d=$(dirname \"$d\"); done\n\
+         echo \"disk_free_mb=$(df -Pk \"$d\" | awk 'NR==2 {{print int($4 / 1024)}}')\"\n"
+    ));
+    script.push_str(
+        "if command -v nvidia-smi >/dev/null 2>&1; then\n\
+           nvidia-smi --query-gpu=name,memory.total,memory.free,driver_version --format=csv,noheader,nounits 2>/dev/null | sed 's/^/gpu=/'\n\
+           echo \"gpu_processes=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | wc -l)\"\n\
+         else echo gpu_tool=not installed; fi\n\
+         if command -v python3 >/dev/null 2>&1; then python3 -c \"$fleet_probe_py\"\n\
+         else echo python=not installed; fi\n",
+    );
+    script.push_str(&format!(
+        "if [ -x {workdir}/fleet-train ]; then t={workdir}/fleet-train; else t=$(command -v fleet-train); fi\n\
+         if [ -n \"$t\" ]; then echo \"fleet_train=$(\"$t\" --version 2>&1 | head -n 1)\"; else echo fleet_train=not installed; fi\n"
+    ));
+    for check in checks {
+        script.push_str(&format!(
+            "echo \"check.{}=$(cd {workdir} 2>/dev/null; sh -c {} 2>&1 | head -n 1)\"\n",
+            key_safe(&check.name),
+            quote(&check.command)
+        ));
+    }
+    script
+}
+
+/// Versions of the Python side, one `key=value` per line.
+const PYTHON_PROBE: &str = r#"
+import importlib, platform
+print("python=" + platform.python_version())
+try:
+    import torch
+    print("torch=" + torch.__version__)
+    print("torch_cuda=" + str(torch.version.cuda))
+    print("cuda_available=" + str(torch.cuda.is_available()))
+    try:
+        print("nccl=" + ".".join(map(str, torch.cuda.nccl.version())))
+    except Exception:
+        print("nccl=not available")
+except ImportError:
+    print("torch=not installed")
+for name in ("transformers", "accelerate"):
+    try:
+        print(name + "=" + importlib.import_module(name).__version__)
+    except ImportError:
+        print(name + "=not installed")
+"#;
+
+/// `[[check]]` names become keys: anything but letters, digits, `_`, `-` and `.` is `_`.
+fn key_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Reads probe output. Repeated keys (one `gpu=` per GPU) are numbered `gpu.0`, `gpu.1`, ...
+pub fn parse_probe(host: &str, text: &str) -> HostReport {
+    let mut values = BTreeMap::new();
+    let mut gpus = 0;
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = value.trim().to_string();
+        if key == "gpu" {
+            values.insert(format!("gpu.{gpus}"), value);
+            gpus += 1;
+        } else {
+            values.insert(key.to_string(), value);
+        }
+    }
+    if !values.contains_key("gpu_tool") {
+        values.insert("gpu_count".into(), gpus.to_string());
+    }
+    HostReport {
+        host: host.to_string(),
+        values,
+        error: None,
+    }
+}
+
+/// The outcome of one check, for the whole fleet or one host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub check: String,
+    /// `None` for a fleet-wide check (a value that must match).
+    pub host: Option<String>,
+    pub ok: bool,
+    /// What was found, e.g. "host1 2.11.0, host2 2.10.0".
+    pub detail: String,
+    /// How to fix it, when it failed.
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    fn pass(check: &str, host: Option<&str>, detail: impl Into<String>) -> Finding {
+        Finding {
+            check: check.to_string(),
+            host: host.map(str::to_string),
+            ok: true,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn fail(
+        check: &str,
+        host: Option<&str>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Finding {
+        Finding {
+            check: check.to_string(),
+            host: host.map(str::to_string),
+            ok: false,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+/// Free disk below this (MB) in a workdir fails the check.
+const MIN_DISK_MB: u64 = 1024;
+/// A clock further than this from the laptop's (ms) fails: logs and timeouts stop making sense.
+const MAX_CLOCK_OFFSET_MS: i64 = 5_000;
+
+/// Every check over what the probes read. `laptop_ms` is the laptop's clock when the probes
+/// ran (halfway through their round trip).
+pub fn evaluate(inventory: &Inventory, reports: &[HostReport], laptop_ms: &[i64]) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let reachable: Vec<&HostReport> = reports.iter().filter(|r| r.error.is_none()).collect();
+    for report in reports {
+        if let Some(error) = &report.error {
+            findings.push(Finding::fail(
+                "reachable",
+                Some(&report.host),
+                error.clone(),
+                "check that the host is on, its address, and that sshd runs",
+            ));
+        }
+    }
+
+    // Values that must be the same on every host.
+    let python_minor = |r: &HostReport| {
+        r.get("python")
+            .map(|v| v.splitn(3, '.').take(2).collect::<Vec<_>>().join("."))
+    };
+    let mut must_match: Vec<(String, Box<dyn Fn(&HostReport) -> Option<String>>)> = vec![
+        ("python".into(), Box::new(python_minor)),
+        (
+            "torch".into(),
+            Box::new(|r: &HostReport| r.get("torch").map(str::to_string)),
+        ),
+        (
+            "torch CUDA build".into(),
+            Box::new(|r: &HostReport| r.get("torch_cuda").map(str::to_string)),
+        ),
+        (
+            "nccl".into(),
+            Box::new(|r: &HostReport| r.get("nccl").map(str::to_string)),
+        ),
+        (
+            "fleet-train".into(),
+            Box::new(|r: &HostReport| r.get("fleet_train").map(str::to_string)),
+        ),
+    ];
+    for check in &inventory.checks {
+        let key = format!("check.{}", key_safe(&check.name));
+        if check.must_match {
+            must_match.push((
+                check.name.clone(),
+                Box::new(move |r: &HostReport| r.get(&key).map(str::to_string)),
+            ));
+        }
+    }
+    for (name, read) in &must_match {
+        let values: Vec<(&str, String)> = reachable
+            .iter()
+            .filter_map(|r| read(r).map(|v| (r.host.as_str(), v)))
+            .collect();
+        let distinct: std::collections::BTreeSet<&String> = values.iter().map(|(_, v)| v).collect();
+        let listing = values
+            .iter()
+            .map(|(h, v)| format!("{h} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        match distinct.len() {
+            0 => {}
+            1 => findings.push(Finding::pass(name, None, values[0].1.clone())),
+            _ => findings.push(Finding::fail(
+                name,
+                None,
+                format!("differs: {listing}"),
+                format!("install the same {name} on every host"),
+            )),
+        }
+    }
+
+    for (i, (report, host)) in reports.iter().zip(&inventory.hosts).enumerate() {
+        if report.error.is_some() {
+            continue;
+        }
+        let name = Some(report.host.as_str());
+        if host.device == Device::Cuda {
+            let gpus: u32 = report
+                .get("gpu_count")
+                .and_then(|g| g.parse().ok())
+                .unwrap_or(0);
+            if report.get("gpu_tool").is_some() {
+                findings.push(Finding::fail(
+                    "gpus",
+                    name,
+                    "nvidia-smi not installed",
+                    "install the NVIDIA driver, or set device = \"cpu\" for this host",
+                ));
+            } else if gpus < host.ranks {
+                findings.push(Finding::fail(
+                    "gpus",
+                    name,
+                    format!("{gpus} GPUs for {} ranks", host.ranks),
+                    "lower `ranks` for this host to its GPU count",
+                ));
+            } else {
+                findings.push(Finding::pass(
+                    "gpus",
+                    name,
+                    format!("{gpus}: {}", report.get("gpu.0").unwrap_or("")),
+                ));
+            }
+        }
+        if let Some(free) = report
+            .get("disk_free_mb")
+            .and_then(|d| d.parse::<u64>().ok())
+        {
+            if free < MIN_DISK_MB {
+                findings.push(Finding::fail(
+                    "disk",
+                    name,
+                    format!("{free} MB free in {}", host.workdir),
+                    "free some space in the workdir's file system",
+                ));
+            } else {
+                findings.push(Finding::pass(
+                    "disk",
+                    name,
+                    format!("{:.1} GB free", free as f64 / 1024.0),
+                ));
+            }
+        }
+        if let Some(offset) = report
+            .get("time_ms")
+            .and_then(|t| t.parse::<i64>().ok())
+            .zip(laptop_ms.get(i))
+            .map(|(t, l)| t - l)
+        {
+            if offset.abs() > MAX_CLOCK_OFFSET_MS {
+                findings.push(Finding::fail(
+                    "clock",
+                    name,
+                    format!("{:+.1} s from the laptop", offset as f64 / 1000.0),
+                    "enable time sync (timedatectl set-ntp true)",
+                ));
+            }
+        }
+        if report
+            .get("hostname_address")
+            .is_some_and(|a| a.starts_with("127."))
+        {
+            findings.push(Finding::pass(
+                "hostname",
+                name,
+                format!("{} resolves to {}: fleet run sets GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME so ranks do not bind it", report.get("hostname").unwrap_or("?"), report.get("hostname_address").unwrap_or("?")),
+            ));
+        }
+    }
+    findings
+}
+
+/// Listens on the port for the port check. Python keeps its indentation here, so it is kept
+/// out of the shell script's string continuations.
+const LISTENER_PY: &str = r#"
+import select, socket, sys, time
+port, seconds = int(sys.argv[1]), float(sys.argv[2])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("0.0.0.0", port))
+except OSError as e:
+    print("in use", e, flush=True)
+    sys.exit(0)
+s.listen(64)
+print("listening", flush=True)
+end = time.time() + seconds
+while time.time() < end:
+    ready, _, _ = select.select([s, sys.stdin], [], [], max(0.0, end - time.time()))
+    if sys.stdin in ready and not sys.stdin.buffer.read1(1):
+        break
+    if s in ready:
+        c, _ = s.accept()
+        c.close()
+"#;
+
+/// Connects to the port: prints ok, refused or timeout.
+const CONNECT_PY: &str = r#"
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[3])).close()
+    print("ok")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as e:
+    print("timeout" if "timed out" in str(e) else "error " + str(e))
+"#;
+
+/// A listener on the master for the port check: it prints `listening` once bound (or
+/// `in use <holder>`), accepts for `seconds`, and ends early when its stdin closes.
+pub fn listener_script(port: u16, seconds: u32) -> String {
+    format!(
+        "if ss -Hltn \"sport = :{port}\" 2>/dev/null | grep -q .; then\n\
+           echo \"in use $(ss -Hltnp \"sport = :{port}\" 2>/dev/null | grep -o 'users:((\"[^\"]*\"' | head -n 1 | cut -d'\"' -f2)\"; exit 0; fi\n\
+         command -v python3 >/dev/null 2>&1 || {{ echo 'no python3'; exit 0; }}\n\
+         exec python3 -c {} {port} {seconds}\n",
+        quote(LISTENER_PY)
+    )
+}
+
+/// Connects from a host to `addr:port` within `seconds`: prints `ok`, `refused` or `timeout`.
+pub fn connect_script(addr: &str, port: u16, seconds: u32) -> String {
+    format!(
+        "a={addr}\n\
+         if command -v python3 >/dev/null 2>&1; then python3 -c {py} \"$a\" {port} {seconds}\n\
+         elif command -v bash >/dev/null 2>&1; then\n\
+           if timeout {seconds} bash -c \"exec 3<>/dev/tcp/$a/{port}\" 2>/dev/null; then echo ok; elif [ $? = 124 ]; then echo timeout; else echo refused; fi\n\
+         else echo 'error no python3 or bash'; fi\n",
+        addr = quote(addr),
+        py = quote(CONNECT_PY)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn inventory(extra: &str) -> Inventory {
+        let text = format!(
+            "[fleet]\ndevice = \"cpu\"\n{extra}\n[[host]]\nname = \"a\"\naddress = \"10.0.0.1\"\n[[host]]\nname = \"b\"\naddress = \"10.0.0.2\"\n"
+        );
+        Inventory::from_toml(Path::new("fleet.toml"), &text).unwrap()
+    }
+
+    fn report(host: &str, lines: &str) -> HostReport {
+        parse_probe(host, lines)
+    }
+
+    /// The probe, run by a real `sh` here, reads what it should.
+    #[test]
+    fn the_probe_script_reads_this_machine() {
+        let checks = [Check {
+            name: "greeting".into(),
+            command: "echo 'hi there'; echo second".into(),
+            must_match: true,
+        }];
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(probe_script("/tmp", &checks))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let report = parse_probe("here", &text);
+        assert_eq!(
+            report.get("check.greeting"),
+            Some("hi there"),
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            report
+                .get("python")
+                .is_some_and(|v| v.starts_with("3.") || v == "not installed"),
+            "{text}"
+        );
+        assert!(
+            report.get("torch").is_some() || report.get("python") == Some("not installed"),
+            "{text}"
+        );
+        assert!(
+            report
+                .get("disk_free_mb")
+                .is_some_and(|v| v.parse::<u64>().is_ok()),
+            "{text}"
+        );
+        assert!(report.get("arch").is_some_and(|v| !v.is_empty()));
+        assert_eq!(report.get("fleet_train"), Some("not installed"));
+    }
+
+    #[test]
+    fn differing_values_name_every_host() {
+        let inv = inventory("[[check]]\nname = \"data version\"\ncommand = \"cat VERSION\"\n");
+        let reports = [
+            report("a", "python=3.12.1\ntorch=2.11.0\ncheck.data_version=7\n"),
+            report("b", "python=3.12.9\ntorch=2.10.0\ncheck.data_version=8\n"),
+        ];
+        let findings = evaluate(&inv, &reports, &[0, 0]);
+        let failed: Vec<(&str, &str)> = findings
+            .iter()
+            .filter(|f| !f.ok)
+            .map(|f| (f.check.as_str(), f.detail.as_str()))
+            .collect();
+        assert_eq!(
+            failed,
+            [
+                ("torch", "differs: a 2.11.0, b 2.10.0"),
+                ("data version", "differs: a 7, b 8")
+            ]
+        );
+        assert!(
+            findings
+                .iter()
+                .any(|f| f.check == "python" && f.ok && f.detail == "3.12")
+        );
+    }
+
+    #[test]
+    fn gpus_are_counted_against_ranks() {
+        let inv = Inventory::from_toml(
+            Path::new("f.toml"),
+            "[fleet]\nranks = 2\n[[host]]\naddress = \"a\"\n[[host]]\naddress = \"b\"\n",
+        )
+        .unwrap();
+        let reports = [
+            report(
+                "a",
+                "gpu=NVIDIA GeForce RTX 4060 Ti, 16380, 16000, 550.1\ngpu=NVIDIA GeForce RTX 4060 Ti, 16380, 16000, 550.1\n",
+            ),
+            report("b", "gpu=NVIDIA GeForce RTX 4060 Ti, 16380, 16000, 550.1\n"),
+        ];
+        let findings = evaluate(&inv, &reports, &[0, 0]);
+        let gpus: Vec<(bool, &str)> = findings
+            .iter()
+            .filter(|f| f.check == "gpus")
+            .map(|f| (f.ok, f.detail.as_str()))
+            .collect();
+        assert_eq!(
+            gpus,
+            [
+                (true, "2: NVIDIA GeForce RTX 4060 Ti, 16380, 16000, 550.1"),
+                (false, "1 GPUs for 2 ranks")
+            ]
+        );
+    }
+
+    #[test]
+    fn unreachable_hosts_fail_and_the_rest_is_still_checked() {
+        let inv = inventory("");
+        let reports = [
+            HostReport {
+                host: "a".into(),
+                error: Some("a: cannot connect".into()),
+                ..HostReport::default()
+            },
+            report("b", "disk_free_mb=10\ntime_ms=100000\n"),
+        ];
+        let findings = evaluate(&inv, &reports, &[0, 0]);
+        let failed: Vec<(&str, Option<&str>)> = findings
+            .iter()
+            .filter(|f| !f.ok)
+            .map(|f| (f.check.as_str(), f.host.as_deref()))
+            .collect();
+        assert_eq!(
+            failed,
+            [
+                ("reachable", Some("a")),
+                ("disk", Some("b")),
+                ("clock", Some("b"))
+            ]
+        );
+    }
+}

@@ -1,0 +1,176 @@
+//! `fleet check` on the test bed: hosts have private home directories, so per-host differences
+//! are planted there; firewall rules go into a host's own network namespace. The tests share
+//! the master port of host1, so they take turns.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use common::{Fleet, Testbed};
+
+static MASTER_PORT: Mutex<()> = Mutex::new(());
+
+struct Fixture {
+    tb: Testbed,
+    _source: tempfile::TempDir,
+    _config: tempfile::TempDir,
+    inventory: PathBuf,
+}
+
+impl Fixture {
+    /// A synced project with a `[[check]]` that reads /root/marker on each host.
+    fn new(name: &str) -> Fixture {
+        let tb = Testbed::get();
+        let source = tempfile::tempdir().unwrap();
+        std::fs::write(source.path().join("data.csv"), "a,b\n").unwrap();
+        let config = tempfile::tempdir().unwrap();
+        let inventory = tb.sync_inventory(config.path(), name, source.path());
+        let mut text = std::fs::read_to_string(&inventory).unwrap();
+        text = text.replacen("\n[sync]", "\n[[check]]\nname = \"marker\"\ncommand = \"cat /root/marker 2>/dev/null || echo none\"\n\n[sync]", 1);
+        std::fs::write(&inventory, text).unwrap();
+        let fixture = Fixture {
+            tb,
+            _source: source,
+            _config: config,
+            inventory,
+        };
+        fixture.fleet(&["sync"]).run().assert_code(0);
+        for h in &fixture.tb.hosts {
+            fixture
+                .tb
+                .ssh(&h.name, "rm -f /root/marker /root/bin/python3");
+        }
+        fixture
+    }
+
+    fn fleet(&self, args: &[&str]) -> Fleet {
+        Fleet::new().arg("-i").arg(&self.inventory).args(args)
+    }
+}
+
+#[test]
+fn healthy_hosts_pass_and_json_parses_line_by_line() {
+    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
+    let f = Fixture::new("check-healthy");
+    let run = f.fleet(&["check"]).run();
+    run.assert_code(0);
+    assert!(run.stdout.contains("python"), "{}", run.stdout);
+    assert!(run.stdout.contains("reaches"), "{}", run.stdout);
+    assert!(run.stderr.contains("every check passed"), "{}", run.stderr);
+
+    let json = f.fleet(&["--json", "check"]).run();
+    json.assert_code(0);
+    let records: Vec<serde_json::Value> = json
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        records.last().unwrap(),
+        &serde_json::json!({"type": "verdict", "ok": true, "failed": 0})
+    );
+    let files: Vec<&serde_json::Value> = records.iter().filter(|r| r["check"] == "files").collect();
+    assert_eq!(files.len(), 3);
+    assert!(
+        files
+            .iter()
+            .all(|r| r["ok"] == true && r["detail"] == "1 files in sync"),
+        "{}",
+        json.stdout
+    );
+}
+
+#[test]
+fn a_differing_probe_shows_every_hosts_value() {
+    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
+    let f = Fixture::new("check-probe");
+    f.tb.ssh("host2", "echo v2 > /root/marker");
+    let run = f.fleet(&["check"]).run();
+    run.assert_code(1);
+    assert!(
+        run.stderr
+            .contains("marker: differs: host1 none, host2 v2, host3 none"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_different_python_first_on_path_is_named() {
+    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
+    let f = Fixture::new("check-python");
+    // host3's login shell puts another python3 first on PATH.
+    f.tb.ssh("host3", "mkdir -p /root/bin && printf '#!/bin/sh\\necho python=3.9.18\\n' > /root/bin/python3 && chmod +x /root/bin/python3 && \
+        grep -q root/bin /root/.bashrc 2>/dev/null || echo 'export PATH=/root/bin:$PATH' >> /root/.bashrc");
+    let run = f.fleet(&["check"]).run();
+    f.tb.ssh("host3", "rm -f /root/bin/python3");
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("python: differs: host1 3."),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("host3 3.9"), "{}", run.stderr);
+}
+
+#[test]
+fn a_firewall_on_one_host_is_named_with_the_port() {
+    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
+    let f = Fixture::new("check-firewall");
+    let host3 = &f.tb.hosts[2];
+    let rule = ["-p", "tcp", "--dport", "29500", "-j", "DROP"];
+    let iptables = |action: &str| {
+        let status = Command::new("ip")
+            .args(["netns", "exec", &host3.netns, "iptables", action, "OUTPUT"])
+            .args(rule)
+            .status()
+            .unwrap();
+        assert!(status.success(), "iptables {action}");
+    };
+    iptables("-A");
+    let run = f.fleet(&["check"]).run();
+    iptables("-D");
+    run.assert_code(1);
+    let needle = format!(
+        "host3 cannot reach {}:29500 (timed out: firewall?)",
+        f.tb.hosts[0].addr
+    );
+    assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
+    assert!(run.stderr.contains("New-NetFirewallRule"), "{}", run.stderr);
+    assert!(!run.stderr.contains("host2 cannot reach"), "{}", run.stderr);
+}
+
+#[test]
+fn a_taken_master_port_is_in_use() {
+    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
+    let f = Fixture::new("check-in-use");
+    // Something else listens on host1:29500 until its stdin closes.
+    let holder_script = "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 29500)); s.listen(); print('held', flush=True); sys.stdin.read()";
+    let mut holder = Command::new("ssh")
+        .arg("-F")
+        .arg(f.tb.dir.join("ssh_config"))
+        .arg("host1")
+        .arg(format!("python3 -c \"{holder_script}\""))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "held\n");
+    let run = f.fleet(&["check"]).run();
+    drop(holder.stdin.take());
+    holder.wait().unwrap();
+    run.assert_code(1);
+    assert!(
+        run.stderr
+            .contains("port 29500 is in use by python3 on host1"),
+        "{}",
+        run.stderr
+    );
+}
