@@ -5,56 +5,33 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-use common::{Fleet, Testbed};
+use common::Project;
 
 static MASTER_PORT: Mutex<()> = Mutex::new(());
 
-struct Fixture {
-    tb: Testbed,
-    _source: tempfile::TempDir,
-    _config: tempfile::TempDir,
-    inventory: PathBuf,
-}
-
-impl Fixture {
-    /// A synced project with a `[[check]]` that reads /root/marker on each host.
-    fn new(name: &str) -> Fixture {
-        let tb = Testbed::get();
-        let source = tempfile::tempdir().unwrap();
-        std::fs::write(source.path().join("data.csv"), "a,b\n").unwrap();
-        let config = tempfile::tempdir().unwrap();
-        let inventory = tb.sync_inventory(config.path(), name, source.path());
-        let mut text = std::fs::read_to_string(&inventory).unwrap();
-        text = text.replacen("\n[sync]", "\n[[check]]\nname = \"marker\"\ncommand = \"cat /root/marker 2>/dev/null || echo none\"\n\n[sync]", 1);
-        std::fs::write(&inventory, text).unwrap();
-        let fixture = Fixture {
-            tb,
-            _source: source,
-            _config: config,
-            inventory,
-        };
-        fixture.fleet(&["sync"]).run().assert_code(0);
-        for h in &fixture.tb.hosts {
-            fixture
-                .tb
-                .ssh(&h.name, "rm -f /root/marker /root/bin/python3");
-        }
-        fixture
+/// A synced project with a `[[check]]` that reads /root/marker on each host, no marker planted.
+fn fixture(name: &str) -> Project {
+    let project = Project::new(name);
+    project.write("data.csv", "a,b\n");
+    project.edit_inventory(|text| {
+        text.replacen("\n[sync]", "\n[[check]]\nname = \"marker\"\ncommand = \"cat /root/marker 2>/dev/null || echo none\"\n\n[sync]", 1)
+    });
+    project.fleet(&["sync"]).run().assert_code(0);
+    for h in &project.tb.hosts {
+        project
+            .tb
+            .ssh(&h.name, "rm -f /root/marker /root/bin/python3");
     }
-
-    fn fleet(&self, args: &[&str]) -> Fleet {
-        Fleet::new().arg("-i").arg(&self.inventory).args(args)
-    }
+    project
 }
 
 #[test]
 fn healthy_hosts_pass_and_json_parses_line_by_line() {
     let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
-    let f = Fixture::new("check-healthy");
+    let f = fixture("check-healthy");
     let run = f.fleet(&["check"]).run();
     run.assert_code(0);
     assert!(run.stdout.contains("python"), "{}", run.stdout);
@@ -86,7 +63,7 @@ fn healthy_hosts_pass_and_json_parses_line_by_line() {
 #[test]
 fn a_differing_probe_shows_every_hosts_value() {
     let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
-    let f = Fixture::new("check-probe");
+    let f = fixture("check-probe");
     f.tb.ssh("host2", "echo v2 > /root/marker");
     let run = f.fleet(&["check"]).run();
     run.assert_code(1);
@@ -101,7 +78,7 @@ fn a_differing_probe_shows_every_hosts_value() {
 #[test]
 fn a_different_python_first_on_path_is_named() {
     let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
-    let f = Fixture::new("check-python");
+    let f = fixture("check-python");
     // host3's login shell puts another python3 first on PATH.
     f.tb.ssh("host3", "mkdir -p /root/bin && printf '#!/bin/sh\\necho python=3.9.18\\n' > /root/bin/python3 && chmod +x /root/bin/python3 && \
         grep -q root/bin /root/.bashrc 2>/dev/null || echo 'export PATH=/root/bin:$PATH' >> /root/.bashrc");
@@ -119,7 +96,7 @@ fn a_different_python_first_on_path_is_named() {
 #[test]
 fn a_firewall_on_one_host_is_named_with_the_port() {
     let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
-    let f = Fixture::new("check-firewall");
+    let f = fixture("check-firewall");
     let host3 = &f.tb.hosts[2];
     let rule = ["-p", "tcp", "--dport", "29500", "-j", "DROP"];
     let iptables = |action: &str| {
@@ -146,7 +123,7 @@ fn a_firewall_on_one_host_is_named_with_the_port() {
 #[test]
 fn a_taken_master_port_is_in_use() {
     let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
-    let f = Fixture::new("check-in-use");
+    let f = fixture("check-in-use");
     // Something else listens on host1:29500 until its stdin closes.
     let holder_script = "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 29500)); s.listen(); print('held', flush=True); sys.stdin.read()";
     let mut holder = Command::new("ssh")

@@ -4,50 +4,34 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
 use std::process::Child;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Fleet, Testbed};
+use common::Project;
 
-/// A project with one file, synced to per-test workdirs by the runs.
-struct Job {
-    tb: Testbed,
-    source: tempfile::TempDir,
-    _config: tempfile::TempDir,
-    inventory: PathBuf,
+/// A project with one file and a master port of its own: tests run side by side, and
+/// `fleet check` listens on the master port.
+fn job(name: &str) -> Project {
+    static NEXT_PORT: AtomicU16 = AtomicU16::new(29600);
+    let project = Project::new(name);
+    project.write("README", "a job\n");
+    let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+    project.edit_inventory(|text| {
+        text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1)
+    });
+    project
 }
 
-impl Job {
-    fn new(name: &str) -> Job {
-        let tb = Testbed::get();
-        let source = tempfile::tempdir().unwrap();
-        std::fs::write(source.path().join("README"), "a job\n").unwrap();
-        let config = tempfile::tempdir().unwrap();
-        let inventory = tb.sync_inventory(config.path(), name, source.path());
-        // Tests run side by side: each job gets its own master port for `fleet check`.
-        static NEXT_PORT: AtomicU16 = AtomicU16::new(29600);
-        let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
-        let text = std::fs::read_to_string(&inventory).unwrap();
-        let text = text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1);
-        std::fs::write(&inventory, text).unwrap();
-        Job {
-            tb,
-            source,
-            _config: config,
-            inventory,
-        }
-    }
-
-    fn with_ranks_on_host2(self, ranks: u32) -> Job {
-        let text = std::fs::read_to_string(&self.inventory).unwrap();
-        let text = text.replacen(
-            "name = \"host2\"\n",
-            &format!("name = \"host2\"\nranks = {ranks}\n"),
-            1,
-        );
-        std::fs::write(&self.inventory, text).unwrap();
+impl Project {
+    fn with_ranks_on_host2(self, ranks: u32) -> Project {
+        self.edit_inventory(|text| {
+            text.replacen(
+                "name = \"host2\"\n",
+                &format!("name = \"host2\"\nranks = {ranks}\n"),
+                1,
+            )
+        });
         self
     }
 
@@ -58,10 +42,6 @@ impl Job {
             .unwrap()
             .parse()
             .unwrap()
-    }
-
-    fn fleet(&self, args: &[&str]) -> Fleet {
-        Fleet::new().arg("-i").arg(&self.inventory).args(args)
     }
 
     /// Processes on any test-bed host whose command line contains `pattern`.
@@ -117,7 +97,7 @@ const ENV: &str = "echo RANK=$RANK LOCAL_RANK=$LOCAL_RANK WORLD_SIZE=$WORLD_SIZE
 
 #[test]
 fn every_rank_gets_its_environment() {
-    let job = Job::new("run-env");
+    let job = job("run-env");
     let run = job.fleet(&["run", "--", "sh", "-c", ENV]).run();
     run.assert_code(0);
     let master = &job.tb.hosts[0].addr;
@@ -156,7 +136,7 @@ fn every_rank_gets_its_environment() {
 
 #[test]
 fn two_ranks_on_one_host_make_four() {
-    let job = Job::new("run-four").with_ranks_on_host2(2);
+    let job = job("run-four").with_ranks_on_host2(2);
     let run = job
         .fleet(&[
             "run",
@@ -180,7 +160,7 @@ fn two_ranks_on_one_host_make_four() {
 
 #[test]
 fn the_first_failure_stops_every_rank_and_its_code_is_fleets() {
-    let job = Job::new("run-fail");
+    let job = job("run-fail");
     let script = "if [ $RANK = 1 ]; then echo about to fail; sleep 1; exit 3; fi; echo waiting; exec sleep 6001";
     let run = job
         .fleet(&["run", "--grace", "2", "--", "sh", "-c", script])
@@ -203,7 +183,7 @@ fn the_first_failure_stops_every_rank_and_its_code_is_fleets() {
 
 #[test]
 fn ctrl_c_stops_every_rank_and_exits_130() {
-    let job = Job::new("run-interrupt");
+    let job = job("run-interrupt");
     let (mut child, _home) = job
         .fleet(&[
             "run",
@@ -239,7 +219,7 @@ fn ctrl_c_stops_every_rank_and_exits_130() {
 
 #[test]
 fn a_second_job_in_the_same_workdir_is_refused_by_name() {
-    let job = Job::new("run-busy");
+    let job = job("run-busy");
     let (mut first, _home) = job
         .fleet(&[
             "run",
@@ -273,7 +253,7 @@ fn a_second_job_in_the_same_workdir_is_refused_by_name() {
 
 #[test]
 fn six_hundred_thousand_lines_arrive_whole_and_in_order() {
-    let job = Job::new("run-lines");
+    let job = job("run-lines");
     let run = job
         .fleet(&[
             "run",
@@ -302,7 +282,7 @@ fn six_hundred_thousand_lines_arrive_whole_and_in_order() {
 
 #[test]
 fn a_killed_laptop_loses_nothing_and_logs_reattach() {
-    let job = Job::new("run-reattach");
+    let job = job("run-reattach");
     let script = "echo first; i=1; while [ $i -le 20 ]; do echo \"line $i of $RANK\"; i=$((i+1)); sleep 0.05; done";
     let (mut child, _home) = job.fleet(&["run", "--", "sh", "-c", script]).spawn();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
@@ -330,7 +310,7 @@ fn a_killed_laptop_loses_nothing_and_logs_reattach() {
 
 #[test]
 fn detached_jobs_show_in_ps_and_stop_on_request() {
-    let job = Job::new("run-detach");
+    let job = job("run-detach");
     let started = job
         .fleet(&[
             "run",

@@ -3,41 +3,13 @@
 
 mod common;
 
-use std::path::PathBuf;
-
-use common::{Fleet, Testbed};
-
-struct Job {
-    tb: Testbed,
-    _source: tempfile::TempDir,
-    _config: tempfile::TempDir,
-    inventory: PathBuf,
-}
-
-impl Job {
-    fn new(name: &str) -> Job {
-        let tb = Testbed::get();
-        let source = tempfile::tempdir().unwrap();
-        std::fs::write(source.path().join("README"), "a job\n").unwrap();
-        let config = tempfile::tempdir().unwrap();
-        let inventory = tb.sync_inventory(config.path(), name, source.path());
-        Job {
-            tb,
-            _source: source,
-            _config: config,
-            inventory,
-        }
-    }
-
-    fn fleet(&self, args: &[&str]) -> Fleet {
-        Fleet::new().arg("-i").arg(&self.inventory).args(args)
-    }
-}
+use common::Project;
 
 #[test]
 fn runs_back_to_back_leave_no_session_behind() {
-    let job = Job::new("run-repeat");
-    let sessions = |job: &Job| -> Vec<usize> {
+    let job = Project::new("run-repeat");
+    job.write("README", "a job\n");
+    let sessions = |job: &Project| -> Vec<usize> {
         job.tb
             .hosts
             .iter()

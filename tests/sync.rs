@@ -5,57 +5,16 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{PermissionsExt, symlink};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{Fleet, Testbed};
-
-/// A project folder for a test, and an inventory that syncs it to per-test workdirs.
-struct Project {
-    tb: Testbed,
-    source: tempfile::TempDir,
-    config: tempfile::TempDir,
-    inventory: PathBuf,
-    name: String,
-}
+use common::Project;
 
 impl Project {
-    fn new(name: &str) -> Project {
-        let tb = Testbed::get();
-        let source = tempfile::tempdir().unwrap();
-        let config = tempfile::tempdir().unwrap();
-        let inventory = tb.sync_inventory(config.path(), name, source.path());
-        Project {
-            tb,
-            source,
-            config,
-            inventory,
-            name: name.to_string(),
-        }
-    }
-
-    fn root(&self) -> &Path {
-        self.source.path()
-    }
-
-    fn write(&self, path: &str, content: impl AsRef<[u8]>) {
-        let full = self.root().join(path);
-        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
-        std::fs::write(full, content).unwrap();
-    }
-
-    fn workdir(&self, host: &str) -> String {
-        format!("/tmp/fleet-tests/{}/{host}", self.name)
-    }
-
-    fn fleet(&self, args: &[&str]) -> common::Run {
-        Fleet::new().arg("-i").arg(&self.inventory).args(args).run()
-    }
-
     /// `fleet --json sync ARGS` with one record per host, by host name.
     fn sync_json(&self, args: &[&str]) -> (common::Run, BTreeMap<String, serde_json::Value>) {
         let mut all = vec!["--json", "sync"];
         all.extend_from_slice(args);
-        let run = self.fleet(&all);
+        let run = self.fleet(&all).run();
         let records = run
             .stdout
             .lines()
@@ -201,7 +160,7 @@ fn only_the_changed_file_is_sent_and_host_edits_are_restored() {
     for i in 0..20 {
         p.write(&format!("f{i:02}.txt"), format!("file {i}\n"));
     }
-    p.fleet(&["sync"]).assert_code(0);
+    p.fleet(&["sync"]).run().assert_code(0);
     let before: Vec<_> = ["host1", "host2", "host3"]
         .iter()
         .map(|h| p.remote_inodes(h))
@@ -242,7 +201,7 @@ fn dry_run_changes_nothing_and_verify_finds_differences() {
     let p = Project::new("dry-verify");
     p.write("keep.txt", "keep\n");
     p.write("data.csv", "a,b\n");
-    p.fleet(&["sync"]).assert_code(0);
+    p.fleet(&["sync"]).run().assert_code(0);
     p.tb.ssh(
         "host3",
         &format!(
@@ -252,7 +211,7 @@ fn dry_run_changes_nothing_and_verify_finds_differences() {
     );
     p.write("new.txt", "new\n");
 
-    let dry = p.fleet(&["sync", "--dry-run"]);
+    let dry = p.fleet(&["sync", "--dry-run"]).run();
     dry.assert_code(0);
     assert!(
         dry.stdout.contains("host1\tsend\tnew.txt\tnew 4 B"),
@@ -274,7 +233,7 @@ fn dry_run_changes_nothing_and_verify_finds_differences() {
         "dry run wrote a file"
     );
 
-    let verify = p.fleet(&["sync", "--verify"]);
+    let verify = p.fleet(&["sync", "--verify"]).run();
     verify.assert_code(1);
     let mut lines: Vec<&str> = verify.stdout.lines().collect();
     lines.sort();
@@ -289,18 +248,18 @@ fn dry_run_changes_nothing_and_verify_finds_differences() {
         ]
     );
 
-    let run = p.fleet(&["sync"]);
+    let run = p.fleet(&["sync"]).run();
     run.assert_code(0);
     assert!(run.stderr.contains("host3: 1 path(s) on the host are not in the project (kept; --delete removes them): stray.txt"), "{}", run.stderr);
-    p.fleet(&["sync", "--delete"]).assert_code(0);
-    p.fleet(&["sync", "--verify"]).assert_code(0);
+    p.fleet(&["sync", "--delete"]).run().assert_code(0);
+    p.fleet(&["sync", "--verify"]).run().assert_code(0);
 }
 
 #[test]
 fn a_missing_source_or_a_link_out_of_the_tree_is_refused_by_name() {
     let p = Project::new("bad-source");
     symlink("/etc/passwd", p.root().join("passwd")).unwrap();
-    let run = p.fleet(&["sync"]);
+    let run = p.fleet(&["sync"]).run();
     run.assert_code(2);
     assert!(
         run.stderr
@@ -315,7 +274,7 @@ fn a_missing_source_or_a_link_out_of_the_tree_is_refused_by_name() {
         &format!("source = \"{}\"", gone.display()),
     );
     std::fs::write(&p.inventory, text).unwrap();
-    let run = p.fleet(&["sync"]);
+    let run = p.fleet(&["sync"]).run();
     run.assert_code(2);
     assert!(
         run.stderr.contains(&format!(
@@ -325,5 +284,4 @@ fn a_missing_source_or_a_link_out_of_the_tree_is_refused_by_name() {
         "{}",
         run.stderr
     );
-    let _ = &p.config;
 }

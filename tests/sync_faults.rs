@@ -6,51 +6,16 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Fleet, Testbed};
-
-struct Project {
-    tb: Testbed,
-    source: tempfile::TempDir,
-    _config: tempfile::TempDir,
-    inventory: PathBuf,
-    name: String,
-}
+use common::Project;
 
 impl Project {
-    fn new(name: &str) -> Project {
-        let tb = Testbed::get();
-        let source = tempfile::tempdir().unwrap();
-        let config = tempfile::tempdir().unwrap();
-        let inventory = tb.sync_inventory(config.path(), name, source.path());
-        Project {
-            tb,
-            source,
-            _config: config,
-            inventory,
-            name: name.to_string(),
-        }
-    }
-
-    fn write(&self, path: &str, content: impl AsRef<[u8]>) {
-        std::fs::write(self.source.path().join(path), content).unwrap();
-    }
-
-    fn workdir(&self, host: &str) -> String {
-        format!("/tmp/fleet-tests/{}/{host}", self.name)
-    }
-
     fn sync(&self) -> common::Run {
-        Fleet::new()
-            .arg("-i")
-            .arg(&self.inventory)
-            .arg("sync")
-            .run()
+        self.fleet(&["sync"]).run()
     }
 
     /// Temporary files left anywhere in a host's workdir.
@@ -154,7 +119,7 @@ fn a_second_sync_waits_for_the_first_and_never_interleaves() {
         .arg("-i")
         .arg(&p.inventory)
         .arg("sync")
-        .env("HOME", p._config.path())
+        .env("HOME", p.config.path())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

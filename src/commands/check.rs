@@ -348,6 +348,21 @@ async fn master_port(
     findings
 }
 
+/// Every failed check on stderr, with its fix.
+fn print_problems(printer: &Printer, findings: &[Finding]) {
+    for f in findings.iter().filter(|f| !f.ok) {
+        let host = f
+            .host
+            .as_deref()
+            .map_or(String::new(), |h| format!("{h}: "));
+        let fix = f
+            .fix
+            .as_deref()
+            .map_or(String::new(), |x| format!("\n  fix: {x}"));
+        printer.error(&format!("{host}{}: {}{fix}", f.check, f.detail));
+    }
+}
+
 const FIREWALL_FIX: &str = "open the port on the master: Linux `sudo ufw allow 29500/tcp` or \
     `sudo firewall-cmd --add-port=29500/tcp`; Windows `New-NetFirewallRule -DisplayName fleet -Direction Inbound -Protocol TCP -LocalPort 29500 -Action Allow`";
 
@@ -359,17 +374,7 @@ fn report(
 ) -> ExitCode {
     let failed = findings.iter().filter(|f| !f.ok).count();
     if before_run {
-        for f in findings.iter().filter(|f| !f.ok) {
-            let host = f
-                .host
-                .as_deref()
-                .map_or(String::new(), |h| format!("{h}: "));
-            let fix = f
-                .fix
-                .as_deref()
-                .map_or(String::new(), |x| format!("\n  fix: {x}"));
-            printer.error(&format!("{host}{}: {}{fix}", f.check, f.detail));
-        }
+        print_problems(printer, findings);
         printer.info(&format!(
             "checked: {} of {} checks passed",
             findings.len() - failed,
@@ -410,17 +415,7 @@ fn report(
             Stream::Stdout,
             &table::render(&["CHECK", "HOST", "RESULT"], &rows),
         );
-        for f in findings.iter().filter(|f| !f.ok) {
-            let host = f
-                .host
-                .as_deref()
-                .map_or(String::new(), |h| format!("{h}: "));
-            let fix = f
-                .fix
-                .as_deref()
-                .map_or(String::new(), |x| format!("\n  fix: {x}"));
-            printer.error(&format!("{host}{}: {}{fix}", f.check, f.detail));
-        }
+        print_problems(printer, findings);
         if failed == 0 {
             printer.info("every check passed");
         }

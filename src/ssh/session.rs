@@ -178,15 +178,7 @@ impl Session {
         input: &[u8],
         mut output: impl FnMut(Stream, &[u8]),
     ) -> Result<ExitStatus, SshError> {
-        let channel = self
-            .handle
-            .channel_open_session()
-            .await
-            .map_err(|e| self.protocol(e))?;
-        channel
-            .exec(true, command)
-            .await
-            .map_err(|e| self.protocol(e))?;
+        let channel = self.open_exec(command).await?;
         let (mut reader, writer) = channel.split();
         // A command that exits without reading its input makes sending fail; its status tells.
         let send = async {
@@ -229,9 +221,8 @@ impl Session {
         status
     }
 
-    /// Starts `command` and returns it running, for commands that live as long as fleet needs
-    /// them (a lock held while its stdin stays open).
-    pub async fn start(&self, command: &str) -> Result<RemoteProcess, SshError> {
+    /// A new channel running `command`.
+    async fn open_exec(&self, command: &str) -> Result<Channel<Msg>, SshError> {
         let channel = self
             .handle
             .channel_open_session()
@@ -241,6 +232,13 @@ impl Session {
             .exec(true, command)
             .await
             .map_err(|e| self.protocol(e))?;
+        Ok(channel)
+    }
+
+    /// Starts `command` and returns it running, for commands that live as long as fleet needs
+    /// them (a lock held while its stdin stays open).
+    pub async fn start(&self, command: &str) -> Result<RemoteProcess, SshError> {
+        let channel = self.open_exec(command).await?;
         Ok(RemoteProcess {
             host: self.target.name.clone(),
             channel,

@@ -300,30 +300,20 @@ fn file_entry(
         let before = std::fs::symlink_metadata(path).map_err(unreadable)?;
         let key = StatKey::of(&before);
         let mode = before.mode() & 0o7777;
+        let entry = |sha256| Entry::File {
+            size: before.len(),
+            mtime: before.mtime(),
+            mode,
+            sha256,
+        };
         if let Some(sha256) = cache.get(rel, &key) {
-            return Ok((
-                Entry::File {
-                    size: before.len(),
-                    mtime: before.mtime(),
-                    mode,
-                    sha256,
-                },
-                false,
-            ));
+            return Ok((entry(sha256), false));
         }
         let sha256 = hash_file(path).map_err(unreadable)?;
         let after = std::fs::symlink_metadata(path).map_err(unreadable)?;
         if StatKey::of(&after) == key {
             cache.put(rel, key, &sha256);
-            return Ok((
-                Entry::File {
-                    size: before.len(),
-                    mtime: before.mtime(),
-                    mode,
-                    sha256,
-                },
-                true,
-            ));
+            return Ok((entry(sha256), true));
         }
     }
     Err(ManifestError::Unstable {

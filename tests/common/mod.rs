@@ -248,3 +248,56 @@ pub fn keygen(dir: &Path, name: &str, passphrase: &str) -> PathBuf {
     assert!(status.success());
     path
 }
+
+/// A project folder for one test, and an inventory that syncs it to per-test workdirs
+/// (`/tmp/fleet-tests/<name>/<host>`).
+pub struct Project {
+    pub tb: Testbed,
+    pub source: tempfile::TempDir,
+    /// Holds the inventory, and serves as HOME where a test needs one that outlives a run.
+    pub config: tempfile::TempDir,
+    pub inventory: PathBuf,
+    pub name: String,
+}
+
+impl Project {
+    pub fn new(name: &str) -> Project {
+        let tb = Testbed::get();
+        let source = tempfile::tempdir().unwrap();
+        let config = tempfile::tempdir().unwrap();
+        let inventory = tb.sync_inventory(config.path(), name, source.path());
+        Project {
+            tb,
+            source,
+            config,
+            inventory,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.source.path()
+    }
+
+    /// Writes a file of the project, creating its folders.
+    pub fn write(&self, path: &str, content: impl AsRef<[u8]>) {
+        let full = self.root().join(path);
+        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+        std::fs::write(full, content).unwrap();
+    }
+
+    pub fn workdir(&self, host: &str) -> String {
+        format!("/tmp/fleet-tests/{}/{host}", self.name)
+    }
+
+    /// Rewrites the inventory's text.
+    pub fn edit_inventory(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.inventory).unwrap();
+        std::fs::write(&self.inventory, edit(text)).unwrap();
+    }
+
+    /// `fleet -i <inventory> ARGS`.
+    pub fn fleet(&self, args: &[&str]) -> Fleet {
+        Fleet::new().arg("-i").arg(&self.inventory).args(args)
+    }
+}
