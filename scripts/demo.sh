@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # demo.sh: fleet on a local three-host fleet. Installs what is missing, builds fleet, starts three
 # OpenSSH hosts in network namespaces (scripts/testbed.sh), then shows the inventory, syncs a small
-# project to every host, checks it there, and runs a three-rank job whose merged log streams back.
+# project to every host, verifies it there, checks the hosts, and runs a three-rank job whose merged
+# log streams back.
 # The hosts are taken down again at the end, also on failure or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,4 +34,5 @@ step() { printf '\n+ %s\n' "$*" >&2; "$@"; }
 step "$fleet" inventory
 step "$fleet" sync
 step "$fleet" sync --verify
+step "$fleet" check
 step "$fleet" run -- ./train.sh
