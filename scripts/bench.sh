@@ -7,6 +7,8 @@
 #         (a) cold: 2,000 small files (~40 MB) plus one 200 MB CSV, nothing on the hosts yet
 #         (b) warm: the same, nothing changed
 #         (c) one file changed among 10,000
+#   run:  time from `fleet run` until every rank has started, vs a parallel OpenSSH loop starting
+#         the same command; merged-log throughput of 3 ranks x 200,000 lines vs `ssh host seq N`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-20}
@@ -127,4 +129,55 @@ for ((r = 0; r < SYNC_ROUNDS; r++)); do
   one_rsync+=("$(once_ms rsync_all "$work/many" rsync-many)")
 done
 report "(c) 1 changed among 10,000" "$(printf '%s\n' "${one_fleet[@]}" | median)" "$(printf '%s\n' "${one_rsync[@]}" | median)"
+
+# ---- run -------------------------------------------------------------------------------------
+mkdir -p "$work/job"
+echo job >"$work/job/README"
+job_inv=$(sync_inventory "$work/job" fleet-job)
+"$fleet" -i "$job_inv" sync >/dev/null 2>&1
+stamps=$work/stamps
+mkdir -p "$stamps"
+
+# started_ms CMD...: ms from now until the last rank wrote its start stamp.
+started_ms() {
+  rm -f "$stamps"/*
+  local t0 last
+  t0=$(date +%s%N)
+  "$@" >/dev/null 2>&1 || { echo "bench: '$*' failed" >&2; exit 1; }
+  last=$(cat "$stamps"/* | sort -n | tail -n 1)
+  echo $(((last - t0) / 1000000))
+}
+stamp='date +%s%N > '"$stamps"'/$RANK'
+fleet_start() { "$fleet" -i "$job_inv" run --no-sync --no-check -- sh -c "$stamp"; }
+openssh_start() {
+  local i=0 h pids=()
+  for h in "${hosts[@]}"; do
+    ssh -F "$TB_DIR/ssh_config" "$h" "cd $work/fleet-job/$h && RANK=$i sh -c '$stamp'" & pids+=($!)
+    i=$((i + 1))
+  done
+  for h in "${pids[@]}"; do wait "$h"; done
+}
+start_fleet=() start_ssh=()
+for ((r = 0; r < SYNC_ROUNDS; r++)); do
+  start_fleet+=("$(started_ms fleet_start)")
+  start_ssh+=("$(started_ms openssh_start)")
+done
+printf 'run  %-32s fleet %6s ms   ssh   %6s ms   fleet/ssh   %.2fx\n' "all 3 ranks started" \
+  "$(printf '%s\n' "${start_fleet[@]}" | median)" "$(printf '%s\n' "${start_ssh[@]}" | median)" \
+  "$(awk -v a="$(printf '%s\n' "${start_fleet[@]}" | median)" -v b="$(printf '%s\n' "${start_ssh[@]}" | median)" 'BEGIN { print a / b }')"
+
+lines_fleet() { [ "$("$fleet" -i "$job_inv" run --no-sync --no-check -- seq 200000 2>/dev/null | wc -l)" = 600000 ]; }
+lines_ssh() {
+  local h
+  for h in "${hosts[@]}"; do ssh -F "$TB_DIR/ssh_config" "$h" seq 200000 & done | wc -l | grep -qx 600000
+}
+log_fleet=() log_ssh=()
+for ((r = 0; r < SYNC_ROUNDS; r++)); do
+  log_fleet+=("$(once_ms lines_fleet)")
+  log_ssh+=("$(once_ms lines_ssh)")
+done
+f=$(printf '%s\n' "${log_fleet[@]}" | median)
+o=$(printf '%s\n' "${log_ssh[@]}" | median)
+printf 'run  %-32s fleet %6s ms   ssh   %6s ms   fleet/ssh   %.2fx   (fleet %.0f lines/s)\n' "600,000 merged log lines" "$f" "$o" \
+  "$(awk -v a="$f" -v b="$o" 'BEGIN { print a / b }')" "$(awk -v a="$f" 'BEGIN { print 600000 / (a / 1000) }')"
 rm -rf "$work"

@@ -166,6 +166,8 @@ impl Finding {
     }
 }
 
+/// A GPU a rank will use with less free memory than this (MiB) fails the check.
+const MIN_GPU_FREE_MB: u64 = 1024;
 /// Free disk below this (MB) in a workdir fails the check.
 const MIN_DISK_MB: u64 = 1024;
 /// A clock further than this from the laptop's (ms) fails: logs and timeouts stop making sense.
@@ -273,6 +275,7 @@ pub fn evaluate(inventory: &Inventory, reports: &[HostReport], laptop_ms: &[i64]
                     name,
                     format!("{gpus}: {}", report.get("gpu.0").unwrap_or("")),
                 ));
+                findings.extend(gpu_memory(report, host.ranks));
             }
         }
         if let Some(free) = report
@@ -358,6 +361,32 @@ except ConnectionRefusedError:
 except OSError as e:
     print("timeout" if "timed out" in str(e) else "error " + str(e))
 "#;
+
+/// The GPUs the ranks will use (LOCAL_RANK 0..ranks) need memory to spare: another process
+/// holding one makes the job fail with "CUDA out of memory" minutes later.
+fn gpu_memory(report: &HostReport, ranks: u32) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    for index in 0..ranks {
+        let line = report.get(&format!("gpu.{index}")).unwrap_or("");
+        let fields: Vec<u64> = line
+            .split(',')
+            .skip(1)
+            .take(2)
+            .filter_map(|f| f.trim().parse().ok())
+            .collect();
+        let [total, free] = fields[..] else { continue };
+        if free < MIN_GPU_FREE_MB {
+            let holders = report.get("gpu_processes").unwrap_or("?");
+            findings.push(Finding::fail(
+                "gpu memory",
+                Some(&report.host),
+                format!("GPU {index} has {free} of {total} MiB free ({holders} processes hold GPU memory)"),
+                "stop what holds it (nvidia-smi lists the processes; fleet ps shows fleet's own jobs)",
+            ));
+        }
+    }
+    findings
+}
 
 /// A listener on the master for the port check: it prints `listening` once bound (or
 /// `in use <holder>`), accepts for `seconds`, and ends early when its stdin closes.
@@ -494,6 +523,30 @@ mod tests {
                 (true, "2: NVIDIA GeForce RTX 4060 Ti, 16380, 16000, 550.1"),
                 (false, "1 GPUs for 2 ranks")
             ]
+        );
+
+        let busy = [
+            report(
+                "a",
+                "gpu=RTX, 16380, 16000, 550.1\ngpu=RTX, 16380, 300, 550.1\ngpu_processes=1\n",
+            ),
+            report(
+                "b",
+                "gpu=RTX, 16380, 16000, 550.1\ngpu=RTX, 16380, 16000, 550.1\n",
+            ),
+        ];
+        let findings = evaluate(&inv, &busy, &[0, 0]);
+        let memory: Vec<(Option<&str>, &str)> = findings
+            .iter()
+            .filter(|f| f.check == "gpu memory")
+            .map(|f| (f.host.as_deref(), f.detail.as_str()))
+            .collect();
+        assert_eq!(
+            memory,
+            [(
+                Some("a"),
+                "GPU 1 has 300 of 16380 MiB free (1 processes hold GPU memory)"
+            )]
         );
     }
 
