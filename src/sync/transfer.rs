@@ -84,9 +84,12 @@ pub async fn apply(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.subsec_nanos()))
     );
-    let staged: Vec<(String, String)> = plan
-        .uploads
-        .iter()
+    // Largest first: a big file streams while the small ones fill the gaps beside it, and its
+    // verification on the host overlaps the rest instead of trailing at the end.
+    let mut order: Vec<&super::plan::Upload> = plan.uploads.iter().collect();
+    order.sort_by(|a, b| b.size.cmp(&a.size));
+    let staged: Vec<(String, String)> = order
+        .into_iter()
         .enumerate()
         .map(|(i, u)| {
             let dir = u
