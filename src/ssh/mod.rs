@@ -6,6 +6,7 @@ mod config;
 mod error;
 mod known_hosts;
 mod session;
+mod socket;
 mod target;
 
 pub use auth::Keyring;

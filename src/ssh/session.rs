@@ -10,6 +10,7 @@ use russh::{Channel, ChannelMsg, Disconnect};
 use russh_sftp::client::RawSftpSession;
 
 use super::known_hosts::HostKeyError;
+use super::socket::QuickAckStream;
 use super::{HostKeyPolicy, Keyring, SshError, Target};
 use crate::output::Stream;
 
@@ -128,7 +129,14 @@ impl Session {
             target: target.clone(),
             policy: options.host_keys.clone(),
         };
-        let mut handle = client::connect(config, (target.addr.as_str(), target.port), verifier)
+        let stream = QuickAckStream::connect(&target.addr, target.port)
+            .await
+            .map_err(|source| SshError::Connect {
+                host: target.name.clone(),
+                addr: target.endpoint(),
+                source,
+            })?;
+        let mut handle = client::connect_stream(config, stream, verifier)
             .await
             .map_err(|e| match e {
                 HandshakeError::HostKey(e) => SshError::HostKey(e),

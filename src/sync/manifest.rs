@@ -185,6 +185,11 @@ impl Filter {
             .matched_path_or_any_parents(path, is_dir)
             .is_ignore()
     }
+
+    /// Is `path` itself excluded? Enough during a walk, which never enters an excluded folder.
+    fn excludes_entry(&self, path: &str, is_dir: bool) -> bool {
+        self.ignore.matched(path, is_dir).is_ignore()
+    }
 }
 
 /// What a scan did, besides the manifest.
@@ -218,7 +223,7 @@ pub fn scan(source: &Path, filter: &Filter, cache: &mut HashCache) -> Result<Sca
         })?;
         let rel = relative(source, item.path())?;
         let file_type = item.file_type();
-        if filter.excludes(&rel, file_type.is_dir()) {
+        if filter.excludes_entry(&rel, file_type.is_dir()) {
             if file_type.is_dir() {
                 iter.skip_current_dir();
             }
