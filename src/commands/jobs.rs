@@ -128,8 +128,10 @@ pub async fn stop(fleet: &Fleet, args: &StopArgs) -> Result<ExitCode> {
                 return Ok(Vec::new());
             };
             let job = args.job.as_deref();
-            let mut signal = "TERM";
+            // SIGTERM once, SIGKILL once after the grace period, polling in between: a program
+            // that handles SIGTERM (torchrun forwards it) must not get a second one.
             let deadline = Instant::now() + grace;
+            let mut sent: Option<&str> = None;
             loop {
                 let jobs = status(session, &host.workdir, job, false).await?;
                 let Some(state) = jobs.into_iter().next() else {
@@ -148,13 +150,17 @@ pub async fn stop(fleet: &Fleet, args: &StopArgs) -> Result<ExitCode> {
                         .map(|p| (state.job_id.clone(), p.stem, p.state))
                         .collect());
                 }
-                let script =
-                    signal_script(&shell_path(&host.workdir), &state.job_id, &running, signal);
-                session.capture(&shell::sh(&script)).await?;
-                if Instant::now() >= deadline {
-                    signal = "KILL";
+                let signal = match sent {
+                    None => Some("TERM"),
+                    Some("TERM") if Instant::now() >= deadline => Some("KILL"),
+                    _ => None,
+                };
+                if let Some(signal) = signal {
+                    let script =
+                        signal_script(&shell_path(&host.workdir), &state.job_id, &running, signal);
+                    session.capture(&shell::sh(&script)).await?;
+                    sent = Some(signal);
                 }
-                // Poll until the processes are gone; TERM again is harmless, KILL after the grace.
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });

@@ -330,8 +330,15 @@ fn emit(
     };
     let text = String::from_utf8_lossy(line);
     if printer.json() {
+        // "[3 node2] " → rank "3", host "node2".
+        let inner = plain_prefix
+            .trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .trim();
+        let (label, host) = inner.split_once(' ').unwrap_or((inner, ""));
         printer.record(
-            &serde_json::json!({"type": "line", "process": plain_prefix.trim(), "line": text}),
+            &serde_json::json!({"type": "line", "rank": label, "host": host.trim(), "line": text}),
         );
     } else {
         printer.remote_line(Stream::Stdout, &format!("{stamp}{prefix}"), line);
