@@ -201,3 +201,73 @@ fn a_file_written_during_the_sync_is_named_and_not_half_sent() {
         }
     }
 }
+
+#[test]
+fn an_unreadable_file_is_named_and_nothing_is_sent() {
+    use std::os::unix::fs::PermissionsExt;
+    let p = Project::new("unreadable");
+    p.write("ok.txt", "fine\n");
+    p.write("secret.bin", "no\n");
+    // Root reads everything: run fleet as `nobody`, with copies of what it needs that it may read.
+    let own = tempfile::tempdir().unwrap();
+    let dir = own.path();
+    let copy = |from: &std::path::Path, name: &str, mode: u32| {
+        let to = dir.join(name);
+        std::fs::copy(from, &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode)).unwrap();
+        to
+    };
+    let fleet = copy(
+        std::path::Path::new(env!("CARGO_BIN_EXE_fleet")),
+        "fleet",
+        0o755,
+    );
+    let key = copy(&p.tb.key(), "id_ed25519", 0o600);
+    let inventory = copy(&p.inventory, "fleet.toml", 0o644);
+    let text = std::fs::read_to_string(&inventory).unwrap().replace(
+        &p.tb.key().display().to_string(),
+        &key.display().to_string(),
+    );
+    std::fs::write(&inventory, text).unwrap();
+    let home = dir.join("home");
+    std::fs::create_dir(&home).unwrap();
+    for path in [dir, key.as_path(), home.as_path()] {
+        std::os::unix::fs::chown(path, Some(65534), Some(65534)).unwrap();
+    }
+    for path in [p.root(), &p.root().join("ok.txt")] {
+        std::fs::set_permissions(
+            path,
+            std::fs::Permissions::from_mode(if path.is_dir() { 0o755 } else { 0o644 }),
+        )
+        .unwrap();
+    }
+    std::fs::set_permissions(
+        p.root().join("secret.bin"),
+        std::fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
+
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&fleet)
+        .arg("-i")
+        .arg(&inventory)
+        .arg("sync")
+        .env("HOME", &home)
+        .env_remove("SSH_AUTH_SOCK")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let named = format!(
+        "cannot read {}: Permission denied",
+        p.root().join("secret.bin").display()
+    );
+    assert!(stderr.contains(&named), "{named}\n{stderr}");
+    for h in ["host1", "host2", "host3"] {
+        assert!(
+            !std::path::Path::new(&p.workdir(h)).join("ok.txt").exists(),
+            "{h}: a sync with an unreadable file sent files"
+        );
+    }
+}
