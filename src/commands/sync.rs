@@ -220,6 +220,11 @@ impl HostContext<'_> {
         started: Instant,
     ) -> Result<HostResult, SyncError> {
         let scanned = self.scanned.clone().await;
+        self.printer.debug(&format!(
+            "{}: local scan ready after {:.0} ms",
+            tree.host(),
+            started.elapsed().as_secs_f64() * 1e3
+        ));
         let Ok(local) = scanned.as_ref() else {
             // The scan's own error is reported once, for all hosts.
             return Err(SyncError::Host {
