@@ -52,6 +52,8 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Prove the hosts can train together: versions, GPUs, disk, clock, files, the master port
     Check,
+    /// Write an inventory for some hosts, record their host keys, and try logging in
+    Init(InitArgs),
     /// Run a command on every host at once; each output line is prefixed with its host
     Exec(ExecArgs),
     /// Start every rank on every host at once and stream one merged log; stop all when one fails
@@ -150,4 +152,25 @@ pub struct StopArgs {
     /// Seconds between SIGTERM and SIGKILL
     #[arg(long, value_name = "SECONDS", default_value_t = 10)]
     pub grace: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The hosts, in node-rank order: addresses or ~/.ssh/config aliases, with :PORT if not 22
+    #[arg(
+        long,
+        required = true,
+        value_delimiter = ',',
+        value_name = "HOST,HOST,..."
+    )]
+    pub hosts: Vec<String>,
+    /// The login on every host (default: ~/.ssh/config's, else yours)
+    #[arg(long)]
+    pub user: Option<String>,
+    /// The private key to log in with (default: ~/.ssh/config, ssh-agent, ~/.ssh/id_*)
+    #[arg(long, value_name = "PATH")]
+    pub identity: Option<PathBuf>,
+    /// Replace an existing inventory
+    #[arg(long)]
+    pub force: bool,
 }

@@ -4,6 +4,7 @@
 
 mod check;
 mod exec;
+mod init;
 mod inventory;
 mod jobs;
 mod run;
@@ -31,6 +32,11 @@ impl Fleet {
     pub fn new(global: GlobalArgs) -> Self {
         let printer = Printer::new(global.color, global.json, global.quiet, global.verbose);
         Fleet { printer, global }
+    }
+
+    /// Where the inventory is (`-i`, FLEET_INVENTORY or the default).
+    pub fn inventory_path(&self) -> &std::path::Path {
+        &self.global.inventory
     }
 
     pub fn inventory(&self) -> Result<Inventory, InventoryError> {
@@ -77,6 +83,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let fleet = Fleet::new(cli.global);
     match cli.command {
         Command::Check => check::run(&fleet).await,
+        Command::Init(args) => init::run(&fleet, &args).await,
         Command::Exec(args) => exec::run(&fleet, &args).await,
         Command::Logs(args) => jobs::logs(&fleet, &args).await,
         Command::Ps => jobs::ps(&fleet).await,

@@ -73,6 +73,8 @@ pub struct HostKeyPolicy {
     accept_new: bool,
     /// Keys recorded in this run; the lock also keeps concurrent appends from interleaving.
     learned: Mutex<Vec<Learned>>,
+    /// New keys the user confirmed by fingerprint (`fleet init`), by endpoint.
+    confirmed: std::collections::HashMap<String, String>,
 }
 
 impl HostKeyPolicy {
@@ -81,7 +83,19 @@ impl HostKeyPolicy {
             known_hosts,
             accept_new,
             learned: Mutex::new(Vec::new()),
+            confirmed: Default::default(),
         }
+    }
+
+    /// Also records new keys whose fingerprint the user confirmed, by endpoint (`[addr]:port`,
+    /// or `addr` for port 22); any other new key is still refused.
+    pub fn with_confirmed(mut self, confirmed: std::collections::HashMap<String, String>) -> Self {
+        self.confirmed = confirmed;
+        self
+    }
+
+    pub fn known_hosts(&self) -> &std::path::Path {
+        &self.known_hosts
     }
 
     /// Decides whether `key`, offered by `addr:port` (inventory host `host`), is trusted.
@@ -101,7 +115,7 @@ impl HostKeyPolicy {
         let algorithm = key.algorithm().to_string();
         match keys::check_known_hosts_path(addr, port, key, &self.known_hosts) {
             Ok(true) => Ok(()),
-            Ok(false) if self.accept_new => {
+            Ok(false) if self.accept_new || self.confirmed.get(&endpoint) == Some(&fingerprint) => {
                 let mut learned = self
                     .learned
                     .lock()

@@ -157,6 +157,13 @@ impl Fleet {
         Fleet { command, home }
     }
 
+    /// Runs with `home` as HOME, for tests that need two commands to share one.
+    pub fn in_home(home: &Path) -> Fleet {
+        let mut fleet = Fleet::new();
+        fleet.command.env("HOME", home);
+        fleet
+    }
+
     /// The HOME the command sees (to place `~/.ssh/config` in).
     pub fn home(&self) -> &Path {
         self.home.path()

@@ -1,0 +1,183 @@
+//! `fleet init --hosts A,B,C`: writes a commented inventory for the hosts, connects to each,
+//! shows its host-key fingerprint, and records the keys the user confirms (or all new ones with
+//! `--accept-new-host-keys`), then says whether logging in works.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use futures::future::join_all;
+
+use super::Fleet;
+use crate::cli::InitArgs;
+use crate::exit_code::ExitCode;
+use crate::inventory::Inventory;
+use crate::output::Stream;
+use crate::ssh::{HostKeyError, HostKeyPolicy, Session, SshError};
+
+pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
+    let path = fleet.inventory_path();
+    if path.exists() && !args.force {
+        bail!(
+            "{} exists already; pass --force to replace it, or -i another path",
+            path.display()
+        );
+    }
+    let text = inventory_text(args)?;
+    // The text must read back: validate it before writing anything.
+    Inventory::from_toml(path, &text).context("the generated inventory is not valid")?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+    fleet.printer.info(&format!(
+        "wrote {} for {} hosts",
+        path.display(),
+        args.hosts.len()
+    ));
+
+    let inventory = fleet.inventory()?;
+    let targets = fleet.targets(&inventory)?;
+    let mut options = fleet.connect_options(&inventory, &targets)?;
+    let mut results = join_all(targets.iter().map(|t| Session::connect(t, &options))).await;
+
+    // New host keys: show the fingerprints and ask, when there is someone to ask.
+    let unknown: Vec<(usize, String, String)> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match r {
+            Err(SshError::HostKey(HostKeyError::Unknown {
+                endpoint,
+                fingerprint,
+                ..
+            })) => Some((i, endpoint.clone(), fingerprint.clone())),
+            _ => None,
+        })
+        .collect();
+    let interactive = std::io::stdin().is_terminal() && fleet.printer.stderr_is_terminal();
+    if !unknown.is_empty() && interactive {
+        let mut question = String::from("These hosts are not in known_hosts yet:\n");
+        for (i, endpoint, fingerprint) in &unknown {
+            question.push_str(&format!(
+                "  {:<12} {endpoint:<24} {fingerprint}\n",
+                targets[*i].name
+            ));
+        }
+        question.push_str("Compare with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on each host.\nTrust them and record them? [y/N] ");
+        fleet.printer.write(Stream::Stderr, &question);
+        let answer = console::Term::stderr().read_line().unwrap_or_default();
+        if matches!(answer.trim(), "y" | "Y" | "yes") {
+            let confirmed: HashMap<String, String> = unknown
+                .iter()
+                .map(|(_, e, f)| (e.clone(), f.clone()))
+                .collect();
+            let known_hosts = options.host_keys.known_hosts().to_path_buf();
+            options.host_keys =
+                Arc::new(HostKeyPolicy::new(known_hosts, false).with_confirmed(confirmed));
+            let again = join_all(
+                unknown
+                    .iter()
+                    .map(|(i, _, _)| Session::connect(&targets[*i], &options)),
+            )
+            .await;
+            for ((i, _, _), result) in unknown.iter().zip(again) {
+                results[*i] = result;
+            }
+        }
+    }
+
+    let learned = options.host_keys.learned();
+    let mut code = ExitCode::Success;
+    let mut report = String::new();
+    for (target, result) in targets.iter().zip(results) {
+        let key = learned
+            .iter()
+            .find(|l| l.host == target.name)
+            .map_or("known", |_| "recorded");
+        match result {
+            Ok(session) => {
+                report.push_str(&format!(
+                    "{}\t{}\thost key {key}\tlogin as {} ok\n",
+                    target.name,
+                    target.endpoint(),
+                    target.user
+                ));
+                session.close().await;
+            }
+            Err(e) => {
+                code = ExitCode::Unreachable;
+                fleet.printer.error(&e.to_string());
+                report.push_str(&format!(
+                    "{}\t{}\t{}\n",
+                    target.name,
+                    target.endpoint(),
+                    e.kind().replace('_', " ")
+                ));
+            }
+        }
+    }
+    fleet.printer.write(Stream::Stdout, &report);
+    if code == ExitCode::Success {
+        fleet
+            .printer
+            .info(&format!("next: fleet -i {} check", path.display()));
+    }
+    Ok(code)
+}
+
+/// The inventory for `args`, commented like inventory/example.toml.
+fn inventory_text(args: &InitArgs) -> Result<String> {
+    let mut text = String::from(
+        "# Written by `fleet init`. Every field is described in README.md;\n\
+         # `fleet inventory` shows how fleet reads this file.\n\n\
+         [fleet]                             # defaults for every [[host]]\n",
+    );
+    match &args.user {
+        Some(user) => text.push_str(&format!("user = {}\n", toml_string(user))),
+        None => text.push_str(
+            "# user = \"trainer\"                # the login on each host (default: yours)\n",
+        ),
+    }
+    match &args.identity {
+        Some(identity) => text.push_str(&format!("identity = {}\n", toml_string(&identity.display().to_string()))),
+        None => text.push_str("# identity = \"~/.ssh/id_ed25519\"  # default: ~/.ssh/config, ssh-agent, ~/.ssh/id_*\n"),
+    }
+    text.push_str(
+        "workdir = \"~/fleet/project\"         # where `fleet sync` puts the project on each host\n\
+         ranks = 1                           # processes per host: one per GPU\n\
+         device = \"cuda\"                     # \"cpu\" when a host has no GPU\n\
+         master_port = 29500                 # MASTER_PORT; MASTER_ADDR is the first host's address\n\n\
+         [sync]\n\
+         source = \"..\"                       # the project folder, relative to this file\n\
+         exclude = [\".git/\", \"target/\", \"runs/\"]\n\n\
+         # Host order is node rank: the first host is rank 0 and the master.\n",
+    );
+    for (i, host) in args.hosts.iter().enumerate() {
+        let (address, port) = match host.rsplit_once(':') {
+            Some((a, p)) if !a.contains(':') => {
+                let port: u16 = p
+                    .parse()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .with_context(|| format!("{host}: the port must be 1 to 65535"))?;
+                (a, Some(port))
+            }
+            _ => (host.as_str(), None),
+        };
+        text.push_str(&format!(
+            "\n[[host]]\nname = \"node{}\"\naddress = {}\n",
+            i + 1,
+            toml_string(address)
+        ));
+        if let Some(port) = port {
+            text.push_str(&format!("port = {port}\n"));
+        }
+    }
+    Ok(text)
+}
+
+/// A TOML basic string.
+fn toml_string(value: &str) -> String {
+    toml::Value::String(value.to_string()).to_string()
+}

@@ -1,0 +1,139 @@
+//! `fleet init` against the test bed: an inventory that works, and host keys recorded only
+//! when the user trusts them.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::{Fleet, Testbed};
+
+fn hosts(tb: &Testbed) -> String {
+    tb.hosts
+        .iter()
+        .map(|h| format!("{}:{}", h.addr, h.port))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn init_writes_a_working_inventory_and_records_new_keys() {
+    let tb = Testbed::get();
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = dir.path().join("inventory/fleet.toml");
+    let key = tb.key().display().to_string();
+    let init = Fleet::in_home(home.path())
+        .arg("-i")
+        .arg(&inventory)
+        .args([
+            "--accept-new-host-keys",
+            "init",
+            "--hosts",
+            &hosts(&tb),
+            "--user",
+            "root",
+            "--identity",
+            &key,
+        ])
+        .run();
+    init.assert_code(0);
+    let lines: Vec<&str> = init.stdout.lines().collect();
+    assert_eq!(lines.len(), 3);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("host key recorded\tlogin as root ok")),
+        "{}",
+        init.stdout
+    );
+    let recorded = std::fs::read_to_string(home.path().join(".ssh/known_hosts")).unwrap();
+    assert_eq!(recorded.lines().filter(|l| !l.is_empty()).count(), 3);
+
+    // What it wrote is a real inventory (device set to cpu for the test bed's hosts).
+    let text = std::fs::read_to_string(&inventory)
+        .unwrap()
+        .replace("device = \"cuda\"", "device = \"cpu\"");
+    std::fs::write(&inventory, text).unwrap();
+    let exec = Fleet::in_home(home.path())
+        .arg("-i")
+        .arg(&inventory)
+        .args(["exec", "--", "hostname"])
+        .run();
+    exec.assert_code(0);
+    assert_eq!(
+        exec.sorted_stdout(),
+        ["node1 | host1", "node2 | host2", "node3 | host3"]
+    );
+
+    // A second init does not overwrite the inventory without --force.
+    let again = Fleet::in_home(home.path())
+        .arg("-i")
+        .arg(&inventory)
+        .args(["init", "--hosts", &hosts(&tb)])
+        .run();
+    again.assert_code(1);
+    assert!(
+        again.stderr.contains("exists already; pass --force"),
+        "{}",
+        again.stderr
+    );
+}
+
+#[test]
+fn without_a_terminal_or_the_flag_no_key_is_recorded() {
+    let tb = Testbed::get();
+    let home = tempfile::tempdir().unwrap();
+    let inventory = home.path().join("fleet.toml");
+    let key = tb.key().display().to_string();
+    let init = Fleet::in_home(home.path())
+        .arg("-i")
+        .arg(&inventory)
+        .args(["init", "--hosts", &hosts(&tb), "--identity", &key])
+        .run();
+    init.assert_code(3);
+    assert_eq!(
+        init.stderr
+            .matches("is not known. It offers ssh-ed25519 key SHA256:")
+            .count(),
+        3,
+        "{}",
+        init.stderr
+    );
+    assert!(!home.path().join(".ssh/known_hosts").exists());
+    assert!(
+        inventory.exists(),
+        "the inventory is written even when keys are not yet trusted"
+    );
+}
+
+#[test]
+fn on_a_terminal_the_user_confirms_the_fingerprints() {
+    let tb = Testbed::get();
+    let home = tempfile::tempdir().unwrap();
+    let inventory = home.path().join("fleet.toml");
+    let command = format!(
+        "{} -i {} init --hosts {} --user root --identity {}",
+        env!("CARGO_BIN_EXE_fleet"),
+        inventory.display(),
+        hosts(&tb),
+        tb.key().display()
+    );
+    // `script` gives fleet a terminal; the answer comes through it.
+    let mut child = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("HOME", home.path())
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"y\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("Trust them and record them? [y/N]"), "{text}");
+    assert_eq!(text.matches("host key recorded").count(), 3, "{text}");
+    let recorded = std::fs::read_to_string(home.path().join(".ssh/known_hosts")).unwrap();
+    assert_eq!(recorded.lines().filter(|l| !l.is_empty()).count(), 3);
+}
