@@ -428,3 +428,40 @@ fn ssh_config_alias_supplies_address_port_user_and_key() {
         ]
     );
 }
+
+#[test]
+fn hostile_output_is_bounded_and_defused_on_a_terminal() {
+    let tb = Testbed::get();
+    // A 3 MB line without a newline arrives in pieces of at most 1 MiB, nothing lost.
+    let run = exec(&tb, &["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x"]);
+    run.assert_code(0);
+    let pieces: Vec<usize> = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("host1 | "))
+        .map(|l| l.len() - "host1 | ".len())
+        .collect();
+    assert_eq!(pieces.iter().sum::<usize>(), 3_000_000);
+    assert!(pieces.iter().all(|p| *p <= 1 << 20), "{pieces:?}");
+
+    // On a terminal, escape sequences and carriage returns are shown, not obeyed.
+    let command = format!(
+        "{} -i {} exec -- printf '\\033]0;pwned\\007\\033[31mred\\rcr\\377end\\n'",
+        env!("CARGO_BIN_EXE_fleet"),
+        tb.inventory().display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("host1 | ^[]0;pwned^G^[[31mred^Mcr\u{fffd}end"),
+        "{text:?}"
+    );
+    assert!(
+        !text.contains("\u{1b}]0;pwned"),
+        "an escape sequence reached the terminal: {text:?}"
+    );
+}

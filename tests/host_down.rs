@@ -110,3 +110,100 @@ fn check_names_a_stopped_host_and_checks_the_others() {
         );
     }
 }
+
+#[test]
+fn a_host_crashing_during_a_run_stops_the_others_and_is_named() {
+    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    let project = common::Project::new("crash-during-run");
+    project.write("README", "job\n");
+    let (mut child, _home) = project
+        .fleet(&[
+            "run",
+            "--grace",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 6010",
+        ])
+        .spawn();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut ready = 0;
+    let mut line = String::new();
+    while ready < 3 {
+        line.clear();
+        assert_ne!(
+            std::io::BufRead::read_line(&mut stdout, &mut line).unwrap(),
+            0,
+            "fleet ended early"
+        );
+        ready += usize::from(line.contains("ready"));
+    }
+    project.tb.control(&["stop", "host3"]);
+    let _restore = Restore {
+        tb: &project.tb,
+        args: ["start", "host3"],
+    };
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("host3: lost while the job ran"), "{stderr}");
+    for host in ["host1", "host2"] {
+        let left = project.tb.ssh(host, "pgrep -a -f '[s]leep 6010' || true");
+        assert_eq!(left, "", "{host} still runs the job");
+    }
+}
+
+#[test]
+fn a_host_crashing_during_a_sync_is_named_and_a_rerun_completes() {
+    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    let project = common::Project::new("crash-during-sync");
+    let mut big = vec![0u8; 300 << 20];
+    big.iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i * 7 + i / 4093) as u8);
+    project.write("big.bin", &big);
+    project.write("small.txt", "small\n");
+    let (mut child, _home) = project.fleet(&["sync"]).spawn();
+    // Stop host2 once its upload has begun: a temporary file appears in its workdir.
+    let workdir = std::path::PathBuf::from(project.workdir("host2"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let started = || {
+        std::fs::read_dir(&workdir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".fleet-tmp."))
+    };
+    while !started() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload to host2 never started"
+        );
+        std::thread::yield_now();
+    }
+    project.tb.control(&["stop", "host2"]);
+    let restore = Restore {
+        tb: &project.tb,
+        args: ["start", "host2"],
+    };
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_ne!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("host2"), "{stderr}");
+    assert!(!workdir.join("big.bin").exists(), "a half-sent file landed");
+    drop(restore);
+
+    let rerun = project.fleet(&["sync"]).run();
+    rerun.assert_code(0);
+    let verify = project.fleet(&["sync", "--verify"]).run();
+    verify.assert_code(0);
+    assert!(
+        !std::fs::read_dir(&workdir)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(".fleet-tmp."))
+    );
+}
