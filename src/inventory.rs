@@ -133,9 +133,15 @@ pub struct Located {
     pub line: usize,
     pub column: usize,
     pub message: String,
+    /// The line, or a window of it around the column.
     source_line: String,
+    /// Where the caret goes in `source_line`.
+    caret: usize,
     width: usize,
 }
+
+/// Characters of a source line shown under an error.
+const SNIPPET: usize = 100;
 
 impl fmt::Display for Located {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -156,7 +162,7 @@ impl fmt::Display for Located {
             "",
             "",
             "^".repeat(self.width.max(1)),
-            pad = self.column - 1
+            pad = self.caret
         )
     }
 }
@@ -177,13 +183,30 @@ impl Source<'_> {
         let source_line = self.text[line_start..line_end].trim_end_matches('\r');
         let column = self.text[line_start..start].chars().count() + 1;
         let end = span.end.clamp(start, line_end);
+        let width = self.text[start..end].chars().count();
+        // A very long line is shown as a window around the column.
+        let chars: Vec<char> = source_line.chars().collect();
+        let from = (column - 1)
+            .saturating_sub(SNIPPET / 2)
+            .min(chars.len().saturating_sub(SNIPPET));
+        let to = (from + SNIPPET).min(chars.len());
+        let mut excerpt: String = chars[from..to].iter().collect();
+        let mut caret = column - 1 - from;
+        if from > 0 {
+            excerpt.insert(0, '…');
+            caret += 1;
+        }
+        if to < chars.len() {
+            excerpt.push('…');
+        }
         InventoryError::At(Located {
             path: self.path.to_path_buf(),
             line: self.text[..start].matches('\n').count() + 1,
             column,
             message: message.into(),
-            source_line: source_line.to_string(),
-            width: self.text[start..end].chars().count(),
+            source_line: excerpt,
+            caret,
+            width: width.min(SNIPPET),
         })
     }
 
@@ -688,6 +711,14 @@ device = "cpu"
         assert!(!err.contains("did you mean"), "{err}");
         assert_eq!(edit_distance("kitten", "sitting"), 3);
         assert_eq!(edit_distance("", "ab"), 2);
+    }
+
+    #[test]
+    fn long_lines_are_shown_around_the_column() {
+        let err = parse(&format!("a = {}{}", "[".repeat(1000), "]".repeat(1000))).unwrap_err();
+        let snippet = err.lines().nth(2).unwrap();
+        assert!(snippet.chars().count() < 120, "{snippet}");
+        assert!(err.lines().count() == 4, "{err}");
     }
 
     #[test]

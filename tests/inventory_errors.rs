@@ -109,3 +109,37 @@ fn the_example_is_the_seed_guides_three_pcs() {
         .collect();
     assert_eq!(first, [0, 1, 2]);
 }
+
+#[test]
+fn huge_and_deeply_nested_inventories_get_an_error_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = dir.path().join("deep.toml");
+    std::fs::write(
+        &deep,
+        format!("a = {}{}", "[".repeat(100_000), "]".repeat(100_000)),
+    )
+    .unwrap();
+    let run = Fleet::new().arg("-i").arg(&deep).arg("inventory").run();
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains("deep.toml:1:"),
+        "{}",
+        &run.stderr[..200.min(run.stderr.len())]
+    );
+    assert!(
+        run.stderr.len() < 1000,
+        "the error quotes the whole line: {} bytes",
+        run.stderr.len()
+    );
+
+    let huge = dir.path().join("huge.toml");
+    std::fs::write(&huge, format!("[fleet]\n{}", "# padding\n".repeat(200_000))).unwrap();
+    let run = Fleet::new().arg("-i").arg(&huge).arg("inventory").run();
+    run.assert_code(2);
+    assert!(
+        run.stderr
+            .contains("is 2000008 bytes; an inventory is at most 1048576 bytes"),
+        "{}",
+        run.stderr
+    );
+}

@@ -352,3 +352,101 @@ fn detached_jobs_show_in_ps_and_stop_on_request() {
     );
     assert_eq!(job.remaining("sleep 6004"), Vec::<String>::new());
 }
+
+#[test]
+fn metacharacters_in_workdir_env_and_arguments_are_never_executed() {
+    let job = job("meta it's $(x)");
+    let marker = format!("/tmp/fleet-meta-{}", std::process::id());
+    let weird = format!("$(touch {marker}); `touch {marker}` it's \\\"q\\\"");
+    job.edit_inventory(|text| {
+        text.replacen(
+            "[fleet]\n",
+            &format!("[fleet]\nenv = {{ WEIRD = \"{weird}\" }}\n"),
+            1,
+        )
+    });
+    let run = job
+        .fleet(&[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "printf '%s|%s|%s\\n' \"$WEIRD\" \"$1\" \"$(pwd)\"",
+            "_",
+            &format!("$(touch {marker})"),
+        ])
+        .run();
+    run.assert_code(0);
+    let expected_env = format!("$(touch {marker}); `touch {marker}` it's \"q\"");
+    for (rank, host) in ["host1", "host2", "host3"].iter().enumerate() {
+        let line = format!(
+            "[{rank} {host}] {expected_env}|$(touch {marker})|{}",
+            job.workdir(host)
+        );
+        assert!(
+            run.stdout.lines().any(|l| l == line),
+            "{line}\n{}",
+            run.stdout
+        );
+    }
+    assert!(
+        !std::path::Path::new(&marker).exists(),
+        "something was executed"
+    );
+}
+
+#[test]
+fn sixteen_ranks_on_three_hosts_start_and_stop_cleanly() {
+    let job = job("run-sixteen");
+    job.edit_inventory(|text| {
+        text.replacen("[fleet]\n", "[fleet]\nranks = 5\n", 1)
+            .replacen("name = \"host1\"\n", "name = \"host1\"\nranks = 6\n", 1)
+    });
+    let run = job
+        .fleet(&[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo rank $RANK of $WORLD_SIZE local $LOCAL_RANK",
+        ])
+        .run();
+    run.assert_code(0);
+    let mut ranks: Vec<u32> = run
+        .stdout
+        .lines()
+        .map(|l| {
+            l.split(" rank ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    ranks.sort();
+    assert_eq!(ranks, (0..16).collect::<Vec<_>>());
+    assert!(run.stdout.lines().all(|l| l.contains(" of 16 ")));
+
+    let stopped = job
+        .fleet(&[
+            "run",
+            "--no-sync",
+            "--grace",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "if [ $RANK = 9 ]; then exit 4; fi; exec sleep 6020",
+        ])
+        .run();
+    stopped.assert_code(4);
+    assert!(
+        stopped.stderr.contains("rank 9 on host2 exited with 4"),
+        "{}",
+        stopped.stderr
+    );
+    assert_eq!(job.remaining("sleep 6020"), Vec::<String>::new());
+}
