@@ -4,12 +4,17 @@
 #
 #   Debian packages: openssh-server and openssh-client (the test bed's hosts), iproute2 (network
 #   namespaces), iptables (firewall faults in tests), rsync (the benchmark's baseline), procps
-#   (pgrep), python3 (what training hosts have: fleet check listens on the master port with it).
+#   (pgrep), python3 and python3-venv (what training hosts have: fleet check listens on the master
+#   port with it).
+#   The torch environment: a venv with torch==2.11.0 (the libtorch fleet-train builds against) in
+#   $FLEET_TORCH_VENV (default /opt/fleet/torch-venv). It is made from Debian's /usr/bin/python3 and
+#   kept outside /root and /home so the test bed's hosts, whose /root and /home are private, can run
+#   it. About 2.7 GB is downloaded the first time; later runs find it and skip.
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-packages=(openssh-server openssh-client iproute2 iptables rsync procps python3)
+packages=(openssh-server openssh-client iproute2 iptables rsync procps python3 python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -20,6 +25,14 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+venv=${FLEET_TORCH_VENV:-/opt/fleet/torch-venv}
+torch_version=2.11.0
+if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then
+  log "installing torch==$torch_version into $venv (first time: about 2.7 GB)"
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==$torch_version"
 fi
 
 command -v cargo >/dev/null || { log "cargo is missing: install Rust from https://rustup.rs"; exit 1; }

@@ -47,6 +47,7 @@ pub fn probe_script(workdir: &str, checks: &[Check]) -> String {
         "if command -v nvidia-smi >/dev/null 2>&1; then\n\
            nvidia-smi --query-gpu=name,memory.total,memory.free,driver_version --format=csv,noheader,nounits 2>/dev/null | sed 's/^/gpu=/'\n\
            echo \"gpu_processes=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | wc -l)\"\n\
+           echo \"cuda_driver=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\\([0-9.]*\\).*/\\1/p' | head -n 1)\"\n\
          else echo gpu_tool=not installed; fi\n\
          if command -v python3 >/dev/null 2>&1; then python3 -c \"$fleet_probe_py\"\n\
          else echo python=not installed; fi\n",
@@ -137,6 +138,9 @@ pub struct Finding {
     pub detail: String,
     /// How to fix it, when it failed.
     pub fix: Option<String>,
+    /// For a value that must match: each host's value.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<(String, String)>,
 }
 
 impl Finding {
@@ -147,6 +151,7 @@ impl Finding {
             ok: true,
             detail: detail.into(),
             fix: None,
+            values: Vec::new(),
         }
     }
 
@@ -162,6 +167,7 @@ impl Finding {
             ok: false,
             detail: detail.into(),
             fix: Some(fix.into()),
+            values: Vec::new(),
         }
     }
 }
@@ -233,16 +239,21 @@ pub fn evaluate(inventory: &Inventory, reports: &[HostReport], laptop_ms: &[i64]
             .map(|(h, v)| format!("{h} {v}"))
             .collect::<Vec<_>>()
             .join(", ");
-        match distinct.len() {
-            0 => {}
-            1 => findings.push(Finding::pass(name, None, values[0].1.clone())),
-            _ => findings.push(Finding::fail(
+        let mut finding = match distinct.len() {
+            0 => continue,
+            1 => Finding::pass(name, None, values[0].1.clone()),
+            _ => Finding::fail(
                 name,
                 None,
                 format!("differs: {listing}"),
-                format!("install the same {name} on every host"),
-            )),
-        }
+                format!("make {name} the same on every host"),
+            ),
+        };
+        finding.values = values
+            .iter()
+            .map(|(h, v)| (h.to_string(), v.clone()))
+            .collect();
+        findings.push(finding);
     }
 
     for (i, (report, host)) in reports.iter().zip(&inventory.hosts).enumerate() {

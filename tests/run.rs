@@ -450,3 +450,55 @@ fn sixteen_ranks_on_three_hosts_start_and_stop_cleanly() {
     );
     assert_eq!(job.remaining("sleep 6020"), Vec::<String>::new());
 }
+
+/// The torch environment scripts/setup.sh installs (outside /root, so the hosts can run it).
+fn torch_venv() -> std::path::PathBuf {
+    std::path::PathBuf::from(
+        std::env::var_os("FLEET_TORCH_VENV").unwrap_or_else(|| "/opt/fleet/torch-venv".into()),
+    )
+}
+
+#[test]
+fn a_torch_distributed_script_all_reduces_across_the_hosts_with_torchrun() {
+    let job = job("run-torchrun");
+    job.write(
+        "allreduce.py",
+        "import os, torch, torch.distributed as dist\n\
+         dist.init_process_group('gloo')\n\
+         t = torch.tensor([float(dist.get_rank() + 1)])\n\
+         dist.all_reduce(t)\n\
+         print(f'rank {dist.get_rank()} of {dist.get_world_size()} on {os.uname().nodename}: sum {t.item()}', flush=True)\n\
+         dist.destroy_process_group()\n",
+    );
+    let bin = torch_venv().join("bin");
+    assert!(
+        bin.join("torchrun").exists(),
+        "no torch environment at {}: run scripts/setup.sh",
+        bin.display()
+    );
+    job.edit_inventory(|text| {
+        text.replacen(
+            "[fleet]\n",
+            &format!(
+                "[fleet]\nenv = {{ PATH = \"{}:/usr/bin:/bin\" }}\n",
+                bin.display()
+            ),
+            1,
+        )
+    });
+    let run = job
+        .fleet(&["run", "--torchrun", "--", "allreduce.py"])
+        .run();
+    run.assert_code(0);
+    for (rank, host) in ["host1", "host2", "host3"].iter().enumerate() {
+        let line = format!("rank {rank} of 3 on {host}: sum 6.0");
+        assert!(
+            run.stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("[n{rank} {host}]")) && l.ends_with(&line)),
+            "{line}\n{}\n{}",
+            run.stdout,
+            run.stderr
+        );
+    }
+}

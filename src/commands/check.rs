@@ -2,6 +2,7 @@
 //! versions, GPUs for the ranks, disk, clock, files in sync, the master port reachable from every
 //! host), and says what to fix.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
@@ -142,18 +143,20 @@ async fn check(fleet: &Fleet, before_run: bool) -> Result<ExitCode> {
                 check: "route to master".into(),
                 host: Some(host.name.clone()),
                 ok: true,
-                detail: format!(
-                    "via {iface} (fleet run sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME={iface})"
-                ),
+                // fleet run sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to it.
+                detail: iface.clone(),
                 fix: None,
+                values: Vec::new(),
             });
         }
     }
     for session in sessions.into_iter().flatten() {
         session.close().await;
     }
+    let hosts: Vec<String> = inventory.hosts.iter().map(|h| h.name.clone()).collect();
     Ok(report(
         &fleet.printer,
+        &hosts,
         &findings,
         reports.iter().any(|r| r.error.is_some()),
         before_run,
@@ -191,6 +194,7 @@ async fn files_in_sync(inventory: &Inventory, sessions: &[Option<Session>]) -> V
                 inventory.sync.source.display()
             ),
             fix: Some("see fleet sync for the error".into()),
+            values: Vec::new(),
         }];
     };
     let checks = sessions
@@ -212,6 +216,7 @@ async fn files_in_sync(inventory: &Inventory, sessions: &[Option<Session>]) -> V
                                 ok: true,
                                 detail: format!("{} files in sync", plan.unchanged),
                                 fix: None,
+                                values: Vec::new(),
                             }
                         } else {
                             Finding {
@@ -224,6 +229,7 @@ async fn files_in_sync(inventory: &Inventory, sessions: &[Option<Session>]) -> V
                                     plan.mkdirs.len()
                                 ),
                                 fix: Some("run fleet sync (fleet run does it first)".into()),
+                                values: Vec::new(),
                             }
                         }
                     }
@@ -233,6 +239,7 @@ async fn files_in_sync(inventory: &Inventory, sessions: &[Option<Session>]) -> V
                         ok: false,
                         detail: e.to_string(),
                         fix: None,
+                        values: Vec::new(),
                     },
                 })
             }
@@ -258,6 +265,7 @@ async fn master_port(
         ok: false,
         detail,
         fix: Some(fix.into()),
+        values: Vec::new(),
     };
     let Ok(mut listener) = master.start(&shell::sh(&listener_script(port, 30))).await else {
         return vec![fail(
@@ -289,6 +297,7 @@ async fn master_port(
             ok: true,
             detail: format!("not tested ({first}: python3 is needed on the master to listen)"),
             fix: None,
+            values: Vec::new(),
         }];
     }
     let script = connect_script(master_addr, port, CONNECT_SECONDS);
@@ -315,6 +324,7 @@ async fn master_port(
                         ok: true,
                         detail: format!("reaches {target}"),
                         fix: None,
+                        values: Vec::new(),
                     },
                     "timeout" => fail(
                         &host.name,
@@ -336,16 +346,83 @@ async fn master_port(
         });
     let mut findings: Vec<Finding> = join_all(attempts).await.into_iter().flatten().collect();
     listener.finish().await;
-    if findings.is_empty() {
-        findings.push(Finding {
-            check: check.into(),
-            host: Some(master_name),
-            ok: true,
-            detail: format!("{port} free"),
-            fix: None,
-        });
-    }
+    let master = Finding {
+        check: check.into(),
+        host: Some(master_name),
+        ok: true,
+        detail: format!("listens on {port}"),
+        fix: None,
+        values: Vec::new(),
+    };
+    findings.insert(0, master);
     findings
+}
+
+/// Checks down, hosts across: each cell ✓ or ✗ with what was read. A value that must match
+/// is marked ✗ on the hosts whose value differs from the most common one.
+fn grid(printer: &Printer, hosts: &[String], findings: &[Finding]) -> String {
+    let ok = printer
+        .style(Stream::Stdout, console::Style::new().green())
+        .apply_to("✓")
+        .to_string();
+    let bad = printer
+        .style(Stream::Stdout, console::Style::new().red().bold())
+        .apply_to("✗")
+        .to_string();
+    let highlight = printer.style(Stream::Stdout, console::Style::new().red());
+    let mut checks: Vec<&str> = Vec::new();
+    let mut cells: HashMap<(&str, &str), String> = HashMap::new();
+    for f in findings {
+        if !checks.contains(&f.check.as_str()) {
+            checks.push(&f.check);
+        }
+        let mark = if f.ok { &ok } else { &bad };
+        match (&f.host, f.values.is_empty()) {
+            (Some(host), _) => {
+                cells.insert((&f.check, host), format!("{mark} {}", f.detail));
+            }
+            (None, false) => {
+                let count = |v: &String| f.values.iter().filter(|(_, w)| w == v).count();
+                let common = f
+                    .values
+                    .iter()
+                    .map(|(_, v)| v)
+                    .max_by_key(|v| count(v))
+                    .cloned()
+                    .unwrap_or_default();
+                for (host, value) in &f.values {
+                    let cell = if f.ok || *value == common {
+                        format!("{ok} {value}")
+                    } else {
+                        format!("{bad} {}", highlight.apply_to(value))
+                    };
+                    cells.insert((&f.check, host), cell);
+                }
+            }
+            (None, true) => {
+                for host in hosts {
+                    cells.insert((&f.check, host), format!("{mark} {}", f.detail));
+                }
+            }
+        }
+    }
+    let header: Vec<&str> = std::iter::once("CHECK")
+        .chain(hosts.iter().map(String::as_str))
+        .collect();
+    let rows: Vec<Vec<String>> = checks
+        .iter()
+        .map(|check| {
+            std::iter::once(check.to_string())
+                .chain(hosts.iter().map(|h| {
+                    cells
+                        .get(&(*check, h.as_str()))
+                        .cloned()
+                        .unwrap_or_default()
+                }))
+                .collect()
+        })
+        .collect();
+    table::render(&header, &rows)
 }
 
 /// Every failed check on stderr, with its fix.
@@ -368,6 +445,7 @@ const FIREWALL_FIX: &str = "open the port on the master: Linux `sudo ufw allow 2
 
 fn report(
     printer: &Printer,
+    hosts: &[String],
     findings: &[Finding],
     unreachable: bool,
     before_run: bool,
@@ -393,28 +471,7 @@ fn report(
             failed,
         });
     } else {
-        let ok = printer
-            .style(Stream::Stdout, console::Style::new().green())
-            .apply_to("✓")
-            .to_string();
-        let bad = printer
-            .style(Stream::Stdout, console::Style::new().red().bold())
-            .apply_to("✗")
-            .to_string();
-        let rows: Vec<Vec<String>> = findings
-            .iter()
-            .map(|f| {
-                vec![
-                    f.check.clone(),
-                    f.host.clone().unwrap_or_else(|| "all".into()),
-                    format!("{} {}", if f.ok { &ok } else { &bad }, f.detail),
-                ]
-            })
-            .collect();
-        printer.write(
-            Stream::Stdout,
-            &table::render(&["CHECK", "HOST", "RESULT"], &rows),
-        );
+        printer.write(Stream::Stdout, &grid(printer, hosts, findings));
         print_problems(printer, findings);
         if failed == 0 {
             printer.info("every check passed");
