@@ -502,3 +502,36 @@ fn a_torch_distributed_script_all_reduces_across_the_hosts_with_torchrun() {
         );
     }
 }
+
+#[test]
+fn a_second_ctrl_c_kills_ranks_that_ignore_sigterm() {
+    let job = job("run-interrupt-twice");
+    // The ranks ignore SIGTERM; only SIGKILL ends them, and the grace period is long.
+    let script = "trap '' TERM; echo ready; while :; do sleep 0.2; done";
+    let (mut child, _home) = job
+        .fleet(&["run", "--grace", "300", "--", "sh", "-c", script])
+        .spawn();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    await_lines(&mut stdout, "ready", 3);
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let interrupt = || {
+        std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    assert!(interrupt().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut line = String::new();
+    while !line.contains("interrupted: stopping every process") {
+        assert!(
+            Instant::now() < deadline,
+            "fleet never said it was stopping"
+        );
+        line.clear();
+        assert_ne!(stderr.read_line(&mut line).unwrap(), 0);
+    }
+    assert!(interrupt().success());
+    assert_eq!(wait(&mut child), Some(130));
+    assert_eq!(job.remaining("while :; do sleep 0.2"), Vec::<String>::new());
+}
