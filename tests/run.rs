@@ -535,3 +535,86 @@ fn a_second_ctrl_c_kills_ranks_that_ignore_sigterm() {
     assert_eq!(wait(&mut child), Some(130));
     assert_eq!(job.remaining("while :; do sleep 0.2"), Vec::<String>::new());
 }
+
+#[test]
+fn an_encrypted_key_asks_for_its_passphrase_once_on_a_terminal() {
+    let job = job("run-passphrase");
+    // An encrypted copy of the test bed's key.
+    let key = job.config.path().join("locked_key");
+    std::fs::copy(job.tb.key(), &key).unwrap();
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-p", "-N", "open sesame", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    job.edit_inventory(|text| {
+        text.replace(
+            &job.tb.key().display().to_string(),
+            &key.display().to_string(),
+        )
+    });
+    // `fleet run` connects three times (sync, check, job): the passphrase is asked once.
+    let command = format!(
+        "{} -i {} run -- echo unlocked",
+        env!("CARGO_BIN_EXE_fleet"),
+        job.inventory.display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("HOME", job.config.path())
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A watchdog, so a fleet that asks again (and waits) fails the test instead of hanging it.
+    let pid = child.id().to_string();
+    let watchdog = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            if std::process::Command::new("kill")
+                .args(["-0", &pid])
+                .status()
+                .map_or(true, |s| !s.success())
+            {
+                return;
+            }
+        }
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-P", &pid])
+            .status();
+    });
+    // Answer once the prompt is there: input typed earlier is flushed when echo goes off.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut text = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&text).contains("Enter passphrase for key") {
+        assert_eq!(
+            std::io::Read::read(&mut stdout, &mut byte).unwrap(),
+            1,
+            "{}",
+            String::from_utf8_lossy(&text)
+        );
+        text.push(byte[0]);
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"open sesame\n").unwrap();
+    std::io::Read::read_to_end(&mut stdout, &mut text).unwrap();
+    drop(stdin);
+    let status = child.wait().unwrap();
+    watchdog.join().unwrap();
+    let text = String::from_utf8_lossy(&text);
+    assert!(status.success(), "{text}");
+    assert_eq!(
+        text.matches("Enter passphrase for key").count(),
+        1,
+        "{text}"
+    );
+    assert_eq!(text.matches("unlocked").count(), 3, "{text}");
+    assert!(
+        !text.contains("open sesame"),
+        "the passphrase was echoed: {text}"
+    );
+}

@@ -26,12 +26,19 @@ use crate::ssh::{ConnectOptions, HostKeyPolicy, Keyring, SshConfig, Target};
 pub struct Fleet {
     pub printer: Printer,
     global: GlobalArgs,
+    /// Client keys, read once per process: `fleet run` connects for its sync, its check and the
+    /// job, and an encrypted key must ask for its passphrase once.
+    keyring: std::sync::OnceLock<Arc<Keyring>>,
 }
 
 impl Fleet {
     pub fn new(global: GlobalArgs) -> Self {
         let printer = Printer::new(global.color, global.json, global.quiet, global.verbose);
-        Fleet { printer, global }
+        Fleet {
+            printer,
+            global,
+            keyring: std::sync::OnceLock::new(),
+        }
     }
 
     /// Where the inventory is (`-i`, FLEET_INVENTORY or the default).
@@ -73,7 +80,10 @@ impl Fleet {
                 inventory.known_hosts.clone(),
                 self.global.accept_new_host_keys,
             )),
-            keyring: Arc::new(Keyring::load(targets, interactive)),
+            keyring: self
+                .keyring
+                .get_or_init(|| Arc::new(Keyring::load(targets, interactive)))
+                .clone(),
         })
     }
 }
