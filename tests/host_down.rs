@@ -128,17 +128,7 @@ fn a_host_crashing_during_a_run_stops_the_others_and_is_named() {
         ])
         .spawn();
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut ready = 0;
-    let mut line = String::new();
-    while ready < 3 {
-        line.clear();
-        assert_ne!(
-            std::io::BufRead::read_line(&mut stdout, &mut line).unwrap(),
-            0,
-            "fleet ended early"
-        );
-        ready += usize::from(line.contains("ready"));
-    }
+    common::await_lines(&mut stdout, "ready", 3);
     project.tb.control(&["stop", "host3"]);
     let _restore = Restore {
         tb: &project.tb,

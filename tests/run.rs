@@ -4,11 +4,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::Child;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use common::Project;
+use common::{Project, await_lines, wait};
 
 /// A project with one file and a master port of its own: tests run side by side, and
 /// `fleet check` listens on the master port.
@@ -60,34 +59,6 @@ impl Project {
                     .collect::<Vec<_>>()
             })
             .collect()
-    }
-}
-
-/// Reads a child's stdout until `count` lines contain `needle`, within a deadline.
-fn await_lines(out: &mut impl BufRead, needle: &str, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut seen = 0;
-    let mut line = String::new();
-    while seen < count {
-        assert!(
-            Instant::now() < deadline,
-            "only {seen} of {count} lines with {needle:?}"
-        );
-        line.clear();
-        assert_ne!(out.read_line(&mut line).unwrap(), 0, "fleet ended early");
-        seen += usize::from(line.contains(needle));
-    }
-}
-
-/// Waits for a child with a deadline that only catches hangs.
-fn wait(child: &mut Child) -> Option<i32> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        assert!(Instant::now() < deadline, "fleet did not end");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -586,25 +557,50 @@ fn an_encrypted_key_asks_for_its_passphrase_once_on_a_terminal() {
             .args(["-KILL", "-P", &pid])
             .status();
     });
-    // Answer once the prompt is there: input typed earlier is flushed when echo goes off.
-    let mut stdout = child.stdout.take().unwrap();
-    let mut text = Vec::new();
-    let mut byte = [0u8; 1];
-    while !String::from_utf8_lossy(&text).contains("Enter passphrase for key") {
-        assert_eq!(
-            std::io::Read::read(&mut stdout, &mut byte).unwrap(),
-            1,
-            "{}",
-            String::from_utf8_lossy(&text)
+    // Answer once the prompt is there. Turning echo off discards what was typed ahead (as
+    // OpenSSH does), so an answer that lands in that instant is typed again until fleet goes on.
+    let output = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let output = output.clone();
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                output.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        })
+    };
+    let seen = || output.lock().unwrap().clone();
+    let prompt = "Enter passphrase for key";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&seen()).contains(prompt) {
+        assert!(
+            Instant::now() < deadline,
+            "no prompt: {}",
+            String::from_utf8_lossy(&seen())
         );
-        text.push(byte[0]);
+        std::thread::sleep(Duration::from_millis(20));
     }
     let mut stdin = child.stdin.take().unwrap();
-    std::io::Write::write_all(&mut stdin, b"open sesame\n").unwrap();
-    std::io::Read::read_to_end(&mut stdout, &mut text).unwrap();
-    drop(stdin);
+    let asked = seen().len();
+    'answer: for _ in 0..5 {
+        std::io::Write::write_all(&mut stdin, b"open sesame\n").unwrap();
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            if seen().len() > asked {
+                break 'answer;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let status = child.wait().unwrap();
+    drop(stdin);
+    reader.join().unwrap();
     watchdog.join().unwrap();
+    let text = seen();
     let text = String::from_utf8_lossy(&text);
     assert!(status.success(), "{text}");
     assert_eq!(

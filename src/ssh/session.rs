@@ -229,13 +229,16 @@ impl Session {
         status
     }
 
-    /// A new channel running `command`.
-    async fn open_exec(&self, command: &str) -> Result<Channel<Msg>, SshError> {
-        let channel = self
-            .handle
+    async fn open_channel(&self) -> Result<Channel<Msg>, SshError> {
+        self.handle
             .channel_open_session()
             .await
-            .map_err(|e| self.protocol(e))?;
+            .map_err(|e| self.protocol(e))
+    }
+
+    /// A new channel running `command`.
+    async fn open_exec(&self, command: &str) -> Result<Channel<Msg>, SshError> {
+        let channel = self.open_channel().await?;
         channel
             .exec(true, command)
             .await
@@ -257,11 +260,7 @@ impl Session {
 
     /// An SFTP session on its own channel.
     pub async fn sftp(&self) -> Result<RawSftpSession, SshError> {
-        let channel = self
-            .handle
-            .channel_open_session()
-            .await
-            .map_err(|e| self.protocol(e))?;
+        let channel = self.open_channel().await?;
         channel
             .request_subsystem(true, "sftp")
             .await

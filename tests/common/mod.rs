@@ -308,3 +308,31 @@ impl Project {
         Fleet::new().arg("-i").arg(&self.inventory).args(args)
     }
 }
+
+/// Reads a child's stdout until `count` lines contain `needle`, within a deadline.
+pub fn await_lines(out: &mut impl std::io::BufRead, needle: &str, count: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = 0;
+    let mut line = String::new();
+    while seen < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {seen} of {count} lines with {needle:?}"
+        );
+        line.clear();
+        assert_ne!(out.read_line(&mut line).unwrap(), 0, "fleet ended early");
+        seen += usize::from(line.contains(needle));
+    }
+}
+
+/// Waits for a child with a deadline that only catches hangs.
+pub fn wait(child: &mut std::process::Child) -> Option<i32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(std::time::Instant::now() < deadline, "fleet did not end");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
