@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Project, await_lines, wait};
+use common::{Project, await_lines, interrupt, wait};
 
 /// A project with one file and a master port of its own: tests run side by side, and
 /// `fleet check` listens on the master port.
@@ -41,24 +41,6 @@ impl Project {
             .unwrap()
             .parse()
             .unwrap()
-    }
-
-    /// Processes on any test-bed host whose command line contains `pattern`.
-    fn remaining(&self, pattern: &str) -> Vec<String> {
-        // The [x] trick keeps pgrep from finding the shell that runs it.
-        let pattern = format!("[{}]{}", &pattern[..1], &pattern[1..]);
-        self.tb
-            .hosts
-            .iter()
-            .flat_map(|h| {
-                let out = self
-                    .tb
-                    .ssh(&h.name, &format!("pgrep -a -f '{pattern}' || true"));
-                out.lines()
-                    .map(|l| format!("{}: {l}", h.name))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
     }
 }
 
@@ -168,11 +150,7 @@ fn ctrl_c_stops_every_rank_and_exits_130() {
         .spawn();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     await_lines(&mut stdout, "ready", 3);
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    interrupt(&child);
     assert_eq!(wait(&mut child), Some(130));
     let mut stderr = String::new();
     child
@@ -214,10 +192,7 @@ fn a_second_job_in_the_same_workdir_is_refused_by_name() {
         "{}",
         second.stderr
     );
-    std::process::Command::new("kill")
-        .args(["-INT", &first.id().to_string()])
-        .status()
-        .unwrap();
+    interrupt(&first);
     assert_eq!(wait(&mut first), Some(130));
     assert_eq!(job.remaining("sleep 6003"), Vec::<String>::new());
 }
@@ -485,13 +460,7 @@ fn a_second_ctrl_c_kills_ranks_that_ignore_sigterm() {
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     await_lines(&mut stdout, "ready", 3);
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let interrupt = || {
-        std::process::Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status()
-            .unwrap()
-    };
-    assert!(interrupt().success());
+    interrupt(&child);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut line = String::new();
     while !line.contains("interrupted: stopping every process") {
@@ -502,7 +471,7 @@ fn a_second_ctrl_c_kills_ranks_that_ignore_sigterm() {
         line.clear();
         assert_ne!(stderr.read_line(&mut line).unwrap(), 0);
     }
-    assert!(interrupt().success());
+    interrupt(&child);
     assert_eq!(wait(&mut child), Some(130));
     assert_eq!(job.remaining("while :; do sleep 0.2"), Vec::<String>::new());
 }
@@ -613,4 +582,23 @@ fn an_encrypted_key_asks_for_its_passphrase_once_on_a_terminal() {
         !text.contains("open sesame"),
         "the passphrase was echoed: {text}"
     );
+}
+
+#[test]
+fn json_lines_carry_rank_and_host() {
+    let job = job("run-json");
+    let run = job
+        .fleet(&["--json", "run", "--", "sh", "-c", "echo \"hi from $RANK\""])
+        .run();
+    run.assert_code(0);
+    let mut records: Vec<serde_json::Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    records.sort_by_key(|r| r["rank"].as_str().unwrap().to_string());
+    let expected: Vec<serde_json::Value> = (0..3)
+        .map(|r| serde_json::json!({"type": "line", "rank": r.to_string(), "host": format!("host{}", r + 1), "line": format!("hi from {r}")}))
+        .collect();
+    assert_eq!(records, expected);
 }

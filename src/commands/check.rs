@@ -19,8 +19,8 @@ use crate::preflight::{
 };
 use crate::shell;
 use crate::ssh::{ExitStatus, Session};
-use crate::sync::remote::{peek, shell_path};
-use crate::sync::{Filter, HashCache, plan, scan, split_listing};
+use crate::sync::remote::{HostState, peek, shell_path};
+use crate::sync::{Filter, plan, scan_project, split_listing};
 
 /// How long a probe may take (importing torch is slow on a cold disk).
 const PROBE_DEADLINE: Duration = Duration::from_secs(60);
@@ -54,25 +54,27 @@ pub async fn before_run(fleet: &Fleet) -> Result<ExitCode> {
 
 async fn check(fleet: &Fleet, before_run: bool) -> Result<ExitCode> {
     let inventory = fleet.inventory()?;
-    let targets = fleet.targets(&inventory)?;
-    let options = fleet.connect_options(&inventory, &targets)?;
-    let connected = join_all(targets.iter().map(|t| Session::connect(t, &options))).await;
-    let mut sessions: Vec<Option<Session>> = connected.iter().map(|_| None).collect();
-    let mut reports: Vec<HostReport> = Vec::new();
-    for ((i, result), host) in connected.into_iter().enumerate().zip(&inventory.hosts) {
+    let (targets, connected) = fleet.connect_all(&inventory).await?;
+    let mut sessions: Vec<Option<Session>> = Vec::with_capacity(connected.len());
+    let mut reports: Vec<HostReport> = Vec::with_capacity(connected.len());
+    for (result, host) in connected.into_iter().zip(&inventory.hosts) {
+        let host = host.name.clone();
         match result {
             Ok(session) => {
-                sessions[i] = Some(session);
+                sessions.push(Some(session));
                 reports.push(HostReport {
-                    host: host.name.clone(),
+                    host,
                     ..HostReport::default()
                 });
             }
-            Err(e) => reports.push(HostReport {
-                host: host.name.clone(),
-                error: Some(e.to_string()),
-                ..HostReport::default()
-            }),
+            Err(e) => {
+                sessions.push(None);
+                reports.push(HostReport {
+                    host,
+                    error: Some(e.to_string()),
+                    ..HostReport::default()
+                });
+            }
         }
     }
     let master_addr = inventory
@@ -175,15 +177,9 @@ async fn files_in_sync(inventory: &Inventory, sessions: &[Option<Session>]) -> V
     let Ok(filter) = Filter::new(&source, &inventory.sync.exclude) else {
         return Vec::new();
     };
-    let scanned = tokio::task::spawn_blocking(move || {
-        let mut cache = HashCache::open(&source);
-        let result = scan(&source, &filter, &mut cache);
-        if let Ok(s) = &result {
-            cache.save(&s.manifest);
-        }
-        result.map(|s| (s, filter))
-    })
-    .await;
+    let scanned =
+        tokio::task::spawn_blocking(move || scan_project(&source, &filter).map(|s| (s, filter)))
+            .await;
     let Ok(Ok((local, filter))) = scanned else {
         return vec![Finding {
             check: "files".into(),
@@ -206,7 +202,7 @@ async fn files_in_sync(inventory: &Inventory, sessions: &[Option<Session>]) -> V
                 let session = session.as_ref()?;
                 let name = Some(host.name.clone());
                 Some(match peek(session, &host.workdir).await {
-                    Ok((saved, listing)) => {
+                    Ok(HostState { saved, listing }) => {
                         let (listing, _) = split_listing(listing, filter);
                         let plan = plan(&local.manifest, saved.as_ref(), &listing);
                         if plan.is_empty() {

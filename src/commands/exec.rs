@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::Fleet;
 use crate::cli::ExecArgs;
 use crate::exit_code::ExitCode;
-use crate::output::{HostLabels, LineSplitter, Printer, Stream};
+use crate::output::{Labels, LineSplitter, Printer, Stream};
 use crate::shell;
 use crate::ssh::{ConnectOptions, ExitStatus, Session, SshError, Target};
 
@@ -54,7 +54,7 @@ pub async fn run(fleet: &Fleet, args: &ExecArgs) -> Result<ExitCode> {
         shell::join(&args.command)
     };
     let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
-    let labels = HostLabels::new(&fleet.printer, &names);
+    let labels = Labels::hosts(&fleet.printer, &names);
 
     let outcomes =
         join_all(targets.iter().enumerate().map(|(index, target)| {
@@ -73,7 +73,7 @@ pub async fn run(fleet: &Fleet, args: &ExecArgs) -> Result<ExitCode> {
 
 async fn run_on(
     printer: &Printer,
-    labels: &HostLabels,
+    labels: &Labels,
     options: &ConnectOptions,
     index: usize,
     target: &Target,
@@ -105,7 +105,7 @@ async fn run_on(
 /// Assembles one host's output into lines and prints each whole.
 struct HostOutput<'a> {
     printer: &'a Printer,
-    labels: &'a HostLabels,
+    labels: &'a Labels,
     index: usize,
     host: &'a str,
     stdout: LineSplitter,
@@ -133,14 +133,7 @@ impl HostOutput<'_> {
     }
 }
 
-fn emit(
-    printer: &Printer,
-    labels: &HostLabels,
-    index: usize,
-    host: &str,
-    stream: Stream,
-    line: &[u8],
-) {
+fn emit(printer: &Printer, labels: &Labels, index: usize, host: &str, stream: Stream, line: &[u8]) {
     if printer.json() {
         let text = String::from_utf8_lossy(line);
         printer.record(&LineRecord {

@@ -3,7 +3,6 @@
 //! `--accept-new-host-keys`), then says whether logging in works.
 
 use std::collections::HashMap;
-use std::io::IsTerminal;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -55,7 +54,7 @@ pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
             _ => None,
         })
         .collect();
-    let interactive = std::io::stdin().is_terminal() && fleet.printer.stderr_is_terminal();
+    let interactive = fleet.printer.can_prompt();
     if !unknown.is_empty() && interactive {
         let mut question = String::from("These hosts are not in known_hosts yet:\n");
         for (i, endpoint, fingerprint) in &unknown {

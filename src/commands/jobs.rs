@@ -14,16 +14,14 @@ use crate::exit_code::ExitCode;
 use crate::inventory::Inventory;
 use crate::launch::follow::{Event, Followed, follow_host};
 use crate::launch::remote::{JobState, label_of, parse_status, signal_script, status_script};
-use crate::output::{LineSplitter, ProcessLabels, Stream};
+use crate::output::{Labels, LineSplitter, Stream};
 use crate::shell;
 use crate::ssh::{Session, SshError};
 use crate::sync::remote::shell_path;
 
 /// Connects to every host; unreachable ones are reported and left out.
 async fn connect(fleet: &Fleet, inventory: &Inventory) -> Result<(Vec<Option<Session>>, ExitCode)> {
-    let targets = fleet.targets(inventory)?;
-    let options = fleet.connect_options(inventory, &targets)?;
-    let results = join_all(targets.iter().map(|t| Session::connect(t, &options))).await;
+    let (_, results) = fleet.connect_all(inventory).await?;
     let mut code = ExitCode::Success;
     let sessions = results
         .into_iter()
@@ -272,7 +270,7 @@ pub async fn logs(fleet: &Fleet, args: &LogsArgs) -> Result<ExitCode> {
                 .map_or(String::new(), |r| format!(" with rank {r}"))
         );
     }
-    let labels = ProcessLabels::new(&fleet.printer, &described);
+    let labels = Labels::processes(&fleet.printer, &described);
     let mut splitters: Vec<LineSplitter> = described.iter().map(|_| LineSplitter::new()).collect();
     let print = async {
         let mut failed = false;
@@ -280,24 +278,30 @@ pub async fn logs(fleet: &Fleet, args: &LogsArgs) -> Result<ExitCode> {
             match event {
                 Event::Output { process, bytes } => {
                     splitters[process].push(&bytes, |line| {
-                        fleet
-                            .printer
-                            .remote_line(Stream::Stdout, labels.prefix(process), line)
+                        fleet.printer.remote_line(
+                            Stream::Stdout,
+                            labels.prefix(process, Stream::Stdout),
+                            line,
+                        )
                     });
                 }
                 Event::Exited { process, code } => {
                     splitters[process].finish(|line| {
-                        fleet
-                            .printer
-                            .remote_line(Stream::Stdout, labels.prefix(process), line)
+                        fleet.printer.remote_line(
+                            Stream::Stdout,
+                            labels.prefix(process, Stream::Stdout),
+                            line,
+                        )
                     });
                     failed |= code != 0;
                 }
                 Event::Caught { process } => {
                     splitters[process].finish(|line| {
-                        fleet
-                            .printer
-                            .remote_line(Stream::Stdout, labels.prefix(process), line)
+                        fleet.printer.remote_line(
+                            Stream::Stdout,
+                            labels.prefix(process, Stream::Stdout),
+                            line,
+                        )
                     });
                 }
                 Event::Lost { host, error } => fleet

@@ -20,7 +20,7 @@ use crate::cli::{Cli, Command, GlobalArgs};
 use crate::exit_code::ExitCode;
 use crate::inventory::{Inventory, InventoryError};
 use crate::output::Printer;
-use crate::ssh::{ConnectOptions, HostKeyPolicy, Keyring, SshConfig, Target};
+use crate::ssh::{ConnectOptions, HostKeyPolicy, Keyring, Session, SshConfig, SshError, Target};
 
 /// The global flags, resolved into what commands use.
 pub struct Fleet {
@@ -70,8 +70,7 @@ impl Fleet {
         if !(timeout.is_finite() && timeout > 0.0 && timeout <= 3600.0) {
             anyhow::bail!("--connect-timeout {timeout}: expected seconds between 0 and 3600");
         }
-        let interactive = self.printer.stderr_is_terminal()
-            && std::io::IsTerminal::is_terminal(&std::io::stdin());
+        let interactive = self.printer.can_prompt();
         Ok(ConnectOptions {
             timeout: Duration::from_secs_f64(timeout),
             keepalive: Duration::from_secs(5),
@@ -85,6 +84,20 @@ impl Fleet {
                 .get_or_init(|| Arc::new(Keyring::load(targets, interactive)))
                 .clone(),
         })
+    }
+}
+
+impl Fleet {
+    /// Connects to every host at once; one result per host, in inventory order.
+    pub async fn connect_all(
+        &self,
+        inventory: &Inventory,
+    ) -> Result<(Vec<Target>, Vec<Result<Session, SshError>>)> {
+        let targets = self.targets(inventory)?;
+        let options = self.connect_options(inventory, &targets)?;
+        let sessions =
+            futures::future::join_all(targets.iter().map(|t| Session::connect(t, &options))).await;
+        Ok((targets, sessions))
     }
 }
 

@@ -71,18 +71,24 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
             return Ok(code);
         }
     }
-    let targets = fleet.targets(&inventory)?;
-    let options = fleet.connect_options(&inventory, &targets)?;
-    let connected = join_all(targets.iter().map(|t| Session::connect(t, &options))).await;
+    let (targets, connected) = fleet.connect_all(&inventory).await?;
+    // Every host that cannot be reached is named before giving up.
     let mut sessions = Vec::with_capacity(connected.len());
+    let mut unreachable = false;
     for result in connected {
         match result {
             Ok(s) => sessions.push(s),
             Err(e) => {
                 fleet.printer.error(&format!("{e}; nothing was started"));
-                return Ok(ExitCode::Unreachable);
+                unreachable = true;
             }
         }
+    }
+    if unreachable {
+        for session in sessions {
+            session.close().await;
+        }
+        return Ok(ExitCode::Unreachable);
     }
 
     let host_names: Vec<String> = inventory.hosts.iter().map(|h| h.name.clone()).collect();

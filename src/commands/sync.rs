@@ -20,10 +20,10 @@ use crate::exit_code::ExitCode;
 use crate::inventory::{Host, Inventory};
 use crate::output::{Printer, Stream};
 use crate::ssh::{ConnectOptions, Session, Target};
-use crate::sync::remote::{HostTree, SyncError};
+use crate::sync::remote::{HostState, HostTree, SyncError};
 use crate::sync::transfer::{self, Applied, Progress};
 use crate::sync::{
-    Entry, Filter, HashCache, Manifest, ManifestError, Plan, RemoteEntry, Scan, plan, scan,
+    Entry, Filter, Manifest, ManifestError, Plan, RemoteEntry, Scan, plan, scan_project,
     split_listing,
 };
 
@@ -92,14 +92,7 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
     let source = inventory.sync.source.clone();
     let filter = Arc::new(Filter::new(&source, &inventory.sync.exclude)?);
     let scan_filter = filter.clone();
-    let scanning = tokio::task::spawn_blocking(move || {
-        let mut cache = HashCache::open(&source);
-        let result = scan(&source, &scan_filter, &mut cache);
-        if let Ok(scan) = &result {
-            cache.save(&scan.manifest);
-        }
-        result
-    });
+    let scanning = tokio::task::spawn_blocking(move || scan_project(&source, &scan_filter));
     let scanned: SharedScan = async move {
         Arc::new(scanning.await.unwrap_or_else(|e| {
             Err(ManifestError::Unreadable {
@@ -200,10 +193,10 @@ impl HostContext<'_> {
             }),
             session.sftp()
         );
-        let tree = tree?;
+        let (tree, state) = tree?;
         let result = match sftp {
             Ok(sftp) => {
-                let result = self.locked(&tree, &sftp, started).await;
+                let result = self.locked(&tree, state, &sftp, started).await;
                 let _ = sftp.close_session();
                 result
             }
@@ -216,6 +209,7 @@ impl HostContext<'_> {
     async fn locked(
         &self,
         tree: &HostTree<'_>,
+        state: HostState,
         sftp: &RawSftpSession,
         started: Instant,
     ) -> Result<HostResult, SyncError> {
@@ -233,7 +227,7 @@ impl HostContext<'_> {
             });
         };
         let local = &local.manifest;
-        let (saved, listing) = tree.state().await?;
+        let HostState { saved, listing } = state;
         self.printer.debug(&format!(
             "{}: locked and listed after {:.0} ms",
             tree.host(),

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::follow::Event;
 use super::plan::JobPlan;
 use super::remote::{signal_script, stem};
-use crate::output::{LineSplitter, Printer, ProcessLabels, Stream, sanitize};
+use crate::output::{Labels, LineSplitter, Printer, Stream, sanitize};
 use crate::shell;
 use crate::ssh::Session;
 
@@ -81,11 +81,78 @@ pub struct Supervisor<'a> {
 /// Per-process state of the loop.
 struct Track {
     splitter: LineSplitter,
+    /// Rank (or `nK`) and host, for `--json`.
+    label: String,
+    host: String,
     prefix: String,
     plain_prefix: String,
     tail: VecDeque<String>,
     file: Option<BufWriter<File>>,
     ended: bool,
+}
+
+/// Where lines go besides the track itself.
+struct Sinks<'a> {
+    printer: &'a Printer,
+    /// `--timestamps`: seconds since the job started.
+    stamp: Option<Duration>,
+    merged: Option<&'a mut BufWriter<File>>,
+}
+
+impl Track {
+    /// Prints and records every line `bytes` completes, or with `None` the last partial line
+    /// of a process that ended. Returns how many lines that was.
+    fn feed(&mut self, bytes: Option<&[u8]>, sinks: &mut Sinks<'_>) -> u64 {
+        let Track {
+            splitter,
+            label,
+            host,
+            prefix,
+            plain_prefix,
+            tail,
+            file,
+            ..
+        } = self;
+        let mut count = 0;
+        let mut emit = |line: &[u8]| {
+            count += 1;
+            let stamp = sinks
+                .stamp
+                .map_or(String::new(), |e| format!("+{:.3}s ", e.as_secs_f64()));
+            let text = String::from_utf8_lossy(line);
+            if sinks.printer.json() {
+                sinks.printer.record(
+                    &serde_json::json!({"type": "line", "rank": label, "host": host, "line": text}),
+                );
+            } else {
+                sinks
+                    .printer
+                    .remote_line(Stream::Stdout, &format!("{stamp}{prefix}"), line);
+            }
+            if let Some(m) = sinks.merged.as_deref_mut() {
+                let _ = writeln!(m, "{stamp}{plain_prefix}{text}");
+            }
+            if tail.len() == TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(text.into_owned());
+        };
+        match bytes {
+            Some(bytes) => {
+                if let Some(file) = file.as_mut() {
+                    let _ = file.write_all(bytes);
+                }
+                splitter.push(bytes, &mut emit);
+            }
+            None => {
+                splitter.finish(&mut emit);
+                if let Some(file) = file.as_mut() {
+                    let _ = file.flush();
+                }
+            }
+        }
+        count
+    }
 }
 
 impl Supervisor<'_> {
@@ -118,15 +185,14 @@ impl Supervisor<'_> {
         };
         let mut terminations = signal(SignalKind::terminate()).ok();
         let mut stopping: FuturesUnordered<BoxFuture<'_, ()>> = FuturesUnordered::new();
+        // Set once the graceful stop began (SIGTERM sent): when SIGKILL follows.
         let mut kill_at: Option<tokio::time::Instant> = None;
-        let mut stop_requested = false;
         let mut killed = false;
         if stop_first {
-            stop_requested = true;
-            stopping.push(Box::pin(self.signal_all("TERM")));
-            kill_at = Some(tokio::time::Instant::now() + self.grace);
+            self.begin_stop(&mut stopping, &mut kill_at);
         }
 
+        let stamp = || self.timestamps.then(|| started.elapsed());
         while tracks.iter().any(|t| !t.ended) {
             tokio::select! {
                 event = events.recv() => {
@@ -135,36 +201,15 @@ impl Supervisor<'_> {
                         Event::Started { process, at_ns } => starts[process] = Some(at_ns),
                         Event::Caught { .. } => {}
                         Event::Output { process, bytes } => {
-                            let track = &mut tracks[process];
-                            if let Some(file) = &mut track.file {
-                                let _ = file.write_all(&bytes);
-                            }
-                            let elapsed = started.elapsed();
-                            let mut count = 0;
-                            let (printer, timestamps) = (self.printer, self.timestamps);
-                            let Track { splitter, prefix, plain_prefix, tail, .. } = track;
-                            splitter.push(&bytes, |line| {
-                                count += 1;
-                                emit(printer, timestamps, elapsed, prefix, plain_prefix, line, tail, merged.as_mut());
-                            });
-                            outcome.lines[process] += count;
+                            let mut sinks = Sinks { printer: self.printer, stamp: stamp(), merged: merged.as_mut() };
+                            outcome.lines[process] += tracks[process].feed(Some(&bytes), &mut sinks);
                         }
                         Event::Exited { process, code } => {
-                            let track = &mut tracks[process];
-                            let elapsed = started.elapsed();
-                            let mut count = 0;
-                            let Track { splitter, prefix, plain_prefix, tail, .. } = track;
-                            splitter.finish(|line| {
-                                count += 1;
-                                emit(self.printer, self.timestamps, elapsed, prefix, plain_prefix, line, tail, merged.as_mut());
-                            });
-                            outcome.lines[process] += count;
-                            track.ended = true;
-                            if let Some(file) = &mut track.file {
-                                let _ = file.flush();
-                            }
+                            let mut sinks = Sinks { printer: self.printer, stamp: stamp(), merged: merged.as_mut() };
+                            outcome.lines[process] += tracks[process].feed(None, &mut sinks);
+                            tracks[process].ended = true;
                             outcome.exits[process] = Some(code);
-                            if code != 0 && outcome.first_failure.is_none() && !stop_requested {
+                            if code != 0 && outcome.first_failure.is_none() && kill_at.is_none() {
                                 outcome.first_failure = Some(process);
                                 let p = &self.job.processes[process];
                                 self.printer.error(&format!(
@@ -174,10 +219,8 @@ impl Supervisor<'_> {
                                     signal_note(code)
                                 ));
                             }
-                            if outcome.first_failure.is_some() && !stop_requested {
-                                stop_requested = true;
-                                stopping.push(Box::pin(self.signal_all("TERM")));
-                                kill_at = Some(tokio::time::Instant::now() + self.grace);
+                            if outcome.first_failure.is_some() {
+                                self.begin_stop(&mut stopping, &mut kill_at);
                             }
                         }
                         Event::Lost { host, error } => {
@@ -186,21 +229,14 @@ impl Supervisor<'_> {
                             for p in self.job.on_host(host) {
                                 tracks[p.index].ended = true;
                             }
-                            if !stop_requested {
-                                stop_requested = true;
-                                stopping.push(Box::pin(self.signal_all("TERM")));
-                                kill_at = Some(tokio::time::Instant::now() + self.grace);
-                            }
+                            self.begin_stop(&mut stopping, &mut kill_at);
                         }
                     }
                 }
                 Some(()) = recv(&mut interrupts) => {
                     outcome.interrupted = true;
-                    if !stop_requested {
-                        stop_requested = true;
+                    if self.begin_stop(&mut stopping, &mut kill_at) {
                         self.printer.warn(&format!("interrupted: stopping every process (Ctrl-C again to kill them now, {}s grace)", self.grace.as_secs()));
-                        stopping.push(Box::pin(self.signal_all("TERM")));
-                        kill_at = Some(tokio::time::Instant::now() + self.grace);
                     } else if !killed {
                         killed = true;
                         self.printer.warn("killing every process now (Ctrl-C again to leave without waiting)");
@@ -212,11 +248,7 @@ impl Supervisor<'_> {
                 }
                 Some(()) = recv(&mut terminations) => {
                     outcome.interrupted = true;
-                    if !stop_requested {
-                        stop_requested = true;
-                        stopping.push(Box::pin(self.signal_all("TERM")));
-                        kill_at = Some(tokio::time::Instant::now() + self.grace);
-                    }
+                    self.begin_stop(&mut stopping, &mut kill_at);
                 }
                 () = sleep_until(kill_at), if kill_at.is_some() && !killed => {
                     killed = true;
@@ -255,6 +287,21 @@ impl Supervisor<'_> {
         outcome
     }
 
+    /// Sends SIGTERM to every process group and sets when SIGKILL follows, unless a stop is
+    /// already under way. Returns whether this call began it.
+    fn begin_stop<'s>(
+        &'s self,
+        stopping: &mut FuturesUnordered<BoxFuture<'s, ()>>,
+        kill_at: &mut Option<tokio::time::Instant>,
+    ) -> bool {
+        if kill_at.is_some() {
+            return false;
+        }
+        stopping.push(Box::pin(self.signal_all("TERM")));
+        *kill_at = Some(tokio::time::Instant::now() + self.grace);
+        true
+    }
+
     fn describe(&self, process: usize) -> String {
         let label = &self.job.processes[process].label;
         match label.strip_prefix('n') {
@@ -270,7 +317,7 @@ impl Supervisor<'_> {
             .iter()
             .map(|p| (p.label.clone(), self.host_names[p.host].clone(), p.host))
             .collect();
-        let labels = ProcessLabels::new(self.printer, &described);
+        let labels = Labels::processes(self.printer, &described);
         self.job
             .processes
             .iter()
@@ -282,7 +329,9 @@ impl Supervisor<'_> {
                     .map(BufWriter::new);
                 Track {
                     splitter: LineSplitter::new(),
-                    prefix: labels.prefix(p.index).to_string(),
+                    label: p.label.clone(),
+                    host: self.host_names[p.host].clone(),
+                    prefix: labels.prefix(p.index, Stream::Stdout).to_string(),
                     plain_prefix: labels.plain(p.index).to_string(),
                     tail: VecDeque::with_capacity(TAIL_LINES),
                     file,
@@ -310,46 +359,6 @@ impl Supervisor<'_> {
             });
         futures::future::join_all(signals).await;
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn emit(
-    printer: &Printer,
-    timestamps: bool,
-    elapsed: Duration,
-    prefix: &str,
-    plain_prefix: &str,
-    line: &[u8],
-    tail: &mut VecDeque<String>,
-    merged: Option<&mut BufWriter<File>>,
-) {
-    let stamp = if timestamps {
-        format!("+{:.3}s ", elapsed.as_secs_f64())
-    } else {
-        String::new()
-    };
-    let text = String::from_utf8_lossy(line);
-    if printer.json() {
-        // "[3 node2] " → rank "3", host "node2".
-        let inner = plain_prefix
-            .trim()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .trim();
-        let (label, host) = inner.split_once(' ').unwrap_or((inner, ""));
-        printer.record(
-            &serde_json::json!({"type": "line", "rank": label, "host": host.trim(), "line": text}),
-        );
-    } else {
-        printer.remote_line(Stream::Stdout, &format!("{stamp}{prefix}"), line);
-    }
-    if let Some(m) = merged {
-        let _ = writeln!(m, "{stamp}{plain_prefix}{text}");
-    }
-    if tail.len() == TAIL_LINES {
-        tail.pop_front();
-    }
-    tail.push_back(text.into_owned());
 }
 
 /// The next signal of a stream that may not exist.

@@ -6,5 +6,5 @@ mod printer;
 mod sanitize;
 
 pub use lines::LineSplitter;
-pub use printer::{ColorChoice, HostLabels, Printer, ProcessLabels, Stream};
+pub use printer::{ColorChoice, Labels, Printer, Stream};
 pub use sanitize::sanitize;

@@ -92,9 +92,14 @@ impl Printer {
         self.verbose
     }
 
-    /// Whether stderr is a terminal (prompts need one).
+    /// Whether stderr is a terminal (remote text is sanitised for it).
     pub fn stderr_is_terminal(&self) -> bool {
         self.stderr.terminal
+    }
+
+    /// Whether a question can be asked and answered: stdin and stderr are both terminals.
+    pub fn can_prompt(&self) -> bool {
+        self.stderr.terminal && io::stdin().is_terminal()
     }
 
     /// Progress bars: on a terminal only, never with `-q`, `--json` or in CI.
@@ -174,13 +179,6 @@ impl Printer {
     }
 }
 
-/// Prefixes for lines from each host: the name padded to a common width, a colour per host.
-#[derive(Debug)]
-pub struct HostLabels {
-    stdout: Vec<String>,
-    stderr: Vec<String>,
-}
-
 const PALETTE: [Color; 6] = [
     Color::Cyan,
     Color::Magenta,
@@ -190,92 +188,84 @@ const PALETTE: [Color; 6] = [
     Color::Red,
 ];
 
-impl HostLabels {
-    pub fn new<S: AsRef<str>>(printer: &Printer, names: &[S]) -> Self {
+/// Prefixes for remote lines, padded to a common width and coloured per host on a terminal:
+/// `host1 | ` for `fleet exec`, `[3 host2] ` for the processes of a job.
+#[derive(Debug)]
+pub struct Labels {
+    plain: Vec<String>,
+    stdout: Vec<String>,
+    stderr: Vec<String>,
+}
+
+impl Labels {
+    /// One label per host name.
+    pub fn hosts<S: AsRef<str>>(printer: &Printer, names: &[S]) -> Self {
         let width = names
             .iter()
             .map(|n| console::measure_text_width(n.as_ref()))
             .max()
             .unwrap_or(0);
-        let plain: Vec<String> = names
+        let plain = names
             .iter()
-            .map(|n| {
-                let n = n.as_ref();
-                format!(
-                    "{n}{} | ",
-                    " ".repeat(width - console::measure_text_width(n))
-                )
-            })
+            .map(|n| format!("{} | ", pad(n.as_ref(), width)))
             .collect();
-        let paint = |stream: Stream| {
-            plain
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let style = printer.style(stream, Style::new().fg(PALETTE[i % PALETTE.len()]));
-                    style.apply_to(p).to_string()
-                })
-                .collect()
-        };
-        HostLabels {
-            stdout: paint(Stream::Stdout),
-            stderr: paint(Stream::Stderr),
-        }
+        Labels::paint(printer, plain, &(0..names.len()).collect::<Vec<_>>())
     }
 
-    /// The prefix of host `index` for `stream`, coloured when that stream is.
-    pub fn prefix(&self, index: usize, stream: Stream) -> &str {
-        match stream {
-            Stream::Stdout => &self.stdout[index],
-            Stream::Stderr => &self.stderr[index],
-        }
-    }
-}
-
-/// Prefixes for lines from processes of a job: `[rank host] `, padded, coloured per host.
-#[derive(Debug)]
-pub struct ProcessLabels {
-    plain: Vec<String>,
-    coloured: Vec<String>,
-}
-
-impl ProcessLabels {
-    /// `processes`: (label, host name, host index) of each process.
-    pub fn new(printer: &Printer, processes: &[(String, String, usize)]) -> Self {
+    /// One label per process: (rank or `nK`, host name, host index).
+    pub fn processes(printer: &Printer, processes: &[(String, String, usize)]) -> Self {
         let width = processes.iter().map(|p| p.0.len()).max().unwrap_or(1);
         let host_width = processes
             .iter()
             .map(|p| console::measure_text_width(&p.1))
             .max()
             .unwrap_or(0);
-        let plain: Vec<String> = processes
+        let plain = processes
             .iter()
-            .map(|(label, host, _)| {
-                let pad = host_width - console::measure_text_width(host);
-                format!("[{label:>width$} {host}{}] ", " ".repeat(pad))
-            })
+            .map(|(label, host, _)| format!("[{label:>width$} {}] ", pad(host, host_width)))
             .collect();
-        let coloured = plain
-            .iter()
-            .zip(processes)
-            .map(|(p, (_, _, host))| {
-                let style = printer.style(
-                    Stream::Stdout,
-                    Style::new().fg(PALETTE[host % PALETTE.len()]),
-                );
-                style.apply_to(p).to_string()
-            })
-            .collect();
-        ProcessLabels { plain, coloured }
+        let hosts: Vec<usize> = processes.iter().map(|p| p.2).collect();
+        Labels::paint(printer, plain, &hosts)
     }
 
-    /// For the terminal (coloured when stdout is).
-    pub fn prefix(&self, process: usize) -> &str {
-        &self.coloured[process]
+    fn paint(printer: &Printer, plain: Vec<String>, hosts: &[usize]) -> Self {
+        let paint = |stream: Stream| {
+            plain
+                .iter()
+                .zip(hosts)
+                .map(|(p, host)| {
+                    printer
+                        .style(stream, Style::new().fg(PALETTE[host % PALETTE.len()]))
+                        .apply_to(p)
+                        .to_string()
+                })
+                .collect()
+        };
+        Labels {
+            stdout: paint(Stream::Stdout),
+            stderr: paint(Stream::Stderr),
+            plain,
+        }
     }
 
-    /// For files.
-    pub fn plain(&self, process: usize) -> &str {
-        &self.plain[process]
+    /// The prefix of `index` for `stream`, coloured when that stream is.
+    pub fn prefix(&self, index: usize, stream: Stream) -> &str {
+        match stream {
+            Stream::Stdout => &self.stdout[index],
+            Stream::Stderr => &self.stderr[index],
+        }
     }
+
+    /// Without colour, for files.
+    pub fn plain(&self, index: usize) -> &str {
+        &self.plain[index]
+    }
+}
+
+/// `text` followed by spaces up to `width` display columns.
+fn pad(text: &str, width: usize) -> String {
+    format!(
+        "{text}{}",
+        " ".repeat(width.saturating_sub(console::measure_text_width(text)))
+    )
 }

@@ -11,6 +11,17 @@ pub mod transfer;
 pub use manifest::{Entry, Filter, HashCache, Manifest, ManifestError, Scan, scan};
 pub use plan::{Listing, Plan, Reason, RemoteEntry, Upload, plan};
 
+/// Scans the project folder with its hash cache and saves the cache: the local, blocking part
+/// of a sync (and of `fleet check`'s file comparison).
+pub fn scan_project(source: &std::path::Path, filter: &Filter) -> Result<Scan, ManifestError> {
+    let mut cache = HashCache::open(source);
+    let result = scan(source, filter, &mut cache);
+    if let Ok(scan) = &result {
+        cache.save(&scan.manifest);
+    }
+    result
+}
+
 /// Drops from a host's listing what the filter excludes (never touched, never reported) and
 /// returns the temporary files an interrupted sync left behind (to be removed).
 pub fn split_listing(listing: Listing, filter: &Filter) -> (Listing, Vec<String>) {

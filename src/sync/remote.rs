@@ -34,43 +34,76 @@ pub struct HostTree<'a> {
     /// The workdir's absolute path on the host.
     pub root: String,
     lock: RemoteProcess,
-    /// The saved manifest and the listing as the host sent them when the lock was taken.
-    saved: Vec<u8>,
-    listing: Vec<u8>,
+}
+
+/// What a host's workdir holds: the manifest saved by its last verified sync (`None` if there
+/// is none, or it cannot be read) and a stat listing of the tree now.
+pub struct HostState {
+    pub saved: Option<Manifest>,
+    pub listing: Listing,
+}
+
+/// Shell that prints a workdir's state, run in the workdir: the saved manifest, then the
+/// listing, each as a decimal length on its own line followed by that many bytes.
+fn state_script() -> String {
+    format!(
+        "if [ -f {SAVED_MANIFEST} ]; then wc -c < {SAVED_MANIFEST}; cat {SAVED_MANIFEST}; else echo 0; fi\n\
+         l={STATE_DIR}/listing.$$\n\
+         find . -mindepth 1 -path ./{STATE_DIR} -prune -o -printf '%y\\0%s\\0%Ts\\0%m\\0%P\\0%l\\0' > \"$l\"\n\
+         wc -c < \"$l\"; cat \"$l\"; rm -f \"$l\"\n"
+    )
+}
+
+/// Parses the two blocks of [`state_script`]. Ten thousand entries are real work: it runs off
+/// the async threads, so hosts parse in parallel.
+async fn parse_state(host: &str, saved: Vec<u8>, listing: Vec<u8>) -> Result<HostState, SyncError> {
+    let parsed = tokio::task::spawn_blocking(move || {
+        parse_listing(&listing).map(|listing| HostState {
+            saved: Manifest::from_bytes(&saved),
+            listing,
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    parsed.map_err(|message| SyncError::Host {
+        host: host.to_string(),
+        message,
+    })
+}
+
+/// A decimal length on its own line, then that many bytes, from the front of `bytes`.
+fn take_sized(bytes: &mut &[u8]) -> Option<Vec<u8>> {
+    let newline = bytes.iter().position(|&b| b == b'\n')?;
+    let length: usize = std::str::from_utf8(&bytes[..newline])
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let block = bytes.get(newline + 1..newline + 1 + length)?.to_vec();
+    *bytes = &bytes[newline + 1 + length..];
+    Some(block)
 }
 
 /// The saved manifest and a listing of a workdir, read without taking the sync lock (for
 /// `fleet check`: a sync running at the same time can make it report files out of sync).
-pub async fn peek(
-    session: &Session,
-    workdir: &str,
-) -> Result<(Option<Manifest>, Listing), SyncError> {
-    let host = session.target().name.clone();
+pub async fn peek(session: &Session, workdir: &str) -> Result<HostState, SyncError> {
+    let host = &session.target().name;
     let script = format!(
-        "cd -- {dir} 2>/dev/null || exit 0\n\
-         cat {SAVED_MANIFEST} 2>/dev/null; printf '\\0\\0\\0\\0'\n\
-         find . -mindepth 1 -path ./{STATE_DIR} -prune -o -printf '%y\\0%s\\0%Ts\\0%m\\0%P\\0%l\\0'",
-        dir = shell_path(workdir)
+        "cd -- {} 2>/dev/null || exit 0\n{}",
+        shell_path(workdir),
+        state_script()
     );
     let (_, out, _) = session.capture(&shell::sh(&script)).await?;
-    // The saved manifest ends with a NUL; four more mark where the listing starts.
-    let split = out
-        .windows(4)
-        .position(|w| w == [0, 0, 0, 0])
-        .map_or(out.len(), |i| {
-            // Runs of NULs can end the manifest (an empty last field): take the last four.
-            let mut end = i + 4;
-            while out.get(end) == Some(&0) {
-                end += 1;
-            }
-            end
-        });
-    let saved = out
-        .get(..split.saturating_sub(4))
-        .and_then(Manifest::from_bytes);
-    let listing = parse_listing(out.get(split..).unwrap_or_default())
-        .map_err(|message| SyncError::Host { host, message })?;
-    Ok((saved, listing))
+    let mut rest = out.as_slice();
+    match (take_sized(&mut rest), take_sized(&mut rest)) {
+        (Some(saved), Some(listing)) => parse_state(host, saved, listing).await,
+        // No workdir yet: nothing saved, nothing there.
+        _ => Ok(HostState {
+            saved: None,
+            listing: Listing::new(),
+        }),
+    }
 }
 
 /// A decimal length on its own line, then that many bytes.
@@ -96,18 +129,17 @@ impl<'a> HostTree<'a> {
         session: &'a Session,
         workdir: &str,
         waiting: impl FnOnce(),
-    ) -> Result<HostTree<'a>, SyncError> {
+    ) -> Result<(HostTree<'a>, HostState), SyncError> {
         let host = session.target().name.clone();
         // Once locked, the same command reports the host's state (saved manifest, then a stat
         // listing of the tree, each behind its length), saving a round trip per sync.
         let script = format!(
             "mkdir -p -- {dir}/{STATE_DIR} && cd -- {dir} && {{ flock -n 9 || {{ echo busy; flock -w 600 9; }} || exit 75\n\
              printf 'locked %s\\n' \"$(pwd -P)\"\n\
-             if [ -f {SAVED_MANIFEST} ]; then wc -c < {SAVED_MANIFEST}; cat {SAVED_MANIFEST}; else echo 0; fi\n\
-             find . -mindepth 1 -path ./{STATE_DIR} -prune -o -printf '%y\\0%s\\0%Ts\\0%m\\0%P\\0%l\\0' > {STATE_DIR}/listing\n\
-             wc -c < {STATE_DIR}/listing; cat {STATE_DIR}/listing; rm -f {STATE_DIR}/listing\n\
+             {state}\
              exec cat >/dev/null; }} 9>{STATE_DIR}/sync.lock",
-            dir = shell_path(workdir)
+            dir = shell_path(workdir),
+            state = state_script()
         );
         let mut lock = session.start(&shell::sh(&script)).await?;
         let mut waiting = Some(waiting);
@@ -128,13 +160,15 @@ impl<'a> HostTree<'a> {
                             return Err(SyncError::Host { host, message });
                         };
                         let root = root.to_string();
-                        return Ok(HostTree {
-                            session,
-                            root,
-                            lock,
-                            saved,
-                            listing,
-                        });
+                        let state = parse_state(&host, saved, listing).await?;
+                        return Ok((
+                            HostTree {
+                                session,
+                                root,
+                                lock,
+                            },
+                            state,
+                        ));
                     }
                 }
                 None => {
@@ -187,19 +221,6 @@ impl<'a> HostTree<'a> {
             return Err(self.error(format!("{what} failed ({status:?}): {}", stderr.trim())));
         }
         Ok(stdout)
-    }
-
-    /// What the host has now: the saved manifest (if the last sync was verified) and a listing
-    /// of the tree, both read by one command.
-    pub async fn state(&self) -> Result<(Option<Manifest>, Listing), SyncError> {
-        let (saved, listing) = (self.saved.clone(), self.listing.clone());
-        // Parsing 10,000 entries is real work: off the async threads, so hosts parse in parallel.
-        let parsed = tokio::task::spawn_blocking(move || {
-            parse_listing(&listing).map(|listing| (Manifest::from_bytes(&saved), listing))
-        })
-        .await
-        .map_err(|e| self.error(e.to_string()))?;
-        parsed.map_err(|e| self.error(e))
     }
 
     /// SHA-256 of files on the host (paths relative to the workdir), read back from its disk.
@@ -374,6 +395,19 @@ mod tests {
         assert_eq!(hashes.get("missing"), None);
         let coreutils = format!("{a}  ./x y\nz\0{b}  ./d/f\0");
         assert_eq!(parse_hashes(coreutils.as_bytes(), &names), hashes);
+    }
+
+    #[test]
+    fn sized_blocks_read_back_with_any_content() {
+        let raw = b"5\na\n\0bc0\n12\nrest";
+        let mut rest = &raw[..];
+        assert_eq!(take_sized(&mut rest).as_deref(), Some(&b"a\n\0bc"[..]));
+        assert_eq!(take_sized(&mut rest).as_deref(), Some(&b""[..]));
+        assert_eq!(
+            take_sized(&mut rest),
+            None,
+            "a block shorter than its length is not read"
+        );
     }
 
     #[test]

@@ -303,6 +303,28 @@ impl Project {
         std::fs::write(&self.inventory, edit(text)).unwrap();
     }
 
+    /// Processes on `host` whose command line contains `pattern`, as `pgrep -a` lists them.
+    pub fn remaining_on(&self, host: &str, pattern: &str) -> String {
+        // The [x] trick keeps pgrep from finding the shell that runs it.
+        let pattern = format!("[{}]{}", &pattern[..1], &pattern[1..]);
+        self.tb
+            .ssh(host, &format!("pgrep -a -f '{pattern}' || true"))
+    }
+
+    /// Processes on any test-bed host whose command line contains `pattern`.
+    pub fn remaining(&self, pattern: &str) -> Vec<String> {
+        self.tb
+            .hosts
+            .iter()
+            .flat_map(|h| {
+                self.remaining_on(&h.name, pattern)
+                    .lines()
+                    .map(|l| format!("{}: {l}", h.name))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// `fleet -i <inventory> ARGS`.
     pub fn fleet(&self, args: &[&str]) -> Fleet {
         Fleet::new().arg("-i").arg(&self.inventory).args(args)
@@ -335,4 +357,13 @@ pub fn wait(child: &mut std::process::Child) -> Option<i32> {
         assert!(std::time::Instant::now() < deadline, "fleet did not end");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// Sends SIGINT (Ctrl-C) to a child.
+pub fn interrupt(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -INT failed");
 }
