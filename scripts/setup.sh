@@ -9,7 +9,9 @@
 #   The torch environment: a venv with torch==2.11.0 (the libtorch fleet-train builds against) in
 #   $FLEET_TORCH_VENV (default /opt/fleet/torch-venv). It is made from Debian's /usr/bin/python3 and
 #   kept outside /root and /home so the test bed's hosts, whose /root and /home are private, can run
-#   it. About 2.7 GB is downloaded the first time; later runs find it and skip.
+#   it. About 2.7 GB is downloaded the first time; later runs find it and skip. Beside torch: the
+#   CUDA runtime and NCCL headers (header-only packages) so fleet-train is built with
+#   ProcessGroupNCCL, and transformers, which the tests compare fleet-train's model against.
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -33,6 +35,12 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
   log "installing torch==$torch_version into $venv (first time: about 2.7 GB)"
   /usr/bin/python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==$torch_version"
+fi
+extras=("nvidia-cuda-crt==13.0.88.*" "nvidia-cuda-cccl==13.0.85.*" "transformers>=4.50,<6")
+if ! "$venv/bin/python" -c "import transformers" 2>/dev/null \
+  || [[ ! -e $("$venv/bin/python" -c "import torch, os; print(os.path.dirname(torch.__file__))")/../nvidia/cu13/include/crt/host_defines.h ]]; then
+  log "installing ${extras[*]} into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "${extras[@]}"
 fi
 
 command -v cargo >/dev/null || { log "cargo is missing: install Rust from https://rustup.rs"; exit 1; }

@@ -14,4 +14,6 @@ scripts/testbed.sh down 2>/dev/null || true
 trap 'scripts/testbed.sh down' EXIT
 scripts/testbed.sh up netns
 
-cargo test --locked "$@"
+# The trainer too: `--features train` builds fleet-train against the venv's libtorch.
+source scripts/env.sh
+cargo test --locked --features train "$@"

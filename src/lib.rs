@@ -25,3 +25,5 @@ pub mod preflight;
 pub mod shell;
 pub mod ssh;
 pub mod sync;
+#[cfg(feature = "train")]
+pub mod train;

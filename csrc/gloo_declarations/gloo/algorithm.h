@@ -1,0 +1,3 @@
+// Included by ProcessGroupGloo.hpp; no name from it is used.
+#pragma once
+namespace gloo {}

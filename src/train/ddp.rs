@@ -1,0 +1,341 @@
+//! PyTorch's c10d from Rust: the TCP store and the Gloo and NCCL process groups, through the C
+//! shim in `csrc/c10d_shim.cpp`. This is the only module of the crate with `unsafe` code.
+//!
+//! Every shim call returns either nothing (success) or a message it allocated, which
+//! [`ShimResult::check`] turns into a [`CommError`] and frees. Handles are owned by [`Store`] and
+//! [`ProcessGroup`] and freed exactly once, in `Drop`.
+
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::ptr;
+
+use tch::Tensor;
+
+/// A failure reported by c10d (connect timeout, peer gone, wrong tensor, ...).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CommError(pub String);
+
+mod shim {
+    use std::ffi::{c_char, c_int, c_void};
+
+    unsafe extern "C" {
+        pub fn fleet_c10d_free(text: *mut c_char);
+        pub fn fleet_c10d_init_logging();
+        pub fn fleet_c10d_has_nccl() -> c_int;
+        pub fn fleet_c10d_nccl_version(version: *mut *mut c_char) -> *mut c_char;
+        pub fn fleet_c10d_store_new(
+            host: *const c_char,
+            port: u16,
+            world_size: c_int,
+            is_server: c_int,
+            timeout_ms: i64,
+            store: *mut *mut c_void,
+        ) -> *mut c_char;
+        pub fn fleet_c10d_store_free(store: *mut c_void);
+        pub fn fleet_c10d_store_set(
+            store: *mut c_void,
+            key: *const c_char,
+            data: *const u8,
+            len: usize,
+        ) -> *mut c_char;
+        pub fn fleet_c10d_store_get(
+            store: *mut c_void,
+            key: *const c_char,
+            data: *mut *mut u8,
+            len: *mut usize,
+        ) -> *mut c_char;
+        pub fn fleet_c10d_gloo_new(
+            store: *mut c_void,
+            rank: c_int,
+            size: c_int,
+            bind_address: *const c_char,
+            timeout_ms: i64,
+            group: *mut *mut c_void,
+        ) -> *mut c_char;
+        pub fn fleet_c10d_nccl_new(
+            store: *mut c_void,
+            rank: c_int,
+            size: c_int,
+            timeout_ms: i64,
+            group: *mut *mut c_void,
+        ) -> *mut c_char;
+        pub fn fleet_c10d_group_shutdown(group: *mut c_void) -> *mut c_char;
+        pub fn fleet_c10d_group_free(group: *mut c_void);
+        pub fn fleet_c10d_all_reduce_coalesced(
+            group: *mut c_void,
+            tensors: *const *mut c_void,
+            n: usize,
+            op: c_int,
+        ) -> *mut c_char;
+        pub fn fleet_c10d_all_reduce(
+            group: *mut c_void,
+            tensors: *const *mut c_void,
+            n: usize,
+            op: c_int,
+        ) -> *mut c_char;
+        pub fn fleet_c10d_broadcast(
+            group: *mut c_void,
+            tensors: *const *mut c_void,
+            n: usize,
+            root: c_int,
+        ) -> *mut c_char;
+        pub fn fleet_c10d_barrier(group: *mut c_void) -> *mut c_char;
+    }
+}
+
+/// What a shim call returned: null for success, else a message the shim allocated.
+struct ShimResult(*mut c_char);
+
+impl ShimResult {
+    fn check(self) -> Result<(), CommError> {
+        if self.0.is_null() {
+            return Ok(());
+        }
+        // SAFETY: a non-null result is a NUL-terminated string from strdup in the shim, owned by
+        // us from here on and freed exactly once, right after it is copied.
+        let message = unsafe { CStr::from_ptr(self.0) }.to_string_lossy().into_owned();
+        // SAFETY: as above; the pointer is not used again.
+        unsafe { shim::fleet_c10d_free(self.0) };
+        Err(CommError(message))
+    }
+}
+
+fn c_string(what: &str, text: &str) -> Result<CString, CommError> {
+    CString::new(text).map_err(|_| CommError(format!("{what} contains a NUL byte: {text:?}")))
+}
+
+/// Applies `TORCH_CPP_LOG_LEVEL` to libtorch's own logging, as `import torch` does in Python.
+pub fn init_logging() {
+    // SAFETY: takes no arguments and only reads the environment.
+    unsafe { shim::fleet_c10d_init_logging() }
+}
+
+/// The NCCL version libtorch was built with, or None when fleet-train was built without NCCL.
+pub fn nccl_version() -> Option<String> {
+    // SAFETY: takes no arguments.
+    if unsafe { shim::fleet_c10d_has_nccl() } == 0 {
+        return None;
+    }
+    let mut version: *mut c_char = ptr::null_mut();
+    // SAFETY: `version` is a valid out-pointer; on success the shim stores a strdup'ed string.
+    ShimResult(unsafe { shim::fleet_c10d_nccl_version(&mut version) }).check().ok()?;
+    if version.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated string from the shim, freed once right after it is copied.
+    let text = unsafe { CStr::from_ptr(version) }.to_string_lossy().into_owned();
+    // SAFETY: as above.
+    unsafe { shim::fleet_c10d_free(version) };
+    Some(text)
+}
+
+/// Reduction applied by an all-reduce. The values are the shim's codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum = 0,
+    Min = 1,
+    Max = 2,
+}
+
+/// The TCP key-value store the ranks meet at: rank 0 serves it on MASTER_ADDR:MASTER_PORT.
+pub struct Store(*mut c_void);
+
+// SAFETY: c10d's TCPStore is used from one thread at a time here (the training loop is
+// synchronous); moving its handle between threads is what c10d itself does.
+unsafe impl Send for Store {}
+
+impl Store {
+    /// Serves (rank 0) or joins the store; waits until all `world_size` ranks arrived or the
+    /// timeout passed.
+    pub fn connect(
+        host: &str,
+        port: u16,
+        world_size: usize,
+        is_server: bool,
+        timeout_ms: i64,
+    ) -> Result<Store, CommError> {
+        let host = c_string("MASTER_ADDR", host)?;
+        let world = c_int::try_from(world_size)
+            .map_err(|_| CommError(format!("world size {world_size} is too large")))?;
+        let mut handle: *mut c_void = ptr::null_mut();
+        // SAFETY: `host` outlives the call; `handle` is a valid out-pointer, set on success only.
+        ShimResult(unsafe {
+            shim::fleet_c10d_store_new(
+                host.as_ptr(),
+                port,
+                world,
+                c_int::from(is_server),
+                timeout_ms,
+                &mut handle,
+            )
+        })
+        .check()?;
+        Ok(Store(handle))
+    }
+
+    pub fn set(&self, key: &str, value: &[u8]) -> Result<(), CommError> {
+        let key = c_string("store key", key)?;
+        // SAFETY: the handle is live (owned by self); key and value outlive the call, and the
+        // shim copies the bytes before returning.
+        ShimResult(unsafe {
+            shim::fleet_c10d_store_set(self.0, key.as_ptr(), value.as_ptr(), value.len())
+        })
+        .check()
+    }
+
+    /// Waits for `key` to be set (by any rank), up to the store's timeout.
+    pub fn get(&self, key: &str) -> Result<Vec<u8>, CommError> {
+        let key = c_string("store key", key)?;
+        let mut data: *mut u8 = ptr::null_mut();
+        let mut len = 0usize;
+        // SAFETY: the handle is live; `data` and `len` are valid out-pointers.
+        ShimResult(unsafe { shim::fleet_c10d_store_get(self.0, key.as_ptr(), &mut data, &mut len) })
+            .check()?;
+        if data.is_null() {
+            return Ok(Vec::new());
+        }
+        // SAFETY: on success the shim malloc'ed `len` bytes (at least one) at `data`; they are
+        // copied and then freed exactly once.
+        let value = unsafe { std::slice::from_raw_parts(data, len) }.to_vec();
+        // SAFETY: as above.
+        unsafe { shim::fleet_c10d_free(data.cast()) };
+        Ok(value)
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from fleet_c10d_store_new and is freed only here.
+        unsafe { shim::fleet_c10d_store_free(self.0) }
+    }
+}
+
+/// Which c10d backend a process group runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Gloo,
+    Nccl,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Gloo => "gloo",
+            Backend::Nccl => "nccl",
+        }
+    }
+}
+
+/// A process group over all ranks: the collectives that average gradients.
+pub struct ProcessGroup {
+    handle: *mut c_void,
+    backend: Backend,
+}
+
+// SAFETY: c10d process groups are designed to be driven from any one thread at a time.
+unsafe impl Send for ProcessGroup {}
+
+impl ProcessGroup {
+    /// A Gloo group whose TCP device listens on `bind_address` (None: the address this host's
+    /// name resolves to).
+    pub fn gloo(
+        store: &Store,
+        rank: usize,
+        world_size: usize,
+        bind_address: Option<&str>,
+        timeout_ms: i64,
+    ) -> Result<ProcessGroup, CommError> {
+        let bind = c_string("bind address", bind_address.unwrap_or(""))?;
+        let (rank, size) = rank_and_size(rank, world_size)?;
+        let mut handle: *mut c_void = ptr::null_mut();
+        // SAFETY: the store handle is live for the call (the group keeps its own reference);
+        // `bind` outlives the call; `handle` is a valid out-pointer.
+        ShimResult(unsafe {
+            shim::fleet_c10d_gloo_new(store.0, rank, size, bind.as_ptr(), timeout_ms, &mut handle)
+        })
+        .check()?;
+        Ok(ProcessGroup { handle, backend: Backend::Gloo })
+    }
+
+    /// An NCCL group (CUDA tensors only); its communicator is made by the first collective.
+    pub fn nccl(
+        store: &Store,
+        rank: usize,
+        world_size: usize,
+        timeout_ms: i64,
+    ) -> Result<ProcessGroup, CommError> {
+        let (rank, size) = rank_and_size(rank, world_size)?;
+        let mut handle: *mut c_void = ptr::null_mut();
+        // SAFETY: the store handle is live for the call; `handle` is a valid out-pointer.
+        ShimResult(unsafe { shim::fleet_c10d_nccl_new(store.0, rank, size, timeout_ms, &mut handle) })
+            .check()?;
+        Ok(ProcessGroup { handle, backend: Backend::Nccl })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// One collective over all `tensors` (same dtype and device), reduced in place.
+    pub fn all_reduce_coalesced(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<(), CommError> {
+        let pointers = tensor_pointers(tensors);
+        // SAFETY: the group handle is live; `pointers` holds live at::Tensor pointers borrowed
+        // from `tensors` for the duration of the call, and the shim only reads the array.
+        ShimResult(unsafe {
+            shim::fleet_c10d_all_reduce_coalesced(
+                self.handle,
+                pointers.as_ptr(),
+                pointers.len(),
+                op as c_int,
+            )
+        })
+        .check()
+    }
+
+    /// One collective per tensor, reduced in place (tensors may differ in dtype).
+    pub fn all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<(), CommError> {
+        let pointers = tensor_pointers(tensors);
+        // SAFETY: as in all_reduce_coalesced.
+        ShimResult(unsafe {
+            shim::fleet_c10d_all_reduce(self.handle, pointers.as_ptr(), pointers.len(), op as c_int)
+        })
+        .check()
+    }
+
+    /// Copies each tensor from rank `root` to every rank, in place.
+    pub fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<(), CommError> {
+        let pointers = tensor_pointers(tensors);
+        let root = c_int::try_from(root).map_err(|_| CommError(format!("bad root rank {root}")))?;
+        // SAFETY: as in all_reduce_coalesced.
+        ShimResult(unsafe {
+            shim::fleet_c10d_broadcast(self.handle, pointers.as_ptr(), pointers.len(), root)
+        })
+        .check()
+    }
+
+    pub fn barrier(&self) -> Result<(), CommError> {
+        // SAFETY: the group handle is live.
+        ShimResult(unsafe { shim::fleet_c10d_barrier(self.handle) }).check()
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from a *_new call and is shut down and freed only here. A
+        // shutdown error at exit has nobody left to act on it.
+        let _ = ShimResult(unsafe { shim::fleet_c10d_group_shutdown(self.handle) }).check();
+        // SAFETY: as above.
+        unsafe { shim::fleet_c10d_group_free(self.handle) }
+    }
+}
+
+fn rank_and_size(rank: usize, world_size: usize) -> Result<(c_int, c_int), CommError> {
+    match (c_int::try_from(rank), c_int::try_from(world_size)) {
+        (Ok(rank), Ok(size)) if rank < size => Ok((rank, size)),
+        _ => Err(CommError(format!("rank {rank} is not below world size {world_size}"))),
+    }
+}
+
+fn tensor_pointers(tensors: &[&Tensor]) -> Vec<*mut c_void> {
+    tensors.iter().map(|tensor| tensor.as_ptr() as *mut c_void).collect()
+}

@@ -1,0 +1,534 @@
+//! The training run: data, tokenizer and model set up identically on every rank, then epochs of
+//! sharded batches whose gradients are averaged over the ranks, validation, checkpoints, the
+//! exported model and the summary line. Synchronous by design: one rank, one thread of control.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor, nn};
+
+use super::checkpoint::{self, Latest};
+use super::cli::{BackendChoice, DeviceChoice, Precision, TrainArgs};
+use super::data::{self, Dataset, Split};
+use super::ddp::Backend;
+use super::model::{self, BertClassifier, BertConfig, Preset};
+use super::optim::{self, AdamW};
+use super::rank::{Collective, Rank};
+use super::tokenizer::TextEncoder;
+
+/// The line every rank prints last.
+#[derive(Debug, serde::Serialize)]
+pub struct Summary {
+    pub event: &'static str,
+    pub rank: usize,
+    pub world_size: usize,
+    pub host: String,
+    pub backend: String,
+    pub device: String,
+    pub steps: u64,
+    pub epochs: u64,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub val_accuracy: f64,
+    pub samples_per_s: f64,
+    pub step_ms: f64,
+    pub comm_fraction: f64,
+    pub params_sha256: String,
+    pub seconds: f64,
+}
+
+pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let data_path = args.data.clone().context("--data is required")?;
+    let device = device(args.device, rank)?;
+    let backend = match (args.backend, device) {
+        (BackendChoice::Gloo, _) => Backend::Gloo,
+        (BackendChoice::Nccl, _) => Backend::Nccl,
+        (BackendChoice::Auto, Device::Cuda(_)) => Backend::Nccl,
+        (BackendChoice::Auto, _) => Backend::Gloo,
+    };
+    if args.precision != Precision::Fp32 && !device.is_cuda() {
+        bail!("--precision {:?} needs a CUDA device; this rank runs on the CPU", args.precision);
+    }
+    if args.batch_size == 0 || args.grad_accum == 0 || args.epochs == 0 {
+        bail!("--batch-size, --grad-accum and --epochs must be at least 1");
+    }
+    if !(0.0..1.0).contains(&args.val_fraction) {
+        bail!("--val-fraction must be at least 0 and below 1");
+    }
+
+    let data = Dataset::load(&data_path, &args.text_column, &args.label_column)?;
+    let split = Split::new(data.len(), args.val_fraction, args.seed);
+    if split.train.len() < rank.world_size {
+        bail!("{} training rows cannot be shared by {} ranks", split.train.len(), rank.world_size);
+    }
+
+    let mut collective = Collective::connect(
+        rank,
+        backend,
+        device,
+        args.connect_timeout,
+        args.timeout,
+        args.bucket_mb << 20,
+    )?;
+    agree_on_data(&collective, rank, &data)?;
+
+    let train_texts: Vec<String> = split.train.iter().map(|&i| data.texts[i].clone()).collect();
+    let (encoder, mut config) = match &args.model {
+        Some(dir) => {
+            let config = BertConfig::load(&dir.join("config.json"))?;
+            (TextEncoder::load(dir, args.max_len)?, config)
+        }
+        None => {
+            let encoder = TextEncoder::build(&train_texts, args.vocab_size, args.max_len)?;
+            let preset = args.preset.unwrap_or(Preset::Tiny);
+            let config = BertConfig::preset(preset, encoder.vocab_size() as i64, args.max_len.max(2) as i64);
+            (encoder, config)
+        }
+    };
+    if let Some(dropout) = args.dropout {
+        config.hidden_dropout_prob = dropout;
+        config.attention_probs_dropout_prob = dropout;
+        config.classifier_dropout = Some(dropout);
+    }
+    if args.max_len as i64 > config.max_position_embeddings {
+        bail!(
+            "--max-len {} is longer than the model's {} positions",
+            args.max_len,
+            config.max_position_embeddings
+        );
+    }
+
+    tch::manual_seed(args.seed as i64);
+    let vars = nn::VarStore::new(device);
+    let model = BertClassifier::new(&vars.root(), config, data.labels.len() as i64);
+    if let Some(dir) = &args.model {
+        let report = model::load_weights(&vars, &dir.join("model.safetensors"))?;
+        if rank.is_main() {
+            event(json!({"event": "model", "loaded": report.loaded, "initialised": report.fresh}));
+        }
+    }
+    let params = model::named_parameters(&vars);
+    let mut optimizer = AdamW::new(&params, args.weight_decay);
+
+    let resume = args.resume || restart_count() > 0;
+    let start_step = restore(args, rank, &collective, &params, &mut optimizer, resume, &data)?;
+    collective.broadcast(&params.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>())?;
+
+    let ids = encoder.encode_all(&data.texts)?;
+    let batches = Batches { ids: &ids, targets: &data.targets, pad: encoder.pad_id(), device };
+
+    let shard_len = split.train.len().div_ceil(rank.world_size);
+    let micro_per_epoch = shard_len.div_ceil(args.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(args.grad_accum) as u64;
+    let scheduled = steps_per_epoch * args.epochs;
+    let total = scheduled.min(args.max_steps.unwrap_or(u64::MAX));
+    let warmup = (scheduled as f64 * args.warmup).round() as u64;
+    let peak_lr = args.lr.unwrap_or(if args.model.is_some() { 5e-5 } else { 1e-3 });
+    let samples_per_step = (args.batch_size * args.grad_accum * rank.world_size) as f64;
+
+    let mut step = start_step;
+    let mut timing = Timing::default();
+    let mut window = (0.0, 0u64);
+    let mut last = Evaluation::default();
+    let mut train_loss = f64::NAN;
+    let first_epoch = start_step / steps_per_epoch;
+    for epoch in first_epoch..args.epochs {
+        if step >= total {
+            break;
+        }
+        let shard = data::shard(&split.train, epoch, args.seed, rank.rank, rank.world_size);
+        let micro: Vec<&[usize]> = shard.chunks(args.batch_size).collect();
+        let mut epoch_loss = (0.0, 0.0);
+        for in_epoch in (step - epoch * steps_per_epoch) as usize..steps_per_epoch as usize {
+            if step >= total {
+                break;
+            }
+            let step_started = Instant::now();
+            // Dropout masks depend only on the seed, the step and the rank: a resumed run draws
+            // the same ones.
+            tch::manual_seed((args.seed.wrapping_mul(1_000_003) + step * rank.world_size as u64 + rank.rank as u64) as i64);
+            let group = &micro[in_epoch * args.grad_accum..((in_epoch + 1) * args.grad_accum).min(micro.len())];
+            let mut loss_sum = 0.0;
+            for rows in group {
+                let (input, mask, targets) = batches.make(rows);
+                let logits = tch::autocast(args.precision != Precision::Fp32, || model.forward(&input, &mask, true));
+                let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&targets);
+                (&loss / group.len() as f64).backward();
+                loss_sum += loss.double_value(&[]);
+            }
+            let grads = optimizer.grads();
+            collective
+                .average_gradients(&grads)
+                .map_err(|e| anyhow::anyhow!("gradient all-reduce at step {}: {e}", step + 1))?;
+            optim::clip_grad_norm(&grads, args.max_grad_norm);
+            optimizer.step(optim::linear_schedule(step, warmup, scheduled, peak_lr));
+            optimizer.zero_grad();
+            step += 1;
+            if let Device::Cuda(index) = device {
+                tch::Cuda::synchronize(index as i64);
+            }
+            timing.add(step_started.elapsed().as_secs_f64());
+            let loss = loss_sum / group.len() as f64;
+            epoch_loss.0 += loss;
+            epoch_loss.1 += 1.0;
+            window.0 += loss;
+            window.1 += 1;
+
+            if rank.is_main() && (step % args.log_every.max(1) == 0 || step == total) {
+                let rate = samples_per_step / timing.mean().max(1e-9);
+                event(json!({
+                    "event": "progress", "epoch": epoch + 1, "epochs": args.epochs,
+                    "step": step, "steps": total, "loss": window.0 / window.1.max(1) as f64,
+                    "lr": optim::linear_schedule(step, warmup, scheduled, peak_lr),
+                    "samples_per_s": rate,
+                    "eta_s": (total - step) as f64 * timing.mean(),
+                }));
+                window = (0.0, 0);
+            }
+            if args.checkpoint_every > 0 && step % args.checkpoint_every == 0 && step < total {
+                save_checkpoint(args, rank, &collective, &params, &optimizer, step, &data)?;
+            }
+        }
+        let sums = collective.sum(&[epoch_loss.0, epoch_loss.1])?;
+        train_loss = sums[0] / sums[1].max(1.0);
+        last = evaluate(&model, &batches, &split.validation, rank, &collective, args.batch_size)?;
+        if rank.is_main() {
+            event(json!({
+                "event": "validation", "epoch": epoch + 1, "step": step,
+                "train_loss": train_loss, "val_loss": last.loss, "val_accuracy": last.accuracy,
+            }));
+        }
+    }
+
+    save_checkpoint(args, rank, &collective, &params, &optimizer, step, &data)?;
+    if rank.is_main() {
+        export(&args.output, &model, &params, &encoder, &data.labels)?;
+    }
+    let params_sha256 = parameters_sha256(&params)?;
+    let step_ms = timing.mean() * 1000.0;
+    Ok(Summary {
+        event: "summary",
+        rank: rank.rank,
+        world_size: rank.world_size,
+        host: rank.host.clone(),
+        backend: backend.name().into(),
+        device: format!("{device:?}").to_lowercase(),
+        steps: step,
+        epochs: args.epochs,
+        train_loss,
+        val_loss: last.loss,
+        val_accuracy: last.accuracy,
+        samples_per_s: samples_per_step / timing.mean().max(1e-9),
+        step_ms,
+        comm_fraction: collective.comm_seconds / timing.total.max(1e-9),
+        params_sha256,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Prints one JSON event line on stdout.
+pub fn event(value: serde_json::Value) {
+    println!("{value}");
+}
+
+fn restart_count() -> u64 {
+    std::env::var("FLEET_RESTART_COUNT").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+fn device(choice: DeviceChoice, rank: &Rank) -> anyhow::Result<Device> {
+    let cuda = tch::Cuda::is_available();
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto if !cuda => Ok(Device::Cpu),
+        DeviceChoice::Cuda if !cuda => bail!("--device cuda, but CUDA is not available on this host"),
+        _ => {
+            let count = tch::Cuda::device_count() as usize;
+            if rank.local_rank >= count {
+                bail!("LOCAL_RANK={} but this host has {count} CUDA devices", rank.local_rank);
+            }
+            Ok(Device::Cuda(rank.local_rank))
+        }
+    }
+}
+
+/// Every rank must train on the same bytes with the same labels: the seed's "the data differs
+/// between PCs" caught before the first step, naming the rank and host.
+fn agree_on_data(collective: &Collective, rank: &Rank, data: &Dataset) -> anyhow::Result<()> {
+    let labels = hex::encode(Sha256::digest(data.labels.join("\n").as_bytes()));
+    let mine = format!("{} {} {}", data.sha256, labels, rank.host);
+    let all = collective.exchange(rank, "data", &mine)?;
+    let fields = |s: &str| s.splitn(3, ' ').map(str::to_string).collect::<Vec<_>>();
+    let first = fields(&all[0]);
+    for (r, theirs) in all.iter().enumerate().skip(1) {
+        let theirs = fields(theirs);
+        let host = theirs.get(2).cloned().unwrap_or_default();
+        let host0 = first.get(2).cloned().unwrap_or_default();
+        if theirs.first() != first.first() {
+            bail!(
+                "data differs on rank {r} ({host}): sha256 {} vs {} on rank 0 ({host0})",
+                theirs.first().map_or("?", |s| s),
+                first.first().map_or("?", |s| s),
+            );
+        }
+        if theirs.get(1) != first.get(1) {
+            bail!("the label map differs on rank {r} ({host}) from rank 0's ({host0})");
+        }
+    }
+    Ok(())
+}
+
+/// Loads the last checkpoint on rank 0 and hands its step, weights and optimizer state to every
+/// rank. Returns the step to continue from (0: a fresh start).
+fn restore(
+    args: &TrainArgs,
+    rank: &Rank,
+    collective: &Collective,
+    params: &[(String, Tensor)],
+    optimizer: &mut AdamW,
+    resume: bool,
+    data: &Dataset,
+) -> anyhow::Result<u64> {
+    let mut step = 0i64;
+    if resume && rank.is_main() {
+        match checkpoint::load(&args.checkpoint_dir)? {
+            None => event(json!({"event": "resume", "found": false, "dir": args.checkpoint_dir})),
+            Some((latest, tensors)) => {
+                if latest.data_sha256 != data.sha256 {
+                    bail!(
+                        "the checkpoint in {} was made with other data (sha256 {})",
+                        args.checkpoint_dir.display(),
+                        latest.data_sha256
+                    );
+                }
+                let saved: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+                let mut targets: Vec<(String, Tensor)> =
+                    params.iter().map(|(n, t)| (format!("model.{n}"), t.shallow_clone())).collect();
+                targets.extend(optimizer.state());
+                tch::no_grad(|| -> anyhow::Result<()> {
+                    for (name, target) in &targets {
+                        let source = saved.get(name).with_context(|| {
+                            format!("the checkpoint in {} has no {name}", args.checkpoint_dir.display())
+                        })?;
+                        if source.size() != target.size() {
+                            bail!("the checkpoint's {name} has another shape: was the model changed?");
+                        }
+                        target.shallow_clone().copy_(source);
+                    }
+                    Ok(())
+                })?;
+                step = latest.step as i64;
+                event(json!({"event": "resume", "found": true, "step": step}));
+            }
+        }
+    }
+    let shared = Tensor::from_slice(&[step]).to_device(params[0].1.device());
+    collective.broadcast(std::slice::from_ref(&shared))?;
+    step = shared.int64_value(&[0]);
+    if step > 0 {
+        let state: Vec<Tensor> = optimizer.state().into_iter().map(|(_, t)| t).collect();
+        collective.broadcast(&state)?;
+        optimizer.set_steps(step);
+    }
+    Ok(step as u64)
+}
+
+fn save_checkpoint(
+    args: &TrainArgs,
+    rank: &Rank,
+    collective: &Collective,
+    params: &[(String, Tensor)],
+    optimizer: &AdamW,
+    step: u64,
+    data: &Dataset,
+) -> anyhow::Result<()> {
+    if !rank.is_main() {
+        return Ok(());
+    }
+    let latest = Latest {
+        file: format!("step-{step}.safetensors"),
+        step,
+        world_size: collective.world_size,
+        data_sha256: data.sha256.clone(),
+        seed: args.seed,
+    };
+    let mut tensors: Vec<(String, Tensor)> =
+        params.iter().map(|(n, t)| (format!("model.{n}"), t.shallow_clone())).collect();
+    tensors.extend(optimizer.state());
+    checkpoint::save(&args.checkpoint_dir, &latest, &tensors)?;
+    event(json!({"event": "checkpoint", "step": step, "dir": args.checkpoint_dir}));
+    Ok(())
+}
+
+/// Writes the model as a Hugging Face directory transformers loads with
+/// `BertForSequenceClassification.from_pretrained`.
+fn export(
+    out: &Path,
+    model: &BertClassifier,
+    params: &[(String, Tensor)],
+    encoder: &TextEncoder,
+    labels: &[String],
+) -> anyhow::Result<()> {
+    let mut config = serde_json::to_value(&model.config)?;
+    let id2label: serde_json::Map<String, serde_json::Value> =
+        labels.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect();
+    let label2id: serde_json::Map<String, serde_json::Value> =
+        labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect();
+    if let Some(object) = config.as_object_mut() {
+        object.insert("architectures".into(), json!(["BertForSequenceClassification"]));
+        object.insert("model_type".into(), json!("bert"));
+        object.insert("id2label".into(), json!(id2label));
+        object.insert("label2id".into(), json!(label2id));
+        object.insert("torch_dtype".into(), json!("float32"));
+    }
+    let config = serde_json::to_vec_pretty(&config)?;
+    checkpoint::write_directory(out, |dir| {
+        checkpoint::write_file(&dir.join("config.json"), &config)?;
+        checkpoint::write_tensors(&dir.join("model.safetensors"), params)?;
+        encoder.save(&dir.join("tokenizer.json")).map_err(|e| checkpoint::CheckpointError::File {
+            path: dir.join("tokenizer.json"),
+            message: e.to_string(),
+        })
+    })?;
+    Ok(())
+}
+
+/// SHA-256 over every parameter (name, then its float32 bytes, little-endian), in name order.
+pub fn parameters_sha256(params: &[(String, Tensor)]) -> anyhow::Result<String> {
+    let mut hash = Sha256::new();
+    for (name, tensor) in params {
+        hash.update(name.as_bytes());
+        let values = Vec::<f32>::try_from(
+            tensor.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1),
+        )?;
+        for value in values {
+            hash.update(value.to_le_bytes());
+        }
+    }
+    Ok(hex::encode(hash.finalize()))
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Evaluation {
+    loss: f64,
+    accuracy: f64,
+}
+
+fn evaluate(
+    model: &BertClassifier,
+    batches: &Batches,
+    validation: &[usize],
+    rank: &Rank,
+    collective: &Collective,
+    batch_size: usize,
+) -> anyhow::Result<Evaluation> {
+    let rows = data::shard_unpadded(validation, rank.rank, rank.world_size);
+    let mut sums = [0.0f64; 3];
+    tch::no_grad(|| {
+        for chunk in rows.chunks(batch_size) {
+            let (input, mask, targets) = batches.make(chunk);
+            let logits = model.forward(&input, &mask, false).to_kind(Kind::Float);
+            let loss = logits.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0);
+            let correct = logits.argmax(-1, false).eq_tensor(&targets).sum(Kind::Int64);
+            sums[0] += loss.double_value(&[]);
+            sums[1] += correct.double_value(&[]);
+            sums[2] += chunk.len() as f64;
+        }
+    });
+    let total = collective.sum(&sums)?;
+    if total[2] == 0.0 {
+        return Ok(Evaluation { loss: f64::NAN, accuracy: f64::NAN });
+    }
+    Ok(Evaluation { loss: total[0] / total[2], accuracy: total[1] / total[2] })
+}
+
+struct Batches<'a> {
+    ids: &'a [Vec<i64>],
+    targets: &'a [i64],
+    pad: i64,
+    device: Device,
+}
+
+impl Batches<'_> {
+    /// Input ids and attention mask padded to the batch's longest row, and the targets.
+    fn make(&self, rows: &[usize]) -> (Tensor, Tensor, Tensor) {
+        let len = rows.iter().map(|&r| self.ids[r].len()).max().unwrap_or(1).max(1);
+        let mut input = Vec::with_capacity(rows.len() * len);
+        let mut mask = Vec::with_capacity(rows.len() * len);
+        for &row in rows {
+            let ids = &self.ids[row];
+            input.extend_from_slice(ids);
+            input.extend(std::iter::repeat_n(self.pad, len - ids.len()));
+            mask.extend(std::iter::repeat_n(1i64, ids.len()));
+            mask.extend(std::iter::repeat_n(0i64, len - ids.len()));
+        }
+        let shape = [rows.len() as i64, len as i64];
+        let targets: Vec<i64> = rows.iter().map(|&r| self.targets[r]).collect();
+        (
+            Tensor::from_slice(&input).view(shape).to_device(self.device),
+            Tensor::from_slice(&mask).view(shape).to_device(self.device),
+            Tensor::from_slice(&targets).to_device(self.device),
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+struct Timing {
+    total: f64,
+    count: u64,
+}
+
+impl Timing {
+    fn add(&mut self, seconds: f64) {
+        self.total += seconds;
+        self.count += 1;
+    }
+
+    fn mean(&self) -> f64 {
+        if self.count == 0 { 0.0 } else { self.total / self.count as f64 }
+    }
+}
+
+/// Logits of a trained model directory for each text, as JSON lines (with the token ids, so the
+/// same input can be fed to another implementation).
+pub fn predict(dir: &Path, texts: &[String], max_len: usize) -> anyhow::Result<()> {
+    let config = BertConfig::load(&dir.join("config.json"))?;
+    let labels = labels_of(&dir.join("config.json"))?;
+    let encoder = TextEncoder::load(dir, max_len)?;
+    let vars = nn::VarStore::new(Device::Cpu);
+    let model = BertClassifier::new(&vars.root(), config, labels.len() as i64);
+    let report = model::load_weights(&vars, &dir.join("model.safetensors"))?;
+    if let Some(missing) = report.fresh.first() {
+        bail!("{} has no {missing}: it is not a trained classifier", dir.display());
+    }
+    let ids = encoder.encode_all(texts)?;
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for (text, ids) in texts.iter().zip(&ids) {
+            let input = Tensor::from_slice(ids).view([1, ids.len() as i64]);
+            let mask = input.ones_like();
+            let logits = Vec::<f32>::try_from(model.forward(&input, &mask, false).flatten(0, -1))?;
+            let best = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0);
+            event(json!({"text": text, "input_ids": ids, "logits": logits, "label": labels.get(best)}));
+        }
+        Ok(())
+    })
+}
+
+/// Label names in index order from config.json's id2label (num_labels when absent).
+fn labels_of(config: &Path) -> anyhow::Result<Vec<String>> {
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(config)?)?;
+    if let Some(map) = value.get("id2label").and_then(|v| v.as_object()) {
+        let mut labels = vec![String::new(); map.len()];
+        for (id, label) in map {
+            let index: usize = id.parse().with_context(|| format!("{}: id2label key {id:?}", config.display()))?;
+            let slot = labels.get_mut(index).with_context(|| format!("{}: id2label has a gap", config.display()))?;
+            *slot = label.as_str().unwrap_or_default().to_string();
+        }
+        return Ok(labels);
+    }
+    let count = value.get("num_labels").and_then(|v| v.as_u64()).unwrap_or(2);
+    Ok((0..count).map(|i| format!("LABEL_{i}")).collect())
+}
