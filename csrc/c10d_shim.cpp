@@ -16,6 +16,7 @@
 
 #include <c10/util/Logging.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/Types.hpp>
@@ -133,6 +134,15 @@ char* fleet_c10d_store_new(const char* host, uint16_t port, int world_size, int 
 
 void fleet_c10d_store_free(void* store) { delete static_cast<Store*>(store); }
 
+// A view of `store` that puts "<prefix>/" before every key, as torch.distributed does per restart
+// attempt, so that keys of an earlier attempt on the same store are never read.
+char* fleet_c10d_store_prefixed(void* store, const char* prefix, void** prefixed) {
+  return guarded([&] {
+    Store created = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), store_of(store));
+    *prefixed = new Store(std::move(created));
+  });
+}
+
 char* fleet_c10d_store_set(void* store, const char* key, const uint8_t* data, size_t len) {
   return guarded([&] {
     store_of(store)->set(std::string(key), std::vector<uint8_t>(data, data + len));
@@ -148,6 +158,11 @@ char* fleet_c10d_store_get(void* store, const char* key, uint8_t** data, size_t*
     if (!value.empty()) memcpy(*data, value.data(), value.size());
     *len = value.size();
   });
+}
+
+// *present = 1 when `key` is set, without waiting.
+char* fleet_c10d_store_check(void* store, const char* key, int* present) {
+  return guarded([&] { *present = store_of(store)->check({std::string(key)}) ? 1 : 0; });
 }
 
 // bind_address: the address Gloo's TCP device listens on (the interface that reaches the

@@ -7,8 +7,8 @@ use fleet::train::cli::{Cli, Command};
 use fleet::train::{ddp, gendata, rank::Rank, trainer};
 
 fn main() {
-    let cli = Cli::parse();
     ddp::init_logging();
+    let cli = Cli::parse();
     if cli.version {
         print_version();
         return;

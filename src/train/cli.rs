@@ -56,6 +56,8 @@ pub enum Command {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Precision {
     Fp32,
+    /// Double precision: slow, for checking that sharded training equals one process.
+    Fp64,
     /// bfloat16 autocast (CUDA only).
     Bf16,
     /// float16 autocast with loss scaling (CUDA only).

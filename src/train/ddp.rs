@@ -32,6 +32,11 @@ mod shim {
             store: *mut *mut c_void,
         ) -> *mut c_char;
         pub fn fleet_c10d_store_free(store: *mut c_void);
+        pub fn fleet_c10d_store_prefixed(
+            store: *mut c_void,
+            prefix: *const c_char,
+            prefixed: *mut *mut c_void,
+        ) -> *mut c_char;
         pub fn fleet_c10d_store_set(
             store: *mut c_void,
             key: *const c_char,
@@ -43,6 +48,11 @@ mod shim {
             key: *const c_char,
             data: *mut *mut u8,
             len: *mut usize,
+        ) -> *mut c_char;
+        pub fn fleet_c10d_store_check(
+            store: *mut c_void,
+            key: *const c_char,
+            present: *mut c_int,
         ) -> *mut c_char;
         pub fn fleet_c10d_gloo_new(
             store: *mut c_void,
@@ -105,7 +115,15 @@ fn c_string(what: &str, text: &str) -> Result<CString, CommError> {
 }
 
 /// Applies `TORCH_CPP_LOG_LEVEL` to libtorch's own logging, as `import torch` does in Python.
+/// Unless the user set it, only fatal messages are logged: c10d's warnings while it retries come
+/// with C++ stack frames, and every failure reaches the user as fleet-train's own error anyway.
+/// Must be called first thing in `main`, before any thread exists.
 pub fn init_logging() {
+    if std::env::var_os("TORCH_CPP_LOG_LEVEL").is_none() {
+        // SAFETY: called at the start of main, while the process has a single thread, so no
+        // other thread reads the environment concurrently.
+        unsafe { std::env::set_var("TORCH_CPP_LOG_LEVEL", "FATAL") };
+    }
     // SAFETY: takes no arguments and only reads the environment.
     unsafe { shim::fleet_c10d_init_logging() }
 }
@@ -173,6 +191,17 @@ impl Store {
         Ok(Store(handle))
     }
 
+    /// A view of this store whose keys all start with `prefix`.
+    pub fn prefixed(&self, prefix: &str) -> Result<Store, CommError> {
+        let prefix = c_string("store prefix", prefix)?;
+        let mut handle: *mut c_void = ptr::null_mut();
+        // SAFETY: the handle is live; the new store holds its own reference to the underlying
+        // one, so either may be dropped first; `handle` is a valid out-pointer.
+        ShimResult(unsafe { shim::fleet_c10d_store_prefixed(self.0, prefix.as_ptr(), &mut handle) })
+            .check()?;
+        Ok(Store(handle))
+    }
+
     pub fn set(&self, key: &str, value: &[u8]) -> Result<(), CommError> {
         let key = c_string("store key", key)?;
         // SAFETY: the handle is live (owned by self); key and value outlive the call, and the
@@ -181,6 +210,16 @@ impl Store {
             shim::fleet_c10d_store_set(self.0, key.as_ptr(), value.as_ptr(), value.len())
         })
         .check()
+    }
+
+    /// Whether `key` is set, without waiting.
+    pub fn has(&self, key: &str) -> Result<bool, CommError> {
+        let key = c_string("store key", key)?;
+        let mut present: c_int = 0;
+        // SAFETY: the handle is live; `present` is a valid out-pointer.
+        ShimResult(unsafe { shim::fleet_c10d_store_check(self.0, key.as_ptr(), &mut present) })
+            .check()?;
+        Ok(present != 0)
     }
 
     /// Waits for `key` to be set (by any rank), up to the store's timeout.

@@ -79,6 +79,8 @@ pub struct Collective {
     bucket_bytes: usize,
     /// Seconds spent in gradient all-reduces so far.
     pub comm_seconds: f64,
+    /// Each rank's host, once [`Collective::exchange`] has been called.
+    pub hosts: Vec<String>,
 }
 
 impl Collective {
@@ -97,18 +99,26 @@ impl Collective {
             device,
             bucket_bytes: bucket_bytes.max(1),
             comm_seconds: 0.0,
+            hosts: vec![rank.host.clone()],
         };
         if rank.world_size == 1 {
             return Ok(collective);
         }
         let address = format!("{}:{}", rank.master_addr, rank.master_port);
+        // Under torchrun the agent already serves the store on MASTER_PORT, and each restart
+        // attempt keeps its keys apart with a prefix, as torch.distributed does.
+        let agent_store = std::env::var("TORCHELASTIC_USE_AGENT_STORE").is_ok_and(|v| v == "True");
+        let attempt = std::env::var("TORCHELASTIC_RESTART_COUNT")
+            .or_else(|_| std::env::var("FLEET_RESTART_COUNT"))
+            .unwrap_or_else(|_| "0".into());
         let store = Store::connect(
             &rank.master_addr,
             rank.master_port,
             rank.world_size,
-            rank.is_main(),
+            rank.is_main() && !agent_store,
             (connect_timeout_s * 1000) as i64,
         )
+        .and_then(|store| store.prefixed(&format!("/fleet-train/attempt_{attempt}")))
         .map_err(|e| {
             anyhow::anyhow!(
                 "could not meet the other {} ranks at {address} within {connect_timeout_s} s \
@@ -130,18 +140,54 @@ impl Collective {
         Ok(collective)
     }
 
-    /// Every rank's `value` for `key`, in rank order (through the store).
-    pub fn exchange(&self, rank: &Rank, key: &str, value: &str) -> anyhow::Result<Vec<String>> {
+    /// Every rank's `value` for `key`, in rank order (through the store), and every rank's host
+    /// for later messages.
+    pub fn exchange(&mut self, rank: &Rank, key: &str, value: &str) -> anyhow::Result<Vec<String>> {
         let Some(store) = &self.store else { return Ok(vec![value.to_string()]) };
-        store.set(&format!("fleet-train/{key}/{}", rank.rank), value.as_bytes())?;
-        (0..self.world_size)
-            .map(|r| {
-                let bytes = store
-                    .get(&format!("fleet-train/{key}/{r}"))
-                    .map_err(|e| anyhow::anyhow!("waiting for rank {r}'s {key}: {e}"))?;
-                Ok(String::from_utf8_lossy(&bytes).into_owned())
-            })
-            .collect()
+        let mine = format!("{}\n{value}", rank.host);
+        store.set(&format!("{key}/{}", rank.rank), mine.as_bytes())?;
+        let mut values = Vec::with_capacity(self.world_size);
+        let mut hosts = Vec::with_capacity(self.world_size);
+        for r in 0..self.world_size {
+            let bytes = store
+                .get(&format!("{key}/{r}"))
+                .map_err(|e| anyhow::anyhow!("waiting for rank {r}'s {key}: {e}"))?;
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let (host, value) = text.split_once('\n').unwrap_or(("?", &text));
+            hosts.push(host.to_string());
+            values.push(value.to_string());
+        }
+        self.hosts = hosts;
+        Ok(values)
+    }
+
+    /// Rank `r` and its host, for messages.
+    pub fn who(&self, r: usize) -> String {
+        format!("rank {r} ({})", self.hosts.get(r).map_or("?", String::as_str))
+    }
+
+    /// After a collective failed: which ranks are gone. Every rank that is still alive says so in
+    /// the store and looks, for a few seconds, for the others; the ones that never answer are
+    /// named. The store lives in rank 0, so when it cannot be reached, rank 0 is the one lost.
+    pub fn failure(&self, rank: &Rank, what: &str, error: CommError) -> anyhow::Error {
+        let Some(store) = &self.store else { return anyhow::anyhow!("{what}: {error}") };
+        if store.set(&format!("alive/{}", rank.rank), b"1").is_err() {
+            return anyhow::anyhow!(
+                "{what}: lost {}, which serves the store: {error}",
+                self.who(0)
+            );
+        }
+        let deadline = Instant::now() + std::time::Duration::from_secs(5);
+        let mut silent: Vec<usize> = (0..self.world_size).collect();
+        while !silent.is_empty() && Instant::now() < deadline {
+            silent.retain(|r| !store.has(&format!("alive/{r}")).unwrap_or(false));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if silent.is_empty() {
+            return anyhow::anyhow!("{what}: {error}");
+        }
+        let lost: Vec<String> = silent.iter().map(|&r| self.who(r)).collect();
+        anyhow::anyhow!("{what}: lost {}: {error}", lost.join(", "))
     }
 
     /// Copies the tensors from rank 0 to every rank.

