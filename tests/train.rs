@@ -419,3 +419,40 @@ fn torchrun_launches_fleet_train_with_its_own_store() {
     assert_eq!(sums[0]["world_size"], 2);
     assert_eq!(sums[0]["params_sha256"], sums[1]["params_sha256"]);
 }
+
+#[test]
+fn fleet_run_trains_on_the_three_hosts_of_the_test_bed() {
+    let _cores = cores();
+    let project = common::Project::new("train-fleet-run");
+    std::fs::copy(TRAINER, project.root().join("fleet-train")).unwrap();
+    let generated: common::Run = Command::new(TRAINER)
+        .args(["gen-data", "--rows", "1500", "--out"])
+        .arg(project.root().join("data/train.csv"))
+        .output()
+        .unwrap()
+        .into();
+    generated.assert_code(0);
+    let port = free_port();
+    project.edit_inventory(|text| text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1));
+    let run = project
+        .fleet(&["run", "--", "./fleet-train", "--data", "data/train.csv", "--epochs", "2", "--log-every", "5"])
+        .run();
+    run.assert_code(0);
+    let summaries: Vec<Value> = run
+        .stdout
+        .lines()
+        .filter(|l| l.contains("\"event\":\"summary\""))
+        .map(|l| serde_json::from_str(&l[l.find('{').unwrap()..]).unwrap())
+        .collect();
+    assert_eq!(summaries.len(), 3, "{}", run.stdout);
+    let mut hosts: Vec<&str> = summaries.iter().map(|s| s["host"].as_str().unwrap()).collect();
+    hosts.sort();
+    assert_eq!(hosts, ["host1", "host2", "host3"]);
+    for s in &summaries {
+        assert_eq!(s["world_size"], 3);
+        assert_eq!(s["params_sha256"], summaries[0]["params_sha256"]);
+    }
+    // Rank 0 ran on host1 and wrote the model there.
+    let listing = project.tb.ssh("host1", &format!("ls {}/model", project.workdir("host1")));
+    assert_eq!(listing.split_whitespace().collect::<Vec<_>>(), ["config.json", "model.safetensors", "tokenizer.json"]);
+}

@@ -78,6 +78,8 @@ pub fn plan(
         // Ours first, then the user's: the inventory may override anything, e.g. OMP_NUM_THREADS.
         let mut common = BTreeMap::from([
             ("FLEET_JOB_ID".to_string(), job_id.to_string()),
+            // The inventory's name for the host, which fleet-train puts in its messages.
+            ("FLEET_HOST".to_string(), host.name.clone()),
             ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
         ]);
         common.extend(host.env.clone());
