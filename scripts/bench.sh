@@ -9,6 +9,8 @@
 #         (c) one file changed among 10,000
 #   run:  time from `fleet run` until every rank has started, vs a parallel OpenSSH loop starting
 #         the same command; merged-log throughput of 3 ranks x 200,000 lines vs `ssh host seq N`
+#   train: fleet-train's step vs a PyTorch eager step of the same BERT (scripts/bench-train.sh;
+#         BERT-base, batch 32, sequence 128, on the CPU here; DEVICE=cuda on a GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-20}
@@ -181,3 +183,6 @@ o=$(printf '%s\n' "${log_ssh[@]}" | median)
 printf 'run  %-32s fleet %6s ms   ssh   %6s ms   fleet/ssh   %.2fx   (fleet %.0f lines/s)\n' "600,000 merged log lines" "$f" "$o" \
   "$(awk -v a="$f" -v b="$o" 'BEGIN { print a / b }')" "$(awk -v a="$f" 'BEGIN { print 600000 / (a / 1000) }')"
 rm -rf "$work"
+
+# ---- train -----------------------------------------------------------------------------------
+scripts/bench-train.sh

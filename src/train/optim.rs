@@ -49,14 +49,20 @@ impl AdamW {
                 if !grad.defined() {
                     continue;
                 }
-                if p.decay && self.weight_decay > 0.0 {
+                if p.decay && self.weight_decay > 0.0 && lr > 0.0 {
                     let _ = p.tensor.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
+                // In place, one pass per operation: the moment estimates first...
                 let _ = p.first.lerp_(&grad, 1.0 - self.beta1);
-                let _ = p.second.g_mul_scalar_(self.beta2);
-                let _ = p.second.g_add_(&(&grad * &grad * (1.0 - self.beta2)));
-                let denominator = p.second.sqrt() / correction2 + self.eps;
-                let _ = p.tensor.g_sub_(&(&p.first / denominator * (lr / correction1)));
+                let _ = p.second.lerp_(&grad.square(), 1.0 - self.beta2);
+                if lr > 0.0 {
+                    // ...then p -= lr/c1 · m / (√v/c2 + ε), written as
+                    // p += m / ((√v + ε·c2) · -c1·c2⁻¹/lr) to need two passes over v.
+                    let mut denominator = p.second.sqrt();
+                    let _ = denominator.g_add_scalar_(self.eps * correction2);
+                    let _ = denominator.g_mul_scalar_(-correction1 / (lr * correction2));
+                    let _ = p.tensor.addcdiv_(&p.first, &denominator);
+                }
             }
         });
     }
@@ -110,11 +116,11 @@ pub fn linear_schedule(step: u64, warmup: u64, total: u64, peak: f64) -> f64 {
 /// Scales all gradients so their joint L2 norm is at most `max_norm`; returns the norm before.
 pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> f64 {
     tch::no_grad(|| {
-        let squares: Vec<Tensor> = grads.iter().map(|g| g.square().sum(tch::Kind::Float)).collect();
-        if squares.is_empty() {
+        let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+        if norms.is_empty() {
             return 0.0;
         }
-        let norm = Tensor::stack(&squares, 0).sum(tch::Kind::Float).sqrt().double_value(&[]);
+        let norm = Tensor::stack(&norms, 0).norm().double_value(&[]);
         let scale = max_norm / (norm + 1e-6);
         if max_norm > 0.0 && scale < 1.0 {
             for g in grads {

@@ -137,7 +137,8 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
 
     let mut step = start_step;
     let mut timing = Timing::default();
-    let mut window = (0.0, 0u64);
+    // Loss sum, steps and seconds since the last progress report.
+    let mut window = (0.0, 0u64, 0.0);
     let mut last = Evaluation::default();
     let mut train_loss = f64::NAN;
     let first_epoch = start_step / steps_per_epoch;
@@ -176,7 +177,9 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
             if let Device::Cuda(index) = device {
                 tch::Cuda::synchronize(index as i64);
             }
-            timing.add(step_started.elapsed().as_secs_f64());
+            let seconds = step_started.elapsed().as_secs_f64();
+            timing.add(seconds);
+            window.2 += seconds;
             let loss = loss_sum / group.len() as f64;
             epoch_loss.0 += loss;
             epoch_loss.1 += 1.0;
@@ -194,10 +197,11 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
                         "step": step, "steps": total, "loss": sums[0] / sums[1].max(1.0),
                         "lr": optim::linear_schedule(step, warmup, scheduled, peak_lr),
                         "samples_per_s": samples_per_step / timing.mean().max(1e-9),
+                        "step_ms": window.2 * 1000.0 / window.1.max(1) as f64,
                         "eta_s": (total - step) as f64 * timing.mean(),
                     }));
                 }
-                window = (0.0, 0);
+                window = (0.0, 0, 0.0);
             }
             if args.checkpoint_every > 0 && step % args.checkpoint_every == 0 && step < total {
                 save_checkpoint(args, rank, &collective, &params, &optimizer, step, &data)?;
