@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include <ATen/autocast_mode.h>
 #include <c10/util/Logging.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -112,6 +113,24 @@ char* fleet_c10d_nccl_version(char** version) {
     (void)version;
     throw std::runtime_error("fleet-train was built without NCCL");
 #endif
+  });
+}
+
+// Mixed precision for the forward pass: autocast on the CPU (cuda == 0) or CUDA to bfloat16
+// (half == 0) or float16, until fleet_autocast_end. The state is the calling thread's.
+char* fleet_autocast_begin(int cuda, int half) {
+  return guarded([&] {
+    auto device = cuda ? at::kCUDA : at::kCPU;
+    at::autocast::set_autocast_dtype(device, half ? at::kHalf : at::kBFloat16);
+    at::autocast::set_autocast_enabled(device, true);
+    at::autocast::increment_nesting();
+  });
+}
+
+char* fleet_autocast_end(int cuda) {
+  return guarded([&] {
+    at::autocast::set_autocast_enabled(cuda ? at::kCUDA : at::kCPU, false);
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
   });
 }
 

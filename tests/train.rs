@@ -456,3 +456,21 @@ fn fleet_run_trains_on_the_three_hosts_of_the_test_bed() {
     let listing = project.tb.ssh("host1", &format!("ls {}/model", project.workdir("host1")));
     assert_eq!(listing.split_whitespace().collect::<Vec<_>>(), ["config.json", "model.safetensors", "tokenizer.json"]);
 }
+
+#[test]
+fn mixed_precision_trains_and_the_ranks_agree() {
+    let _cores = cores();
+    let ws = Workspace::new(1500);
+    for precision in ["bf16", "fp16"] {
+        let output = format!("model-{precision}");
+        let runs = ws.same_ranks(
+            2,
+            &["--data", "data.csv", "--precision", precision, "--epochs", "2", "--log-every", "10", "--output", &output, "--checkpoint-dir", &output],
+        );
+        let sums: Vec<Value> = runs.iter().map(summary).collect();
+        assert_eq!(sums[0]["params_sha256"], sums[1]["params_sha256"], "{precision}");
+        let losses: Vec<f64> = events(&runs[0], "progress").iter().map(|e| e["loss"].as_f64().unwrap()).collect();
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(last.is_finite() && last < first * 0.7, "{precision}: loss {first} -> {last}");
+    }
+}

@@ -58,9 +58,9 @@ pub enum Precision {
     Fp32,
     /// Double precision: slow, for checking that sharded training equals one process.
     Fp64,
-    /// bfloat16 autocast (CUDA only).
+    /// bfloat16 autocast (on CUDA, or on a CPU with bfloat16 support).
     Bf16,
-    /// float16 autocast with loss scaling (CUDA only).
+    /// float16 autocast with dynamic loss scaling.
     Fp16,
 }
 

@@ -22,6 +22,8 @@ mod shim {
         pub fn fleet_c10d_free(text: *mut c_char);
         pub fn fleet_c10d_init_logging();
         pub fn fleet_c10d_has_nccl() -> c_int;
+        pub fn fleet_autocast_begin(cuda: c_int, half: c_int) -> *mut c_char;
+        pub fn fleet_autocast_end(cuda: c_int) -> *mut c_char;
         pub fn fleet_c10d_nccl_version(version: *mut *mut c_char) -> *mut c_char;
         pub fn fleet_c10d_store_new(
             host: *const c_char,
@@ -145,6 +147,18 @@ pub fn nccl_version() -> Option<String> {
     // SAFETY: as above.
     unsafe { shim::fleet_c10d_free(version) };
     Some(text)
+}
+
+/// Runs `forward` under autocast to bfloat16 (`half` false) or float16 on `device`, as
+/// `torch.autocast(device_type, dtype)` does. tch's own autocast knows only CUDA and float16.
+pub fn autocast<T>(device: tch::Device, half: bool, forward: impl FnOnce() -> T) -> Result<T, CommError> {
+    let cuda = c_int::from(device.is_cuda());
+    // SAFETY: plain values in; the shim only flips this thread's autocast state.
+    ShimResult(unsafe { shim::fleet_autocast_begin(cuda, c_int::from(half)) }).check()?;
+    let result = forward();
+    // SAFETY: as above; pairs with the begin call just made on this thread.
+    ShimResult(unsafe { shim::fleet_autocast_end(cuda) }).check()?;
+    Ok(result)
 }
 
 /// Reduction applied by an all-reduce. The values are the shim's codes.

@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor, nn};
 use super::checkpoint::{self, Latest};
 use super::cli::{BackendChoice, DeviceChoice, Precision, TrainArgs};
 use super::data::{self, Dataset, Split};
-use super::ddp::Backend;
+use super::ddp::{self, Backend};
 use super::model::{self, BertClassifier, BertConfig, Preset};
 use super::optim::{self, AdamW};
 use super::rank::{Collective, Rank};
@@ -51,10 +51,7 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
         (BackendChoice::Auto, _) => Backend::Gloo,
     };
     let mixed = matches!(args.precision, Precision::Bf16 | Precision::Fp16);
-    if mixed {
-        // tch's autocast always picks float16, and float16 needs loss scaling: both are to come.
-        bail!("--precision bf16 and fp16 are not available yet; use fp32");
-    }
+    let mut scaler = LossScale::new(args.precision == Precision::Fp16);
     if args.batch_size == 0 || args.grad_accum == 0 || args.epochs == 0 {
         bail!("--batch-size, --grad-accum and --epochs must be at least 1");
     }
@@ -161,17 +158,25 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
             let mut loss_sum = 0.0;
             for rows in group {
                 let (input, mask, targets) = batches.make(rows);
-                let logits = model.forward(&input, &mask, true);
+                let logits = if mixed {
+                    ddp::autocast(device, args.precision == Precision::Fp16, || model.forward(&input, &mask, true))?
+                        .to_kind(Kind::Float)
+                } else {
+                    model.forward(&input, &mask, true)
+                };
                 let loss = logits.cross_entropy_for_logits(&targets);
-                (&loss / group.len() as f64).backward();
+                (&loss * (scaler.scale / group.len() as f64)).backward();
                 loss_sum += loss.double_value(&[]);
             }
             let grads = optimizer.grads();
             if let Err(error) = collective.average_gradients(&grads) {
                 return Err(collective.failure(rank, &format!("gradient all-reduce at step {}", step + 1), error));
             }
-            optim::clip_grad_norm(&grads, args.max_grad_norm);
-            optimizer.step(optim::linear_schedule(step, warmup, scheduled, peak_lr));
+            // Every rank holds the same averaged gradients, so every rank takes the same decision.
+            if scaler.unscale(&grads) {
+                optim::clip_grad_norm(&grads, args.max_grad_norm);
+                optimizer.step(optim::linear_schedule(step, warmup, scheduled, peak_lr));
+            }
             optimizer.zero_grad();
             step += 1;
             if let Device::Cuda(index) = device {
@@ -543,4 +548,47 @@ fn labels_of(config: &Path) -> anyhow::Result<Vec<String>> {
     }
     let count = value.get("num_labels").and_then(|v| v.as_u64()).unwrap_or(2);
     Ok((0..count).map(|i| format!("LABEL_{i}")).collect())
+}
+
+/// Dynamic loss scaling for float16, as torch.amp.GradScaler does: the loss is multiplied by
+/// `scale` so small gradients survive float16; a step whose gradients overflowed is skipped and
+/// the scale halved; after 2,000 good steps it doubles. With other precisions the scale stays 1.
+struct LossScale {
+    enabled: bool,
+    scale: f64,
+    good_steps: u32,
+}
+
+impl LossScale {
+    fn new(enabled: bool) -> LossScale {
+        LossScale { enabled, scale: if enabled { 65536.0 } else { 1.0 }, good_steps: 0 }
+    }
+
+    /// Divides the gradients by the scale; false when they overflowed and the step must be
+    /// skipped.
+    fn unscale(&mut self, grads: &[Tensor]) -> bool {
+        if !self.enabled {
+            return true;
+        }
+        let finite = tch::no_grad(|| {
+            let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+            Tensor::stack(&norms, 0).isfinite().all().int64_value(&[]) == 1
+        });
+        if !finite {
+            self.scale /= 2.0;
+            self.good_steps = 0;
+            return false;
+        }
+        tch::no_grad(|| {
+            for grad in grads {
+                let _ = grad.shallow_clone().g_mul_scalar_(1.0 / self.scale);
+            }
+        });
+        self.good_steps += 1;
+        if self.good_steps == 2000 {
+            self.scale *= 2.0;
+            self.good_steps = 0;
+        }
+        true
+    }
 }
