@@ -8,6 +8,8 @@
 // - Tensors arrive as `at::Tensor*`, which is what tch's Tensor::as_ptr() is.
 // - Only Backend's virtual calls are used on process groups, so the object references few
 //   symbols of libtorch and only ones it exports (tests/train_shim.rs checks this).
+#include <dlfcn.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -113,6 +115,37 @@ char* fleet_c10d_nccl_version(char** version) {
     (void)version;
     throw std::runtime_error("fleet-train was built without NCCL");
 #endif
+  });
+}
+
+// The names of the CUDA devices the driver sees, one per line (empty without a driver or GPU).
+// Asks libcuda directly, which needs no CUDA headers and works in a CPU-only build too.
+char* fleet_cuda_device_names(char** names) {
+  return guarded([&] {
+    std::string joined;
+    void* driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (driver) {
+      using Init = int (*)(unsigned);
+      using Count = int (*)(int*);
+      using Get = int (*)(int*, int);
+      using Name = int (*)(char*, int, int);
+      auto init = reinterpret_cast<Init>(dlsym(driver, "cuInit"));
+      auto count = reinterpret_cast<Count>(dlsym(driver, "cuDeviceGetCount"));
+      auto get = reinterpret_cast<Get>(dlsym(driver, "cuDeviceGet"));
+      auto name = reinterpret_cast<Name>(dlsym(driver, "cuDeviceGetName"));
+      int devices = 0;
+      if (init && count && get && name && init(0) == 0 && count(&devices) == 0) {
+        for (int i = 0; i < devices; ++i) {
+          int device = 0;
+          char buffer[256] = {0};
+          if (get(&device, i) == 0 && name(buffer, sizeof buffer - 1, device) == 0) {
+            joined += std::string(buffer) + "\n";
+          }
+        }
+      }
+      dlclose(driver);
+    }
+    *names = strdup(joined.c_str());
   });
 }
 

@@ -391,10 +391,10 @@ fn bad_input_gets_a_clear_error() {
 fn version_names_fleet_train_libtorch_and_nccl() {
     let run: common::Run = Command::new(TRAINER).arg("--version").output().unwrap().into();
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    assert!(run.stdout.starts_with(&format!("fleet-train {}\n", env!("CARGO_PKG_VERSION"))), "{}", run.stdout);
-    assert!(run.stdout.contains("libtorch 2.11.0"), "{}", run.stdout);
-    assert!(run.stdout.contains("cuda "), "{}", run.stdout);
-    assert!(run.stdout.contains("nccl "), "{}", run.stdout);
+    let first = run.stdout.lines().next().unwrap_or_default();
+    assert!(first.starts_with(&format!("fleet-train {} (libtorch 2.11.0", env!("CARGO_PKG_VERSION"))), "{first}");
+    assert!(first.contains(", tch 0.24.0, nccl "), "{first}");
+    assert!(run.stdout.contains("\ncuda: "), "{}", run.stdout);
 }
 
 #[test]
@@ -452,6 +452,11 @@ fn fleet_run_trains_on_the_three_hosts_of_the_test_bed() {
         assert_eq!(s["world_size"], 3);
         assert_eq!(s["params_sha256"], summaries[0]["params_sha256"]);
     }
+    // fleet check found the synced fleet-train on every host and compared its versions.
+    let check = project.fleet(&["--json", "check"]).run();
+    let expected = format!("fleet-train {} (libtorch 2.11.0", env!("CARGO_PKG_VERSION"));
+    assert_eq!(check.stdout.matches(&expected).count(), 4, "{}", check.stdout);
+    assert!(!check.stdout.contains("files to send"), "{}", check.stdout);
     // Rank 0 ran on host1 and wrote the model there.
     let listing = project.tb.ssh("host1", &format!("ls {}/model", project.workdir("host1")));
     assert_eq!(listing.split_whitespace().collect::<Vec<_>>(), ["config.json", "model.safetensors", "tokenizer.json"]);

@@ -36,17 +36,22 @@ fn train(cli: &Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The first line holds what must match on every host (`fleet check` compares it); the rest
+/// describes this host's GPUs.
 fn print_version() {
-    println!("fleet-train {}", env!("CARGO_PKG_VERSION"));
-    println!("tch 0.24.0, libtorch {}", env!("FLEET_LIBTORCH_VERSION"));
-    let devices = tch::Cuda::device_count();
+    let nccl = ddp::nccl_version().unwrap_or_else(|| "not built in".into());
+    println!(
+        "fleet-train {} (libtorch {}, tch 0.24.0, nccl {nccl})",
+        env!("CARGO_PKG_VERSION"),
+        env!("FLEET_LIBTORCH_VERSION")
+    );
+    let names = ddp::cuda_device_names();
     if tch::Cuda::is_available() {
-        println!("cuda available, {devices} device(s)");
+        println!("cuda: {} device(s)", tch::Cuda::device_count());
     } else {
-        println!("cuda not available");
+        println!("cuda: not available");
     }
-    match ddp::nccl_version() {
-        Some(version) => println!("nccl {version}"),
-        None => println!("nccl not built in"),
+    for (index, name) in names.iter().enumerate() {
+        println!("cuda:{index} {name}");
     }
 }

@@ -154,7 +154,9 @@ impl Filter {
         for pattern in exclude
             .iter()
             .map(String::as_str)
-            .chain([&*format!("/{STATE_DIR}/")])
+            // fleet's own state on the hosts, and `fleet run`'s local logs: never synced, whatever
+            // the user's exclude list says.
+            .chain([&*format!("/{STATE_DIR}/"), "/runs/"])
         {
             builder
                 .add_line(None, pattern)
@@ -474,6 +476,11 @@ mod tests {
             .unwrap();
         std::fs::write(root.join("it's $(x).txt"), "").unwrap();
         symlink("data/한국어 폴더", root.join("latest")).unwrap();
+        // fleet's own folders at the top are never synced; a folder named runs deeper down is.
+        for (folder, file) in [("runs/20261126-1", "rank-0.log"), (".fleet", "manifest"), ("data/runs", "kept.txt")] {
+            std::fs::create_dir_all(root.join(folder)).unwrap();
+            std::fs::write(root.join(folder).join(file), "x").unwrap();
+        }
         dir
     }
 
@@ -487,6 +494,8 @@ mod tests {
             paths,
             [
                 "data",
+                "data/runs",
+                "data/runs/kept.txt",
                 "data/한국어 폴더",
                 "data/한국어 폴더/학습 데이터.csv",
                 "empty",
@@ -506,7 +515,7 @@ mod tests {
         };
         assert_eq!(*mode, 0o755);
         assert_eq!(sha256, &hash_file(&dir.path().join("run.sh")).unwrap());
-        assert_eq!(scan.hashed, 3);
+        assert_eq!(scan.hashed, 4);
     }
 
     #[test]
@@ -552,7 +561,7 @@ mod tests {
         // Files written just now are too fresh to cache; pretend the scan happens later.
         cache.fresh_after_ns = i128::MAX;
         let first = scan(dir.path(), &filter, &mut cache).unwrap();
-        assert_eq!(first.hashed, 4);
+        assert_eq!(first.hashed, 5);
         let second = scan(dir.path(), &filter, &mut cache).unwrap();
         assert_eq!(second.hashed, 0);
         assert_eq!(second.manifest, first.manifest);

@@ -22,6 +22,7 @@ mod shim {
         pub fn fleet_c10d_free(text: *mut c_char);
         pub fn fleet_c10d_init_logging();
         pub fn fleet_c10d_has_nccl() -> c_int;
+        pub fn fleet_cuda_device_names(names: *mut *mut c_char) -> *mut c_char;
         pub fn fleet_autocast_begin(cuda: c_int, half: c_int) -> *mut c_char;
         pub fn fleet_autocast_end(cuda: c_int) -> *mut c_char;
         pub fn fleet_c10d_nccl_version(version: *mut *mut c_char) -> *mut c_char;
@@ -147,6 +148,20 @@ pub fn nccl_version() -> Option<String> {
     // SAFETY: as above.
     unsafe { shim::fleet_c10d_free(version) };
     Some(text)
+}
+
+/// The CUDA devices the driver sees, by name (none without a driver or GPU).
+pub fn cuda_device_names() -> Vec<String> {
+    let mut names: *mut c_char = ptr::null_mut();
+    // SAFETY: `names` is a valid out-pointer; on success the shim stores a strdup'ed string.
+    if ShimResult(unsafe { shim::fleet_cuda_device_names(&mut names) }).check().is_err() || names.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: a NUL-terminated string from the shim, freed once right after it is copied.
+    let text = unsafe { CStr::from_ptr(names) }.to_string_lossy().into_owned();
+    // SAFETY: as above.
+    unsafe { shim::fleet_c10d_free(names) };
+    text.lines().map(str::to_string).collect()
 }
 
 /// Runs `forward` under autocast to bfloat16 (`half` false) or float16 on `device`, as
