@@ -452,6 +452,14 @@ fn fleet_run_trains_on_the_three_hosts_of_the_test_bed() {
         assert_eq!(s["world_size"], 3);
         assert_eq!(s["params_sha256"], summaries[0]["params_sha256"]);
     }
+    // The controller read rank 0's events: a plain status line (no terminal here), the result,
+    // and the curves in the run folder.
+    assert!(run.stderr.contains("training: epoch 1/2  step "), "{}", run.stderr);
+    assert!(run.stderr.contains("training: final validation accuracy "), "{}", run.stderr);
+    let runs: Vec<PathBuf> = std::fs::read_dir(project.root().join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(runs.len(), 1);
+    let svg = std::fs::read_to_string(runs[0].join("training.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("validation accuracy"), "{svg:.200}");
     // fleet check found the synced fleet-train on every host and compared its versions.
     let check = project.fleet(&["--json", "check"]).run();
     let expected = format!("fleet-train {} (libtorch 2.11.0", env!("CARGO_PKG_VERSION"));

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use super::follow::Event;
 use super::plan::JobPlan;
 use super::remote::{signal_script, stem};
+use super::training::Training;
 use crate::output::{Labels, LineSplitter, Printer, Stream, sanitize};
 use crate::shell;
 use crate::ssh::Session;
@@ -41,6 +42,8 @@ pub struct Outcome {
     pub start_skew_ms: Option<f64>,
     pub lines: Vec<u64>,
     pub seconds: f64,
+    /// The training curves drawn from fleet-train's events, if the job printed any.
+    pub plot: Option<PathBuf>,
 }
 
 impl Outcome {
@@ -97,6 +100,7 @@ struct Sinks<'a> {
     /// `--timestamps`: seconds since the job started.
     stamp: Option<Duration>,
     merged: Option<&'a mut BufWriter<File>>,
+    training: &'a mut Training,
 }
 
 impl Track {
@@ -120,14 +124,16 @@ impl Track {
                 .stamp
                 .map_or(String::new(), |e| format!("+{:.3}s ", e.as_secs_f64()));
             let text = String::from_utf8_lossy(line);
+            let in_status_line = sinks.training.observe(label, &text, sinks.printer);
             if sinks.printer.json() {
                 sinks.printer.record(
                     &serde_json::json!({"type": "line", "rank": label, "host": host, "line": text}),
                 );
-            } else {
-                sinks
-                    .printer
-                    .remote_line(Stream::Stdout, &format!("{stamp}{prefix}"), line);
+            } else if !in_status_line {
+                let printer = sinks.printer;
+                sinks.training.suspend(|| {
+                    printer.remote_line(Stream::Stdout, &format!("{stamp}{prefix}"), line)
+                });
             }
             if let Some(m) = sinks.merged.as_deref_mut() {
                 let _ = writeln!(m, "{stamp}{plain_prefix}{text}");
@@ -167,6 +173,7 @@ impl Supervisor<'_> {
             ..Outcome::default()
         };
         let mut tracks = self.tracks();
+        let mut training = Training::new(self.printer);
         let mut merged = self
             .run_dir
             .as_ref()
@@ -201,11 +208,11 @@ impl Supervisor<'_> {
                         Event::Started { process, at_ns } => starts[process] = Some(at_ns),
                         Event::Caught { .. } => {}
                         Event::Output { process, bytes } => {
-                            let mut sinks = Sinks { printer: self.printer, stamp: stamp(), merged: merged.as_mut() };
+                            let mut sinks = Sinks { printer: self.printer, stamp: stamp(), merged: merged.as_mut(), training: &mut training };
                             outcome.lines[process] += tracks[process].feed(Some(&bytes), &mut sinks);
                         }
                         Event::Exited { process, code } => {
-                            let mut sinks = Sinks { printer: self.printer, stamp: stamp(), merged: merged.as_mut() };
+                            let mut sinks = Sinks { printer: self.printer, stamp: stamp(), merged: merged.as_mut(), training: &mut training };
                             outcome.lines[process] += tracks[process].feed(None, &mut sinks);
                             tracks[process].ended = true;
                             outcome.exits[process] = Some(code);
@@ -269,6 +276,7 @@ impl Supervisor<'_> {
             outcome.start_skew_ms = Some((max - min) as f64 / 1e6);
         }
         outcome.seconds = started.elapsed().as_secs_f64();
+        outcome.plot = training.finish(self.run_dir.as_deref(), self.printer);
         if let Some(p) = outcome.first_failure {
             let tail = &tracks[p].tail;
             if !tail.is_empty() {

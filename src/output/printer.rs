@@ -92,6 +92,16 @@ impl Printer {
         self.verbose
     }
 
+    pub fn quiet(&self) -> bool {
+        self.quiet
+    }
+
+    /// Whether lines may be redrawn in place: stderr is a terminal, and not `-q`, `--json` or CI.
+    pub fn live(&self) -> bool {
+        let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+        self.stderr.terminal && !self.quiet && !self.json && !ci
+    }
+
     /// Whether stderr is a terminal (remote text is sanitised for it).
     pub fn stderr_is_terminal(&self) -> bool {
         self.stderr.terminal
@@ -104,9 +114,7 @@ impl Printer {
 
     /// Progress bars: on a terminal only, never with `-q`, `--json` or in CI.
     pub fn progress_bars(&self) -> Option<indicatif::MultiProgress> {
-        let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
-        (self.stderr.terminal && !self.quiet && !self.json && !ci)
-            .then(indicatif::MultiProgress::new)
+        self.live().then(indicatif::MultiProgress::new)
     }
 
     fn sink(&self, stream: Stream) -> &Sink {

@@ -1,0 +1,256 @@
+//! A training job seen through its log: fleet-train (or any program printing the same JSON
+//! events) reports `progress` and `validation` on rank 0 and a `summary` on every rank. While the
+//! job runs, rank 0's progress becomes one status line, redrawn in place on a terminal; at the
+//! end the curves and each rank's throughput are drawn into `runs/<job>/training.svg`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Deserialize;
+
+use crate::output::{Printer, Stream};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Progress {
+    #[serde(default)]
+    pub epoch: u64,
+    #[serde(default)]
+    pub epochs: u64,
+    pub step: u64,
+    #[serde(default)]
+    pub steps: u64,
+    pub loss: f64,
+    #[serde(default)]
+    pub samples_per_s: f64,
+    #[serde(default)]
+    pub eta_s: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Validation {
+    #[serde(default)]
+    pub epoch: u64,
+    pub step: u64,
+    pub val_loss: f64,
+    pub val_accuracy: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Summary {
+    pub rank: u64,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub steps: u64,
+    #[serde(default)]
+    pub val_accuracy: Option<f64>,
+    #[serde(default)]
+    pub samples_per_s: f64,
+    #[serde(default)]
+    pub step_ms: f64,
+    #[serde(default)]
+    pub comm_fraction: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+enum Event {
+    Progress(Progress),
+    Validation(Validation),
+    Summary(Summary),
+}
+
+/// What the job's lines said about training, and the status line showing it.
+pub struct Training {
+    pub progress: Vec<Progress>,
+    pub validations: Vec<Validation>,
+    pub summaries: Vec<Summary>,
+    /// Redrawn status line (terminal only), made at the first progress event.
+    bar: Option<ProgressBar>,
+    live: bool,
+    plain: bool,
+    last_plain: Option<Instant>,
+}
+
+impl Training {
+    pub fn new(printer: &Printer) -> Training {
+        let quiet = printer.json() || printer.quiet();
+        Training {
+            progress: Vec::new(),
+            validations: Vec::new(),
+            summaries: Vec::new(),
+            bar: None,
+            live: printer.live(),
+            plain: !quiet && !printer.live(),
+            last_plain: None,
+        }
+    }
+
+    /// Looks at one line of the process labelled `label`. Returns true when the line is shown
+    /// another way instead (on a terminal: rank 0's progress by the status line, its validation
+    /// as a sentence).
+    pub fn observe(&mut self, label: &str, line: &str, printer: &Printer) -> bool {
+        let trimmed = line.trim_start();
+        if !trimmed.starts_with('{') || !trimmed.contains("\"event\"") {
+            return false;
+        }
+        let Ok(event) = serde_json::from_str::<Event>(trimmed) else { return false };
+        match event {
+            Event::Summary(summary) => {
+                self.summaries.push(summary);
+                false
+            }
+            _ if label != "0" => false,
+            Event::Progress(progress) => {
+                let status = status(&progress);
+                self.progress.push(progress);
+                if self.live {
+                    self.bar().set_message(status);
+                    return true;
+                }
+                let due = self.last_plain.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
+                if self.plain && due {
+                    self.last_plain = Some(Instant::now());
+                    printer.write(Stream::Stderr, &format!("training: {status}\n"));
+                }
+                false
+            }
+            Event::Validation(validation) => {
+                let text = format!(
+                    "training: epoch {} validation accuracy {:.4}, loss {:.4}\n",
+                    validation.epoch, validation.val_accuracy, validation.val_loss
+                );
+                self.validations.push(validation);
+                if self.live || self.plain {
+                    self.suspend(|| printer.write(Stream::Stderr, &text));
+                }
+                // On a terminal the sentence above replaces the JSON line.
+                self.live
+            }
+        }
+    }
+
+    /// Runs `print` with the status line out of the way, so lines never tear it.
+    pub fn suspend<T>(&self, print: impl FnOnce() -> T) -> T {
+        match &self.bar {
+            Some(bar) => bar.suspend(print),
+            None => print(),
+        }
+    }
+
+    fn bar(&mut self) -> &ProgressBar {
+        self.bar.get_or_insert_with(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            bar.set_style(ProgressStyle::with_template("{spinner} training: {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        })
+    }
+
+    /// Clears the status line, then reports the result and draws the plot into `run_dir`.
+    /// Returns the plot's path when one was written.
+    pub fn finish(&mut self, run_dir: Option<&Path>, printer: &Printer) -> Option<PathBuf> {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        if self.progress.is_empty() && self.validations.is_empty() && self.summaries.is_empty() {
+            return None;
+        }
+        self.summaries.sort_by_key(|s| s.rank);
+        let plot = run_dir.and_then(|dir| {
+            let path = dir.join("training.svg");
+            match super::plot::draw(&path, self) {
+                Ok(()) => Some(path),
+                Err(e) => {
+                    printer.warn(&format!("cannot draw {}: {e}", path.display()));
+                    None
+                }
+            }
+        });
+        if printer.json() {
+            printer.record(&serde_json::json!({
+                "type": "training",
+                "val_accuracy": self.validations.last().map(|v| v.val_accuracy),
+                "plot": plot,
+                "ranks": self.summaries.iter().map(|s| serde_json::json!({
+                    "rank": s.rank, "host": s.host, "samples_per_s": s.samples_per_s,
+                    "step_ms": s.step_ms, "comm_fraction": s.comm_fraction,
+                })).collect::<Vec<_>>(),
+            }));
+            return plot;
+        }
+        if printer.quiet() {
+            return plot;
+        }
+        let mut text = String::new();
+        if let Some(last) = self.validations.last() {
+            text.push_str(&format!(
+                "training: final validation accuracy {:.4} (loss {:.4}) after epoch {}, step {}\n",
+                last.val_accuracy, last.val_loss, last.epoch, last.step
+            ));
+        }
+        if !self.summaries.is_empty() {
+            text.push_str("  rank  host              samples/s   step ms   comm\n");
+            for s in &self.summaries {
+                text.push_str(&format!(
+                    "  {:<5} {:<16} {:>10.1} {:>9.1} {:>5.0}%\n",
+                    s.rank,
+                    s.host,
+                    s.samples_per_s,
+                    s.step_ms,
+                    s.comm_fraction * 100.0
+                ));
+            }
+        }
+        if let Some(path) = &plot {
+            text.push_str(&format!("  curves: {}\n", path.display()));
+        }
+        printer.write(Stream::Stderr, &text);
+        plot
+    }
+}
+
+fn status(p: &Progress) -> String {
+    let mut text = format!("epoch {}/{}  step {}/{}  loss {:.4}", p.epoch, p.epochs, p.step, p.steps, p.loss);
+    if p.samples_per_s > 0.0 {
+        text.push_str(&format!("  {:.0} samples/s", p.samples_per_s));
+    }
+    if p.step < p.steps {
+        text.push_str(&format!("  ETA {}", duration(p.eta_s)));
+    }
+    text
+}
+
+fn duration(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::ColorChoice;
+
+    #[test]
+    fn rank_zero_events_are_collected_and_others_ignored() {
+        let printer = Printer::new(ColorChoice::Never, true, false, false);
+        let mut training = Training::new(&printer);
+        let progress = r#"{"event":"progress","epoch":1,"epochs":3,"step":10,"steps":90,"loss":0.5,"samples_per_s":100.0,"eta_s":80.0}"#;
+        assert!(!training.observe("0", progress, &printer));
+        assert!(!training.observe("1", progress, &printer));
+        assert!(!training.observe("0", "{\"not\": \"an event\"}", &printer));
+        assert!(!training.observe("0", "plain text", &printer));
+        let validation = r#"{"event":"validation","epoch":1,"step":30,"train_loss":0.4,"val_loss":0.3,"val_accuracy":0.9}"#;
+        training.observe("0", validation, &printer);
+        training.observe("2", r#"{"event":"summary","rank":2,"host":"h3","samples_per_s":5.0,"step_ms":9.0,"comm_fraction":0.25}"#, &printer);
+        assert_eq!(training.progress.len(), 1);
+        assert_eq!(training.validations[0].val_accuracy, 0.9);
+        assert_eq!(training.summaries[0].host, "h3");
+        assert_eq!(status(&training.progress[0]), "epoch 1/3  step 10/90  loss 0.5000  100 samples/s  ETA 1m20s");
+    }
+}
