@@ -124,6 +124,18 @@ pub struct RunArgs {
     /// attach to it later (a detached job is not stopped when one of its ranks fails)
     #[arg(long)]
     pub detach: bool,
+    /// Restart the whole job up to N times when a rank fails or a host is lost: after the stop,
+    /// the hosts are checked again and every rank starts anew with FLEET_RESTART_COUNT set
+    /// (fleet-train then resumes from its last checkpoint)
+    #[arg(long, value_name = "N", default_value_t = 0, conflicts_with = "detach")]
+    pub max_restarts: u32,
+    /// Seconds to wait before a restart
+    #[arg(long, value_name = "SECONDS", default_value_t = 3)]
+    pub restart_delay: u64,
+    /// Restart without the hosts that can no longer be reached, as long as at least M remain
+    /// (default: every host is needed)
+    #[arg(long, value_name = "M")]
+    pub min_hosts: Option<usize>,
     /// The command and its arguments (default: [run].command of the inventory)
     #[arg(
         trailing_var_arg = true,

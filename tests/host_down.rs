@@ -6,21 +6,9 @@ mod common;
 
 use std::sync::Mutex;
 
-use common::{Fleet, Testbed};
+use common::{Fleet, Restore, Testbed};
 
 static TESTBED: Mutex<()> = Mutex::new(());
-
-/// Brings the host back however the test ends.
-struct Restore<'a> {
-    tb: &'a Testbed,
-    args: [&'static str; 2],
-}
-
-impl Drop for Restore<'_> {
-    fn drop(&mut self) {
-        self.tb.control(&self.args);
-    }
-}
 
 #[test]
 fn stopped_host_is_named_and_the_others_still_run() {

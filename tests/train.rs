@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -420,10 +420,9 @@ fn torchrun_launches_fleet_train_with_its_own_store() {
     assert_eq!(sums[0]["params_sha256"], sums[1]["params_sha256"]);
 }
 
-#[test]
-fn fleet_run_trains_on_the_three_hosts_of_the_test_bed() {
-    let _cores = cores();
-    let project = common::Project::new("train-fleet-run");
+/// A test-bed project holding fleet-train and 1,500 generated rows, with a master port of its own.
+fn trainer_project(name: &str) -> common::Project {
+    let project = common::Project::new(name);
     std::fs::copy(TRAINER, project.root().join("fleet-train")).unwrap();
     let generated: common::Run = Command::new(TRAINER)
         .args(["gen-data", "--rows", "1500", "--out"])
@@ -434,16 +433,56 @@ fn fleet_run_trains_on_the_three_hosts_of_the_test_bed() {
     generated.assert_code(0);
     let port = free_port();
     project.edit_inventory(|text| text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1));
+    project
+}
+
+/// The summary lines of a `fleet run` of fleet-train, parsed.
+fn summaries(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .filter(|l| l.contains("\"event\":\"summary\""))
+        .map(|l| serde_json::from_str(&l[l.find('{').unwrap()..]).unwrap())
+        .collect()
+}
+
+/// Reads a running `fleet run`'s stdout until a line contains `needle`, within a deadline.
+fn read_until(stdout: &mut impl BufRead, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut line = String::new();
+    while !line.contains(needle) {
+        assert!(Instant::now() < deadline, "no line with {needle:?}");
+        line.clear();
+        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "fleet ended before {needle:?}");
+    }
+}
+
+/// Waits for a spawned `fleet` and collects what is left of its output.
+fn finish_fleet(mut child: Child, stdout: impl std::io::Read + Send + 'static) -> common::Run {
+    let reader = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let mut stdout = stdout;
+        let _ = stdout.read_to_string(&mut rest);
+        rest
+    });
+    let mut stderr = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let code = common::wait_for(&mut child, Duration::from_secs(180));
+    common::Run { code, stdout: reader.join().unwrap(), stderr: errors.join().unwrap() }
+}
+
+#[test]
+fn fleet_run_trains_on_the_three_hosts_of_the_test_bed() {
+    let _cores = cores();
+    let project = trainer_project("train-fleet-run");
     let run = project
         .fleet(&["run", "--", "./fleet-train", "--data", "data/train.csv", "--epochs", "2", "--log-every", "5"])
         .run();
     run.assert_code(0);
-    let summaries: Vec<Value> = run
-        .stdout
-        .lines()
-        .filter(|l| l.contains("\"event\":\"summary\""))
-        .map(|l| serde_json::from_str(&l[l.find('{').unwrap()..]).unwrap())
-        .collect();
+    let summaries = summaries(&run.stdout);
     assert_eq!(summaries.len(), 3, "{}", run.stdout);
     let mut hosts: Vec<&str> = summaries.iter().map(|s| s["host"].as_str().unwrap()).collect();
     hosts.sort();
@@ -486,4 +525,68 @@ fn mixed_precision_trains_and_the_ranks_agree() {
         let (first, last) = (losses[0], *losses.last().unwrap());
         assert!(last.is_finite() && last < first * 0.7, "{precision}: loss {first} -> {last}");
     }
+}
+
+const RESTARTABLE: [&str; 10] = [
+    "./fleet-train", "--data", "data/train.csv", "--epochs", "2", "--checkpoint-every", "5", "--log-every", "1", "--checkpoint-dir",
+];
+
+#[test]
+fn a_killed_rank_restarts_from_the_checkpoint_and_ends_like_an_uninterrupted_run() {
+    let _cores = cores();
+    let project = trainer_project("train-restart");
+    let straight = project.fleet(&[&["run", "--"][..], &RESTARTABLE, &["ck-straight"]].concat()).run();
+    straight.assert_code(0);
+    let expected = summaries(&straight.stdout)[0]["params_sha256"].clone();
+
+    let (mut child, _home) = project
+        .fleet(&[&["run", "--max-restarts", "1", "--restart-delay", "1", "--"][..], &RESTARTABLE, &["ck-restart"]].concat())
+        .spawn();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    read_until(&mut stdout, "\"event\":\"checkpoint\",\"step\":10}");
+    // By name (-x): the rank itself, not the shells around it, whose command lines mention it.
+    project.tb.ssh("host2", "pkill -KILL -x fleet-train");
+    let run = finish_fleet(child, stdout);
+    run.assert_code(0);
+    assert!(run.stderr.contains("===== restart 1 of 1 in 1s: "), "{}", run.stderr);
+    assert!(run.stderr.contains("after 1 restart(s) ("), "{}", run.stderr);
+    // The second attempt resumed from a checkpoint at step 10 or later and ended where an
+    // uninterrupted run does, bit for bit.
+    let resumed: Vec<&str> = run.stdout.lines().filter(|l| l.contains("\"event\":\"resume\"")).collect();
+    assert_eq!(resumed.len(), 1, "{}", run.stdout);
+    assert!(resumed[0].contains("\"found\":true"), "{}", resumed[0]);
+    let last = summaries(&run.stdout);
+    assert_eq!(last.len(), 3, "{}", run.stdout);
+    for s in &last {
+        assert_eq!(s["params_sha256"], expected, "the restarted run ended elsewhere");
+    }
+    let runs: Vec<PathBuf> = std::fs::read_dir(project.root().join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
+    let job = runs.iter().find(|r| r.join("attempt-1").is_dir()).expect("runs/<job>/attempt-1");
+    assert!(job.join("attempt-0/merged.log").exists());
+    let summary: Value = serde_json::from_slice(&std::fs::read(job.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["restarts"], 1);
+}
+
+#[test]
+fn a_host_lost_for_good_leaves_and_the_job_finishes_on_the_others_with_min_hosts() {
+    let _cores = cores();
+    let project = trainer_project("train-min-hosts");
+    let (mut child, _home) = project
+        .fleet(&[&["run", "--max-restarts", "1", "--restart-delay", "1", "--min-hosts", "2", "--"][..], &RESTARTABLE, &["checkpoints"]].concat())
+        .spawn();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    read_until(&mut stdout, "\"event\":\"checkpoint\",\"step\":10}");
+    let _restore = common::Restore { tb: &project.tb, args: ["start", "host3"] };
+    project.tb.control(&["stop", "host3"]);
+    let run = finish_fleet(child, stdout);
+    run.assert_code(0);
+    assert!(run.stderr.contains("host3 ("), "{}", run.stderr);
+    assert!(run.stderr.contains("cannot be reached: restarting on the other 2 host(s)"), "{}", run.stderr);
+    let last = summaries(&run.stdout);
+    assert_eq!(last.len(), 2, "{}", run.stdout);
+    let mut hosts: Vec<&str> = last.iter().map(|s| s["host"].as_str().unwrap()).collect();
+    hosts.sort();
+    assert_eq!(hosts, ["host1", "host2"]);
+    assert!(last.iter().all(|s| s["world_size"] == 2 && s["params_sha256"] == last[0]["params_sha256"]));
+    assert!(run.stdout.contains("\"event\":\"world_changed\""), "{}", run.stdout);
 }

@@ -44,16 +44,17 @@ struct Verdict {
 }
 
 pub async fn run(fleet: &Fleet) -> Result<ExitCode> {
-    check(fleet, false).await
+    check(fleet, &fleet.inventory()?, false).await
 }
 
 /// The check before a `fleet run`: only problems are printed, on stderr.
-pub async fn before_run(fleet: &Fleet) -> Result<ExitCode> {
-    check(fleet, true).await
+/// The check `fleet run` makes before it starts (and before each restart), on `inventory`'s
+/// hosts (after a restart, those still in the job).
+pub async fn before_run(fleet: &Fleet, inventory: &Inventory) -> Result<ExitCode> {
+    check(fleet, inventory, true).await
 }
 
-async fn check(fleet: &Fleet, before_run: bool) -> Result<ExitCode> {
-    let inventory = fleet.inventory()?;
+async fn check(fleet: &Fleet, inventory: &Inventory, before_run: bool) -> Result<ExitCode> {
     let (targets, connected) = fleet.connect_all(&inventory).await?;
     let mut sessions: Vec<Option<Session>> = Vec::with_capacity(connected.len());
     let mut reports: Vec<HostReport> = Vec::with_capacity(connected.len());

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::Fleet;
 use crate::cli::RunArgs;
 use crate::exit_code::ExitCode;
+use crate::inventory::Inventory;
 use crate::launch::follow::{Followed, follow_host};
 use crate::launch::remote::{BUSY, NO_WORKDIR, interface_to, job_dir, start_script, stem};
 use crate::launch::supervise::{Outcome, Supervisor};
@@ -63,7 +64,7 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     }
 
     if !args.no_check {
-        let code = super::check::before_run(fleet).await?;
+        let code = super::check::before_run(fleet, &inventory).await?;
         if code != ExitCode::Success {
             fleet
                 .printer
@@ -71,6 +72,186 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
             return Ok(code);
         }
     }
+    let job_id = new_job_id();
+    let runs = inventory.sync.source.join("runs").join(&job_id);
+    if args.max_restarts == 0 {
+        let attempt = Attempt { number: None, remote_id: job_id, run_dir: runs };
+        return Ok(start(fleet, args, &inventory, &command, mode, &attempt).await?.code);
+    }
+    restart_loop(fleet, args, &inventory, &command, mode, &job_id, &runs).await
+}
+
+/// One start of the job: which attempt, its id on the hosts, and where its logs go.
+struct Attempt {
+    /// None without --max-restarts (the job runs once, exactly as it always did).
+    number: Option<u32>,
+    remote_id: String,
+    run_dir: PathBuf,
+}
+
+/// How an attempt ended.
+struct Ended {
+    code: ExitCode,
+    /// None when the job never started (a host unreachable or refusing) or was detached.
+    outcome: Option<Outcome>,
+    reason: Option<String>,
+}
+
+/// One line of runs/<job>/summary.json with --max-restarts.
+#[derive(Serialize)]
+struct AttemptRecord {
+    attempt: u32,
+    hosts: Vec<String>,
+    exit_code: u8,
+    reason: Option<String>,
+    trained_to: Option<u64>,
+    resumed_from: Option<u64>,
+}
+
+/// Runs the job, and after a failure stops it, checks the hosts again and starts it anew, up to
+/// --max-restarts times; hosts that stay unreachable are left out while --min-hosts allows.
+async fn restart_loop(
+    fleet: &Fleet,
+    args: &RunArgs,
+    inventory: &Inventory,
+    command: &[String],
+    mode: Mode,
+    job_id: &str,
+    runs: &std::path::Path,
+) -> Result<ExitCode> {
+    let min_hosts = args.min_hosts.unwrap_or(inventory.hosts.len()).max(1);
+    let mut current = inventory.clone();
+    let mut records: Vec<AttemptRecord> = Vec::new();
+    let mut code = ExitCode::Success;
+    for number in 0..=args.max_restarts {
+        if number > 0 {
+            match hosts_for_restart(fleet, &current, min_hosts).await? {
+                Ok(hosts) => current = hosts,
+                Err(message) => {
+                    fleet.printer.error(&message);
+                    code = ExitCode::Unreachable;
+                    break;
+                }
+            }
+            if !args.no_check {
+                let checked = super::check::before_run(fleet, &current).await?;
+                if checked != ExitCode::Success {
+                    fleet.printer.error("the check failed: no restart");
+                    code = checked;
+                    break;
+                }
+            }
+        }
+        let attempt = Attempt {
+            number: Some(number),
+            remote_id: if number == 0 { job_id.to_string() } else { format!("{job_id}-r{number}") },
+            run_dir: runs.join(format!("attempt-{number}")),
+        };
+        let ended = start(fleet, args, &current, command, mode, &attempt).await?;
+        code = ended.code;
+        records.push(AttemptRecord {
+            attempt: number,
+            hosts: current.hosts.iter().map(|h| h.name.clone()).collect(),
+            exit_code: ended.code.code(),
+            reason: ended.reason.clone(),
+            trained_to: ended.outcome.as_ref().and_then(|o| o.trained_to),
+            resumed_from: ended.outcome.as_ref().and_then(|o| o.resumed_from),
+        });
+        let interrupted = ended.outcome.as_ref().is_some_and(|o| o.interrupted);
+        if code == ExitCode::Success || interrupted || number == args.max_restarts {
+            break;
+        }
+        let reason = ended.reason.unwrap_or_else(|| "the job could not start".into());
+        fleet.printer.warn(&format!(
+            "===== restart {} of {} in {}s: {reason} =====",
+            number + 1,
+            args.max_restarts,
+            args.restart_delay
+        ));
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(args.restart_delay)) => {}
+            _ = tokio::signal::ctrl_c() => {
+                fleet.printer.warn("interrupted: no restart");
+                code = ExitCode::Interrupted;
+                break;
+            }
+        }
+    }
+
+    let restarts = records.len().saturating_sub(1);
+    // Steps trained again: from where each attempt resumed back to where the one before it got.
+    let redone: u64 = records
+        .windows(2)
+        .map(|w| w[0].trained_to.unwrap_or(0).saturating_sub(w[1].resumed_from.unwrap_or(0)))
+        .sum();
+    let reasons: Vec<&str> = records.iter().filter_map(|r| r.reason.as_deref()).collect();
+    let mut text = format!("job {job_id}: exit {} after {restarts} restart(s)", code.code());
+    if restarts > 0 {
+        text.push_str(&format!(" ({})", reasons.join("; ")));
+        if records.iter().any(|r| r.trained_to.is_some()) {
+            text.push_str(&format!("; {redone} step(s) trained again"));
+        }
+    }
+    fleet.printer.info(&format!("{text}; logs in {}", runs.display()));
+    if std::fs::create_dir_all(runs).is_ok() {
+        let summary = serde_json::json!({
+            "job_id": job_id, "command": command, "restarts": restarts,
+            "steps_trained_again": redone, "exit_code": code.code(), "attempts": records,
+        });
+        if let Ok(json) = serde_json::to_vec_pretty(&summary) {
+            let _ = std::fs::write(runs.join("summary.json"), json);
+        }
+    }
+    Ok(code)
+}
+
+/// The hosts of `inventory` that can be reached now, or why the job cannot go on.
+async fn hosts_for_restart(
+    fleet: &Fleet,
+    inventory: &Inventory,
+    min_hosts: usize,
+) -> Result<std::result::Result<Inventory, String>> {
+    let (_, connected) = fleet.connect_all(inventory).await?;
+    let mut kept = inventory.clone();
+    kept.hosts.clear();
+    let mut gone = Vec::new();
+    for (result, host) in connected.into_iter().zip(&inventory.hosts) {
+        match result {
+            Ok(session) => {
+                session.close().await;
+                kept.hosts.push(host.clone());
+            }
+            Err(e) => gone.push(format!("{} ({e})", host.name)),
+        }
+    }
+    if gone.is_empty() {
+        return Ok(Ok(kept));
+    }
+    if kept.hosts.len() < min_hosts {
+        return Ok(Err(format!(
+            "no restart: {} cannot be reached and {} host(s) are left, fewer than --min-hosts {min_hosts}",
+            gone.join(", "),
+            kept.hosts.len()
+        )));
+    }
+    fleet.printer.warn(&format!(
+        "{} cannot be reached: restarting on the other {} host(s)",
+        gone.join(", "),
+        kept.hosts.len()
+    ));
+    Ok(Ok(kept))
+}
+
+/// Starts every process of the job on `inventory`'s hosts and supervises them to the end.
+async fn start(
+    fleet: &Fleet,
+    args: &RunArgs,
+    inventory: &Inventory,
+    command: &[String],
+    mode: Mode,
+    attempt: &Attempt,
+) -> Result<Ended> {
+    let not_started = |code: ExitCode| Ended { code, outcome: None, reason: None };
     let (targets, connected) = fleet.connect_all(&inventory).await?;
     // Every host that cannot be reached is named before giving up.
     let mut sessions = Vec::with_capacity(connected.len());
@@ -88,13 +269,25 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
         for session in sessions {
             session.close().await;
         }
-        return Ok(ExitCode::Unreachable);
+        return Ok(Ended {
+            code: ExitCode::Unreachable,
+            outcome: None,
+            reason: Some("a host could not be reached".into()),
+        });
     }
 
     let host_names: Vec<String> = inventory.hosts.iter().map(|h| h.name.clone()).collect();
     let addresses: Vec<String> = targets.iter().map(|t| t.addr.clone()).collect();
-    let job_id = new_job_id();
-    let job = plan(&inventory, &addresses, &command, mode, &job_id);
+    let job_id = attempt.remote_id.clone();
+    let mut job = plan(inventory, &addresses, command, mode, &job_id);
+    if let Some(number) = attempt.number {
+        for process in &mut job.processes {
+            process.env.insert("FLEET_RESTART_COUNT".into(), number.to_string());
+            if mode == Mode::Ranks {
+                process.env.insert("TORCHELASTIC_RESTART_COUNT".into(), number.to_string());
+            }
+        }
+    }
     let workdirs: Vec<String> = inventory
         .hosts
         .iter()
@@ -171,15 +364,15 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
         for session in sessions {
             session.close().await;
         }
-        return Ok(ExitCode::Success);
+        return Ok(not_started(ExitCode::Success));
     }
-    let run_dir = inventory.sync.source.join("runs").join(&job_id);
-    let run_dir = match std::fs::create_dir_all(&run_dir) {
-        Ok(()) => Some(run_dir),
+    let run_dir = match std::fs::create_dir_all(&attempt.run_dir) {
+        Ok(()) => Some(attempt.run_dir.clone()),
         Err(e) => {
-            fleet
-                .printer
-                .warn(&format!("cannot keep logs in {}: {e}", run_dir.display()));
+            fleet.printer.warn(&format!(
+                "cannot keep logs in {}: {e}",
+                attempt.run_dir.display()
+            ));
             None
         }
     };
@@ -239,10 +432,15 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     } else {
         outcome.exit_code()
     };
+    let reason = if refused {
+        Some("a host refused to start the job".into())
+    } else {
+        supervisor.reason(&outcome)
+    };
     if let Some(dir) = &run_dir {
         let summary = Summary {
             job_id: &job_id,
-            command: &command,
+            command,
             mode,
             hosts: &host_names,
             plan: &job,
@@ -267,7 +465,7 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     for session in sessions {
         session.close().await;
     }
-    Ok(ExitCode::Exact(code))
+    Ok(Ended { code: ExitCode::Exact(code), outcome: Some(outcome), reason })
 }
 
 /// The absolute path of a workdir on the host (SFTP does not expand `~`).

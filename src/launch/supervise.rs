@@ -44,6 +44,9 @@ pub struct Outcome {
     pub seconds: f64,
     /// The training curves drawn from fleet-train's events, if the job printed any.
     pub plot: Option<PathBuf>,
+    /// The last step rank 0 reported, and the step it resumed from (fleet-train's events).
+    pub trained_to: Option<u64>,
+    pub resumed_from: Option<u64>,
 }
 
 impl Outcome {
@@ -277,6 +280,8 @@ impl Supervisor<'_> {
         }
         outcome.seconds = started.elapsed().as_secs_f64();
         outcome.plot = training.finish(self.run_dir.as_deref(), self.printer);
+        outcome.trained_to = training.last_step();
+        outcome.resumed_from = training.resume.as_ref().map(|r| if r.found { r.step } else { 0 });
         if let Some(p) = outcome.first_failure {
             let tail = &tracks[p].tail;
             if !tail.is_empty() {
@@ -308,6 +313,25 @@ impl Supervisor<'_> {
         stopping.push(Box::pin(self.signal_all("TERM")));
         *kill_at = Some(tokio::time::Instant::now() + self.grace);
         true
+    }
+
+    /// Why the job stopped, in a few words, when it failed.
+    pub fn reason(&self, outcome: &Outcome) -> Option<String> {
+        if let Some(p) = outcome.first_failure {
+            let process = &self.job.processes[p];
+            let code = outcome.exits[p].unwrap_or(1);
+            return Some(format!(
+                "{} on {} exited with {code}{}",
+                self.describe(p),
+                self.host_names[process.host],
+                signal_note(code)
+            ));
+        }
+        if !outcome.lost.is_empty() {
+            let hosts: Vec<&str> = outcome.lost.iter().map(|(h, _)| h.as_str()).collect();
+            return Some(format!("{} lost", hosts.join(", ")));
+        }
+        None
     }
 
     fn describe(&self, process: usize) -> String {

@@ -53,12 +53,21 @@ pub struct Summary {
     pub comm_fraction: f64,
 }
 
+/// A run that looked for a checkpoint to continue from.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Resume {
+    pub found: bool,
+    #[serde(default)]
+    pub step: u64,
+}
+
 #[derive(Deserialize)]
 #[serde(tag = "event", rename_all = "lowercase")]
 enum Event {
     Progress(Progress),
     Validation(Validation),
     Summary(Summary),
+    Resume(Resume),
 }
 
 /// What the job's lines said about training, and the status line showing it.
@@ -66,6 +75,7 @@ pub struct Training {
     pub progress: Vec<Progress>,
     pub validations: Vec<Validation>,
     pub summaries: Vec<Summary>,
+    pub resume: Option<Resume>,
     /// Redrawn status line (terminal only), made at the first progress event.
     bar: Option<ProgressBar>,
     live: bool,
@@ -80,6 +90,7 @@ impl Training {
             progress: Vec::new(),
             validations: Vec::new(),
             summaries: Vec::new(),
+            resume: None,
             bar: None,
             live: printer.live(),
             plain: !quiet && !printer.live(),
@@ -102,6 +113,10 @@ impl Training {
                 false
             }
             _ if label != "0" => false,
+            Event::Resume(resume) => {
+                self.resume = Some(resume);
+                false
+            }
             Event::Progress(progress) => {
                 let status = status(&progress);
                 self.progress.push(progress);
@@ -132,6 +147,11 @@ impl Training {
     }
 
     /// Runs `print` with the status line out of the way, so lines never tear it.
+    /// The last step rank 0 reported.
+    pub fn last_step(&self) -> Option<u64> {
+        self.progress.last().map(|p| p.step)
+    }
+
     pub fn suspend<T>(&self, print: impl FnOnce() -> T) -> T {
         match &self.bar {
             Some(bar) => bar.suspend(print),

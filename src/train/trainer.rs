@@ -117,7 +117,8 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
     let mut optimizer = AdamW::new(&params, args.weight_decay);
 
     let resume = args.resume || restart_count() > 0;
-    let start_step = restore(args, rank, &collective, &params, &mut optimizer, resume, &data)?;
+    let (start_step, saved_world) = restore(args, rank, &collective, &params, &mut optimizer, resume, &data)?;
+    let grad_accum = accumulation_for(args.grad_accum, saved_world, rank);
     collective.broadcast(&params.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>())?;
 
     let ids = encoder.encode_all(&data.texts)?;
@@ -125,12 +126,12 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
 
     let shard_len = split.train.len().div_ceil(rank.world_size);
     let micro_per_epoch = shard_len.div_ceil(args.batch_size);
-    let steps_per_epoch = micro_per_epoch.div_ceil(args.grad_accum) as u64;
+    let steps_per_epoch = micro_per_epoch.div_ceil(grad_accum) as u64;
     let scheduled = steps_per_epoch * args.epochs;
     let total = scheduled.min(args.max_steps.unwrap_or(u64::MAX));
     let warmup = (scheduled as f64 * args.warmup).round() as u64;
     let peak_lr = args.lr.unwrap_or(if args.model.is_some() { 5e-5 } else { 1e-3 });
-    let samples_per_step = (args.batch_size * args.grad_accum * rank.world_size) as f64;
+    let samples_per_step = (args.batch_size * grad_accum * rank.world_size) as f64;
 
     let mut step = start_step;
     let mut timing = Timing::default();
@@ -154,7 +155,7 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
             // Dropout masks depend only on the seed, the step and the rank: a resumed run draws
             // the same ones.
             tch::manual_seed((args.seed.wrapping_mul(1_000_003) + step * rank.world_size as u64 + rank.rank as u64) as i64);
-            let group = &micro[in_epoch * args.grad_accum..((in_epoch + 1) * args.grad_accum).min(micro.len())];
+            let group = &micro[in_epoch * grad_accum..((in_epoch + 1) * grad_accum).min(micro.len())];
             let mut loss_sum = 0.0;
             for rows in group {
                 let (input, mask, targets) = batches.make(rows);
@@ -295,8 +296,27 @@ fn agree_on_data(collective: &mut Collective, rank: &Rank, data: &Dataset) -> an
     Ok(())
 }
 
+/// After a restart on fewer (or more) ranks, keeps the global batch by changing the micro-batches
+/// per step where the new world size divides it, and says so; otherwise says that it changes.
+fn accumulation_for(grad_accum: usize, saved_world: usize, rank: &Rank) -> usize {
+    if saved_world == 0 || saved_world == rank.world_size {
+        return grad_accum;
+    }
+    let total = saved_world * grad_accum;
+    let kept = total % rank.world_size == 0;
+    let adjusted = if kept { total / rank.world_size } else { grad_accum };
+    if rank.is_main() {
+        event(json!({
+            "event": "world_changed", "from": saved_world, "to": rank.world_size,
+            "grad_accum": adjusted, "global_batch_kept": kept,
+        }));
+    }
+    adjusted
+}
+
 /// Loads the last checkpoint on rank 0 and hands its step, weights and optimizer state to every
-/// rank. Returns the step to continue from (0: a fresh start).
+/// rank. Returns the step to continue from (0: a fresh start) and the world size the checkpoint
+/// was made with (0: none).
 fn restore(
     args: &TrainArgs,
     rank: &Rank,
@@ -305,8 +325,9 @@ fn restore(
     optimizer: &mut AdamW,
     resume: bool,
     data: &Dataset,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, usize)> {
     let mut step = 0i64;
+    let mut saved_world = 0i64;
     if resume && rank.is_main() {
         match checkpoint::load(&args.checkpoint_dir)? {
             None => event(json!({"event": "resume", "found": false, "dir": args.checkpoint_dir})),
@@ -335,19 +356,21 @@ fn restore(
                     Ok(())
                 })?;
                 step = latest.step as i64;
+                saved_world = latest.world_size as i64;
                 event(json!({"event": "resume", "found": true, "step": step}));
             }
         }
     }
-    let shared = Tensor::from_slice(&[step]).to_device(params[0].1.device());
+    let shared = Tensor::from_slice(&[step, saved_world]).to_device(params[0].1.device());
     collective.broadcast(std::slice::from_ref(&shared))?;
     step = shared.int64_value(&[0]);
+    saved_world = shared.int64_value(&[1]);
     if step > 0 {
         let state: Vec<Tensor> = optimizer.state().into_iter().map(|(_, t)| t).collect();
         collective.broadcast(&state)?;
         optimizer.set_steps(step);
     }
-    Ok(step as u64)
+    Ok((step as u64, saved_world as usize))
 }
 
 fn save_checkpoint(

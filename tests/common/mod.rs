@@ -349,13 +349,33 @@ pub fn await_lines(out: &mut impl std::io::BufRead, needle: &str, count: usize) 
 
 /// Waits for a child with a deadline that only catches hangs.
 pub fn wait(child: &mut std::process::Child) -> Option<i32> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    wait_for(child, std::time::Duration::from_secs(60))
+}
+
+/// Waits for a child up to `limit`; a child still running then is killed and the test fails.
+pub fn wait_for(child: &mut std::process::Child, limit: std::time::Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status.code();
         }
-        assert!(std::time::Instant::now() < deadline, "fleet did not end");
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("fleet did not end within {limit:?}");
+        }
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Undoes a test-bed change (`["start", "host3"]`, `["heal", "host2"]`) however the test ends.
+pub struct Restore<'a> {
+    pub tb: &'a Testbed,
+    pub args: [&'static str; 2],
+}
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        self.tb.control(&self.args);
     }
 }
 
