@@ -425,7 +425,24 @@ async fn start(
     }
     drop(events);
     // When a host refused, whatever did start is stopped at once.
-    let (outcome, _) = tokio::join!(supervisor.run(receiver, refused), join_all(followers));
+    let outcome = {
+        let supervised = supervisor.run(receiver, refused);
+        tokio::pin!(supervised);
+        let mut followed = Box::pin(join_all(followers));
+        let mut followers_done = false;
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut supervised => break outcome,
+                _ = &mut followed, if !followers_done => followers_done = true,
+            }
+        };
+        // A process that vanished has no exit file its follower could wait for: the followers
+        // get a moment to finish reading, then are dropped.
+        if !followers_done {
+            let _ = tokio::time::timeout(Duration::from_secs(2), followed).await;
+        }
+        outcome
+    };
 
     let code = if refused {
         ExitCode::Failure.code()

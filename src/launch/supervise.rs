@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::follow::Event;
 use super::plan::JobPlan;
-use super::remote::{signal_script, stem};
+use super::remote::{parse_status, signal_script, status_script, stem};
 use super::training::Training;
 use crate::output::{Labels, LineSplitter, Printer, Stream, sanitize};
 use crate::shell;
@@ -27,6 +27,13 @@ use crate::ssh::Session;
 
 /// How many of a failed process's last lines are shown.
 const TAIL_LINES: usize = 20;
+
+/// How often the hosts are asked whether each process still exists. A process whose wrapper was
+/// killed with it never writes an exit status; seen gone twice in a row, it counts as failed.
+const WATCH: Duration = Duration::from_secs(5);
+
+/// The exit status given to a process that vanished without one.
+pub const VANISHED: i32 = 255;
 
 /// How each process ended, and what that means for fleet's exit code.
 #[derive(Debug, Default, Serialize)]
@@ -198,6 +205,9 @@ impl Supervisor<'_> {
         // Set once the graceful stop began (SIGTERM sent): when SIGKILL follows.
         let mut kill_at: Option<tokio::time::Instant> = None;
         let mut killed = false;
+        let mut watch = tokio::time::interval_at(tokio::time::Instant::now() + WATCH, WATCH);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut suspects: Vec<usize> = Vec::new();
         if stop_first {
             self.begin_stop(&mut stopping, &mut kill_at);
         }
@@ -255,6 +265,24 @@ impl Supervisor<'_> {
                         self.printer.warn("leaving without waiting: processes may still be running; see fleet ps");
                         break;
                     }
+                }
+                _ = watch.tick() => {
+                    let gone = self.vanished(&tracks).await;
+                    for &process in gone.iter().filter(|p| suspects.contains(p)) {
+                        tracks[process].ended = true;
+                        outcome.exits[process] = Some(VANISHED);
+                        if outcome.first_failure.is_none() && kill_at.is_none() {
+                            outcome.first_failure = Some(process);
+                            let p = &self.job.processes[process];
+                            self.printer.error(&format!(
+                                "{} on {} vanished: its process group is gone and it left no exit status; stopping the other processes",
+                                self.describe(process),
+                                self.host_names[p.host]
+                            ));
+                        }
+                        self.begin_stop(&mut stopping, &mut kill_at);
+                    }
+                    suspects = gone;
                 }
                 Some(()) = recv(&mut terminations) => {
                     outcome.interrupted = true;
@@ -371,6 +399,29 @@ impl Supervisor<'_> {
                 }
             })
             .collect()
+    }
+
+    /// The processes not yet ended that their host reports as gone without an exit status.
+    async fn vanished(&self, tracks: &[Track]) -> Vec<usize> {
+        let asks = self.sessions.iter().enumerate().map(|(host, session)| async move {
+            let open: Vec<&super::Process> =
+                self.job.on_host(host).filter(|p| !tracks[p.index].ended).collect();
+            if open.is_empty() {
+                return Vec::new();
+            }
+            let script = status_script(&self.workdirs[host], Some(&self.job.job_id), false);
+            let asked = tokio::time::timeout(WATCH, session.capture(&shell::sh(&script))).await;
+            let Ok(Ok((_, out, _))) = asked else { return Vec::new() };
+            let states = parse_status(&String::from_utf8_lossy(&out));
+            open.into_iter()
+                .filter(|p| {
+                    let stem = stem(p);
+                    states.iter().flat_map(|j| &j.processes).any(|s| s.stem == stem && s.state == "lost")
+                })
+                .map(|p| p.index)
+                .collect()
+        });
+        futures::future::join_all(asks).await.into_iter().flatten().collect()
     }
 
     /// Sends `signal` to every process group of the job on every host still connected.
