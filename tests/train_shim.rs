@@ -8,8 +8,16 @@ use std::collections::HashSet;
 use std::process::Command;
 
 fn symbols(args: &[&str], file: &str) -> Vec<String> {
-    let output = Command::new("nm").args(args).arg(file).output().expect("nm (binutils) runs");
-    assert!(output.status.success(), "nm {file}: {}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new("nm")
+        .args(args)
+        .arg(file)
+        .output()
+        .expect("nm (binutils) runs");
+    assert!(
+        output.status.success(),
+        "nm {file}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter_map(|line| line.split_whitespace().next().map(str::to_string))
@@ -24,10 +32,18 @@ fn the_shim_references_only_gloo_symbols_that_libtorch_exports() {
         .into_iter()
         .filter(|name| name.to_lowercase().contains("gloo"))
         .collect();
-    assert!(!referenced.is_empty(), "the shim references no gloo symbol at all: is it the right archive?");
+    assert!(
+        !referenced.is_empty(),
+        "the shim references no gloo symbol at all: is it the right archive?"
+    );
     let exported: HashSet<String> =
-        symbols(&["--dynamic", "--defined-only", "--format=posix"], &library).into_iter().collect();
-    let missing: Vec<&String> = referenced.iter().filter(|name| !exported.contains(*name)).collect();
+        symbols(&["--dynamic", "--defined-only", "--format=posix"], &library)
+            .into_iter()
+            .collect();
+    let missing: Vec<&String> = referenced
+        .iter()
+        .filter(|name| !exported.contains(*name))
+        .collect();
     assert!(missing.is_empty(), "{library} does not export {missing:?}");
     eprintln!("gloo symbols the shim references, all exported: {referenced:#?}");
 }

@@ -16,7 +16,11 @@ fn main() {
     let result = match &cli.command {
         Some(Command::GenData { rows, out, seed }) => gendata::write(out, *rows, *seed)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display())),
-        Some(Command::Predict { model, texts, max_len }) => trainer::predict(model, texts, *max_len),
+        Some(Command::Predict {
+            model,
+            texts,
+            max_len,
+        }) => trainer::predict(model, texts, *max_len),
         None => train(&cli),
     };
     if let Err(error) = result {

@@ -55,7 +55,7 @@ pub async fn before_run(fleet: &Fleet, inventory: &Inventory) -> Result<ExitCode
 }
 
 async fn check(fleet: &Fleet, inventory: &Inventory, before_run: bool) -> Result<ExitCode> {
-    let (targets, connected) = fleet.connect_all(&inventory).await?;
+    let (targets, connected) = fleet.connect_all(inventory).await?;
     let mut sessions: Vec<Option<Session>> = Vec::with_capacity(connected.len());
     let mut reports: Vec<HostReport> = Vec::with_capacity(connected.len());
     for (result, host) in connected.into_iter().zip(&inventory.hosts) {
@@ -112,13 +112,13 @@ async fn check(fleet: &Fleet, inventory: &Inventory, before_run: bool) -> Result
         if before_run {
             Vec::new()
         } else {
-            files_in_sync(&inventory, &sessions).await
+            files_in_sync(inventory, &sessions).await
         }
     };
     let (probes, files, port, interfaces) = tokio::join!(
         probes,
         files,
-        master_port(&inventory, &sessions, &master_addr),
+        master_port(inventory, &sessions, &master_addr),
         join_all(
             sessions
                 .iter()
@@ -137,7 +137,7 @@ async fn check(fleet: &Fleet, inventory: &Inventory, before_run: bool) -> Result
         }
     }
 
-    let mut findings = evaluate(&inventory, &reports, &laptop_ms);
+    let mut findings = evaluate(inventory, &reports, &laptop_ms);
     findings.extend(files);
     findings.extend(port);
     for ((host, report), iface) in inventory.hosts.iter().zip(&reports).zip(&interfaces) {

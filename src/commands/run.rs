@@ -75,8 +75,14 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     let job_id = new_job_id();
     let runs = inventory.sync.source.join("runs").join(&job_id);
     if args.max_restarts == 0 {
-        let attempt = Attempt { number: None, remote_id: job_id, run_dir: runs };
-        return Ok(start(fleet, args, &inventory, &command, mode, &attempt).await?.code);
+        let attempt = Attempt {
+            number: None,
+            remote_id: job_id,
+            run_dir: runs,
+        };
+        return Ok(start(fleet, args, &inventory, &command, mode, &attempt)
+            .await?
+            .code);
     }
     restart_loop(fleet, args, &inventory, &command, mode, &job_id, &runs).await
 }
@@ -144,7 +150,11 @@ async fn restart_loop(
         }
         let attempt = Attempt {
             number: Some(number),
-            remote_id: if number == 0 { job_id.to_string() } else { format!("{job_id}-r{number}") },
+            remote_id: if number == 0 {
+                job_id.to_string()
+            } else {
+                format!("{job_id}-r{number}")
+            },
             run_dir: runs.join(format!("attempt-{number}")),
         };
         let ended = start(fleet, args, &current, command, mode, &attempt).await?;
@@ -161,7 +171,9 @@ async fn restart_loop(
         if code == ExitCode::Success || interrupted || number == args.max_restarts {
             break;
         }
-        let reason = ended.reason.unwrap_or_else(|| "the job could not start".into());
+        let reason = ended
+            .reason
+            .unwrap_or_else(|| "the job could not start".into());
         fleet.printer.warn(&format!(
             "===== restart {} of {} in {}s: {reason} =====",
             number + 1,
@@ -182,17 +194,26 @@ async fn restart_loop(
     // Steps trained again: from where each attempt resumed back to where the one before it got.
     let redone: u64 = records
         .windows(2)
-        .map(|w| w[0].trained_to.unwrap_or(0).saturating_sub(w[1].resumed_from.unwrap_or(0)))
+        .map(|w| {
+            w[0].trained_to
+                .unwrap_or(0)
+                .saturating_sub(w[1].resumed_from.unwrap_or(0))
+        })
         .sum();
     let reasons: Vec<&str> = records.iter().filter_map(|r| r.reason.as_deref()).collect();
-    let mut text = format!("job {job_id}: exit {} after {restarts} restart(s)", code.code());
+    let mut text = format!(
+        "job {job_id}: exit {} after {restarts} restart(s)",
+        code.code()
+    );
     if restarts > 0 {
         text.push_str(&format!(" ({})", reasons.join("; ")));
         if records.iter().any(|r| r.trained_to.is_some()) {
             text.push_str(&format!("; {redone} step(s) trained again"));
         }
     }
-    fleet.printer.info(&format!("{text}; logs in {}", runs.display()));
+    fleet
+        .printer
+        .info(&format!("{text}; logs in {}", runs.display()));
     if std::fs::create_dir_all(runs).is_ok() {
         let summary = serde_json::json!({
             "job_id": job_id, "command": command, "restarts": restarts,
@@ -251,8 +272,12 @@ async fn start(
     mode: Mode,
     attempt: &Attempt,
 ) -> Result<Ended> {
-    let not_started = |code: ExitCode| Ended { code, outcome: None, reason: None };
-    let (targets, connected) = fleet.connect_all(&inventory).await?;
+    let not_started = |code: ExitCode| Ended {
+        code,
+        outcome: None,
+        reason: None,
+    };
+    let (targets, connected) = fleet.connect_all(inventory).await?;
     // Every host that cannot be reached is named before giving up.
     let mut sessions = Vec::with_capacity(connected.len());
     let mut unreachable = false;
@@ -282,9 +307,13 @@ async fn start(
     let mut job = plan(inventory, &addresses, command, mode, &job_id);
     if let Some(number) = attempt.number {
         for process in &mut job.processes {
-            process.env.insert("FLEET_RESTART_COUNT".into(), number.to_string());
+            process
+                .env
+                .insert("FLEET_RESTART_COUNT".into(), number.to_string());
             if mode == Mode::Ranks {
-                process.env.insert("TORCHELASTIC_RESTART_COUNT".into(), number.to_string());
+                process
+                    .env
+                    .insert("TORCHELASTIC_RESTART_COUNT".into(), number.to_string());
             }
         }
     }
@@ -482,7 +511,11 @@ async fn start(
     for session in sessions {
         session.close().await;
     }
-    Ok(Ended { code: ExitCode::Exact(code), outcome: Some(outcome), reason })
+    Ok(Ended {
+        code: ExitCode::Exact(code),
+        outcome: Some(outcome),
+        reason,
+    })
 }
 
 /// The absolute path of a workdir on the host (SFTP does not expand `~`).

@@ -16,6 +16,36 @@ fn failed(error: impl Display) -> String {
     error.to_string()
 }
 
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+type StepChart<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// A panel with the step on x (0 to `last_step`) and 0 to `top` on y, its grid drawn.
+fn over_steps<'a, 'b>(
+    area: &'a Area<'b>,
+    caption: &str,
+    last_step: f64,
+    top: f64,
+) -> Result<StepChart<'a, 'b>, String> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0.0..last_step, 0.0..top)
+        .map_err(failed)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()
+        .map_err(failed)?;
+    Ok(chart)
+}
+
 pub fn draw(path: &Path, training: &Training) -> Result<(), String> {
     let root = SVGBackend::new(path, (1200, 400)).into_drawing_area();
     root.fill(&WHITE).map_err(failed)?;
@@ -37,33 +67,34 @@ pub fn draw(path: &Path, training: &Training) -> Result<(), String> {
         .chain(training.validations.iter().map(|v| v.val_loss))
         .filter(|l| l.is_finite());
     let top = losses.fold(0.0f64, f64::max).max(1e-3) * 1.05;
-    let mut chart = ChartBuilder::on(&panels[0])
-        .caption("loss", ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(32)
-        .y_label_area_size(48)
-        .build_cartesian_2d(0.0..last_step, 0.0..top)
-        .map_err(failed)?;
+    let mut chart = over_steps(&panels[0], "loss", last_step, top)?;
     chart
-        .configure_mesh()
-        .x_desc("step")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .draw()
-        .map_err(failed)?;
-    chart
-        .draw_series(LineSeries::new(training.progress.iter().map(|p| (p.step as f64, p.loss)), TRAIN.stroke_width(2)))
+        .draw_series(LineSeries::new(
+            training.progress.iter().map(|p| (p.step as f64, p.loss)),
+            TRAIN.stroke_width(2),
+        ))
         .map_err(failed)?
         .label("training")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], TRAIN));
-    let validation_loss: Vec<(f64, f64)> =
-        training.validations.iter().map(|v| (v.step as f64, v.val_loss)).collect();
+    let validation_loss: Vec<(f64, f64)> = training
+        .validations
+        .iter()
+        .map(|v| (v.step as f64, v.val_loss))
+        .collect();
     chart
-        .draw_series(LineSeries::new(validation_loss.iter().copied(), VALIDATION.stroke_width(2)))
+        .draw_series(LineSeries::new(
+            validation_loss.iter().copied(),
+            VALIDATION.stroke_width(2),
+        ))
         .map_err(failed)?
         .label("validation")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], VALIDATION));
     chart
-        .draw_series(validation_loss.iter().map(|&point| Circle::new(point, 4, VALIDATION.filled())))
+        .draw_series(
+            validation_loss
+                .iter()
+                .map(|&point| Circle::new(point, 4, VALIDATION.filled())),
+        )
         .map_err(failed)?;
     chart
         .configure_series_labels()
@@ -73,31 +104,35 @@ pub fn draw(path: &Path, training: &Training) -> Result<(), String> {
         .map_err(failed)?;
 
     // Validation accuracy after each epoch.
-    let mut chart = ChartBuilder::on(&panels[1])
-        .caption("validation accuracy", ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(32)
-        .y_label_area_size(48)
-        .build_cartesian_2d(0.0..last_step, 0.0..1.0)
+    let mut chart = over_steps(&panels[1], "validation accuracy", last_step, 1.0)?;
+    let accuracy: Vec<(f64, f64)> = training
+        .validations
+        .iter()
+        .map(|v| (v.step as f64, v.val_accuracy))
+        .collect();
+    chart
+        .draw_series(LineSeries::new(
+            accuracy.iter().copied(),
+            VALIDATION.stroke_width(2),
+        ))
         .map_err(failed)?;
     chart
-        .configure_mesh()
-        .x_desc("step")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .draw()
-        .map_err(failed)?;
-    let accuracy: Vec<(f64, f64)> =
-        training.validations.iter().map(|v| (v.step as f64, v.val_accuracy)).collect();
-    chart
-        .draw_series(LineSeries::new(accuracy.iter().copied(), VALIDATION.stroke_width(2)))
-        .map_err(failed)?;
-    chart
-        .draw_series(accuracy.iter().map(|&point| Circle::new(point, 4, VALIDATION.filled())))
+        .draw_series(
+            accuracy
+                .iter()
+                .map(|&point| Circle::new(point, 4, VALIDATION.filled())),
+        )
         .map_err(failed)?;
 
     // Each rank's mean step time, the all-reduce share in orange.
     let ranks = training.summaries.len().max(1) as f64;
-    let slowest = training.summaries.iter().map(|s| s.step_ms).fold(0.0f64, f64::max).max(1e-3) * 1.1;
+    let slowest = training
+        .summaries
+        .iter()
+        .map(|s| s.step_ms)
+        .fold(0.0f64, f64::max)
+        .max(1e-3)
+        * 1.1;
     let mut chart = ChartBuilder::on(&panels[2])
         .caption("step time per rank (ms)", ("sans-serif", 20))
         .margin(12)
@@ -118,7 +153,10 @@ pub fn draw(path: &Path, training: &Training) -> Result<(), String> {
         let comm = summary.step_ms * summary.comm_fraction.clamp(0.0, 1.0);
         chart
             .draw_series([
-                Rectangle::new([(x - 0.35, 0.0), (x + 0.35, summary.step_ms)], TRAIN.filled()),
+                Rectangle::new(
+                    [(x - 0.35, 0.0), (x + 0.35, summary.step_ms)],
+                    TRAIN.filled(),
+                ),
                 Rectangle::new([(x - 0.35, 0.0), (x + 0.35, comm)], COMMUNICATION.filled()),
             ])
             .map_err(failed)?;

@@ -309,7 +309,10 @@ impl Supervisor<'_> {
         outcome.seconds = started.elapsed().as_secs_f64();
         outcome.plot = training.finish(self.run_dir.as_deref(), self.printer);
         outcome.trained_to = training.last_step();
-        outcome.resumed_from = training.resume.as_ref().map(|r| if r.found { r.step } else { 0 });
+        outcome.resumed_from = training
+            .resume
+            .as_ref()
+            .map(|r| if r.found { r.step } else { 0 });
         if let Some(p) = outcome.first_failure {
             let tail = &tracks[p].tail;
             if !tail.is_empty() {
@@ -403,25 +406,41 @@ impl Supervisor<'_> {
 
     /// The processes not yet ended that their host reports as gone without an exit status.
     async fn vanished(&self, tracks: &[Track]) -> Vec<usize> {
-        let asks = self.sessions.iter().enumerate().map(|(host, session)| async move {
-            let open: Vec<&super::Process> =
-                self.job.on_host(host).filter(|p| !tracks[p.index].ended).collect();
-            if open.is_empty() {
-                return Vec::new();
-            }
-            let script = status_script(&self.workdirs[host], Some(&self.job.job_id), false);
-            let asked = tokio::time::timeout(WATCH, session.capture(&shell::sh(&script))).await;
-            let Ok(Ok((_, out, _))) = asked else { return Vec::new() };
-            let states = parse_status(&String::from_utf8_lossy(&out));
-            open.into_iter()
-                .filter(|p| {
-                    let stem = stem(p);
-                    states.iter().flat_map(|j| &j.processes).any(|s| s.stem == stem && s.state == "lost")
-                })
-                .map(|p| p.index)
-                .collect()
-        });
-        futures::future::join_all(asks).await.into_iter().flatten().collect()
+        let asks = self
+            .sessions
+            .iter()
+            .enumerate()
+            .map(|(host, session)| async move {
+                let open: Vec<&super::Process> = self
+                    .job
+                    .on_host(host)
+                    .filter(|p| !tracks[p.index].ended)
+                    .collect();
+                if open.is_empty() {
+                    return Vec::new();
+                }
+                let script = status_script(&self.workdirs[host], Some(&self.job.job_id), false);
+                let asked = tokio::time::timeout(WATCH, session.capture(&shell::sh(&script))).await;
+                let Ok(Ok((_, out, _))) = asked else {
+                    return Vec::new();
+                };
+                let states = parse_status(&String::from_utf8_lossy(&out));
+                open.into_iter()
+                    .filter(|p| {
+                        let stem = stem(p);
+                        states
+                            .iter()
+                            .flat_map(|j| &j.processes)
+                            .any(|s| s.stem == stem && s.state == "lost")
+                    })
+                    .map(|p| p.index)
+                    .collect()
+            });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Sends `signal` to every process group of the job on every host still connected.

@@ -106,7 +106,9 @@ impl Training {
         if !trimmed.starts_with('{') || !trimmed.contains("\"event\"") {
             return false;
         }
-        let Ok(event) = serde_json::from_str::<Event>(trimmed) else { return false };
+        let Ok(event) = serde_json::from_str::<Event>(trimmed) else {
+            return false;
+        };
         match event {
             Event::Summary(summary) => {
                 self.summaries.push(summary);
@@ -124,7 +126,9 @@ impl Training {
                     self.bar().set_message(status);
                     return true;
                 }
-                let due = self.last_plain.is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
+                let due = self
+                    .last_plain
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
                 if self.plain && due {
                     self.last_plain = Some(Instant::now());
                     printer.write(Stream::Stderr, &format!("training: {status}\n"));
@@ -162,7 +166,10 @@ impl Training {
     fn bar(&mut self) -> &ProgressBar {
         self.bar.get_or_insert_with(|| {
             let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-            bar.set_style(ProgressStyle::with_template("{spinner} training: {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} training: {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         })
@@ -232,7 +239,10 @@ impl Training {
 }
 
 fn status(p: &Progress) -> String {
-    let mut text = format!("epoch {}/{}  step {}/{}  loss {:.4}", p.epoch, p.epochs, p.step, p.steps, p.loss);
+    let mut text = format!(
+        "epoch {}/{}  step {}/{}  loss {:.4}",
+        p.epoch, p.epochs, p.step, p.steps, p.loss
+    );
     if p.samples_per_s > 0.0 {
         text.push_str(&format!("  {:.0} samples/s", p.samples_per_s));
     }
@@ -271,6 +281,9 @@ mod tests {
         assert_eq!(training.progress.len(), 1);
         assert_eq!(training.validations[0].val_accuracy, 0.9);
         assert_eq!(training.summaries[0].host, "h3");
-        assert_eq!(status(&training.progress[0]), "epoch 1/3  step 10/90  loss 0.5000  100 samples/s  ETA 1m20s");
+        assert_eq!(
+            status(&training.progress[0]),
+            "epoch 1/3  step 10/90  loss 0.5000  100 samples/s  ETA 1m20s"
+        );
     }
 }

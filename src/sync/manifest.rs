@@ -477,7 +477,11 @@ mod tests {
         std::fs::write(root.join("it's $(x).txt"), "").unwrap();
         symlink("data/한국어 폴더", root.join("latest")).unwrap();
         // fleet's own folders at the top are never synced; a folder named runs deeper down is.
-        for (folder, file) in [("runs/20261126-1", "rank-0.log"), (".fleet", "manifest"), ("data/runs", "kept.txt")] {
+        for (folder, file) in [
+            ("runs/20261126-1", "rank-0.log"),
+            (".fleet", "manifest"),
+            ("data/runs", "kept.txt"),
+        ] {
             std::fs::create_dir_all(root.join(folder)).unwrap();
             std::fs::write(root.join(folder).join(file), "x").unwrap();
         }

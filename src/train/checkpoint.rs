@@ -16,7 +16,10 @@ pub enum CheckpointError {
 }
 
 fn file_error(path: &Path, error: impl std::fmt::Display) -> CheckpointError {
-    CheckpointError::File { path: path.into(), message: error.to_string() }
+    CheckpointError::File {
+        path: path.into(),
+        message: error.to_string(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -29,7 +32,11 @@ pub struct Latest {
     pub seed: u64,
 }
 
-pub fn save(dir: &Path, latest: &Latest, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {
+pub fn save(
+    dir: &Path,
+    latest: &Latest,
+    tensors: &[(String, Tensor)],
+) -> Result<(), CheckpointError> {
     fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
     let weights = dir.join(&latest.file);
     let partial = dir.join(format!("{}.partial", latest.file));
@@ -52,8 +59,11 @@ pub fn save(dir: &Path, latest: &Latest, tensors: &[(String, Tensor)]) -> Result
     Ok(())
 }
 
+/// A checkpoint as read back: what `latest.json` says, and the named tensors.
+pub type Loaded = (Latest, Vec<(String, Tensor)>);
+
 /// The last checkpoint in `dir`, or None when there is none.
-pub fn load(dir: &Path) -> Result<Option<(Latest, Vec<(String, Tensor)>)>, CheckpointError> {
+pub fn load(dir: &Path) -> Result<Option<Loaded>, CheckpointError> {
     let pointer = dir.join("latest.json");
     let bytes = match fs::read(&pointer) {
         Ok(bytes) => bytes,
@@ -67,7 +77,9 @@ pub fn load(dir: &Path) -> Result<Option<(Latest, Vec<(String, Tensor)>)>, Check
 }
 
 fn sync_and_rename(from: &Path, to: &Path) -> Result<(), CheckpointError> {
-    fs::File::open(from).and_then(|f| f.sync_all()).map_err(|e| file_error(from, e))?;
+    fs::File::open(from)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| file_error(from, e))?;
     fs::rename(from, to).map_err(|e| file_error(to, e))?;
     if let Some(dir) = to.parent() {
         let _ = fs::File::open(dir).and_then(|d| d.sync_all());
@@ -81,16 +93,27 @@ pub fn write_directory(
     out: &Path,
     fill: impl FnOnce(&Path) -> Result<(), CheckpointError>,
 ) -> Result<(), CheckpointError> {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(|e| file_error(parent, e))?;
     let partial = parent.join(format!(".{name}.partial"));
     let _ = fs::remove_dir_all(&partial);
     fs::create_dir(&partial).map_err(|e| file_error(&partial, e))?;
     fill(&partial)?;
-    for entry in fs::read_dir(&partial).map_err(|e| file_error(&partial, e))?.flatten() {
+    for entry in fs::read_dir(&partial)
+        .map_err(|e| file_error(&partial, e))?
+        .flatten()
+    {
         let path = entry.path();
-        fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| file_error(&path, e))?;
+        fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| file_error(&path, e))?;
     }
     let old = parent.join(format!(".{name}.old"));
     let _ = fs::remove_dir_all(&old);
@@ -111,7 +134,12 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
-        .map(|(name, t)| (name.clone(), t.detach().to_device(tch::Device::Cpu).contiguous()))
+        .map(|(name, t)| {
+            (
+                name.clone(),
+                t.detach().to_device(tch::Device::Cpu).contiguous(),
+            )
+        })
         .collect();
     Tensor::write_safetensors(&cpu, path).map_err(|e| file_error(path, e))
 }

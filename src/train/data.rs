@@ -9,11 +9,18 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
     #[error("{path}:{line}: {message}")]
-    Row { path: PathBuf, line: u64, message: String },
+    Row {
+        path: PathBuf,
+        line: u64,
+        message: String,
+    },
 }
 
 /// Every row of the file, labels as indices into `labels`.
@@ -29,8 +36,10 @@ pub struct Dataset {
 
 impl Dataset {
     pub fn load(path: &Path, text_column: &str, label_column: &str) -> Result<Dataset, DataError> {
-        let bytes =
-            std::fs::read(path).map_err(|source| DataError::Read { path: path.into(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| DataError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::parse(path, &bytes, text_column, label_column)
     }
 
@@ -40,18 +49,31 @@ impl Dataset {
         text_column: &str,
         label_column: &str,
     ) -> Result<Dataset, DataError> {
-        let format = |message: String| DataError::Format { path: path.into(), message };
+        let format = |message: String| DataError::Format {
+            path: path.into(),
+            message,
+        };
         let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
         if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(format("the file is empty (a header row and data rows are needed)".into()));
+            return Err(format(
+                "the file is empty (a header row and data rows are needed)".into(),
+            ));
         }
-        let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(bytes);
+        let mut reader = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .from_reader(bytes);
         let headers = reader.headers().map_err(|e| row_error(path, &e))?.clone();
         let column = |name: &str| {
-            headers.iter().position(|h| h.trim() == name).ok_or_else(|| {
-                let found = headers.iter().map(|h| format!("{h:?}")).collect::<Vec<_>>();
-                format(format!("no column {name:?}; the header has {}", found.join(", ")))
-            })
+            headers
+                .iter()
+                .position(|h| h.trim() == name)
+                .ok_or_else(|| {
+                    let found = headers.iter().map(|h| format!("{h:?}")).collect::<Vec<_>>();
+                    format(format!(
+                        "no column {name:?}; the header has {}",
+                        found.join(", ")
+                    ))
+                })
         };
         let (text_at, label_at) = (column(text_column)?, column(label_column)?);
 
@@ -80,7 +102,12 @@ impl Dataset {
             .iter()
             .map(|label| labels.iter().position(|l| l == label).unwrap_or_default() as i64)
             .collect();
-        Ok(Dataset { texts, targets, labels, sha256: hex::encode(Sha256::digest(bytes)) })
+        Ok(Dataset {
+            texts,
+            targets,
+            labels,
+            sha256: hex::encode(Sha256::digest(bytes)),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -95,13 +122,19 @@ impl Dataset {
 fn row_error(path: &Path, error: &csv::Error) -> DataError {
     let line = error.position().map_or(0, |p| p.line());
     let message = match error.kind() {
-        csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => {
             format!("this row has {len} fields, the header {expected_len}")
         }
         csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_string(),
         _ => error.to_string(),
     };
-    DataError::Row { path: path.into(), line, message }
+    DataError::Row {
+        path: path.into(),
+        line,
+        message,
+    }
 }
 
 fn sorted_labels(raw: &[String]) -> Vec<String> {
@@ -179,12 +212,18 @@ pub fn shard(rows: &[usize], epoch: u64, seed: u64, rank: usize, world_size: usi
     let mut order = rows.to_vec();
     SplitMix::new(seed.wrapping_add(epoch)).shuffle(&mut order);
     let per_rank = order.len().div_ceil(world_size);
-    (0..per_rank).map(|i| order[(i * world_size + rank) % order.len()]).collect()
+    (0..per_rank)
+        .map(|i| order[(i * world_size + rank) % order.len()])
+        .collect()
 }
 
 /// Validation rows are split without shuffling or padding, so each row is counted once.
 pub fn shard_unpadded(rows: &[usize], rank: usize, world_size: usize) -> Vec<usize> {
-    rows.iter().skip(rank).step_by(world_size).copied().collect()
+    rows.iter()
+        .skip(rank)
+        .step_by(world_size)
+        .copied()
+        .collect()
 }
 
 #[cfg(test)]
@@ -197,7 +236,8 @@ mod tests {
 
     #[test]
     fn quoted_fields_newlines_and_korean() {
-        let data = parse("id,text,label\n1,\"안녕, \"\"세계\"\"\nline two\",pos\n2,plain,neg\n").unwrap();
+        let data =
+            parse("id,text,label\n1,\"안녕, \"\"세계\"\"\nline two\",pos\n2,plain,neg\n").unwrap();
         assert_eq!(data.texts, ["안녕, \"세계\"\nline two", "plain"]);
         assert_eq!(data.labels, ["neg", "pos"]);
         assert_eq!(data.targets, [1, 0]);
@@ -215,13 +255,24 @@ mod tests {
         let short = parse("text,label\na,1\nb\n").unwrap_err().to_string();
         assert_eq!(short, "d.csv:3: this row has 1 fields, the header 2");
         let missing = parse("body,label\na,1\n").unwrap_err().to_string();
-        assert_eq!(missing, "d.csv: no column \"text\"; the header has \"body\", \"label\"");
+        assert_eq!(
+            missing,
+            "d.csv: no column \"text\"; the header has \"body\", \"label\""
+        );
         assert!(parse("").unwrap_err().to_string().contains("empty"));
-        assert!(parse("text,label\n").unwrap_err().to_string().contains("no data rows"));
+        assert!(
+            parse("text,label\n")
+                .unwrap_err()
+                .to_string()
+                .contains("no data rows")
+        );
         let empty_label = parse("text,label\na,1\nb,\n").unwrap_err().to_string();
         assert_eq!(empty_label, "d.csv:3: empty \"label\"");
         let bad_utf8 = Dataset::parse(Path::new("d.csv"), b"text,label\n\xff,1\n", "text", "label");
-        assert_eq!(bad_utf8.unwrap_err().to_string(), "d.csv:2: not valid UTF-8");
+        assert_eq!(
+            bad_utf8.unwrap_err().to_string(),
+            "d.csv:2: not valid UTF-8"
+        );
     }
 
     #[test]

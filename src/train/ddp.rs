@@ -106,7 +106,9 @@ impl ShimResult {
         }
         // SAFETY: a non-null result is a NUL-terminated string from strdup in the shim, owned by
         // us from here on and freed exactly once, right after it is copied.
-        let message = unsafe { CStr::from_ptr(self.0) }.to_string_lossy().into_owned();
+        let message = unsafe { CStr::from_ptr(self.0) }
+            .to_string_lossy()
+            .into_owned();
         // SAFETY: as above; the pointer is not used again.
         unsafe { shim::fleet_c10d_free(self.0) };
         Err(CommError(message))
@@ -139,12 +141,16 @@ pub fn nccl_version() -> Option<String> {
     }
     let mut version: *mut c_char = ptr::null_mut();
     // SAFETY: `version` is a valid out-pointer; on success the shim stores a strdup'ed string.
-    ShimResult(unsafe { shim::fleet_c10d_nccl_version(&mut version) }).check().ok()?;
+    ShimResult(unsafe { shim::fleet_c10d_nccl_version(&mut version) })
+        .check()
+        .ok()?;
     if version.is_null() {
         return None;
     }
     // SAFETY: a NUL-terminated string from the shim, freed once right after it is copied.
-    let text = unsafe { CStr::from_ptr(version) }.to_string_lossy().into_owned();
+    let text = unsafe { CStr::from_ptr(version) }
+        .to_string_lossy()
+        .into_owned();
     // SAFETY: as above.
     unsafe { shim::fleet_c10d_free(version) };
     Some(text)
@@ -154,11 +160,17 @@ pub fn nccl_version() -> Option<String> {
 pub fn cuda_device_names() -> Vec<String> {
     let mut names: *mut c_char = ptr::null_mut();
     // SAFETY: `names` is a valid out-pointer; on success the shim stores a strdup'ed string.
-    if ShimResult(unsafe { shim::fleet_cuda_device_names(&mut names) }).check().is_err() || names.is_null() {
+    if ShimResult(unsafe { shim::fleet_cuda_device_names(&mut names) })
+        .check()
+        .is_err()
+        || names.is_null()
+    {
         return Vec::new();
     }
     // SAFETY: a NUL-terminated string from the shim, freed once right after it is copied.
-    let text = unsafe { CStr::from_ptr(names) }.to_string_lossy().into_owned();
+    let text = unsafe { CStr::from_ptr(names) }
+        .to_string_lossy()
+        .into_owned();
     // SAFETY: as above.
     unsafe { shim::fleet_c10d_free(names) };
     text.lines().map(str::to_string).collect()
@@ -166,7 +178,11 @@ pub fn cuda_device_names() -> Vec<String> {
 
 /// Runs `forward` under autocast to bfloat16 (`half` false) or float16 on `device`, as
 /// `torch.autocast(device_type, dtype)` does. tch's own autocast knows only CUDA and float16.
-pub fn autocast<T>(device: tch::Device, half: bool, forward: impl FnOnce() -> T) -> Result<T, CommError> {
+pub fn autocast<T>(
+    device: tch::Device,
+    half: bool,
+    forward: impl FnOnce() -> T,
+) -> Result<T, CommError> {
     let cuda = c_int::from(device.is_cuda());
     // SAFETY: plain values in; the shim only flips this thread's autocast state.
     ShimResult(unsafe { shim::fleet_autocast_begin(cuda, c_int::from(half)) }).check()?;
@@ -226,8 +242,10 @@ impl Store {
         let mut handle: *mut c_void = ptr::null_mut();
         // SAFETY: the handle is live; the new store holds its own reference to the underlying
         // one, so either may be dropped first; `handle` is a valid out-pointer.
-        ShimResult(unsafe { shim::fleet_c10d_store_prefixed(self.0, prefix.as_ptr(), &mut handle) })
-            .check()?;
+        ShimResult(unsafe {
+            shim::fleet_c10d_store_prefixed(self.0, prefix.as_ptr(), &mut handle)
+        })
+        .check()?;
         Ok(Store(handle))
     }
 
@@ -257,8 +275,10 @@ impl Store {
         let mut data: *mut u8 = ptr::null_mut();
         let mut len = 0usize;
         // SAFETY: the handle is live; `data` and `len` are valid out-pointers.
-        ShimResult(unsafe { shim::fleet_c10d_store_get(self.0, key.as_ptr(), &mut data, &mut len) })
-            .check()?;
+        ShimResult(unsafe {
+            shim::fleet_c10d_store_get(self.0, key.as_ptr(), &mut data, &mut len)
+        })
+        .check()?;
         if data.is_null() {
             return Ok(Vec::new());
         }
@@ -322,7 +342,10 @@ impl ProcessGroup {
             shim::fleet_c10d_gloo_new(store.0, rank, size, bind.as_ptr(), timeout_ms, &mut handle)
         })
         .check()?;
-        Ok(ProcessGroup { handle, backend: Backend::Gloo })
+        Ok(ProcessGroup {
+            handle,
+            backend: Backend::Gloo,
+        })
     }
 
     /// An NCCL group (CUDA tensors only); its communicator is made by the first collective.
@@ -335,9 +358,14 @@ impl ProcessGroup {
         let (rank, size) = rank_and_size(rank, world_size)?;
         let mut handle: *mut c_void = ptr::null_mut();
         // SAFETY: the store handle is live for the call; `handle` is a valid out-pointer.
-        ShimResult(unsafe { shim::fleet_c10d_nccl_new(store.0, rank, size, timeout_ms, &mut handle) })
-            .check()?;
-        Ok(ProcessGroup { handle, backend: Backend::Nccl })
+        ShimResult(unsafe {
+            shim::fleet_c10d_nccl_new(store.0, rank, size, timeout_ms, &mut handle)
+        })
+        .check()?;
+        Ok(ProcessGroup {
+            handle,
+            backend: Backend::Nccl,
+        })
     }
 
     pub fn backend(&self) -> Backend {
@@ -400,10 +428,15 @@ impl Drop for ProcessGroup {
 fn rank_and_size(rank: usize, world_size: usize) -> Result<(c_int, c_int), CommError> {
     match (c_int::try_from(rank), c_int::try_from(world_size)) {
         (Ok(rank), Ok(size)) if rank < size => Ok((rank, size)),
-        _ => Err(CommError(format!("rank {rank} is not below world size {world_size}"))),
+        _ => Err(CommError(format!(
+            "rank {rank} is not below world size {world_size}"
+        ))),
     }
 }
 
 fn tensor_pointers(tensors: &[&Tensor]) -> Vec<*mut c_void> {
-    tensors.iter().map(|tensor| tensor.as_ptr() as *mut c_void).collect()
+    tensors
+        .iter()
+        .map(|tensor| tensor.as_ptr() as *mut c_void)
+        .collect()
 }

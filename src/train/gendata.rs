@@ -9,17 +9,58 @@ use std::path::Path;
 use super::data::SplitMix;
 
 const POSITIVE: [&str; 12] = [
-    "great", "wonderful", "excellent", "loved", "brilliant", "delightful", "좋은", "훌륭한",
-    "최고의", "재미있는", "감동적인", "추천",
+    "great",
+    "wonderful",
+    "excellent",
+    "loved",
+    "brilliant",
+    "delightful",
+    "좋은",
+    "훌륭한",
+    "최고의",
+    "재미있는",
+    "감동적인",
+    "추천",
 ];
 const NEGATIVE: [&str; 12] = [
-    "terrible", "awful", "boring", "hated", "dreadful", "disappointing", "나쁜", "지루한",
-    "최악의", "실망스러운", "형편없는", "별로",
+    "terrible",
+    "awful",
+    "boring",
+    "hated",
+    "dreadful",
+    "disappointing",
+    "나쁜",
+    "지루한",
+    "최악의",
+    "실망스러운",
+    "형편없는",
+    "별로",
 ];
 const FILLER: [&str; 24] = [
-    "the", "movie", "plot", "actors", "music", "ending", "scene", "story", "camera", "film",
-    "it", "was", "and", "really", "quite", "a", "영화", "배우", "음악", "장면", "이야기",
-    "정말", "그리고", "결말",
+    "the",
+    "movie",
+    "plot",
+    "actors",
+    "music",
+    "ending",
+    "scene",
+    "story",
+    "camera",
+    "film",
+    "it",
+    "was",
+    "and",
+    "really",
+    "quite",
+    "a",
+    "영화",
+    "배우",
+    "음악",
+    "장면",
+    "이야기",
+    "정말",
+    "그리고",
+    "결말",
 ];
 
 /// Writes `rows` rows of `id,text,label` (labels positive, negative, neutral) to `out`.
@@ -45,8 +86,9 @@ pub fn write(out: &Path, rows: usize, seed: u64) -> std::io::Result<()> {
 fn row(rng: &mut SplitMix) -> (&'static str, String) {
     const LABELS: [&str; 3] = ["positive", "negative", "neutral"];
     let label = LABELS[rng.below(3)];
-    let mut words: Vec<String> =
-        (0..4 + rng.below(8)).map(|_| FILLER[rng.below(FILLER.len())].to_string()).collect();
+    let mut words: Vec<String> = (0..4 + rng.below(8))
+        .map(|_| FILLER[rng.below(FILLER.len())].to_string())
+        .collect();
     let signal: &[&str] = match label {
         "positive" => &POSITIVE,
         "negative" => &NEGATIVE,
@@ -65,7 +107,11 @@ fn row(rng: &mut SplitMix) -> (&'static str, String) {
     }
     // One row in fifty carries a random label, as real annotations do: accuracy tops out
     // near 0.99, not at 1.0.
-    let label = if rng.below(50) == 0 { LABELS[rng.below(3)] } else { label };
+    let label = if rng.below(50) == 0 {
+        LABELS[rng.below(3)]
+    } else {
+        label
+    };
     (label, text)
 }
 

@@ -91,15 +91,26 @@ impl BertConfig {
     }
 
     pub fn load(path: &Path) -> Result<BertConfig, ModelError> {
-        let file_error = |message: String| ModelError::File { path: path.into(), message };
+        let file_error = |message: String| ModelError::File {
+            path: path.into(),
+            message,
+        };
         let bytes = std::fs::read(path).map_err(|e| file_error(e.to_string()))?;
         let config: BertConfig =
             serde_json::from_slice(&bytes).map_err(|e| file_error(e.to_string()))?;
-        if !matches!(config.hidden_act.as_str(), "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu") {
-            return Err(file_error(format!("hidden_act {:?} is not supported", config.hidden_act)));
+        if !matches!(
+            config.hidden_act.as_str(),
+            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu"
+        ) {
+            return Err(file_error(format!(
+                "hidden_act {:?} is not supported",
+                config.hidden_act
+            )));
         }
         if config.num_attention_heads <= 0 || config.hidden_size % config.num_attention_heads != 0 {
-            return Err(file_error("hidden_size is not a multiple of num_attention_heads".into()));
+            return Err(file_error(
+                "hidden_size is not a multiple of num_attention_heads".into(),
+            ));
         }
         Ok(config)
     }
@@ -112,7 +123,14 @@ struct Linear {
 
 impl Linear {
     fn new(path: nn::Path, inputs: i64, outputs: i64) -> Linear {
-        let weight = path.var("weight", &[outputs, inputs], Init::Randn { mean: 0.0, stdev: 0.02 });
+        let weight = path.var(
+            "weight",
+            &[outputs, inputs],
+            Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        );
         let bias = path.var("bias", &[outputs], Init::Const(0.0));
         Linear { weight, bias }
     }
@@ -136,7 +154,13 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm(&[self.weight.size()[0]], Some(&self.weight), Some(&self.bias), self.eps, true)
+        x.layer_norm(
+            [self.weight.size()[0]],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 
@@ -169,13 +193,22 @@ impl BertClassifier {
         let (h, eps) = (config.hidden_size, config.layer_norm_eps);
         let bert = root / "bert";
         let embeddings = &bert / "embeddings";
-        let normal = Init::Randn { mean: 0.0, stdev: 0.02 };
+        let normal = Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
         let word_embeddings =
             (&embeddings / "word_embeddings").var("weight", &[config.vocab_size, h], normal);
-        let position_embeddings = (&embeddings / "position_embeddings")
-            .var("weight", &[config.max_position_embeddings, h], normal);
-        let token_type_embeddings =
-            (&embeddings / "token_type_embeddings").var("weight", &[config.type_vocab_size, h], normal);
+        let position_embeddings = (&embeddings / "position_embeddings").var(
+            "weight",
+            &[config.max_position_embeddings, h],
+            normal,
+        );
+        let token_type_embeddings = (&embeddings / "token_type_embeddings").var(
+            "weight",
+            &[config.type_vocab_size, h],
+            normal,
+        );
         let embedding_norm = LayerNorm::new(&embeddings / "LayerNorm", h, eps);
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
@@ -218,15 +251,27 @@ impl BertClassifier {
         let config = &self.config;
         let (batch, len) = input_ids.size2().unwrap_or((0, 0));
         let device = input_ids.device();
-        let hidden_dropout = if train { config.hidden_dropout_prob } else { 0.0 };
-        let attention_dropout = if train { config.attention_probs_dropout_prob } else { 0.0 };
+        let hidden_dropout = if train {
+            config.hidden_dropout_prob
+        } else {
+            0.0
+        };
+        let attention_dropout = if train {
+            config.attention_probs_dropout_prob
+        } else {
+            0.0
+        };
 
         let positions = Tensor::arange(len, (Kind::Int64, device));
-        let embed = |weight: &Tensor, ids: &Tensor| Tensor::embedding(weight, ids, -1, false, false);
+        let embed =
+            |weight: &Tensor, ids: &Tensor| Tensor::embedding(weight, ids, -1, false, false);
         let mut x = embed(&self.word_embeddings, input_ids)
             + embed(&self.position_embeddings, &positions).unsqueeze(0)
             + self.token_type_embeddings.get(0);
-        x = self.embedding_norm.forward(&x).dropout(hidden_dropout, train);
+        x = self
+            .embedding_norm
+            .forward(&x)
+            .dropout(hidden_dropout, train);
 
         // Masked keys get the dtype's lowest value before the softmax, as transformers does.
         let kind = x.kind();
@@ -251,16 +296,25 @@ impl BertClassifier {
             )
             .transpose(1, 2)
             .reshape([batch, len, config.hidden_size]);
-            let attended = layer.attention_output.forward(&context).dropout(hidden_dropout, train);
+            let attended = layer
+                .attention_output
+                .forward(&context)
+                .dropout(hidden_dropout, train);
             x = layer.attention_norm.forward(&(attended + &x));
             let inner = activation(&config.hidden_act, &layer.intermediate.forward(&x));
             let out = layer.output.forward(&inner).dropout(hidden_dropout, train);
             x = layer.output_norm.forward(&(out + &x));
         }
         let pooled = self.pooler.forward(&x.select(1, 0)).tanh();
-        let classifier_dropout =
-            if train { config.classifier_dropout.unwrap_or(config.hidden_dropout_prob) } else { 0.0 };
-        self.classifier.forward(&pooled.dropout(classifier_dropout, train))
+        let classifier_dropout = if train {
+            config
+                .classifier_dropout
+                .unwrap_or(config.hidden_dropout_prob)
+        } else {
+            0.0
+        };
+        self.classifier
+            .forward(&pooled.dropout(classifier_dropout, train))
     }
 }
 
@@ -295,11 +349,16 @@ pub struct LoadReport {
 /// encoder, old `gamma`/`beta` names into LayerNorm weights. Only the pooler and classifier may
 /// be missing; a missing encoder weight or a shape mismatch is an error that names it.
 pub fn load_weights(vars: &nn::VarStore, path: &Path) -> Result<LoadReport, ModelError> {
-    let file_error = |message: String| ModelError::File { path: path.into(), message };
+    let file_error = |message: String| ModelError::File {
+        path: path.into(),
+        message,
+    };
     let tensors = Tensor::read_safetensors(path).map_err(|e| file_error(e.to_string()))?;
     let mut found: BTreeMap<String, Tensor> = BTreeMap::new();
     for (name, tensor) in tensors {
-        let name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias");
+        let name = name
+            .replace("LayerNorm.gamma", "LayerNorm.weight")
+            .replace("LayerNorm.beta", "LayerNorm.bias");
         let name = if name.starts_with("bert.") || name.starts_with("classifier.") {
             name
         } else {
@@ -313,7 +372,9 @@ pub fn load_weights(vars: &nn::VarStore, path: &Path) -> Result<LoadReport, Mode
     names.sort();
     tch::no_grad(|| {
         for name in names {
-            let Some(target) = variables.get_mut(&name) else { continue };
+            let Some(target) = variables.get_mut(&name) else {
+                continue;
+            };
             match found.get(&name) {
                 Some(source) => {
                     if source.size() != target.size() {

@@ -35,7 +35,14 @@ impl AdamW {
                 decay: !(name.ends_with(".bias") || name.contains("LayerNorm.")),
             })
             .collect();
-        AdamW { params, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, steps: 0 }
+        AdamW {
+            params,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            steps: 0,
+        }
     }
 
     /// One update with learning rate `lr` from the gradients the parameters hold.
@@ -78,7 +85,11 @@ impl AdamW {
 
     /// The gradients in parameter order (undefined ones skipped).
     pub fn grads(&self) -> Vec<Tensor> {
-        self.params.iter().map(|p| p.tensor.grad()).filter(Tensor::defined).collect()
+        self.params
+            .iter()
+            .map(|p| p.tensor.grad())
+            .filter(Tensor::defined)
+            .collect()
     }
 
     pub fn steps(&self) -> i64 {

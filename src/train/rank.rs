@@ -46,12 +46,22 @@ impl Rank {
             .ok()
             .filter(|p| *p > 0)
             .with_context(|| format!("MASTER_PORT={port} is not a TCP port"))?;
-        let host = std::env::var("FLEET_HOST").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .unwrap_or_else(|_| "?".into())
-        });
-        Ok(Rank { rank, world_size, local_rank, master_addr, master_port, host })
+        let host = std::env::var("FLEET_HOST")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "?".into())
+            });
+        Ok(Rank {
+            rank,
+            world_size,
+            local_rank,
+            master_addr,
+            master_port,
+            host,
+        })
     }
 
     pub fn is_main(&self) -> bool {
@@ -61,8 +71,15 @@ impl Rank {
     /// The local address that routes to MASTER_ADDR: what Gloo must listen on. A host name that
     /// resolves to loopback (common on Ubuntu) would make the other hosts dial themselves.
     fn route_to_master(&self) -> Option<String> {
-        let master = (self.master_addr.as_str(), self.master_port).to_socket_addrs().ok()?.next()?;
-        let bind = if master.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let master = (self.master_addr.as_str(), self.master_port)
+            .to_socket_addrs()
+            .ok()?
+            .next()?;
+        let bind = if master.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
         let socket = UdpSocket::bind(bind).ok()?;
         socket.connect(master).ok()?;
         Some(socket.local_addr().ok()?.ip().to_string())
@@ -130,7 +147,13 @@ impl Collective {
         let group = match backend {
             Backend::Gloo => {
                 let bind = rank.route_to_master();
-                ProcessGroup::gloo(&store, rank.rank, rank.world_size, bind.as_deref(), timeout_ms)
+                ProcessGroup::gloo(
+                    &store,
+                    rank.rank,
+                    rank.world_size,
+                    bind.as_deref(),
+                    timeout_ms,
+                )
             }
             Backend::Nccl => ProcessGroup::nccl(&store, rank.rank, rank.world_size, timeout_ms),
         }
@@ -143,7 +166,9 @@ impl Collective {
     /// Every rank's `value` for `key`, in rank order (through the store), and every rank's host
     /// for later messages.
     pub fn exchange(&mut self, rank: &Rank, key: &str, value: &str) -> anyhow::Result<Vec<String>> {
-        let Some(store) = &self.store else { return Ok(vec![value.to_string()]) };
+        let Some(store) = &self.store else {
+            return Ok(vec![value.to_string()]);
+        };
         let mine = format!("{}\n{value}", rank.host);
         store.set(&format!("{key}/{}", rank.rank), mine.as_bytes())?;
         let mut values = Vec::with_capacity(self.world_size);
@@ -163,14 +188,19 @@ impl Collective {
 
     /// Rank `r` and its host, for messages.
     pub fn who(&self, r: usize) -> String {
-        format!("rank {r} ({})", self.hosts.get(r).map_or("?", String::as_str))
+        format!(
+            "rank {r} ({})",
+            self.hosts.get(r).map_or("?", String::as_str)
+        )
     }
 
     /// After a collective failed: which ranks are gone. Every rank that is still alive says so in
     /// the store and looks, for a few seconds, for the others; the ones that never answer are
     /// named. The store lives in rank 0, so when it cannot be reached, rank 0 is the one lost.
     pub fn failure(&self, rank: &Rank, what: &str, error: CommError) -> anyhow::Error {
-        let Some(store) = &self.store else { return anyhow::anyhow!("{what}: {error}") };
+        let Some(store) = &self.store else {
+            return anyhow::anyhow!("{what}: {error}");
+        };
         if store.set(&format!("alive/{}", rank.rank), b"1").is_err() {
             return anyhow::anyhow!(
                 "{what}: lost {}, which serves the store: {error}",
@@ -192,7 +222,9 @@ impl Collective {
 
     /// Copies the tensors from rank 0 to every rank.
     pub fn broadcast(&self, tensors: &[Tensor]) -> Result<(), CommError> {
-        let Some(group) = &self.group else { return Ok(()) };
+        let Some(group) = &self.group else {
+            return Ok(());
+        };
         let refs: Vec<&Tensor> = tensors.iter().collect();
         group.broadcast(&refs, 0)
     }
@@ -200,7 +232,9 @@ impl Collective {
     /// Averages the gradients over the ranks, in buckets of about `bucket_bytes`, one coalesced
     /// all-reduce per bucket.
     pub fn average_gradients(&mut self, grads: &[Tensor]) -> Result<(), CommError> {
-        let Some(group) = &self.group else { return Ok(()) };
+        let Some(group) = &self.group else {
+            return Ok(());
+        };
         let started = Instant::now();
         let mut bucket: Vec<&Tensor> = Vec::new();
         let mut bytes = 0usize;
@@ -232,21 +266,13 @@ impl Collective {
 
     /// Sums numbers over the ranks.
     pub fn sum(&self, values: &[f64]) -> Result<Vec<f64>, CommError> {
-        let tensor = Tensor::from_slice(values).to_kind(Kind::Double).to_device(self.device);
+        let tensor = Tensor::from_slice(values)
+            .to_kind(Kind::Double)
+            .to_device(self.device);
         if let Some(group) = &self.group {
             group.all_reduce(&[&tensor], ReduceOp::Sum)?;
         }
         Vec::<f64>::try_from(tensor.to_device(Device::Cpu))
             .map_err(|e| CommError(format!("reading the sum: {e}")))
-    }
-
-    /// The largest of each number over the ranks.
-    pub fn max(&self, values: &[f64]) -> Result<Vec<f64>, CommError> {
-        let tensor = Tensor::from_slice(values).to_kind(Kind::Double).to_device(self.device);
-        if let Some(group) = &self.group {
-            group.all_reduce(&[&tensor], ReduceOp::Max)?;
-        }
-        Vec::<f64>::try_from(tensor.to_device(Device::Cpu))
-            .map_err(|e| CommError(format!("reading the maximum: {e}")))
     }
 }

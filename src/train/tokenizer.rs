@@ -10,7 +10,7 @@ use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{
-    Normalizer, NormalizedString, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer,
+    NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer,
     Tokenizer, TruncationParams,
 };
 
@@ -35,11 +35,15 @@ impl TextEncoder {
         let json = dir.join("tokenizer.json");
         let vocab = dir.join("vocab.txt");
         let tokenizer = if json.exists() {
-            Tokenizer::from_file(&json)
-                .map_err(|e| TokenizerError::File { path: json, message: e.to_string() })?
+            Tokenizer::from_file(&json).map_err(|e| TokenizerError::File {
+                path: json,
+                message: e.to_string(),
+            })?
         } else if vocab.exists() {
-            let words = std::fs::read_to_string(&vocab)
-                .map_err(|e| TokenizerError::File { path: vocab.clone(), message: e.to_string() })?;
+            let words = std::fs::read_to_string(&vocab).map_err(|e| TokenizerError::File {
+                path: vocab.clone(),
+                message: e.to_string(),
+            })?;
             let words: Vec<String> = words.lines().map(str::to_string).collect();
             bert_tokenizer(words, lowercase_of(dir), &vocab)?
         } else {
@@ -54,15 +58,23 @@ impl TextEncoder {
     /// A lowercasing WordPiece tokenizer whose vocabulary is the special tokens, every character
     /// seen (alone and as a continuation), and the most frequent words, ties broken by the word:
     /// the same text always gives the same vocabulary.
-    pub fn build(texts: &[String], vocab_size: usize, max_len: usize) -> Result<TextEncoder, TokenizerError> {
+    pub fn build(
+        texts: &[String],
+        vocab_size: usize,
+        max_len: usize,
+    ) -> Result<TextEncoder, TokenizerError> {
         let normalizer = normalizer(true);
         let mut words: HashMap<String, u64> = HashMap::new();
         let mut chars: HashMap<char, u64> = HashMap::new();
         for text in texts {
             let mut normalized = NormalizedString::from(text.as_str());
-            normalizer.normalize(&mut normalized).map_err(tokenize_error)?;
+            normalizer
+                .normalize(&mut normalized)
+                .map_err(tokenize_error)?;
             let mut split = PreTokenizedString::from(normalized);
-            BertPreTokenizer.pre_tokenize(&mut split).map_err(tokenize_error)?;
+            BertPreTokenizer
+                .pre_tokenize(&mut split)
+                .map_err(tokenize_error)?;
             for (word, _, _) in split.get_splits(OffsetReferential::Original, OffsetType::Byte) {
                 for c in word.chars() {
                     *chars.entry(c).or_default() += 1;
@@ -78,8 +90,10 @@ impl TextEncoder {
         let mut vocab: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
         vocab.extend(chars.iter().map(|(c, _)| c.to_string()));
         vocab.extend(chars.iter().map(|(c, _)| format!("##{c}")));
-        let mut words: Vec<(String, u64)> =
-            words.into_iter().filter(|(w, n)| *n >= 2 && w.chars().count() > 1).collect();
+        let mut words: Vec<(String, u64)> = words
+            .into_iter()
+            .filter(|(w, n)| *n >= 2 && w.chars().count() > 1)
+            .collect();
         words.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let room = vocab_size.saturating_sub(vocab.len());
         vocab.extend(words.into_iter().take(room).map(|(w, _)| w));
@@ -87,9 +101,15 @@ impl TextEncoder {
         Self::with_max_len(tokenizer, max_len)
     }
 
-    fn with_max_len(mut tokenizer: Tokenizer, max_len: usize) -> Result<TextEncoder, TokenizerError> {
+    fn with_max_len(
+        mut tokenizer: Tokenizer,
+        max_len: usize,
+    ) -> Result<TextEncoder, TokenizerError> {
         tokenizer
-            .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length: max_len,
+                ..Default::default()
+            }))
             .map_err(tokenize_error)?;
         tokenizer.with_padding(None);
         let pad_id = tokenizer.token_to_id("[PAD]").unwrap_or(0).into();
@@ -107,7 +127,10 @@ impl TextEncoder {
     /// Token ids of each text, with [CLS] and [SEP], cut to the maximum length.
     pub fn encode_all(&self, texts: &[String]) -> Result<Vec<Vec<i64>>, TokenizerError> {
         let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let encodings = self.tokenizer.encode_batch(inputs, true).map_err(tokenize_error)?;
+        let encodings = self
+            .tokenizer
+            .encode_batch(inputs, true)
+            .map_err(tokenize_error)?;
         Ok(encodings
             .iter()
             .map(|e| e.get_ids().iter().map(|&id| i64::from(id)).collect())
@@ -117,7 +140,10 @@ impl TextEncoder {
     pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {
         self.tokenizer
             .save(path, false)
-            .map_err(|e| TokenizerError::File { path: path.into(), message: e.to_string() })
+            .map_err(|e| TokenizerError::File {
+                path: path.into(),
+                message: e.to_string(),
+            })
     }
 }
 
@@ -126,9 +152,16 @@ fn normalizer(lowercase: bool) -> BertNormalizer {
     BertNormalizer::new(true, true, Some(false), lowercase)
 }
 
-fn bert_tokenizer(vocab: Vec<String>, lowercase: bool, origin: &Path) -> Result<Tokenizer, TokenizerError> {
-    let ids: HashMap<String, u32> =
-        vocab.iter().enumerate().map(|(i, w)| (w.clone(), i as u32)).collect();
+fn bert_tokenizer(
+    vocab: Vec<String>,
+    lowercase: bool,
+    origin: &Path,
+) -> Result<Tokenizer, TokenizerError> {
+    let ids: HashMap<String, u32> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.clone(), i as u32))
+        .collect();
     let id = |token: &str| {
         ids.get(token).copied().ok_or_else(|| TokenizerError::File {
             path: origin.into(),
@@ -147,7 +180,10 @@ fn bert_tokenizer(vocab: Vec<String>, lowercase: bool, origin: &Path) -> Result<
     tokenizer
         .with_normalizer(Some(normalizer(lowercase)))
         .with_pre_tokenizer(Some(BertPreTokenizer))
-        .with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))));
+        .with_post_processor(Some(BertProcessing::new(
+            ("[SEP]".into(), sep),
+            ("[CLS]".into(), cls),
+        )));
     Ok(tokenizer)
 }
 
@@ -156,7 +192,11 @@ fn lowercase_of(dir: &Path) -> bool {
     std::fs::read(dir.join("tokenizer_config.json"))
         .ok()
         .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-        .and_then(|config| config.get("do_lower_case").and_then(serde_json::Value::as_bool))
+        .and_then(|config| {
+            config
+                .get("do_lower_case")
+                .and_then(serde_json::Value::as_bool)
+        })
         .unwrap_or(true)
 }
 
@@ -170,18 +210,24 @@ mod tests {
 
     #[test]
     fn built_vocabulary_is_deterministic_and_covers_korean() {
-        let texts: Vec<String> =
-            ["학습 데이터 좋은 영화", "좋은 영화 great movie", "great movie 학습"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+        let texts: Vec<String> = [
+            "학습 데이터 좋은 영화",
+            "좋은 영화 great movie",
+            "great movie 학습",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let a = TextEncoder::build(&texts, 100, 16).unwrap();
         let b = TextEncoder::build(&texts, 100, 16).unwrap();
         let ids = a.encode_all(&texts).unwrap();
         assert_eq!(ids, b.encode_all(&texts).unwrap());
         let unk = i64::from(a.tokenizer.token_to_id("[UNK]").unwrap());
         assert!(ids.iter().flatten().all(|&id| id != unk), "{ids:?}");
-        assert_eq!(ids[0][0], i64::from(a.tokenizer.token_to_id("[CLS]").unwrap()));
+        assert_eq!(
+            ids[0][0],
+            i64::from(a.tokenizer.token_to_id("[CLS]").unwrap())
+        );
         let long = a.encode_all(&["영화 ".repeat(100)]).unwrap();
         assert_eq!(long[0].len(), 16);
     }

@@ -62,7 +62,11 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
     let data = Dataset::load(&data_path, &args.text_column, &args.label_column)?;
     let split = Split::new(data.len(), args.val_fraction, args.seed);
     if split.train.len() < rank.world_size {
-        bail!("{} training rows cannot be shared by {} ranks", split.train.len(), rank.world_size);
+        bail!(
+            "{} training rows cannot be shared by {} ranks",
+            split.train.len(),
+            rank.world_size
+        );
     }
 
     let mut collective = Collective::connect(
@@ -84,7 +88,11 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
         None => {
             let encoder = TextEncoder::build(&train_texts, args.vocab_size, args.max_len)?;
             let preset = args.preset.unwrap_or(Preset::Tiny);
-            let config = BertConfig::preset(preset, encoder.vocab_size() as i64, args.max_len.max(2) as i64);
+            let config = BertConfig::preset(
+                preset,
+                encoder.vocab_size() as i64,
+                args.max_len.max(2) as i64,
+            );
             (encoder, config)
         }
     };
@@ -117,12 +125,30 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
     let mut optimizer = AdamW::new(&params, args.weight_decay);
 
     let resume = args.resume || restart_count() > 0;
-    let (start_step, saved_world) = restore(args, rank, &collective, &params, &mut optimizer, resume, &data)?;
+    let (start_step, saved_world) = restore(
+        args,
+        rank,
+        &collective,
+        &params,
+        &mut optimizer,
+        resume,
+        &data,
+    )?;
     let grad_accum = accumulation_for(args.grad_accum, saved_world, rank);
-    collective.broadcast(&params.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>())?;
+    collective.broadcast(
+        &params
+            .iter()
+            .map(|(_, t)| t.shallow_clone())
+            .collect::<Vec<_>>(),
+    )?;
 
     let ids = encoder.encode_all(&data.texts)?;
-    let batches = Batches { ids: &ids, targets: &data.targets, pad: encoder.pad_id(), device };
+    let batches = Batches {
+        ids: &ids,
+        targets: &data.targets,
+        pad: encoder.pad_id(),
+        device,
+    };
 
     let shard_len = split.train.len().div_ceil(rank.world_size);
     let micro_per_epoch = shard_len.div_ceil(args.batch_size);
@@ -130,7 +156,9 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
     let scheduled = steps_per_epoch * args.epochs;
     let total = scheduled.min(args.max_steps.unwrap_or(u64::MAX));
     let warmup = (scheduled as f64 * args.warmup).round() as u64;
-    let peak_lr = args.lr.unwrap_or(if args.model.is_some() { 5e-5 } else { 1e-3 });
+    let peak_lr = args
+        .lr
+        .unwrap_or(if args.model.is_some() { 5e-5 } else { 1e-3 });
     let samples_per_step = (args.batch_size * grad_accum * rank.world_size) as f64;
 
     let mut step = start_step;
@@ -154,14 +182,21 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
             let step_started = Instant::now();
             // Dropout masks depend only on the seed, the step and the rank: a resumed run draws
             // the same ones.
-            tch::manual_seed((args.seed.wrapping_mul(1_000_003) + step * rank.world_size as u64 + rank.rank as u64) as i64);
-            let group = &micro[in_epoch * grad_accum..((in_epoch + 1) * grad_accum).min(micro.len())];
+            tch::manual_seed(
+                (args.seed.wrapping_mul(1_000_003)
+                    + step * rank.world_size as u64
+                    + rank.rank as u64) as i64,
+            );
+            let group =
+                &micro[in_epoch * grad_accum..((in_epoch + 1) * grad_accum).min(micro.len())];
             let mut loss_sum = 0.0;
             for rows in group {
                 let (input, mask, targets) = batches.make(rows);
                 let logits = if mixed {
-                    ddp::autocast(device, args.precision == Precision::Fp16, || model.forward(&input, &mask, true))?
-                        .to_kind(Kind::Float)
+                    ddp::autocast(device, args.precision == Precision::Fp16, || {
+                        model.forward(&input, &mask, true)
+                    })?
+                    .to_kind(Kind::Float)
                 } else {
                     model.forward(&input, &mask, true)
                 };
@@ -171,7 +206,11 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
             }
             let grads = optimizer.grads();
             if let Err(error) = collective.average_gradients(&grads) {
-                return Err(collective.failure(rank, &format!("gradient all-reduce at step {}", step + 1), error));
+                return Err(collective.failure(
+                    rank,
+                    &format!("gradient all-reduce at step {}", step + 1),
+                    error,
+                ));
             }
             // Every rank holds the same averaged gradients, so every rank takes the same decision.
             if scaler.unscale(&grads) {
@@ -217,7 +256,14 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
             .sum(&[epoch_loss.0, epoch_loss.1])
             .map_err(|e| collective.failure(rank, "summing the epoch's loss", e))?;
         train_loss = sums[0] / sums[1].max(1.0);
-        last = evaluate(&model, &batches, &split.validation, rank, &collective, args.batch_size)?;
+        last = evaluate(
+            &model,
+            &batches,
+            &split.validation,
+            rank,
+            &collective,
+            args.batch_size,
+        )?;
         if rank.is_main() {
             event(json!({
                 "event": "validation", "epoch": epoch + 1, "step": step,
@@ -258,7 +304,10 @@ pub fn event(value: serde_json::Value) {
 }
 
 fn restart_count() -> u64 {
-    std::env::var("FLEET_RESTART_COUNT").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+    std::env::var("FLEET_RESTART_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn device(choice: DeviceChoice, rank: &Rank) -> anyhow::Result<Device> {
@@ -266,11 +315,16 @@ fn device(choice: DeviceChoice, rank: &Rank) -> anyhow::Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Auto if !cuda => Ok(Device::Cpu),
-        DeviceChoice::Cuda if !cuda => bail!("--device cuda, but CUDA is not available on this host"),
+        DeviceChoice::Cuda if !cuda => {
+            bail!("--device cuda, but CUDA is not available on this host")
+        }
         _ => {
             let count = tch::Cuda::device_count() as usize;
             if rank.local_rank >= count {
-                bail!("LOCAL_RANK={} but this host has {count} CUDA devices", rank.local_rank);
+                bail!(
+                    "LOCAL_RANK={} but this host has {count} CUDA devices",
+                    rank.local_rank
+                );
             }
             Ok(Device::Cuda(rank.local_rank))
         }
@@ -282,15 +336,27 @@ fn device(choice: DeviceChoice, rank: &Rank) -> anyhow::Result<Device> {
 fn agree_on_data(collective: &mut Collective, rank: &Rank, data: &Dataset) -> anyhow::Result<()> {
     let labels = hex::encode(Sha256::digest(data.labels.join("\n").as_bytes()));
     let all = collective.exchange(rank, "data", &format!("{} {labels}", data.sha256))?;
-    let fields = |s: &str| s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).unwrap_or_default();
+    let fields = |s: &str| {
+        s.split_once(' ')
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .unwrap_or_default()
+    };
     let (sha0, labels0) = fields(&all[0]);
     for (r, theirs) in all.iter().enumerate().skip(1) {
         let (sha, labels) = fields(theirs);
         if sha != sha0 {
-            bail!("data differs on {}: sha256 {sha} vs {sha0} on {}", collective.who(r), collective.who(0));
+            bail!(
+                "data differs on {}: sha256 {sha} vs {sha0} on {}",
+                collective.who(r),
+                collective.who(0)
+            );
         }
         if labels != labels0 {
-            bail!("the label map differs on {} from {}'s", collective.who(r), collective.who(0));
+            bail!(
+                "the label map differs on {} from {}'s",
+                collective.who(r),
+                collective.who(0)
+            );
         }
     }
     Ok(())
@@ -304,7 +370,11 @@ fn accumulation_for(grad_accum: usize, saved_world: usize, rank: &Rank) -> usize
     }
     let total = saved_world * grad_accum;
     let kept = total % rank.world_size == 0;
-    let adjusted = if kept { total / rank.world_size } else { grad_accum };
+    let adjusted = if kept {
+        total / rank.world_size
+    } else {
+        grad_accum
+    };
     if rank.is_main() {
         event(json!({
             "event": "world_changed", "from": saved_world, "to": rank.world_size,
@@ -339,17 +409,25 @@ fn restore(
                         latest.data_sha256
                     );
                 }
-                let saved: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
-                let mut targets: Vec<(String, Tensor)> =
-                    params.iter().map(|(n, t)| (format!("model.{n}"), t.shallow_clone())).collect();
+                let saved: std::collections::HashMap<String, Tensor> =
+                    tensors.into_iter().collect();
+                let mut targets: Vec<(String, Tensor)> = params
+                    .iter()
+                    .map(|(n, t)| (format!("model.{n}"), t.shallow_clone()))
+                    .collect();
                 targets.extend(optimizer.state());
                 tch::no_grad(|| -> anyhow::Result<()> {
                     for (name, target) in &targets {
                         let source = saved.get(name).with_context(|| {
-                            format!("the checkpoint in {} has no {name}", args.checkpoint_dir.display())
+                            format!(
+                                "the checkpoint in {} has no {name}",
+                                args.checkpoint_dir.display()
+                            )
                         })?;
                         if source.size() != target.size() {
-                            bail!("the checkpoint's {name} has another shape: was the model changed?");
+                            bail!(
+                                "the checkpoint's {name} has another shape: was the model changed?"
+                            );
                         }
                         target.shallow_clone().copy_(source);
                     }
@@ -392,8 +470,10 @@ fn save_checkpoint(
         data_sha256: data.sha256.clone(),
         seed: args.seed,
     };
-    let mut tensors: Vec<(String, Tensor)> =
-        params.iter().map(|(n, t)| (format!("model.{n}"), t.shallow_clone())).collect();
+    let mut tensors: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(n, t)| (format!("model.{n}"), t.shallow_clone()))
+        .collect();
     tensors.extend(optimizer.state());
     checkpoint::save(&args.checkpoint_dir, &latest, &tensors)?;
     event(json!({"event": "checkpoint", "step": step, "dir": args.checkpoint_dir}));
@@ -410,12 +490,21 @@ fn export(
     labels: &[String],
 ) -> anyhow::Result<()> {
     let mut config = serde_json::to_value(&model.config)?;
-    let id2label: serde_json::Map<String, serde_json::Value> =
-        labels.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect();
-    let label2id: serde_json::Map<String, serde_json::Value> =
-        labels.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect();
+    let id2label: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), json!(l)))
+        .collect();
+    let label2id: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), json!(i)))
+        .collect();
     if let Some(object) = config.as_object_mut() {
-        object.insert("architectures".into(), json!(["BertForSequenceClassification"]));
+        object.insert(
+            "architectures".into(),
+            json!(["BertForSequenceClassification"]),
+        );
         object.insert("model_type".into(), json!("bert"));
         object.insert("id2label".into(), json!(id2label));
         object.insert("label2id".into(), json!(label2id));
@@ -425,13 +514,17 @@ fn export(
     checkpoint::write_directory(out, |dir| {
         checkpoint::write_file(&dir.join("config.json"), &config)?;
         // Saved as float32 whatever the training precision, as config.json says.
-        let float: Vec<(String, Tensor)> =
-            params.iter().map(|(n, t)| (n.clone(), t.to_kind(Kind::Float))).collect();
+        let float: Vec<(String, Tensor)> = params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_kind(Kind::Float)))
+            .collect();
         checkpoint::write_tensors(&dir.join("model.safetensors"), &float)?;
-        encoder.save(&dir.join("tokenizer.json")).map_err(|e| checkpoint::CheckpointError::File {
-            path: dir.join("tokenizer.json"),
-            message: e.to_string(),
-        })
+        encoder
+            .save(&dir.join("tokenizer.json"))
+            .map_err(|e| checkpoint::CheckpointError::File {
+                path: dir.join("tokenizer.json"),
+                message: e.to_string(),
+            })
     })?;
     Ok(())
 }
@@ -442,7 +535,11 @@ pub fn parameters_sha256(params: &[(String, Tensor)]) -> anyhow::Result<String> 
     for (name, tensor) in params {
         hash.update(name.as_bytes());
         let values = Vec::<f32>::try_from(
-            tensor.detach().to_device(Device::Cpu).to_kind(Kind::Float).flatten(0, -1),
+            tensor
+                .detach()
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
+                .flatten(0, -1),
         )?;
         for value in values {
             hash.update(value.to_le_bytes());
@@ -471,18 +568,30 @@ fn evaluate(
         for chunk in rows.chunks(batch_size) {
             let (input, mask, targets) = batches.make(chunk);
             let logits = model.forward(&input, &mask, false).to_kind(Kind::Float);
-            let loss = logits.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0);
-            let correct = logits.argmax(-1, false).eq_tensor(&targets).sum(Kind::Int64);
+            let loss =
+                logits.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, -100, 0.0);
+            let correct = logits
+                .argmax(-1, false)
+                .eq_tensor(&targets)
+                .sum(Kind::Int64);
             sums[0] += loss.double_value(&[]);
             sums[1] += correct.double_value(&[]);
             sums[2] += chunk.len() as f64;
         }
     });
-    let total = collective.sum(&sums).map_err(|e| collective.failure(rank, "summing the validation", e))?;
+    let total = collective
+        .sum(&sums)
+        .map_err(|e| collective.failure(rank, "summing the validation", e))?;
     if total[2] == 0.0 {
-        return Ok(Evaluation { loss: f64::NAN, accuracy: f64::NAN });
+        return Ok(Evaluation {
+            loss: f64::NAN,
+            accuracy: f64::NAN,
+        });
     }
-    Ok(Evaluation { loss: total[0] / total[2], accuracy: total[1] / total[2] })
+    Ok(Evaluation {
+        loss: total[0] / total[2],
+        accuracy: total[1] / total[2],
+    })
 }
 
 struct Batches<'a> {
@@ -495,7 +604,12 @@ struct Batches<'a> {
 impl Batches<'_> {
     /// Input ids and attention mask padded to the batch's longest row, and the targets.
     fn make(&self, rows: &[usize]) -> (Tensor, Tensor, Tensor) {
-        let len = rows.iter().map(|&r| self.ids[r].len()).max().unwrap_or(1).max(1);
+        let len = rows
+            .iter()
+            .map(|&r| self.ids[r].len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let mut input = Vec::with_capacity(rows.len() * len);
         let mut mask = Vec::with_capacity(rows.len() * len);
         for &row in rows {
@@ -508,7 +622,9 @@ impl Batches<'_> {
         let shape = [rows.len() as i64, len as i64];
         let targets: Vec<i64> = rows.iter().map(|&r| self.targets[r]).collect();
         (
-            Tensor::from_slice(&input).view(shape).to_device(self.device),
+            Tensor::from_slice(&input)
+                .view(shape)
+                .to_device(self.device),
             Tensor::from_slice(&mask).view(shape).to_device(self.device),
             Tensor::from_slice(&targets).to_device(self.device),
         )
@@ -528,7 +644,11 @@ impl Timing {
     }
 
     fn mean(&self) -> f64 {
-        if self.count == 0 { 0.0 } else { self.total / self.count as f64 }
+        if self.count == 0 {
+            0.0
+        } else {
+            self.total / self.count as f64
+        }
     }
 }
 
@@ -542,7 +662,10 @@ pub fn predict(dir: &Path, texts: &[String], max_len: usize) -> anyhow::Result<(
     let model = BertClassifier::new(&vars.root(), config, labels.len() as i64);
     let report = model::load_weights(&vars, &dir.join("model.safetensors"))?;
     if let Some(missing) = report.fresh.first() {
-        bail!("{} has no {missing}: it is not a trained classifier", dir.display());
+        bail!(
+            "{} has no {missing}: it is not a trained classifier",
+            dir.display()
+        );
     }
     let ids = encoder.encode_all(texts)?;
     tch::no_grad(|| -> anyhow::Result<()> {
@@ -550,8 +673,12 @@ pub fn predict(dir: &Path, texts: &[String], max_len: usize) -> anyhow::Result<(
             let input = Tensor::from_slice(ids).view([1, ids.len() as i64]);
             let mask = input.ones_like();
             let logits = Vec::<f32>::try_from(model.forward(&input, &mask, false).flatten(0, -1))?;
-            let best = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap_or(0);
-            event(json!({"text": text, "input_ids": ids, "logits": logits, "label": labels.get(best)}));
+            let best = (0..logits.len())
+                .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+                .unwrap_or(0);
+            event(
+                json!({"text": text, "input_ids": ids, "logits": logits, "label": labels.get(best)}),
+            );
         }
         Ok(())
     })
@@ -563,13 +690,20 @@ fn labels_of(config: &Path) -> anyhow::Result<Vec<String>> {
     if let Some(map) = value.get("id2label").and_then(|v| v.as_object()) {
         let mut labels = vec![String::new(); map.len()];
         for (id, label) in map {
-            let index: usize = id.parse().with_context(|| format!("{}: id2label key {id:?}", config.display()))?;
-            let slot = labels.get_mut(index).with_context(|| format!("{}: id2label has a gap", config.display()))?;
+            let index: usize = id
+                .parse()
+                .with_context(|| format!("{}: id2label key {id:?}", config.display()))?;
+            let slot = labels
+                .get_mut(index)
+                .with_context(|| format!("{}: id2label has a gap", config.display()))?;
             *slot = label.as_str().unwrap_or_default().to_string();
         }
         return Ok(labels);
     }
-    let count = value.get("num_labels").and_then(|v| v.as_u64()).unwrap_or(2);
+    let count = value
+        .get("num_labels")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(2);
     Ok((0..count).map(|i| format!("LABEL_{i}")).collect())
 }
 
@@ -584,7 +718,11 @@ struct LossScale {
 
 impl LossScale {
     fn new(enabled: bool) -> LossScale {
-        LossScale { enabled, scale: if enabled { 65536.0 } else { 1.0 }, good_steps: 0 }
+        LossScale {
+            enabled,
+            scale: if enabled { 65536.0 } else { 1.0 },
+            good_steps: 0,
+        }
     }
 
     /// Divides the gradients by the scale; false when they overflowed and the step must be
