@@ -998,3 +998,107 @@ fn a_host_lost_for_good_leaves_and_the_job_finishes_on_the_others_with_min_hosts
         run.stdout
     );
 }
+
+#[test]
+fn grad_accum_on_three_ranks_equals_one_process_with_the_whole_batch() {
+    let _cores = cores();
+    let ws = Workspace::new(600);
+    // 540 training rows; one process takes 12 a step, three ranks 2 micro-batches of 2 each.
+    let common = [
+        "--data",
+        "data.csv",
+        "--dropout",
+        "0",
+        "--epochs",
+        "1",
+        "--precision",
+        "fp64",
+        "--max-steps",
+        "10",
+    ];
+    summary(
+        &ws.trainer(
+            &[
+                &common[..],
+                &[
+                    "--batch-size",
+                    "12",
+                    "--output",
+                    "one",
+                    "--checkpoint-dir",
+                    "c1",
+                ],
+            ]
+            .concat(),
+        ),
+    );
+    let runs = ws.same_ranks(
+        3,
+        &[
+            &common[..],
+            &[
+                "--batch-size",
+                "2",
+                "--grad-accum",
+                "2",
+                "--output",
+                "three",
+                "--checkpoint-dir",
+                "c3",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(runs.iter().map(summary).all(|s| s["steps"] == 10));
+    let difference = relative_difference(
+        &weights(&ws.path().join("three/model.safetensors")),
+        &weights(&ws.path().join("one/model.safetensors")),
+    );
+    assert!(difference < 1e-5, "relative difference {difference}");
+}
+
+#[test]
+fn bf16_compressed_gradients_stay_within_bf16_tolerance_of_fp32() {
+    let _cores = cores();
+    let ws = Workspace::new(1500);
+    let mut losses = Vec::new();
+    for wire in ["fp32", "bf16"] {
+        let runs = ws.same_ranks(
+            3,
+            &[
+                "--data",
+                "data.csv",
+                "--epochs",
+                "2",
+                "--max-steps",
+                "30",
+                "--allreduce-dtype",
+                wire,
+                "--output",
+                wire,
+                "--checkpoint-dir",
+                wire,
+            ],
+        );
+        let sums: Vec<Value> = runs.iter().map(summary).collect();
+        assert!(
+            sums.iter()
+                .all(|s| s["params_sha256"] == sums[0]["params_sha256"]),
+            "{wire}: ranks disagree"
+        );
+        losses.push(sums[0]["val_loss"].as_f64().unwrap());
+    }
+    let difference = relative_difference(
+        &weights(&ws.path().join("bf16/model.safetensors")),
+        &weights(&ws.path().join("fp32/model.safetensors")),
+    );
+    // bfloat16 keeps 8 bits of mantissa (relative rounding 2^-9 ≈ 2e-3 per gradient).
+    assert!(
+        difference > 0.0 && difference < 1e-2,
+        "relative difference {difference}"
+    );
+    assert!(
+        (losses[1] - losses[0]).abs() < 0.01 * losses[0],
+        "validation loss {losses:?}"
+    );
+}

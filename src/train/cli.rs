@@ -64,6 +64,17 @@ pub enum Precision {
     Fp16,
 }
 
+/// The dtype gradients travel in during the all-reduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WireDtype {
+    /// As computed (float32).
+    Fp32,
+    /// bfloat16: half the bytes, float32's range.
+    Bf16,
+    /// float16: half the bytes, less range.
+    Fp16,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DeviceChoice {
     /// CUDA device LOCAL_RANK when CUDA is available, else the CPU.
@@ -145,6 +156,9 @@ pub struct TrainArgs {
     pub device: DeviceChoice,
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
+    /// Compress gradients to this dtype for the all-reduce (halves the bytes on the network).
+    #[arg(long, value_enum, default_value_t = WireDtype::Fp32)]
+    pub allreduce_dtype: WireDtype,
     /// Gradient bucket size for the all-reduce, in MiB.
     #[arg(long, default_value_t = 25)]
     pub bucket_mb: usize,

@@ -230,33 +230,50 @@ impl Collective {
     }
 
     /// Averages the gradients over the ranks, in buckets of about `bucket_bytes`, one coalesced
-    /// all-reduce per bucket.
-    pub fn average_gradients(&mut self, grads: &[Tensor]) -> Result<(), CommError> {
+    /// all-reduce per bucket. With `wire` (bfloat16 or float16) the gradients travel compressed
+    /// and are restored afterwards, as PyTorch DDP's compression hooks do: divided by the world
+    /// size first, so the compressed sum cannot overflow.
+    pub fn average_gradients(
+        &mut self,
+        grads: &[Tensor],
+        wire: Option<Kind>,
+    ) -> Result<(), CommError> {
         let Some(group) = &self.group else {
             return Ok(());
         };
         let started = Instant::now();
+        let scale = 1.0 / self.world_size as f64;
+        let sent: Vec<Tensor> = tch::no_grad(|| {
+            grads
+                .iter()
+                .map(|grad| match wire {
+                    Some(kind) => (grad * scale).to_kind(kind),
+                    None => grad.shallow_clone().g_mul_scalar_(scale),
+                })
+                .collect()
+        });
         let mut bucket: Vec<&Tensor> = Vec::new();
         let mut bytes = 0usize;
-        for grad in grads {
-            let size = grad.numel() * grad.kind().elt_size_in_bytes();
+        for tensor in &sent {
+            let size = tensor.numel() * tensor.kind().elt_size_in_bytes();
             if !bucket.is_empty() && bytes + size > self.bucket_bytes {
                 group.all_reduce_coalesced(&bucket, ReduceOp::Sum)?;
                 bucket.clear();
                 bytes = 0;
             }
-            bucket.push(grad);
+            bucket.push(tensor);
             bytes += size;
         }
         if !bucket.is_empty() {
             group.all_reduce_coalesced(&bucket, ReduceOp::Sum)?;
         }
-        let scale = 1.0 / self.world_size as f64;
-        tch::no_grad(|| {
-            for grad in grads {
-                let _ = grad.shallow_clone().g_mul_scalar_(scale);
-            }
-        });
+        if wire.is_some() {
+            tch::no_grad(|| {
+                for (grad, summed) in grads.iter().zip(&sent) {
+                    grad.shallow_clone().copy_(summed);
+                }
+            });
+        }
         if let Device::Cuda(index) = self.device {
             tch::Cuda::synchronize(index as i64);
         }

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor, nn};
 
 use super::checkpoint::{self, Latest};
-use super::cli::{BackendChoice, DeviceChoice, Precision, TrainArgs};
+use super::cli::{BackendChoice, DeviceChoice, Precision, TrainArgs, WireDtype};
 use super::data::{self, Dataset, Split};
 use super::ddp::{self, Backend};
 use super::model::{self, BertClassifier, BertConfig, Preset};
@@ -36,6 +36,8 @@ pub struct Summary {
     pub samples_per_s: f64,
     pub step_ms: f64,
     pub comm_fraction: f64,
+    /// Mean milliseconds per step spent in the gradient all-reduce.
+    pub comm_ms: f64,
     pub params_sha256: String,
     pub seconds: f64,
 }
@@ -51,6 +53,11 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
         (BackendChoice::Auto, _) => Backend::Gloo,
     };
     let mixed = matches!(args.precision, Precision::Bf16 | Precision::Fp16);
+    let wire = match args.allreduce_dtype {
+        WireDtype::Fp32 => None,
+        WireDtype::Bf16 => Some(Kind::BFloat16),
+        WireDtype::Fp16 => Some(Kind::Half),
+    };
     let mut scaler = LossScale::new(args.precision == Precision::Fp16);
     if args.batch_size == 0 || args.grad_accum == 0 || args.epochs == 0 {
         bail!("--batch-size, --grad-accum and --epochs must be at least 1");
@@ -205,7 +212,7 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
                 loss_sum += loss.double_value(&[]);
             }
             let grads = optimizer.grads();
-            if let Err(error) = collective.average_gradients(&grads) {
+            if let Err(error) = collective.average_gradients(&grads, wire) {
                 return Err(collective.failure(
                     rank,
                     &format!("gradient all-reduce at step {}", step + 1),
@@ -293,6 +300,7 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
         samples_per_s: samples_per_step / timing.mean().max(1e-9),
         step_ms,
         comm_fraction: collective.comm_seconds / timing.total.max(1e-9),
+        comm_ms: collective.comm_seconds * 1000.0 / timing.count.max(1) as f64,
         params_sha256,
         seconds: started.elapsed().as_secs_f64(),
     })
