@@ -9,6 +9,7 @@
 //! - [`shell`]: quoting for the remote shell, so arguments arrive as typed.
 //! - [`sync`]: the project onto every host: manifest, plan (pure), remote side, transfer.
 //! - [`preflight`]: `fleet check`'s probe script and its cross-host checks (pure).
+//! - [`netperf`]: `fleet net`'s link probe and the all-reduce cost model (pure).
 //! - [`launch`]: `fleet run`: rank plan (pure), job folder scripts, log followers, supervisor.
 //! - [`output`]: the printer (stdout data, stderr messages), colours, line assembly, sanitising.
 //! - [`exit_code`]: what the process's exit status means.
@@ -20,6 +21,7 @@ pub mod commands;
 pub mod exit_code;
 pub mod inventory;
 pub mod launch;
+pub mod netperf;
 pub mod output;
 pub mod preflight;
 pub mod shell;

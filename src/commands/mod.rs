@@ -7,6 +7,7 @@ mod exec;
 mod init;
 mod inventory;
 mod jobs;
+mod net;
 mod run;
 mod sync;
 mod table;
@@ -114,5 +115,6 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run::run(&fleet, &args).await,
         Command::Sync(args) => sync::run(&fleet, &args).await,
         Command::Inventory => inventory::run(&fleet),
+        Command::Net(args) => net::run(&fleet, &args).await,
     }
 }

@@ -1,0 +1,193 @@
+//! `fleet net`: the bandwidth (both ways) and round trip between the master and every other host,
+//! measured one host at a time with python3 on the hosts, and what that means for training: the
+//! all-reduce time per step and the speed-up over one GPU for a few settings.
+
+use anyhow::{Context, Result, bail};
+
+use super::{Fleet, table};
+use crate::cli::NetArgs;
+use crate::exit_code::ExitCode;
+use crate::netperf::{self, Link, Measured, PROBE_PY};
+use crate::output::Stream;
+use crate::shell;
+use crate::ssh::ExitStatus;
+
+pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
+    let inventory = fleet.inventory()?;
+    if inventory.hosts.len() < 2 {
+        bail!(
+            "fleet net needs two hosts or more; {} has one",
+            inventory.path.display()
+        );
+    }
+    let params = parameters(args)?;
+    let (targets, connected) = fleet.connect_all(&inventory).await?;
+    let mut sessions = Vec::with_capacity(connected.len());
+    for result in connected {
+        match result {
+            Ok(session) => sessions.push(session),
+            Err(e) => {
+                fleet.printer.error(&format!("{e}; nothing was measured"));
+                return Ok(ExitCode::Unreachable);
+            }
+        }
+    }
+    let master = &inventory.hosts[0].name;
+    let master_addr = inventory
+        .master_addr
+        .clone()
+        .unwrap_or_else(|| targets[0].addr.clone());
+    let port = inventory.master_port;
+    let seconds = format!("{}", args.seconds);
+
+    let serve = format!(
+        "python3 -c {} serve {port} {} {seconds}",
+        shell::quote(PROBE_PY),
+        sessions.len() - 1
+    );
+    let mut server = sessions[0].start(&shell::sh(&serve)).await?;
+    match server.next_line().await {
+        Some(line) if line.trim() == "listening" => {}
+        other => bail!(
+            "{master}: the measuring server did not start on port {port}: {} (is the port in use, or python3 missing?)",
+            other.unwrap_or_default().trim()
+        ),
+    }
+
+    let mut links = Vec::new();
+    for (host, session) in inventory.hosts.iter().zip(&sessions).skip(1) {
+        fleet
+            .printer
+            .info(&format!("measuring {master} <-> {} ...", host.name));
+        let measure = format!(
+            "python3 -c {} measure {} {port} {seconds}",
+            shell::quote(PROBE_PY),
+            shell::quote(&master_addr)
+        );
+        let (status, out, err) = session.capture(&shell::sh(&measure)).await?;
+        if status != ExitStatus::Code(0) {
+            bail!(
+                "{}: could not measure the link to {master_addr}:{port}: {}",
+                host.name,
+                String::from_utf8_lossy(&err).trim()
+            );
+        }
+        let measured: Measured = serde_json::from_slice(&out).with_context(|| {
+            format!(
+                "{}: unexpected answer {:?}",
+                host.name,
+                String::from_utf8_lossy(&out)
+            )
+        })?;
+        links.push(Link {
+            from: master.clone(),
+            to: host.name.clone(),
+            mbit_per_s: measured.down_mbit,
+            rtt_ms: measured.rtt_ms,
+        });
+        links.push(Link {
+            from: host.name.clone(),
+            to: master.clone(),
+            mbit_per_s: measured.up_mbit,
+            rtt_ms: measured.rtt_ms,
+        });
+    }
+    drop(server);
+    for session in sessions {
+        session.close().await;
+    }
+
+    let slowest = links
+        .iter()
+        .min_by(|a, b| a.mbit_per_s.total_cmp(&b.mbit_per_s))
+        .context("no link was measured")?;
+    let rtt = links.iter().map(|l| l.rtt_ms).fold(0.0, f64::max);
+    let estimate = netperf::estimate(
+        params,
+        inventory.world_size() as usize,
+        slowest.mbit_per_s,
+        rtt,
+        args.step_ms,
+    );
+
+    if fleet.printer.json() {
+        for link in &links {
+            fleet.printer.record(&serde_json::json!({"type": "link", "from": link.from, "to": link.to, "mbit_per_s": link.mbit_per_s, "rtt_ms": link.rtt_ms}));
+        }
+        let mut value = serde_json::to_value(&estimate)?;
+        value["type"] = "estimate".into();
+        fleet.printer.record(&value);
+        return Ok(ExitCode::Success);
+    }
+    let rows: Vec<Vec<String>> = links
+        .iter()
+        .map(|l| {
+            vec![
+                l.from.clone(),
+                l.to.clone(),
+                format!("{:.0}", l.mbit_per_s),
+                format!("{:.2}", l.rtt_ms),
+            ]
+        })
+        .collect();
+    let mut text = table::render(&["FROM", "TO", "MBIT/S", "RTT MS"], &rows);
+    text.push_str(&format!(
+        "\nall-reduce of {:.1} M parameters over {} ranks, slowest link {:.0} Mbit/s ({} -> {}):\n\
+         \x20 fp32 {:.0} ms, bf16 {:.0} ms per step; one step computes in {:.0} ms (--step-ms)\n",
+        params as f64 / 1e6,
+        estimate.ranks,
+        slowest.mbit_per_s,
+        slowest.from,
+        slowest.to,
+        estimate.allreduce_fp32_ms,
+        estimate.allreduce_bf16_ms,
+        estimate.step_ms
+    ));
+    let settings: Vec<Vec<String>> = estimate
+        .settings
+        .iter()
+        .map(|s| {
+            vec![
+                format!("{}", s.grad_accum),
+                format!("{:.2}x", s.speedup_fp32),
+                format!("{:.2}x", s.speedup_bf16),
+            ]
+        })
+        .collect();
+    text.push_str(&table::render(
+        &["GRAD-ACCUM", "SPEED-UP FP32", "SPEED-UP BF16"],
+        &settings,
+    ));
+    text.push_str(&format!("recommended: {}\n", estimate.recommendation));
+    fleet.printer.write(Stream::Stdout, &text);
+    Ok(ExitCode::Success)
+}
+
+/// The model size: --params, a model directory's config.json, or BERT-base.
+fn parameters(args: &NetArgs) -> Result<u64> {
+    if let Some(params) = args.params {
+        return Ok(params);
+    }
+    let Some(dir) = &args.model else {
+        return Ok(netperf::bert_base_parameters());
+    };
+    let path = dir.join("config.json");
+    let text = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let config: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let field = |name: &str, default: Option<u64>| {
+        config
+            .get(name)
+            .and_then(serde_json::Value::as_u64)
+            .or(default)
+            .with_context(|| format!("{}: no {name}", path.display()))
+    };
+    Ok(netperf::bert_parameters(
+        field("vocab_size", None)?,
+        field("hidden_size", None)?,
+        field("num_hidden_layers", None)?,
+        field("intermediate_size", None)?,
+        field("max_position_embeddings", Some(512))?,
+        field("num_labels", Some(2))?,
+    ))
+}

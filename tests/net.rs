@@ -1,0 +1,54 @@
+//! `fleet net` against the test bed with one host's link shaped to 100 Mbit/s (tbf on both
+//! ends of its veth). It shapes the test bed, so it lives in a test binary of its own.
+
+mod common;
+
+use common::{Fleet, Restore, Testbed};
+use serde_json::Value;
+
+#[test]
+fn a_shaped_link_is_measured_near_its_rate_and_the_others_far_above() {
+    let tb = Testbed::get();
+    tb.control(&["shape", "host2", "100mbit"]);
+    let _restore = Restore {
+        tb: &tb,
+        args: ["unshape", "host2"],
+    };
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(tb.inventory())
+        .args(["--json", "net", "--seconds", "1"])
+        .run();
+    run.assert_code(0);
+    let records: Vec<Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let links: Vec<&Value> = records.iter().filter(|r| r["type"] == "link").collect();
+    assert_eq!(links.len(), 4, "{}", run.stdout);
+    for link in &links {
+        let (from, to) = (link["from"].as_str().unwrap(), link["to"].as_str().unwrap());
+        let rate = link["mbit_per_s"].as_f64().unwrap();
+        assert!(link["rtt_ms"].as_f64().unwrap() >= 0.0);
+        if from == "host2" || to == "host2" {
+            assert!(
+                (70.0..=130.0).contains(&rate),
+                "{from} -> {to}: {rate} Mbit/s, shaped to 100"
+            );
+        } else {
+            assert!(rate > 500.0, "{from} -> {to}: {rate} Mbit/s, not shaped");
+        }
+    }
+    let estimate = records
+        .iter()
+        .find(|r| r["type"] == "estimate")
+        .expect("an estimate");
+    assert_eq!(estimate["ranks"], 3);
+    let bottleneck = estimate["bottleneck_mbit"].as_f64().unwrap();
+    assert!((70.0..=130.0).contains(&bottleneck), "{estimate}");
+    // 109.5 M fp32 parameters over 3 ranks on ~100 Mbit/s: about 47 s per step, bf16 half.
+    let fp32 = estimate["allreduce_fp32_ms"].as_f64().unwrap();
+    assert!((30_000.0..70_000.0).contains(&fp32), "{estimate}");
+    assert!((estimate["allreduce_bf16_ms"].as_f64().unwrap() * 2.0 - fp32).abs() < 1.0);
+}
