@@ -30,6 +30,8 @@ pub struct Summary {
     pub device: String,
     pub steps: u64,
     pub epochs: u64,
+    /// Trainable parameters (what each all-reduce moves, times the bytes of its dtype).
+    pub params: i64,
     pub train_loss: f64,
     pub val_loss: f64,
     pub val_accuracy: f64,
@@ -294,6 +296,7 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
         device: format!("{device:?}").to_lowercase(),
         steps: step,
         epochs: args.epochs,
+        params: params.iter().map(|(_, t)| t.numel() as i64).sum(),
         train_loss,
         val_loss: last.loss,
         val_accuracy: last.accuracy,
