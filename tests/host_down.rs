@@ -188,3 +188,100 @@ fn a_host_crashing_during_a_sync_is_named_and_a_rerun_completes() {
             .any(|e| e.file_name().to_string_lossy().starts_with(".fleet-tmp."))
     );
 }
+
+#[test]
+fn a_link_cut_shorter_than_the_keepalive_budget_loses_nothing() {
+    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    let project = common::Project::new("cut-short");
+    project.write("README", "job\n");
+    // 40 lines over 8 s on every rank; host2's link is down for 4 s of them (the budget is
+    // 3 keepalives 5 s apart).
+    let ticks =
+        "echo ready; i=0; while [ $i -lt 40 ]; do i=$((i+1)); echo tick $i; sleep 0.2; done";
+    let (mut child, _home) = project.fleet(&["run", "--", "sh", "-c", ticks]).spawn();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    common::await_lines(&mut stdout, "ready", 3);
+    project.tb.control(&["cut", "host2"]);
+    let restore = Restore {
+        tb: &project.tb,
+        args: ["heal", "host2"],
+    };
+    let cut_at = std::time::Instant::now();
+    while cut_at.elapsed() < std::time::Duration::from_secs(4) {
+        // Polling the clock, not sleeping: the cut lasts as long as this loop.
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() == 0 {
+            break;
+        }
+    }
+    drop(restore);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let code = common::wait(&mut child);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        rest.contains("[1 host2] tick 40"),
+        "host2's last line is missing:\n{rest}"
+    );
+}
+
+#[test]
+fn a_link_cut_longer_than_the_keepalive_budget_loses_the_host_and_stop_cleans_up_after_heal() {
+    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    let project = common::Project::new("cut-long");
+    project.write("README", "job\n");
+    let (mut child, home) = project
+        .fleet(&[
+            "run",
+            "--grace",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 6020",
+        ])
+        .spawn();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    common::await_lines(&mut stdout, "ready", 3);
+    project.tb.control(&["cut", "host2"]);
+    let restore = Restore {
+        tb: &project.tb,
+        args: ["heal", "host2"],
+    };
+    let code = common::wait_for(&mut child, std::time::Duration::from_secs(90));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains("host2: lost while the job ran"), "{stderr}");
+    for host in ["host1", "host3"] {
+        assert_eq!(
+            project.remaining_on(host, "sleep 6020"),
+            "",
+            "{host} still runs the job"
+        );
+    }
+    drop(restore);
+    // Back on the network, host2 still runs its rank: fleet ps says so, fleet stop ends it.
+    let ps = common::Fleet::in_home(home.path())
+        .arg("-i")
+        .arg(&project.inventory)
+        .arg("ps")
+        .run();
+    assert!(
+        ps.stdout
+            .lines()
+            .any(|l| l.contains("host2") && l.contains("running")),
+        "{}\n{}",
+        ps.stdout,
+        ps.stderr
+    );
+    let stop = common::Fleet::in_home(home.path())
+        .arg("-i")
+        .arg(&project.inventory)
+        .arg("stop")
+        .run();
+    stop.assert_code(0);
+    assert_eq!(project.remaining("sleep 6020"), Vec::<String>::new());
+}
