@@ -13,12 +13,14 @@
 //! - [`launch`]: `fleet run`: rank plan (pure), job folder scripts, log followers, supervisor.
 //! - [`output`]: the printer (stdout data, stderr messages), colours, line assembly, sanitising.
 //! - [`exit_code`]: what the process's exit status means.
+//! - [`files`]: local folders created for the user alone.
 //!
 //! The controller never links libtorch; the trainer `fleet-train` (feature `train`) does.
 
 pub mod cli;
 pub mod commands;
 pub mod exit_code;
+pub mod files;
 pub mod inventory;
 pub mod launch;
 pub mod netperf;

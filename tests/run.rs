@@ -628,3 +628,49 @@ fn a_rank_killed_with_its_wrapper_is_noticed_and_the_job_stops() {
     );
     assert_eq!(job.remaining("sleep 1000"), Vec::<String>::new());
 }
+
+#[test]
+fn no_secret_reaches_the_output_or_the_run_folder_and_it_is_private() {
+    let job = job("run-secrets");
+    let key = std::fs::read_to_string(job.tb.key()).unwrap();
+    // The body of the private key, line by line, and an agent socket path that must not leak.
+    let secrets: Vec<String> = key
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 20)
+        .map(str::to_string)
+        .chain(["/tmp/agent-socket-that-must-not-leak".to_string()])
+        .collect();
+    let run = job
+        .fleet(&["--json", "run", "--", "sh", "-c", "echo done"])
+        .run_with_env("SSH_AUTH_SOCK", "/tmp/agent-socket-that-must-not-leak");
+    run.assert_code(0);
+    let runs = job.root().join("runs");
+    let mut written = String::new();
+    for entry in walkdir::WalkDir::new(&runs) {
+        let entry = entry.unwrap();
+        if entry.file_type().is_dir() {
+            let mode =
+                std::os::unix::fs::PermissionsExt::mode(&entry.metadata().unwrap().permissions());
+            if entry.path() != runs {
+                assert_eq!(
+                    mode & 0o077,
+                    0,
+                    "{} is open to others",
+                    entry.path().display()
+                );
+            }
+        } else {
+            written.push_str(&std::fs::read_to_string(entry.path()).unwrap());
+        }
+    }
+    assert!(written.contains("done"), "the run folder holds the log");
+    for secret in &secrets {
+        for (what, text) in [
+            ("stdout", &run.stdout),
+            ("stderr", &run.stderr),
+            ("runs/", &written),
+        ] {
+            assert!(!text.contains(secret.as_str()), "{what} holds {secret:?}");
+        }
+    }
+}

@@ -214,7 +214,7 @@ async fn restart_loop(
     fleet
         .printer
         .info(&format!("{text}; logs in {}", runs.display()));
-    if std::fs::create_dir_all(runs).is_ok() {
+    if crate::files::create_private_dir(runs).is_ok() {
         let summary = serde_json::json!({
             "job_id": job_id, "command": command, "restarts": restarts,
             "steps_trained_again": redone, "exit_code": code.code(), "attempts": records,
@@ -395,7 +395,7 @@ async fn start(
         }
         return Ok(not_started(ExitCode::Success));
     }
-    let run_dir = match std::fs::create_dir_all(&attempt.run_dir) {
+    let run_dir = match crate::files::create_private_dir(&attempt.run_dir) {
         Ok(()) => Some(attempt.run_dir.clone()),
         Err(e) => {
             fleet.printer.warn(&format!(

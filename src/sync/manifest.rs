@@ -440,7 +440,8 @@ impl HashCache {
         };
         if let Ok(bytes) = serde_json::to_vec(&data) {
             let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
-            if std::fs::create_dir_all(dir).is_ok() && std::fs::write(&tmp, bytes).is_ok() {
+            if crate::files::create_private_dir(dir).is_ok() && std::fs::write(&tmp, bytes).is_ok()
+            {
                 let _ = std::fs::rename(&tmp, file);
             }
         }
