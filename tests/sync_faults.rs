@@ -271,3 +271,42 @@ fn an_unreadable_file_is_named_and_nothing_is_sent() {
         );
     }
 }
+
+#[test]
+fn a_full_disk_during_a_run_stops_the_job_and_names_the_host() {
+    let p = Project::new("disk-full-run");
+    // host1's workdir holds 1 MB; every rank prints 3 MB, which lands in its log there.
+    p.tb.ssh(
+        "host1",
+        &format!(
+            "mkdir -p '{0}' && mount -t tmpfs -o size=1m fleet-test '{0}'",
+            p.workdir("host1")
+        ),
+    );
+    let _unmount = Unmount(&p, "host1");
+    p.write("README", "job\n");
+    let port = 29690u16;
+    p.edit_inventory(|text| {
+        text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1)
+    });
+    // fleet check would refuse a host with under 1 GB free: this is the disk filling up later.
+    let run = p
+        .fleet(&[
+            "run",
+            "--no-check",
+            "--",
+            "sh",
+            "-c",
+            "head -c 3000000 /dev/zero | tr '\\0' x; echo",
+        ])
+        .run();
+    // Not even the exit status fits on that disk: the rank is seen gone (exit 255), and why.
+    assert_eq!(run.code, Some(255), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("rank 0 on host1 vanished"),
+        "{}",
+        run.stderr
+    );
+    let expected = format!("host1: the disk holding {} is full", p.workdir("host1"));
+    assert!(run.stderr.contains(&expected), "{}", run.stderr);
+}

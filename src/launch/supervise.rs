@@ -314,6 +314,7 @@ impl Supervisor<'_> {
             .as_ref()
             .map(|r| if r.found { r.step } else { 0 });
         if let Some(p) = outcome.first_failure {
+            self.note_full_disk(self.job.processes[p].host).await;
             let tail = &tracks[p].tail;
             if !tail.is_empty() {
                 let mut text = format!("last {} lines of {}:\n", tail.len(), self.describe(p));
@@ -402,6 +403,25 @@ impl Supervisor<'_> {
                 }
             })
             .collect()
+    }
+
+    /// A rank whose output lands on a full disk fails without a word (its last lines could not
+    /// be written either), so the host's free space is looked at and named when it is gone.
+    async fn note_full_disk(&self, host: usize) {
+        let script = format!("df -Pk {} | awk 'NR==2 {{print $4}}'", self.workdirs[host]);
+        let asked =
+            tokio::time::timeout(WATCH, self.sessions[host].capture(&shell::sh(&script))).await;
+        let Ok(Ok((_, out, _))) = asked else { return };
+        let free_kib: u64 = String::from_utf8_lossy(&out)
+            .trim()
+            .parse()
+            .unwrap_or(u64::MAX);
+        if free_kib < 64 {
+            self.printer.error(&format!(
+                "{}: the disk holding {} is full ({free_kib} KiB free): the job's output could not be written there",
+                self.host_names[host], self.workdirs[host]
+            ));
+        }
     }
 
     /// The processes not yet ended that their host reports as gone without an exit status.
