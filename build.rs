@@ -100,8 +100,11 @@ fn build_shim() -> Result<(), String> {
     }
     // Nothing references libtorch_cuda by symbol, so --as-needed would drop it and CUDA tensors
     // would fail with "Could not run 'aten::empty.memory_format' ... 'CUDA' backend".
+    // Only in fleet-train: the controller built from the same crate must not load libtorch.
     if lib.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state");
+        println!(
+            "cargo:rustc-link-arg-bin=fleet-train=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state"
+        );
     }
     Ok(())
 }

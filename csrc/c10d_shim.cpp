@@ -65,8 +65,6 @@ Group& group_of(void* group) {
 c10d::ReduceOp reduce_op(int op) {
   switch (op) {
     case 0: return c10d::ReduceOp(c10d::ReduceOp::SUM);
-    case 1: return c10d::ReduceOp(c10d::ReduceOp::MIN);
-    case 2: return c10d::ReduceOp(c10d::ReduceOp::MAX);
     default: throw std::invalid_argument("unknown reduce op " + std::to_string(op));
   }
 }
@@ -298,8 +296,5 @@ char* fleet_c10d_broadcast(void* group, at::Tensor** tensors, size_t n, int root
   });
 }
 
-char* fleet_c10d_barrier(void* group) {
-  return guarded([&] { group_of(group)->barrier(c10d::BarrierOptions())->wait(); });
-}
 
 }  // extern "C"

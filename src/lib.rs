@@ -15,7 +15,8 @@
 //! - [`exit_code`]: what the process's exit status means.
 //! - [`files`]: local folders created for the user alone.
 //!
-//! The controller never links libtorch; the trainer `fleet-train` (feature `train`) does.
+//! The controller never links libtorch; the trainer `fleet-train` (feature `train`) does, and
+//! its modules (`src/train/`) are compiled into that binary alone.
 
 pub mod cli;
 pub mod commands;
@@ -29,5 +30,3 @@ pub mod preflight;
 pub mod shell;
 pub mod ssh;
 pub mod sync;
-#[cfg(feature = "train")]
-pub mod train;

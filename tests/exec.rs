@@ -465,3 +465,56 @@ fn hostile_output_is_bounded_and_defused_on_a_terminal() {
         "an escape sequence reached the terminal: {text:?}"
     );
 }
+
+#[test]
+fn a_gigabyte_of_output_streams_through_in_bounded_memory() {
+    let tb = Testbed::get();
+    // 350 MB per host without a newline: 1.05 GB in all, in pieces of at most 1 MiB.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args(["-i"])
+        .arg(tb.inventory())
+        .args([
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "head -c 350000000 /dev/zero | tr '\\0' x",
+        ])
+        .env("HOME", tempfile::tempdir().unwrap().path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            match std::io::Read::read(&mut stdout, &mut buffer) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += buffer[..n].iter().filter(|&&b| b == b'x').count() as u64,
+            }
+        }
+    });
+    let status = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "fleet did not end");
+        if let Ok(text) = std::fs::read_to_string(&status) {
+            if let Some(kib) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            {
+                peak_kib = peak_kib.max(kib);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(reader.join().unwrap(), 3 * 350_000_000, "bytes were lost");
+    assert!(peak_kib > 0, "never saw fleet's memory");
+    assert!(
+        peak_kib < 64 * 1024,
+        "fleet held {peak_kib} KiB for 1 GB of output"
+    );
+}

@@ -47,3 +47,21 @@ fn the_shim_references_only_gloo_symbols_that_libtorch_exports() {
     assert!(missing.is_empty(), "{library} does not export {missing:?}");
     eprintln!("gloo symbols the shim references, all exported: {referenced:#?}");
 }
+
+#[test]
+fn the_controller_needs_no_libtorch_even_in_a_build_with_the_trainer() {
+    let output = Command::new("readelf")
+        .args(["--dynamic", env!("CARGO_BIN_EXE_fleet")])
+        .output()
+        .expect("readelf runs");
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    let needed: Vec<&str> = text.lines().filter(|l| l.contains("(NEEDED)")).collect();
+    assert!(!needed.is_empty(), "{text}");
+    assert!(
+        needed
+            .iter()
+            .all(|l| !l.contains("torch") && !l.contains("c10")),
+        "fleet loads libtorch: {needed:#?}"
+    );
+}

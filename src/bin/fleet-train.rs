@@ -1,10 +1,19 @@
 //! fleet-train: parses the command line, runs the command and maps failure to exit status 1,
 //! with the rank and host in front of every error so merged logs say who failed.
 
+// The trainer's modules are compiled into this binary only, not into the library the
+// controller links: `fleet` must never load libtorch, even in a build with feature `train`.
+#[path = "../train/mod.rs"]
+mod train;
+
+// The c10d shim that build.rs compiles is attached to the library crate: linking the library
+// brings it in (the controller, which references none of it, links none of it).
+extern crate fleet;
+
 use clap::Parser;
 
-use fleet::train::cli::{Cli, Command};
-use fleet::train::{ddp, gendata, rank::Rank, trainer};
+use train::cli::{Cli, Command};
+use train::{ddp, gendata, rank::Rank, trainer};
 
 fn main() {
     ddp::init_logging();

@@ -113,10 +113,6 @@ impl Dataset {
     pub fn len(&self) -> usize {
         self.texts.len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.texts.is_empty()
-    }
 }
 
 fn row_error(path: &Path, error: &csv::Error) -> DataError {

@@ -92,7 +92,6 @@ mod shim {
             n: usize,
             root: c_int,
         ) -> *mut c_char;
-        pub fn fleet_c10d_barrier(group: *mut c_void) -> *mut c_char;
     }
 }
 
@@ -196,8 +195,6 @@ pub fn autocast<T>(
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReduceOp {
     Sum = 0,
-    Min = 1,
-    Max = 2,
 }
 
 /// The TCP key-value store the ranks meet at: rank 0 serves it on MASTER_ADDR:MASTER_PORT.
@@ -317,7 +314,6 @@ impl Backend {
 /// A process group over all ranks: the collectives that average gradients.
 pub struct ProcessGroup {
     handle: *mut c_void,
-    backend: Backend,
 }
 
 // SAFETY: c10d process groups are designed to be driven from any one thread at a time.
@@ -342,10 +338,7 @@ impl ProcessGroup {
             shim::fleet_c10d_gloo_new(store.0, rank, size, bind.as_ptr(), timeout_ms, &mut handle)
         })
         .check()?;
-        Ok(ProcessGroup {
-            handle,
-            backend: Backend::Gloo,
-        })
+        Ok(ProcessGroup { handle })
     }
 
     /// An NCCL group (CUDA tensors only); its communicator is made by the first collective.
@@ -362,14 +355,7 @@ impl ProcessGroup {
             shim::fleet_c10d_nccl_new(store.0, rank, size, timeout_ms, &mut handle)
         })
         .check()?;
-        Ok(ProcessGroup {
-            handle,
-            backend: Backend::Nccl,
-        })
-    }
-
-    pub fn backend(&self) -> Backend {
-        self.backend
+        Ok(ProcessGroup { handle })
     }
 
     /// One collective over all `tensors` (same dtype and device), reduced in place.
@@ -407,11 +393,6 @@ impl ProcessGroup {
             shim::fleet_c10d_broadcast(self.handle, pointers.as_ptr(), pointers.len(), root)
         })
         .check()
-    }
-
-    pub fn barrier(&self) -> Result<(), CommError> {
-        // SAFETY: the group handle is live.
-        ShimResult(unsafe { shim::fleet_c10d_barrier(self.handle) }).check()
     }
 }
 

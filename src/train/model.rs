@@ -177,7 +177,6 @@ struct Layer {
 
 pub struct BertClassifier {
     pub config: BertConfig,
-    pub num_labels: i64,
     word_embeddings: Tensor,
     position_embeddings: Tensor,
     token_type_embeddings: Tensor,
@@ -234,7 +233,6 @@ impl BertClassifier {
         let classifier = Linear::new(root / "classifier", h, num_labels);
         BertClassifier {
             config,
-            num_labels,
             word_embeddings,
             position_embeddings,
             token_type_embeddings,

@@ -92,10 +92,6 @@ impl AdamW {
             .collect()
     }
 
-    pub fn steps(&self) -> i64 {
-        self.steps
-    }
-
     /// The moment estimates, named `adam.first.<param>` and `adam.second.<param>`.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         self.params
