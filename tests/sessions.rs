@@ -24,10 +24,12 @@ fn runs_back_to_back_leave_no_session_behind() {
     };
     job.fleet(&["run", "--", "true"]).run().assert_code(0);
     let before = sessions(&job);
-    for _ in 0..10 {
+    for _ in 0..20 {
         job.fleet(&["run", "--no-sync", "--", "true"])
             .run()
             .assert_code(0);
     }
     assert_eq!(sessions(&job), before);
+    // Nor a process: every rank's wrapper has ended.
+    assert_eq!(job.remaining("fleet-rank"), Vec::<String>::new());
 }
