@@ -607,15 +607,16 @@ fn json_lines_carry_rank_and_host() {
 fn a_rank_killed_with_its_wrapper_is_noticed_and_the_job_stops() {
     let job = job("run-vanished");
     let (mut child, _home) = job
-        .fleet(&["run", "--", "sh", "-c", "echo ready; exec sleep 1000"])
+        .fleet(&["run", "--", "sh", "-c", "echo ready; exec sleep 6031"])
         .spawn();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     await_lines(&mut stdout, "ready", 3);
-    // The wrapper that would record the exit status dies first, then the rank: nothing is
-    // ever written, and only asking the host shows that the process is gone.
+    // The wrapper that would record the exit status dies first (only this job's: its command
+    // line holds the script), then the rank: nothing is ever written, and only asking the host
+    // shows that the process is gone.
     job.tb.ssh(
         "host2",
-        "pkill -KILL -f '[f]leet-rank'; pkill -KILL -f '[s]leep 1000'",
+        "pkill -KILL -f '[e]xec sleep 6031'; pkill -KILL -f '^sleep 6031'",
     );
     let mut stderr = child.stderr.take().unwrap();
     let code = common::wait_for(&mut child, Duration::from_secs(60));
@@ -626,7 +627,16 @@ fn a_rank_killed_with_its_wrapper_is_noticed_and_the_job_stops() {
         text.contains("rank 1 on host2 vanished: its process group is gone"),
         "{text}"
     );
-    assert_eq!(job.remaining("sleep 1000"), Vec::<String>::new());
+    assert_eq!(job.remaining("sleep 6031"), Vec::<String>::new());
+    // fleet logs -f shows what there is and does not wait for an exit status that cannot come.
+    let logs = job.fleet(&["logs", "-f"]).run();
+    assert!(
+        logs.stderr
+            .contains("host2: rank 1 is gone without an exit status"),
+        "{}",
+        logs.stderr
+    );
+    assert_eq!(logs.stdout.matches("ready").count(), 3, "{}", logs.stdout);
 }
 
 #[test]

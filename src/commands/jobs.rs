@@ -243,11 +243,20 @@ pub async fn logs(fleet: &Fleet, args: &LogsArgs) -> Result<ExitCode> {
             if args.rank.as_ref().is_some_and(|r| *r != label) {
                 continue;
             }
+            // A process gone without an exit status will never write one: its log is shown to
+            // the end, not waited on.
+            let vanished = p.state == "lost";
+            if vanished && args.follow {
+                fleet.printer.warn(&format!(
+                    "{}: rank {label} is gone without an exit status (killed with its wrapper?)",
+                    inventory.hosts[host_index].name
+                ));
+            }
             followed.push(Followed {
                 process: described.len(),
                 stem: p.stem.clone(),
                 offset: 0,
-                until_exit: args.follow,
+                until_exit: args.follow && !vanished,
             });
             described.push((label, inventory.hosts[host_index].name.clone(), host_index));
         }
