@@ -1,5 +1,5 @@
 //! PyTorch's c10d from Rust: the TCP store and the Gloo and NCCL process groups, through the C
-//! shim in `csrc/c10d_shim.cpp`. This is the only module of the crate with `unsafe` code.
+//! shim in `csrc/c10d_shim.cpp`. This is the trainer's only module with `unsafe` code.
 //!
 //! Every shim call returns either nothing (success) or a message it allocated, which
 //! [`ShimResult::check`] turns into a [`CommError`] and frees. Handles are owned by [`Store`] and

@@ -6,7 +6,7 @@
 //! - [`tokenizer`]: a model's tokenizer, or a WordPiece vocabulary built from the text.
 //! - [`model`]: BERT with a classification head, Hugging Face parameter names.
 //! - [`optim`]: AdamW, the warm-up/decay schedule, gradient clipping.
-//! - [`ddp`]: the c10d shim (store, Gloo, NCCL); the crate's only `unsafe`.
+//! - [`ddp`]: the c10d shim (store, Gloo, NCCL); the trainer's only `unsafe`.
 //! - [`rank`]: the torchrun environment and the collectives the loop uses.
 //! - [`trainer`]: the loop, validation, checkpoints, export and the summary line.
 //! - [`checkpoint`]: atomic checkpoints and the exported model directory.
