@@ -208,6 +208,8 @@ impl Supervisor<'_> {
         let mut watch = tokio::time::interval_at(tokio::time::Instant::now() + WATCH, WATCH);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut suspects: Vec<usize> = Vec::new();
+        // The hosts are asked in the background, so a slow answer never holds up the log.
+        let mut checks: FuturesUnordered<BoxFuture<'_, Vec<usize>>> = FuturesUnordered::new();
         if stop_first {
             self.begin_stop(&mut stopping, &mut kill_at);
         }
@@ -266,8 +268,12 @@ impl Supervisor<'_> {
                         break;
                     }
                 }
-                _ = watch.tick() => {
-                    let gone = self.vanished(&tracks).await;
+                _ = watch.tick(), if checks.is_empty() => {
+                    let open: Vec<usize> = (0..tracks.len()).filter(|&p| !tracks[p].ended).collect();
+                    checks.push(Box::pin(self.vanished(open)));
+                }
+                Some(gone) = checks.next(), if !checks.is_empty() => {
+                    let gone: Vec<usize> = gone.into_iter().filter(|&p| !tracks[p].ended).collect();
                     for &process in gone.iter().filter(|p| suspects.contains(p)) {
                         tracks[process].ended = true;
                         outcome.exits[process] = Some(VANISHED);
@@ -424,8 +430,9 @@ impl Supervisor<'_> {
         }
     }
 
-    /// The processes not yet ended that their host reports as gone without an exit status.
-    async fn vanished(&self, tracks: &[Track]) -> Vec<usize> {
+    /// Which of the `open` processes their host reports as gone without an exit status.
+    async fn vanished(&self, open: Vec<usize>) -> Vec<usize> {
+        let open = &open;
         let asks = self
             .sessions
             .iter()
@@ -434,7 +441,7 @@ impl Supervisor<'_> {
                 let open: Vec<&super::Process> = self
                     .job
                     .on_host(host)
-                    .filter(|p| !tracks[p.index].ended)
+                    .filter(|p| open.contains(&p.index))
                     .collect();
                 if open.is_empty() {
                     return Vec::new();
