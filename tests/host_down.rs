@@ -104,19 +104,7 @@ fn a_host_crashing_during_a_run_stops_the_others_and_is_named() {
     let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
     let project = common::Project::new("crash-during-run");
     project.write("README", "job\n");
-    let (mut child, _home) = project
-        .fleet(&[
-            "run",
-            "--grace",
-            "2",
-            "--",
-            "sh",
-            "-c",
-            "echo ready; exec sleep 6010",
-        ])
-        .spawn();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    common::await_lines(&mut stdout, "ready", 3);
+    let (mut child, _home, _stdout) = project.start_sleepers(6010);
     project.tb.control(&["stop", "host3"]);
     let _restore = Restore {
         tb: &project.tb,
@@ -232,19 +220,7 @@ fn a_link_cut_longer_than_the_keepalive_budget_loses_the_host_and_stop_cleans_up
     let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
     let project = common::Project::new("cut-long");
     project.write("README", "job\n");
-    let (mut child, home) = project
-        .fleet(&[
-            "run",
-            "--grace",
-            "2",
-            "--",
-            "sh",
-            "-c",
-            "echo ready; exec sleep 6020",
-        ])
-        .spawn();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    common::await_lines(&mut stdout, "ready", 3);
+    let (mut child, home, _stdout) = project.start_sleepers(6020);
     project.tb.control(&["cut", "host2"]);
     let restore = Restore {
         tb: &project.tb,

@@ -137,19 +137,7 @@ fn the_first_failure_stops_every_rank_and_its_code_is_fleets() {
 #[test]
 fn ctrl_c_stops_every_rank_and_exits_130() {
     let job = job("run-interrupt");
-    let (mut child, _home) = job
-        .fleet(&[
-            "run",
-            "--grace",
-            "2",
-            "--",
-            "sh",
-            "-c",
-            "echo ready; exec sleep 6002",
-        ])
-        .spawn();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    await_lines(&mut stdout, "ready", 3);
+    let (mut child, _home, _stdout) = job.start_sleepers(6002);
     interrupt(&child);
     assert_eq!(wait(&mut child), Some(130));
     let mut stderr = String::new();

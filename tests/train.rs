@@ -175,14 +175,15 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-#[test]
-fn three_gloo_ranks_on_shards_equal_one_process_on_the_whole_batch() {
-    let _cores = cores();
+/// Trains 600 generated rows (540 for training) in double precision without dropout for `steps`
+/// steps, once in one process with 12 rows a step and once on three Gloo ranks with `ranks`
+/// (their batch and accumulation, 12 rows a step in all). Checks that the ranks agree, and
+/// returns the relative difference between their parameters and the one process's, with the
+/// workspace. Double precision because in float32, summing in another order changes gradients
+/// that are zero in exact arithmetic (the attention key bias) by ~1e-9, and Adam, dividing by
+/// their root mean square, turns that noise into full-size steps.
+fn sharded_against_one_process(steps: &str, ranks: &[&str]) -> (f64, Workspace) {
     let ws = Workspace::new(600);
-    // 540 training rows: 45 steps of 12 rows for one process, of 3 × 4 rows for three ranks.
-    // In double precision: in float32, summing in another order changes gradients that are
-    // zero in exact arithmetic (the attention key bias) by ~1e-9, and Adam, dividing by their
-    // root mean square, turns that noise into full-size steps.
     let common = [
         "--data",
         "data.csv",
@@ -192,13 +193,13 @@ fn three_gloo_ranks_on_shards_equal_one_process_on_the_whole_batch() {
         "1",
         "--precision",
         "fp64",
+        "--max-steps",
+        steps,
     ];
     let one = ws.trainer(
         &[
             &common[..],
             &[
-                "--max-steps",
-                "20",
                 "--batch-size",
                 "12",
                 "--output",
@@ -214,16 +215,8 @@ fn three_gloo_ranks_on_shards_equal_one_process_on_the_whole_batch() {
         3,
         &[
             &common[..],
-            &[
-                "--max-steps",
-                "20",
-                "--batch-size",
-                "4",
-                "--output",
-                "three",
-                "--checkpoint-dir",
-                "c3",
-            ],
+            ranks,
+            &["--output", "three", "--checkpoint-dir", "c3"],
         ]
         .concat(),
     );
@@ -234,32 +227,46 @@ fn three_gloo_ranks_on_shards_equal_one_process_on_the_whole_batch() {
             "ranks disagree: {sums:?}"
         );
         assert_eq!(s["world_size"], 3);
-        assert_eq!(s["steps"], 20);
+        assert_eq!(
+            s["steps"].as_u64().map(|n| n.to_string()).as_deref(),
+            Some(steps)
+        );
         assert_eq!(s["backend"], "gloo");
     }
-    let single = weights(&ws.path().join("one/model.safetensors"));
-    let sharded = weights(&ws.path().join("three/model.safetensors"));
-    let difference = relative_difference(&sharded, &single);
+    let difference = relative_difference(
+        &weights(&ws.path().join("three/model.safetensors")),
+        &weights(&ws.path().join("one/model.safetensors")),
+    );
+    (difference, ws)
+}
+
+#[test]
+fn three_gloo_ranks_on_shards_equal_one_process_on_the_whole_batch() {
+    let _cores = cores();
+    let (difference, ws) = sharded_against_one_process("20", &["--batch-size", "4"]);
     eprintln!("three ranks vs one process after 20 steps: relative difference {difference:.2e}");
     assert!(difference < 1e-5, "relative difference {difference}");
     // Training changed the weights: equal because of the all-reduce, not because nothing moved.
-    let untrained = ws.trainer(
-        &[
-            &common[..],
-            &[
-                "--batch-size",
-                "12",
-                "--max-steps",
-                "0",
-                "--output",
-                "zero",
-                "--checkpoint-dir",
-                "c0",
-            ],
-        ]
-        .concat(),
-    );
+    let untrained = ws.trainer(&[
+        "--data",
+        "data.csv",
+        "--dropout",
+        "0",
+        "--epochs",
+        "1",
+        "--precision",
+        "fp64",
+        "--max-steps",
+        "0",
+        "--batch-size",
+        "12",
+        "--output",
+        "zero",
+        "--checkpoint-dir",
+        "c0",
+    ]);
     summary(&untrained);
+    let single = weights(&ws.path().join("one/model.safetensors"));
     let zero = weights(&ws.path().join("zero/model.safetensors"));
     assert!(relative_difference(&single, &zero) > 1e-3);
 }
@@ -1002,58 +1009,9 @@ fn a_host_lost_for_good_leaves_and_the_job_finishes_on_the_others_with_min_hosts
 #[test]
 fn grad_accum_on_three_ranks_equals_one_process_with_the_whole_batch() {
     let _cores = cores();
-    let ws = Workspace::new(600);
-    // 540 training rows; one process takes 12 a step, three ranks 2 micro-batches of 2 each.
-    let common = [
-        "--data",
-        "data.csv",
-        "--dropout",
-        "0",
-        "--epochs",
-        "1",
-        "--precision",
-        "fp64",
-        "--max-steps",
-        "10",
-    ];
-    summary(
-        &ws.trainer(
-            &[
-                &common[..],
-                &[
-                    "--batch-size",
-                    "12",
-                    "--output",
-                    "one",
-                    "--checkpoint-dir",
-                    "c1",
-                ],
-            ]
-            .concat(),
-        ),
-    );
-    let runs = ws.same_ranks(
-        3,
-        &[
-            &common[..],
-            &[
-                "--batch-size",
-                "2",
-                "--grad-accum",
-                "2",
-                "--output",
-                "three",
-                "--checkpoint-dir",
-                "c3",
-            ],
-        ]
-        .concat(),
-    );
-    assert!(runs.iter().map(summary).all(|s| s["steps"] == 10));
-    let difference = relative_difference(
-        &weights(&ws.path().join("three/model.safetensors")),
-        &weights(&ws.path().join("one/model.safetensors")),
-    );
+    // Each rank: two micro-batches of 2 rows per step.
+    let (difference, _ws) =
+        sharded_against_one_process("10", &["--batch-size", "2", "--grad-accum", "2"]);
     assert!(difference < 1e-5, "relative difference {difference}");
 }
 

@@ -329,6 +329,26 @@ impl Project {
     pub fn fleet(&self, args: &[&str]) -> Fleet {
         Fleet::new().arg("-i").arg(&self.inventory).args(args)
     }
+
+    /// `fleet run --grace 2` of ranks that print "ready" and then `sleep <tag>` (a number other
+    /// tests do not use, so `remaining` finds exactly these), returned once every rank is ready:
+    /// the running fleet, its HOME, and the rest of its stdout.
+    pub fn start_sleepers(
+        &self,
+        tag: u32,
+    ) -> (
+        std::process::Child,
+        tempfile::TempDir,
+        std::io::BufReader<std::process::ChildStdout>,
+    ) {
+        let script = format!("echo ready; exec sleep {tag}");
+        let (mut child, home) = self
+            .fleet(&["run", "--grace", "2", "--", "sh", "-c", &script])
+            .spawn();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        await_lines(&mut stdout, "ready", self.tb.hosts.len());
+        (child, home, stdout)
+    }
 }
 
 /// Reads a child's stdout until `count` lines contain `needle`, within a deadline.
