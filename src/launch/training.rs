@@ -42,10 +42,6 @@ pub struct Summary {
     #[serde(default)]
     pub host: String,
     #[serde(default)]
-    pub steps: u64,
-    #[serde(default)]
-    pub val_accuracy: Option<f64>,
-    #[serde(default)]
     pub samples_per_s: f64,
     #[serde(default)]
     pub step_ms: f64,
