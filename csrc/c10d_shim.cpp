@@ -13,10 +13,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
 #include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <c10/util/Logging.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -86,6 +91,196 @@ struct Dense {
     for (size_t i = 0; i < tensors.size(); ++i)
       if (!tensors[i].is_same(originals[i])) originals[i].copy_(tensors[i]);
   }
+};
+
+// Gradient averaging that overlaps the backward pass, as DDP's reducer does: parameters are put
+// in buckets in reverse order (the order their gradients become ready), a hook after each
+// parameter's gradient accumulation counts down its bucket, and a bucket whose gradients are all
+// there is flattened, scaled by 1/world and all-reduced at once while backward goes on. Buckets
+// are launched in index order on every rank, so the collectives match up across ranks. `finish`
+// launches what is left (a parameter without gradient counts as zero), waits, and writes the
+// averaged gradients back. Not armed, the hooks do nothing and `finish` does all the work after
+// backward: the same buckets and the same arithmetic, so both ways give the same bits.
+class Reducer {
+ public:
+  Reducer(Group group, std::vector<at::Tensor> params, size_t bucket_bytes, int wire, double scale)
+      : group_(std::move(group)), params_(std::move(params)), scale_(scale) {
+    bucket_of_.resize(params_.size());
+    // The first bucket holds the last layers, whose gradients come first: small, so that
+    // communication starts early (DDP uses 1 MB too).
+    size_t cap = std::min<size_t>(bucket_bytes, 1 << 20);
+    for (size_t k = params_.size(); k-- > 0;) {
+      const auto& param = params_[k];
+      if (!param.defined()) throw std::invalid_argument("undefined parameter");
+      auto dtype = wire == 1   ? at::kBFloat16
+                   : wire == 2 ? at::kHalf
+                               : param.scalar_type();
+      auto bytes = static_cast<size_t>(param.numel()) * c10::elementSize(dtype);
+      bool fits = !buckets_.empty() && buckets_.back().dtype == dtype &&
+                  buckets_.back().device == param.device() && buckets_.back().bytes + bytes <= cap;
+      if (!fits) {
+        if (!buckets_.empty()) cap = bucket_bytes;
+        buckets_.push_back(Bucket{{}, 0, 0, dtype, param.device(), {}, {}, 0});
+      }
+      auto& bucket = buckets_.back();
+      bucket.members.push_back(k);
+      bucket.numel += param.numel();
+      bucket.bytes += bytes;
+      bucket_of_[k] = buckets_.size() - 1;
+    }
+    for (auto& bucket : buckets_) {
+      bucket.flat = at::empty({bucket.numel}, at::TensorOptions().dtype(bucket.dtype).device(bucket.device));
+    }
+    reset();
+    // The accumulator of a leaf is held weakly by the tensor: keep it alive with our hook on it.
+    for (size_t k = 0; k < params_.size(); ++k) {
+      auto accumulator = torch::autograd::impl::grad_accumulator(params_[k]);
+      if (!accumulator) throw std::invalid_argument("a parameter does not require grad");
+      auto key = accumulator->add_post_hook(std::make_unique<Ready>(this, k));
+      hooks_.emplace_back(std::move(accumulator), key);
+    }
+  }
+
+  ~Reducer() {
+    // Wait for collectives still in flight (after an error): their buffers are ours.
+    for (auto& bucket : buckets_) {
+      if (bucket.work) {
+        try {
+          bucket.work->wait();
+        } catch (...) {
+        }
+      }
+    }
+    for (auto& [accumulator, key] : hooks_) accumulator->del_post_hook(key);
+  }
+
+  void arm() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    armed_ = true;
+  }
+
+  size_t buckets() const { return buckets_.size(); }
+
+  // Returns how many buckets the backward pass launched (the rest are launched here).
+  size_t finish() {
+    size_t early;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      armed_ = false;
+      early = next_;
+      while (next_ < buckets_.size()) launch(next_++);
+    }
+    std::string error = error_;
+    for (auto& bucket : buckets_) {
+      if (!bucket.work) continue;
+      try {
+        bucket.work->wait();
+      } catch (const c10::Error& e) {
+        if (error.empty()) error = e.what_without_backtrace();
+      } catch (const std::exception& e) {
+        if (error.empty()) error = e.what();
+      }
+      bucket.work.reset();
+    }
+    reset();
+    if (!error.empty()) throw std::runtime_error(error);
+    at::NoGradGuard no_grad;
+    for (auto& bucket : buckets_) {
+      int64_t offset = 0;
+      for (auto k : bucket.members) {
+        auto& param = params_[k];
+        auto averaged = bucket.flat.narrow(0, offset, param.numel()).view(param.sizes());
+        auto& grad = param.mutable_grad();
+        if (grad.defined()) {
+          grad.copy_(averaged);
+        } else {
+          grad = averaged.to(param.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+        }
+        offset += param.numel();
+      }
+    }
+    return early;
+  }
+
+ private:
+  struct Bucket {
+    std::vector<size_t> members;
+    int64_t numel;
+    size_t bytes;
+    at::ScalarType dtype;
+    at::Device device;
+    at::Tensor flat;
+    c10::intrusive_ptr<c10d::Work> work;
+    size_t pending;
+  };
+
+  struct Ready : torch::autograd::FunctionPostHook {
+    Ready(Reducer* reducer, size_t index) : reducer(reducer), index(index) {}
+    torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                              const torch::autograd::variable_list&) override {
+      reducer->ready(index);
+      return outputs;
+    }
+    Reducer* reducer;
+    size_t index;
+  };
+
+  void reset() {
+    next_ = 0;
+    seen_.assign(params_.size(), false);
+    for (auto& bucket : buckets_) bucket.pending = bucket.members.size();
+    error_.clear();
+  }
+
+  // Runs on the autograd thread, right after parameter `k`'s gradient was accumulated.
+  void ready(size_t k) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!armed_ || seen_[k]) return;
+    seen_[k] = true;
+    buckets_[bucket_of_[k]].pending -= 1;
+    while (next_ < buckets_.size() && buckets_[next_].pending == 0) launch(next_++);
+  }
+
+  // Called with the mutex held. Errors are kept for `finish`: a hook cannot report them.
+  void launch(size_t b) {
+    auto& bucket = buckets_[b];
+    try {
+      at::NoGradGuard no_grad;
+      int64_t offset = 0;
+      for (auto k : bucket.members) {
+        const auto& param = params_[k];
+        auto slice = bucket.flat.narrow(0, offset, param.numel());
+        const auto& grad = param.grad();
+        if (grad.defined()) {
+          // Scaled before any compression, so a compressed sum cannot overflow.
+          slice.copy_(grad.reshape({-1}).mul(scale_));
+        } else {
+          slice.zero_();
+        }
+        offset += param.numel();
+      }
+      std::vector<at::Tensor> one{bucket.flat};
+      c10d::AllreduceOptions options;
+      options.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+      bucket.work = group_->allreduce(one, options);
+    } catch (const c10::Error& e) {
+      if (error_.empty()) error_ = e.what_without_backtrace();
+    } catch (const std::exception& e) {
+      if (error_.empty()) error_ = e.what();
+    }
+  }
+
+  Group group_;
+  std::vector<at::Tensor> params_;
+  double scale_;
+  std::vector<Bucket> buckets_;
+  std::vector<size_t> bucket_of_;
+  std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, uintptr_t>> hooks_;
+  std::mutex mutex_;
+  bool armed_ = false;
+  size_t next_ = 0;
+  std::vector<bool> seen_;
+  std::string error_;
 };
 
 }  // namespace
@@ -254,17 +449,6 @@ char* fleet_c10d_group_shutdown(void* group) {
 
 void fleet_c10d_group_free(void* group) { delete static_cast<Group*>(group); }
 
-// One collective over all tensors (same dtype and device), in place.
-char* fleet_c10d_all_reduce_coalesced(void* group, at::Tensor** tensors, size_t n, int op) {
-  return guarded([&] {
-    c10d::AllreduceCoalescedOptions options;
-    options.reduceOp = reduce_op(op);
-    Dense dense(tensors, n);
-    group_of(group)->allreduce_coalesced(dense.tensors, options)->wait();
-    dense.write_back();
-  });
-}
-
 // One collective per tensor, all started before any is waited for, in place.
 char* fleet_c10d_all_reduce(void* group, at::Tensor** tensors, size_t n, int op) {
   return guarded([&] {
@@ -296,5 +480,39 @@ char* fleet_c10d_broadcast(void* group, at::Tensor** tensors, size_t n, int root
   });
 }
 
+// A Reducer over `params` (see above). `wire`: 0 sends gradients in their own dtype, 1 as
+// bfloat16, 2 as float16. `scale` multiplies every gradient (1/world size to average).
+char* fleet_c10d_reducer_new(void* group, at::Tensor** params, size_t n, size_t bucket_bytes,
+                             int wire, double scale, void** reducer, size_t* buckets) {
+  return guarded([&] {
+    std::vector<at::Tensor> tensors;
+    for (size_t i = 0; i < n; ++i) {
+      if (!params[i]) throw std::invalid_argument("null parameter");
+      tensors.push_back(*params[i]);
+    }
+    auto made = std::make_unique<Reducer>(group_of(group), std::move(tensors), bucket_bytes, wire, scale);
+    *buckets = made->buckets();
+    *reducer = made.release();
+  });
+}
+
+// The next backward pass launches buckets as their gradients become ready.
+char* fleet_c10d_reducer_arm(void* reducer) {
+  return guarded([&] {
+    if (!reducer) throw std::invalid_argument("null reducer");
+    static_cast<Reducer*>(reducer)->arm();
+  });
+}
+
+// Launches the buckets not launched yet, waits for all, writes the averaged gradients back;
+// `early` is how many buckets the backward pass had launched.
+char* fleet_c10d_reducer_finish(void* reducer, size_t* early) {
+  return guarded([&] {
+    if (!reducer) throw std::invalid_argument("null reducer");
+    *early = static_cast<Reducer*>(reducer)->finish();
+  });
+}
+
+void fleet_c10d_reducer_free(void* reducer) { delete static_cast<Reducer*>(reducer); }
 
 }  // extern "C"

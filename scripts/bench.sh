@@ -11,10 +11,16 @@
 #         the same command; merged-log throughput of 3 ranks x 200,000 lines vs `ssh host seq N`
 #   train: fleet-train's step vs a PyTorch eager step of the same BERT (scripts/bench-train.sh;
 #         BERT-base, batch 32, sequence 128, on the CPU here; DEVICE=cuda on a GPU)
+#   net:  fleet-train's measured all-reduce vs `fleet net`'s estimate on shaped links
+#         (scripts/bench-net.sh)
+#
+#   SECTIONS="sync run" scripts/bench.sh   runs only those sections
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-20}
 SYNC_ROUNDS=${SYNC_ROUNDS:-3}
+SECTIONS=" ${SECTIONS:-exec sync run train net} "
+want() { [[ $SECTIONS == *" $1 "* ]]; }
 
 scripts/setup.sh
 cargo build --release --locked --quiet
@@ -45,10 +51,12 @@ openssh_exec() {
   for h in "${pids[@]}"; do wait "$h"; done
 }
 
-fleet_ms=$(median_ms fleet_exec)
-ssh_ms=$(median_ms openssh_exec)
-printf 'exec on %d hosts (median of %d): fleet %s ms, OpenSSH ssh in parallel %s ms, ratio ssh/fleet %.1fx\n' \
-  "${#hosts[@]}" "$ROUNDS" "$fleet_ms" "$ssh_ms" "$(awk -v a="$ssh_ms" -v b="$fleet_ms" 'BEGIN { print a / b }')"
+if want exec; then
+  fleet_ms=$(median_ms fleet_exec)
+  ssh_ms=$(median_ms openssh_exec)
+  printf 'exec on %d hosts (median of %d): fleet %s ms, OpenSSH ssh in parallel %s ms, ratio ssh/fleet %.1fx\n' \
+    "${#hosts[@]}" "$ROUNDS" "$fleet_ms" "$ssh_ms" "$(awk -v a="$ssh_ms" -v b="$fleet_ms" 'BEGIN { print a / b }')"
+fi
 
 # ---- sync ------------------------------------------------------------------------------------
 work=/tmp/fleet-bench
@@ -99,6 +107,7 @@ report() { # CASE FLEET_MS RSYNC_MS
   printf 'sync %-32s fleet %6s ms   rsync %6s ms   fleet/rsync %.2fx\n' "$1" "$2" "$3" "$(awk -v a="$2" -v b="$3" 'BEGIN { print a / b }')"
 }
 
+if want sync; then
 echo "bench: making the trees" >&2
 make_tree "$work/small" 2000 20000
 head -c $((150 << 20)) /dev/urandom | base64 -w 99 >"$work/small/training_data.csv" # 200 MB of text
@@ -131,8 +140,10 @@ for ((r = 0; r < SYNC_ROUNDS; r++)); do
   one_rsync+=("$(once_ms rsync_all "$work/many" rsync-many)")
 done
 report "(c) 1 changed among 10,000" "$(printf '%s\n' "${one_fleet[@]}" | median)" "$(printf '%s\n' "${one_rsync[@]}" | median)"
+fi
 
 # ---- run -------------------------------------------------------------------------------------
+if want run; then
 mkdir -p "$work/job"
 echo job >"$work/job/README"
 job_inv=$(sync_inventory "$work/job" fleet-job)
@@ -182,7 +193,11 @@ f=$(printf '%s\n' "${log_fleet[@]}" | median)
 o=$(printf '%s\n' "${log_ssh[@]}" | median)
 printf 'run  %-32s fleet %6s ms   ssh   %6s ms   fleet/ssh   %.2fx   (fleet %.0f lines/s)\n' "600,000 merged log lines" "$f" "$o" \
   "$(awk -v a="$f" -v b="$o" 'BEGIN { print a / b }')" "$(awk -v a="$f" 'BEGIN { print 600000 / (a / 1000) }')"
+fi
 rm -rf "$work"
+scripts/testbed.sh down
+trap - EXIT
 
-# ---- train -----------------------------------------------------------------------------------
-scripts/bench-train.sh
+# ---- train and net ---------------------------------------------------------------------------
+if want train; then scripts/bench-train.sh; fi
+if want net; then scripts/bench-net.sh; fi

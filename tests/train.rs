@@ -1069,3 +1069,50 @@ fn bf16_compressed_gradients_stay_within_bf16_tolerance_of_fp32() {
         "validation loss {losses:?}"
     );
 }
+
+#[test]
+fn overlapping_the_all_reduce_with_backward_gives_the_same_parameters() {
+    let _cores = cores();
+    let ws = Workspace::new(600);
+    let mut summaries = Vec::new();
+    for (name, overlap) in [("overlap", None), ("after", Some("--no-overlap"))] {
+        let mut args = vec![
+            "--data",
+            "data.csv",
+            "--dropout",
+            "0",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "8",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "2",
+            "--bucket-mb",
+            "0.25",
+            "--output",
+            name,
+            "--checkpoint-dir",
+            name,
+        ];
+        args.extend(overlap);
+        let runs = ws.same_ranks(3, &args);
+        let sums: Vec<Value> = runs.iter().map(summary).collect();
+        assert!(
+            sums.iter()
+                .all(|s| s["params_sha256"] == sums[0]["params_sha256"]),
+            "{name}: ranks disagree: {sums:?}"
+        );
+        summaries.push(sums[0].clone());
+    }
+    let (overlap, after) = (&summaries[0], &summaries[1]);
+    eprintln!("overlap: {overlap}\nafter backward: {after}");
+    // Several buckets, and the backward pass launched them: the overlap really happened...
+    assert!(overlap["buckets"].as_u64().unwrap() >= 3, "{overlap}");
+    assert!(overlap["overlapped"].as_f64().unwrap() > 0.5, "{overlap}");
+    assert_eq!(after["overlapped"].as_f64(), Some(0.0), "{after}");
+    // ...and every bucket was read once its gradients were complete (a bucket sent too early
+    // would miss part of a gradient, or the first micro-batch's share).
+    assert_eq!(overlap["params_sha256"], after["params_sha256"]);
+}

@@ -159,9 +159,13 @@ pub struct TrainArgs {
     /// Compress gradients to this dtype for the all-reduce (halves the bytes on the network).
     #[arg(long, value_enum, default_value_t = WireDtype::Fp32)]
     pub allreduce_dtype: WireDtype,
-    /// Gradient bucket size for the all-reduce, in MiB.
-    #[arg(long, default_value_t = 25)]
-    pub bucket_mb: usize,
+    /// Gradient bucket size for the all-reduce, in MiB (fractions allowed).
+    #[arg(long, default_value_t = 25.0)]
+    pub bucket_mb: f64,
+    /// All-reduce the gradients after the backward pass instead of during it (the step then
+    /// reports how long it waited for the slowest rank apart from the network's time).
+    #[arg(long)]
+    pub no_overlap: bool,
 
     /// Where rank 0 keeps checkpoints.
     #[arg(long, default_value = "checkpoints")]

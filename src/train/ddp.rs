@@ -74,12 +74,19 @@ mod shim {
         ) -> *mut c_char;
         pub fn fleet_c10d_group_shutdown(group: *mut c_void) -> *mut c_char;
         pub fn fleet_c10d_group_free(group: *mut c_void);
-        pub fn fleet_c10d_all_reduce_coalesced(
+        pub fn fleet_c10d_reducer_new(
             group: *mut c_void,
-            tensors: *const *mut c_void,
+            params: *const *mut c_void,
             n: usize,
-            op: c_int,
+            bucket_bytes: usize,
+            wire: c_int,
+            scale: f64,
+            reducer: *mut *mut c_void,
+            buckets: *mut usize,
         ) -> *mut c_char;
+        pub fn fleet_c10d_reducer_arm(reducer: *mut c_void) -> *mut c_char;
+        pub fn fleet_c10d_reducer_finish(reducer: *mut c_void, early: *mut usize) -> *mut c_char;
+        pub fn fleet_c10d_reducer_free(reducer: *mut c_void);
         pub fn fleet_c10d_all_reduce(
             group: *mut c_void,
             tensors: *const *mut c_void,
@@ -358,26 +365,11 @@ impl ProcessGroup {
         Ok(ProcessGroup { handle })
     }
 
-    /// One collective over all `tensors` (same dtype and device), reduced in place.
-    pub fn all_reduce_coalesced(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<(), CommError> {
-        let pointers = tensor_pointers(tensors);
-        // SAFETY: the group handle is live; `pointers` holds live at::Tensor pointers borrowed
-        // from `tensors` for the duration of the call, and the shim only reads the array.
-        ShimResult(unsafe {
-            shim::fleet_c10d_all_reduce_coalesced(
-                self.handle,
-                pointers.as_ptr(),
-                pointers.len(),
-                op as c_int,
-            )
-        })
-        .check()
-    }
-
     /// One collective per tensor, reduced in place (tensors may differ in dtype).
     pub fn all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<(), CommError> {
         let pointers = tensor_pointers(tensors);
-        // SAFETY: as in all_reduce_coalesced.
+        // SAFETY: the group handle is live; `pointers` holds live at::Tensor pointers borrowed
+        // from `tensors` for the duration of the call, and the shim only reads the array.
         ShimResult(unsafe {
             shim::fleet_c10d_all_reduce(self.handle, pointers.as_ptr(), pointers.len(), op as c_int)
         })
@@ -388,7 +380,7 @@ impl ProcessGroup {
     pub fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<(), CommError> {
         let pointers = tensor_pointers(tensors);
         let root = c_int::try_from(root).map_err(|_| CommError(format!("bad root rank {root}")))?;
-        // SAFETY: as in all_reduce_coalesced.
+        // SAFETY: as in all_reduce.
         ShimResult(unsafe {
             shim::fleet_c10d_broadcast(self.handle, pointers.as_ptr(), pointers.len(), root)
         })
@@ -403,6 +395,86 @@ impl Drop for ProcessGroup {
         let _ = ShimResult(unsafe { shim::fleet_c10d_group_shutdown(self.handle) }).check();
         // SAFETY: as above.
         unsafe { shim::fleet_c10d_group_free(self.handle) }
+    }
+}
+
+/// Averages gradients over a process group in buckets, as PyTorch DDP's reducer does: armed
+/// before a backward pass, each bucket is all-reduced as soon as all its gradients are
+/// accumulated, while the rest of the backward pass runs; [`Reducer::finish`] launches what is
+/// left, waits and writes the averages back into the gradients. Unarmed, `finish` does the same
+/// work after backward, so both ways give the same bits.
+pub struct Reducer {
+    handle: *mut c_void,
+    /// How many buckets the parameters were split into.
+    pub buckets: usize,
+}
+
+// SAFETY: the reducer is driven from the training thread; its hooks run on autograd threads
+// and take the shim's own lock.
+unsafe impl Send for Reducer {}
+
+impl Reducer {
+    /// A reducer over `params` (each must require grad), in buckets of about `bucket_bytes`;
+    /// gradients are multiplied by `scale` and sent as `wire` (None: their own dtype; bfloat16
+    /// or float16 compress them).
+    pub fn new(
+        group: &ProcessGroup,
+        params: &[Tensor],
+        bucket_bytes: usize,
+        wire: Option<tch::Kind>,
+        scale: f64,
+    ) -> Result<Reducer, CommError> {
+        let wire = match wire {
+            None => 0,
+            Some(tch::Kind::BFloat16) => 1,
+            Some(tch::Kind::Half) => 2,
+            Some(other) => return Err(CommError(format!("cannot send gradients as {other:?}"))),
+        };
+        let refs: Vec<&Tensor> = params.iter().collect();
+        let pointers = tensor_pointers(&refs);
+        let mut handle: *mut c_void = ptr::null_mut();
+        let mut buckets = 0usize;
+        // SAFETY: the group handle is live (the reducer keeps its own reference to the group);
+        // `pointers` holds live at::Tensor pointers for the call, and the shim copies the
+        // tensors (sharing their storage); `handle` and `buckets` are valid out-pointers.
+        ShimResult(unsafe {
+            shim::fleet_c10d_reducer_new(
+                group.handle,
+                pointers.as_ptr(),
+                pointers.len(),
+                bucket_bytes,
+                wire,
+                scale,
+                &mut handle,
+                &mut buckets,
+            )
+        })
+        .check()?;
+        Ok(Reducer { handle, buckets })
+    }
+
+    /// The next backward pass launches each bucket as soon as its gradients are ready.
+    pub fn arm(&self) -> Result<(), CommError> {
+        // SAFETY: the handle is live until Drop.
+        ShimResult(unsafe { shim::fleet_c10d_reducer_arm(self.handle) }).check()
+    }
+
+    /// Launches the buckets not yet launched, waits for every one and writes the averaged
+    /// gradients back; a failed collective (peer lost, timeout) is the error. Returns how many
+    /// buckets the backward pass had already launched.
+    pub fn finish(&self) -> Result<usize, CommError> {
+        let mut early = 0usize;
+        // SAFETY: the handle is live until Drop; `early` is a valid out-pointer.
+        ShimResult(unsafe { shim::fleet_c10d_reducer_finish(self.handle, &mut early) }).check()?;
+        Ok(early)
+    }
+}
+
+impl Drop for Reducer {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from fleet_c10d_reducer_new and is freed only here; the shim
+        // waits for collectives in flight and removes its hooks.
+        unsafe { shim::fleet_c10d_reducer_free(self.handle) }
     }
 }
 

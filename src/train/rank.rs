@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use tch::{Device, Kind, Tensor};
 
-use super::ddp::{Backend, CommError, ProcessGroup, ReduceOp, Store};
+use super::ddp::{Backend, CommError, ProcessGroup, ReduceOp, Reducer, Store};
 
 /// The torchrun environment of this rank.
 #[derive(Debug, Clone)]
@@ -88,14 +88,24 @@ impl Rank {
 
 /// The collectives of the training loop over all ranks.
 pub struct Collective {
-    // Field order: the group is dropped (shut down) before the store it uses.
+    // Field order: the reducer is dropped before the group it uses, the group (shut down)
+    // before the store.
+    reducer: Option<Reducer>,
+    /// Whether gradient all-reduces overlap the backward pass.
+    overlap: bool,
     group: Option<ProcessGroup>,
     store: Option<Store>,
     pub world_size: usize,
     device: Device,
     bucket_bytes: usize,
-    /// Seconds spent in gradient all-reduces so far.
+    /// Seconds the steps so far waited for gradient all-reduces after their backward pass.
     pub comm_seconds: f64,
+    /// Without overlap: seconds the steps so far waited for the slowest rank to finish its
+    /// backward pass, before their all-reduce (so `comm_seconds` is the network's part alone).
+    pub wait_seconds: f64,
+    /// Buckets all-reduced so far, and how many of them the backward pass launched.
+    pub buckets_reduced: u64,
+    pub buckets_overlapped: u64,
     /// Each rank's host, once [`Collective::exchange`] has been called.
     pub hosts: Vec<String>,
 }
@@ -110,12 +120,17 @@ impl Collective {
         bucket_bytes: usize,
     ) -> anyhow::Result<Collective> {
         let mut collective = Collective {
+            reducer: None,
+            overlap: false,
             group: None,
             store: None,
             world_size: rank.world_size,
             device,
             bucket_bytes: bucket_bytes.max(1),
             comm_seconds: 0.0,
+            wait_seconds: 0.0,
+            buckets_reduced: 0,
+            buckets_overlapped: 0,
             hosts: vec![rank.host.clone()],
         };
         if rank.world_size == 1 {
@@ -229,55 +244,68 @@ impl Collective {
         group.broadcast(&refs, 0)
     }
 
-    /// Averages the gradients over the ranks, in buckets of about `bucket_bytes`, one coalesced
-    /// all-reduce per bucket. With `wire` (bfloat16 or float16) the gradients travel compressed
-    /// and are restored afterwards, as PyTorch DDP's compression hooks do: divided by the world
-    /// size first, so the compressed sum cannot overflow.
-    pub fn average_gradients(
+    /// Prepares gradient averaging over `params` (see [`Reducer`]): with `overlap`, each bucket
+    /// of gradients is all-reduced while the rest of the backward pass runs. With `wire`
+    /// (bfloat16 or float16) the gradients travel compressed and are restored afterwards, as
+    /// PyTorch DDP's compression hooks do: divided by the world size first, so the compressed
+    /// sum cannot overflow. Returns how many buckets there are.
+    pub fn reduce_gradients_of(
         &mut self,
-        grads: &[Tensor],
+        params: &[Tensor],
         wire: Option<Kind>,
-    ) -> Result<(), CommError> {
+        overlap: bool,
+    ) -> Result<usize, CommError> {
         let Some(group) = &self.group else {
+            return Ok(0);
+        };
+        self.reducer = None;
+        let reducer = Reducer::new(
+            group,
+            params,
+            self.bucket_bytes,
+            wire,
+            1.0 / self.world_size as f64,
+        )?;
+        let buckets = reducer.buckets;
+        self.reducer = Some(reducer);
+        self.overlap = overlap;
+        Ok(buckets)
+    }
+
+    /// How many buckets the gradients are all-reduced in (0 with one rank).
+    pub fn buckets(&self) -> usize {
+        self.reducer.as_ref().map_or(0, |r| r.buckets)
+    }
+
+    /// Called before the backward pass that completes a step's gradients (the last of its
+    /// accumulation micro-batches): with overlap, that pass starts the all-reduces.
+    pub fn before_last_backward(&self) -> Result<(), CommError> {
+        match &self.reducer {
+            Some(reducer) if self.overlap => reducer.arm(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Completes the step's gradient averaging: every rank then holds the mean gradients.
+    pub fn average_gradients(&mut self) -> Result<(), CommError> {
+        let (Some(reducer), Some(group)) = (&self.reducer, &self.group) else {
             return Ok(());
         };
         let started = Instant::now();
-        let scale = 1.0 / self.world_size as f64;
-        let sent: Vec<Tensor> = tch::no_grad(|| {
-            grads
-                .iter()
-                .map(|grad| match wire {
-                    Some(kind) => (grad * scale).to_kind(kind),
-                    None => grad.shallow_clone().g_mul_scalar_(scale),
-                })
-                .collect()
-        });
-        let mut bucket: Vec<&Tensor> = Vec::new();
-        let mut bytes = 0usize;
-        for tensor in &sent {
-            let size = tensor.numel() * tensor.kind().elt_size_in_bytes();
-            if !bucket.is_empty() && bytes + size > self.bucket_bytes {
-                group.all_reduce_coalesced(&bucket, ReduceOp::Sum)?;
-                bucket.clear();
-                bytes = 0;
-            }
-            bucket.push(tensor);
-            bytes += size;
+        if !self.overlap {
+            // Meet first, so the all-reduce's time is the network's and not a slower rank's.
+            let one = Tensor::zeros([1], (Kind::Float, self.device));
+            group.all_reduce(&[&one], ReduceOp::Sum)?;
+            self.wait_seconds += started.elapsed().as_secs_f64();
         }
-        if !bucket.is_empty() {
-            group.all_reduce_coalesced(&bucket, ReduceOp::Sum)?;
-        }
-        if wire.is_some() {
-            tch::no_grad(|| {
-                for (grad, summed) in grads.iter().zip(&sent) {
-                    grad.shallow_clone().copy_(summed);
-                }
-            });
-        }
+        let reducing = Instant::now();
+        let early = reducer.finish()?;
+        self.buckets_reduced += reducer.buckets as u64;
+        self.buckets_overlapped += early as u64;
         if let Device::Cuda(index) = self.device {
             tch::Cuda::synchronize(index as i64);
         }
-        self.comm_seconds += started.elapsed().as_secs_f64();
+        self.comm_seconds += reducing.elapsed().as_secs_f64();
         Ok(())
     }
 

@@ -38,8 +38,17 @@ pub struct Summary {
     pub samples_per_s: f64,
     pub step_ms: f64,
     pub comm_fraction: f64,
-    /// Mean milliseconds per step spent in the gradient all-reduce.
+    /// Mean milliseconds per step spent waiting for the gradient all-reduce after backward
+    /// (with overlap, only the part the backward pass did not hide).
     pub comm_ms: f64,
+    /// Without overlap: mean milliseconds per step waiting for the slowest rank's backward.
+    pub wait_ms: f64,
+    /// Whether the all-reduce overlapped the backward pass...
+    pub overlap: bool,
+    /// ...and the share of gradient buckets it started during the backward pass.
+    pub overlapped: f64,
+    /// How many buckets the gradients are all-reduced in.
+    pub buckets: usize,
     pub params_sha256: String,
     pub seconds: f64,
 }
@@ -84,7 +93,7 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
         device,
         args.connect_timeout,
         args.timeout,
-        args.bucket_mb << 20,
+        (args.bucket_mb.max(0.0) * f64::from(1 << 20)) as usize,
     )?;
     agree_on_data(&mut collective, rank, &data)?;
 
@@ -150,6 +159,10 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
             .map(|(_, t)| t.shallow_clone())
             .collect::<Vec<_>>(),
     )?;
+    let trained: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+    collective
+        .reduce_gradients_of(&trained, wire, !args.no_overlap)
+        .map_err(|e| anyhow::anyhow!("preparing the gradient all-reduce: {e}"))?;
 
     let ids = encoder.encode_all(&data.texts)?;
     let batches = Batches {
@@ -199,7 +212,7 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
             let group =
                 &micro[in_epoch * grad_accum..((in_epoch + 1) * grad_accum).min(micro.len())];
             let mut loss_sum = 0.0;
-            for rows in group {
+            for (i, rows) in group.iter().enumerate() {
                 let (input, mask, targets) = batches.make(rows);
                 let logits = if mixed {
                     ddp::autocast(device, args.precision == Precision::Fp16, || {
@@ -210,11 +223,15 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
                     model.forward(&input, &mask, true)
                 };
                 let loss = logits.cross_entropy_for_logits(&targets);
+                if i + 1 == group.len() {
+                    collective
+                        .before_last_backward()
+                        .map_err(|e| anyhow::anyhow!("preparing the gradient all-reduce: {e}"))?;
+                }
                 (&loss * (scaler.scale / group.len() as f64)).backward();
                 loss_sum += loss.double_value(&[]);
             }
-            let grads = optimizer.grads();
-            if let Err(error) = collective.average_gradients(&grads, wire) {
+            if let Err(error) = collective.average_gradients() {
                 return Err(collective.failure(
                     rank,
                     &format!("gradient all-reduce at step {}", step + 1),
@@ -222,6 +239,7 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
                 ));
             }
             // Every rank holds the same averaged gradients, so every rank takes the same decision.
+            let grads = optimizer.grads();
             if scaler.unscale(&grads) {
                 optim::clip_grad_norm(&grads, args.max_grad_norm);
                 optimizer.step(optim::linear_schedule(step, warmup, scheduled, peak_lr));
@@ -304,6 +322,10 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
         step_ms,
         comm_fraction: collective.comm_seconds / timing.total.max(1e-9),
         comm_ms: collective.comm_seconds * 1000.0 / timing.count.max(1) as f64,
+        wait_ms: collective.wait_seconds * 1000.0 / timing.count.max(1) as f64,
+        overlap: !args.no_overlap,
+        overlapped: collective.buckets_overlapped as f64 / collective.buckets_reduced.max(1) as f64,
+        buckets: collective.buckets(),
         params_sha256,
         seconds: started.elapsed().as_secs_f64(),
     })

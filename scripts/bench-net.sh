@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# bench-net.sh: fleet-train's measured gradient all-reduce against `fleet net`'s estimate, in the
+# same run, with host2's link shaped (tbf, both ways) to each rate in turn. BERT-base gradients
+# (109.5 M parameters) on three ranks, one per test-bed host, fp32 and bf16 on the wire, without
+# overlap (so the time measured is the all-reduce's alone, after the ranks have met), then with
+# overlap. Batches are tiny (1 row of 16 tokens) so the CPU's compute stays short. The first
+# rate, "none", leaves the link as it is: its all-reduce time is what the CPU work costs here
+# (copies, reductions, the kernel's TCP over veth for three ranks on this machine's cores), and
+# each shaped rate also prints its time beyond that floor against the estimate. scripts/bench.sh
+# calls it; it also runs alone. Prints the times and ratios; asserts nothing.
+#
+#   RATES="none 1gbit 100mbit" STEPS=3 scripts/bench-net.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RATES=${RATES:-none 1gbit 100mbit}
+STEPS=${STEPS:-3}
+
+scripts/setup.sh
+source scripts/env.sh
+cargo build --release --locked --quiet --features train
+fleet=$PWD/target/release/fleet
+trainer=$PWD/target/release/fleet-train
+python=$FLEET_TORCH_VENV/bin/python
+
+export TB_DIR=/tmp/fleet-testbed-bench-net TB_NS_PREFIX=fn- TB_BRIDGE=fnbr0 TB_SUBNET=10.213.3
+scripts/testbed.sh down 2>/dev/null || true
+work=$(mktemp -d /tmp/fleet-bench-net.XXXXXX)
+trap 'scripts/testbed.sh down; rm -rf "$work"' EXIT
+scripts/testbed.sh up netns 2>/dev/null
+
+# 200 rows of random words drawn from 40,000: the vocabulary built from them has BERT's 30,522
+# entries, so the base preset has BERT-base's size.
+"$python" - "$work/data.csv" <<'PY'
+import csv, random, sys
+random.seed(1)
+words = [f"w{i}" for i in range(40000)]
+with open(sys.argv[1], "w", newline="") as f:
+    out = csv.writer(f)
+    out.writerow(["text", "label"])
+    for i in range(200):
+        out.writerow([" ".join(random.choices(words, k=600)), i % 2])
+PY
+cp "$trainer" "$work/fleet-train"
+sed "s|^master_port = 29500|master_port = 29500\n\n[sync]\nsource = \"$work\"|" "$TB_DIR/fleet.toml" >"$work/fleet.toml"
+export FLEET_INVENTORY=$work/fleet.toml
+"$fleet" sync >/dev/null 2>&1
+
+# train WIRE [OVERLAP-FLAG]: prints the ranks' mean comm_ms, wait_ms and step_ms, and params.
+train() {
+  "$fleet" run -- ./fleet-train --data data.csv --preset base --vocab-size 30522 --max-len 16 \
+    --batch-size 1 --epochs 1 --max-steps "$STEPS" --val-fraction 0 --dropout 0 \
+    --allreduce-dtype "$1" ${2:-} --output model --checkpoint-dir checkpoints 2>/dev/null |
+    "$python" -c '
+import json, sys
+s = [json.loads(l[l.index("{"):]) for l in sys.stdin if "\"event\":\"summary\"" in l]
+if len(s) != 3:
+    sys.exit("bench-net: expected 3 rank summaries, got %d" % len(s))
+mean = lambda k: sum(x[k] for x in s) / len(s)
+print(mean("comm_ms"), mean("wait_ms"), mean("step_ms"), s[0]["params"])'
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+floor32=0 floor16=0
+for rate in $RATES; do
+  if [[ $rate != none ]]; then scripts/testbed.sh shape host2 "$rate"; fi
+  read -r fp32 wait32 step32 params < <(train fp32 --no-overlap)
+  read -r bf16 _ _ _ < <(train bf16 --no-overlap)
+  read -r estimate_fp32 estimate_bf16 bottleneck < <("$fleet" --json net --seconds 2 --params "$params" |
+    "$python" -c '
+import json, sys
+e = next(r for r in map(json.loads, sys.stdin) if r["type"] == "estimate")
+print(e["allreduce_fp32_ms"], e["allreduce_bf16_ms"], e["bottleneck_mbit"])')
+  read -r overlapped _ step_overlapped _ < <(train fp32)
+  if [[ $rate != none ]]; then scripts/testbed.sh unshape host2; fi
+  printf 'net %-7s measured %.0f Mbit/s, %d parameters: all-reduce fp32 %.0f ms/step (estimate %.0f ms, %sx), bf16 %.0f ms (estimate %.0f ms, %sx), bf16/fp32 %sx\n' \
+    "$rate" "$bottleneck" "$params" "$fp32" "$estimate_fp32" "$(ratio "$fp32" "$estimate_fp32")" \
+    "$bf16" "$estimate_bf16" "$(ratio "$bf16" "$estimate_bf16")" "$(ratio "$bf16" "$fp32")"
+  if [[ $rate == none ]]; then
+    floor32=$fp32 floor16=$bf16
+  else
+    x32=$(awk -v a="$fp32" -v f="$floor32" 'BEGIN { print a - f }')
+    x16=$(awk -v a="$bf16" -v f="$floor16" 'BEGIN { print a - f }')
+    printf 'net %-7s beyond the unshaped floor: fp32 %.0f ms (%sx of the estimate), bf16 %.0f ms (%sx), bf16/fp32 %sx\n' \
+      "$rate" "$x32" "$(ratio "$x32" "$estimate_fp32")" "$x16" "$(ratio "$x16" "$estimate_bf16")" "$(ratio "$x16" "$x32")"
+  fi
+  printf 'net %-7s fp32 step %.0f ms without overlap (%.0f ms of it waiting for the slowest rank), %.0f ms with overlap (%.0f ms waiting on the all-reduce)\n' \
+    "$rate" "$step32" "$wait32" "$step_overlapped" "$overlapped"
+done
