@@ -56,6 +56,14 @@ impl Project {
             .collect()
     }
 
+    /// The inode of the manifest fleet saved in `host`'s workdir.
+    fn manifest_inode(&self, host: &str) -> String {
+        self.tb.ssh(
+            host,
+            &format!("stat -c %i '{}/.fleet/manifest'", self.workdir(host)),
+        )
+    }
+
     fn local_hashes(&self) -> BTreeMap<String, String> {
         let out = std::process::Command::new("sh")
             .arg("-c")
@@ -139,7 +147,7 @@ fn a_tricky_tree_lands_identical_on_every_host_and_resyncs_nothing() {
 
     let inodes: Vec<_> = ["host1", "host2", "host3"]
         .iter()
-        .map(|h| p.remote_inodes(h))
+        .map(|h| (p.remote_inodes(h), p.manifest_inode(h)))
         .collect();
     let (again, records) = p.sync_json(&[]);
     again.assert_code(0);
@@ -148,10 +156,41 @@ fn a_tricky_tree_lands_identical_on_every_host_and_resyncs_nothing() {
         assert_eq!(records[*h]["unchanged"], 6);
         assert_eq!(
             p.remote_inodes(h),
-            inodes[i],
+            inodes[i].0,
             "{h}: a second sync rewrote files"
         );
+        assert_eq!(
+            p.manifest_inode(h),
+            inodes[i].1,
+            "{h}: a second sync rewrote the saved manifest"
+        );
     }
+}
+
+#[test]
+fn a_host_manifest_unlike_the_local_copy_is_read_from_the_host() {
+    let p = Project::new("manifest-copy");
+    for i in 0..5 {
+        p.write(&format!("f{i}.txt"), format!("file {i}\n"));
+    }
+    p.fleet(&["sync"]).run().assert_code(0);
+    // On host2: f3.txt edited with its size and mtime kept (a stat listing cannot see it), and
+    // the saved manifest replaced. The local copy of host2's manifest still says all is well.
+    let dir = p.workdir("host2");
+    p.tb.ssh(
+        "host2",
+        &format!(
+            "cd '{dir}' && t=$(stat -c %Y f3.txt) && printf 'FILE 3\n' > f3.txt && touch -d @$t f3.txt \
+             && printf 'fleet-manifest 1\\0' > .fleet/manifest"
+        ),
+    );
+    let (run, records) = p.sync_json(&[]);
+    run.assert_code(0);
+    // Without a manifest it can trust, host2 gets every file again; trusting the local copy
+    // instead would have sent nothing and left f3.txt edited.
+    assert_eq!(records["host2"]["files_sent"], 5, "{}", run.stdout);
+    assert_eq!(records["host1"]["files_sent"], 0, "{}", run.stdout);
+    assert_eq!(p.remote_hashes("host2"), p.local_hashes());
 }
 
 #[test]

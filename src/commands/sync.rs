@@ -23,7 +23,7 @@ use crate::ssh::{ConnectOptions, Session, Target};
 use crate::sync::remote::{HostState, HostTree, SyncError};
 use crate::sync::transfer::{self, Applied, Progress};
 use crate::sync::{
-    Entry, Filter, Manifest, ManifestError, Plan, RemoteEntry, Scan, plan, scan_project,
+    Entry, Filter, Manifest, ManifestError, Plan, RemoteEntry, SavedCopy, Scan, plan, scan_project,
     split_listing,
 };
 
@@ -184,8 +184,13 @@ impl HostContext<'_> {
         started: Instant,
     ) -> Result<HostResult, SyncError> {
         let printer = self.printer;
+        let target = session.target();
+        let copy = SavedCopy::for_host(
+            &format!("{}@{}:{}", target.user, target.addr, target.port),
+            &host.workdir,
+        );
         let (tree, sftp) = tokio::join!(
-            HostTree::lock(session, &host.workdir, || {
+            HostTree::lock(session, &host.workdir, copy.read(), || {
                 printer.info(&format!(
                     "{}: waiting for another sync of {} to finish",
                     host.name, host.workdir
@@ -197,6 +202,9 @@ impl HostContext<'_> {
         let result = match sftp {
             Ok(sftp) => {
                 let result = self.locked(&tree, state, &sftp, started).await;
+                if let Ok(HostResult::Synced { applied, .. }) = &result {
+                    copy.write(&applied.saved);
+                }
                 let _ = sftp.close_session();
                 result
             }
@@ -240,6 +248,7 @@ impl HostContext<'_> {
                 .map(HostResult::Verified);
         }
         let plan = plan(local, saved.as_ref(), &listing);
+        let state = HostState { saved, listing };
         if self.args.dry_run {
             return Ok(HostResult::Planned(plan));
         }
@@ -260,7 +269,7 @@ impl HostContext<'_> {
                 sftp,
                 &self.source,
                 local,
-                &listing,
+                &state,
                 &plan,
                 self.args.delete,
                 &progress,

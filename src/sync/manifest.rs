@@ -382,11 +382,7 @@ impl HashCache {
     /// The cache for `source`, empty when there is none yet or it cannot be read.
     pub fn open(source: &Path) -> HashCache {
         let absolute = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
-        let name = hex::encode(&Sha256::digest(absolute.to_string_lossy().as_bytes())[..12]);
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| crate::inventory::expand_tilde("~/.cache"));
-        let file = base.join("fleet/hashes").join(format!("{name}.json"));
+        let file = cache_file("hashes", &absolute.to_string_lossy(), "json");
         let entries = std::fs::read(&file)
             .ok()
             .and_then(|bytes| serde_json::from_slice::<CacheFile>(&bytes).ok())
@@ -446,6 +442,57 @@ impl HashCache {
             }
         }
         self.entries = data.entries;
+    }
+}
+
+/// `~/.cache/fleet/<kind>/<digest of key>.<extension>` (or under `$XDG_CACHE_HOME`).
+fn cache_file(kind: &str, key: &str, extension: &str) -> PathBuf {
+    let name = hex::encode(&Sha256::digest(key.as_bytes())[..12]);
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::inventory::expand_tilde("~/.cache"))
+        .join("fleet")
+        .join(kind)
+        .join(format!("{name}.{extension}"))
+}
+
+/// A local copy of the manifest a host's workdir holds (what its last verified sync saved
+/// there), in `~/.cache/fleet/hosts/`. With it the host need not send its manifest back: it
+/// only confirms that its own has the same SHA-256, and a sync that changes nothing need not
+/// write it again. It is only a cache: when the host's differs, the host's is read.
+#[derive(Debug)]
+pub struct SavedCopy {
+    file: PathBuf,
+}
+
+impl SavedCopy {
+    /// The copy for `workdir` on the host known as `host` (user, address and port).
+    pub fn for_host(host: &str, workdir: &str) -> SavedCopy {
+        SavedCopy {
+            file: cache_file("hosts", &format!("{host}\0{workdir}"), "manifest"),
+        }
+    }
+
+    /// The copy and the SHA-256 of its bytes, if there is one that reads.
+    pub fn read(&self) -> Option<(String, Manifest)> {
+        let bytes = std::fs::read(&self.file).ok()?;
+        let manifest = Manifest::from_bytes(&bytes)?;
+        Some((hex::encode(Sha256::digest(&bytes)), manifest))
+    }
+
+    /// Replaces the copy (best effort: it is only a cache).
+    pub fn write(&self, manifest: &Manifest) {
+        let Some(dir) = self.file.parent() else {
+            return;
+        };
+        let tmp = self
+            .file
+            .with_extension(format!("tmp.{}", std::process::id()));
+        if crate::files::create_private_dir(dir).is_ok()
+            && std::fs::write(&tmp, manifest.to_bytes()).is_ok()
+        {
+            let _ = std::fs::rename(&tmp, &self.file);
+        }
     }
 }
 

@@ -8,7 +8,7 @@ pub mod plan;
 pub mod remote;
 pub mod transfer;
 
-pub use manifest::{Entry, Filter, HashCache, Manifest, ManifestError, Scan, scan};
+pub use manifest::{Entry, Filter, HashCache, Manifest, ManifestError, SavedCopy, Scan, scan};
 pub use plan::{Listing, Plan, Reason, RemoteEntry, Upload, plan};
 
 /// Scans the project folder with its hash cache and saves the cache: the local, blocking part

@@ -44,22 +44,38 @@ pub struct HostState {
 }
 
 /// Shell that prints a workdir's state, run in the workdir: the saved manifest, then the
-/// listing, each as a decimal length on its own line followed by that many bytes.
-fn state_script() -> String {
+/// listing, each as a decimal length on its own line followed by that many bytes. When the
+/// saved manifest's SHA-256 is `known`, the line `same` replaces it.
+fn state_script(known: Option<&str>) -> String {
+    let same = match known {
+        Some(sha256) if sha256.bytes().all(|b| b.is_ascii_hexdigit()) => format!(
+            "[ \"$(sha256sum < {SAVED_MANIFEST} 2>/dev/null)\" = '{sha256}  -' ] && echo same || "
+        ),
+        _ => String::new(),
+    };
     format!(
-        "if [ -f {SAVED_MANIFEST} ]; then wc -c < {SAVED_MANIFEST}; cat {SAVED_MANIFEST}; else echo 0; fi\n\
+        "if [ -f {SAVED_MANIFEST} ]; then {same}{{ wc -c < {SAVED_MANIFEST}; cat {SAVED_MANIFEST}; }}; else echo 0; fi\n\
          l={STATE_DIR}/listing.$$\n\
          find . -mindepth 1 -path ./{STATE_DIR} -prune -o -printf '%y\\0%s\\0%Ts\\0%m\\0%P\\0%l\\0' > \"$l\"\n\
          wc -c < \"$l\"; cat \"$l\"; rm -f \"$l\"\n"
     )
 }
 
-/// Parses the two blocks of [`state_script`]. Ten thousand entries are real work: it runs off
-/// the async threads, so hosts parse in parallel.
-async fn parse_state(host: &str, saved: Vec<u8>, listing: Vec<u8>) -> Result<HostState, SyncError> {
+/// Parses the two blocks of [`state_script`] (`saved` is None when the host confirmed the
+/// `known` manifest). Ten thousand entries are real work: it runs off the async threads, so
+/// hosts parse in parallel.
+async fn parse_state(
+    host: &str,
+    saved: Option<Vec<u8>>,
+    known: Option<Manifest>,
+    listing: Vec<u8>,
+) -> Result<HostState, SyncError> {
     let parsed = tokio::task::spawn_blocking(move || {
         parse_listing(&listing).map(|listing| HostState {
-            saved: Manifest::from_bytes(&saved),
+            saved: match saved {
+                Some(bytes) => Manifest::from_bytes(&bytes),
+                None => known,
+            },
             listing,
         })
     })
@@ -92,12 +108,12 @@ pub async fn peek(session: &Session, workdir: &str) -> Result<HostState, SyncErr
     let script = format!(
         "cd -- {} 2>/dev/null || exit 0\n{}",
         shell_path(workdir),
-        state_script()
+        state_script(None)
     );
     let (_, out, _) = session.capture(&shell::sh(&script)).await?;
     let mut rest = out.as_slice();
     match (take_sized(&mut rest), take_sized(&mut rest)) {
-        (Some(saved), Some(listing)) => parse_state(host, saved, listing).await,
+        (Some(saved), Some(listing)) => parse_state(host, Some(saved), None, listing).await,
         // No workdir yet: nothing saved, nothing there.
         _ => Ok(HostState {
             saved: None,
@@ -125,9 +141,12 @@ impl<'a> HostTree<'a> {
     /// Creates the workdir if needed and takes its lock, waiting (up to 10 minutes) while another
     /// sync holds it; `waiting` is called once if it has to. The lock is a `flock` held by a
     /// command that lives until its stdin closes, so a laptop that vanishes releases it too.
+    /// `known` is a local copy of the manifest the host is thought to hold, with its SHA-256:
+    /// when the host's matches, it is not sent back.
     pub async fn lock(
         session: &'a Session,
         workdir: &str,
+        known: Option<(String, Manifest)>,
         waiting: impl FnOnce(),
     ) -> Result<(HostTree<'a>, HostState), SyncError> {
         let host = session.target().name.clone();
@@ -139,7 +158,7 @@ impl<'a> HostTree<'a> {
              {state}\
              exec cat >/dev/null; }} 9>{STATE_DIR}/sync.lock",
             dir = shell_path(workdir),
-            state = state_script()
+            state = state_script(known.as_ref().map(|(sha256, _)| sha256.as_str()))
         );
         let mut lock = session.start(&shell::sh(&script)).await?;
         let mut waiting = Some(waiting);
@@ -152,15 +171,23 @@ impl<'a> HostTree<'a> {
                 }
                 Some(line) => {
                     if let Some(root) = line.strip_prefix("locked ") {
-                        let saved = read_sized(&mut lock).await;
+                        let root = root.to_string();
+                        let saved = match lock.next_line().await {
+                            Some(line) if line == "same" => Some(None),
+                            Some(line) => match line.trim().parse() {
+                                Ok(length) => lock.next_bytes(length).await.map(Some),
+                                Err(_) => None,
+                            },
+                            None => None,
+                        };
                         let listing = read_sized(&mut lock).await;
                         let (Some(saved), Some(listing)) = (saved, listing) else {
                             let message =
                                 format!("listing workdir {workdir} failed: {}", lock.stderr());
                             return Err(SyncError::Host { host, message });
                         };
-                        let root = root.to_string();
-                        let state = parse_state(&host, saved, listing).await?;
+                        let known = known.map(|(_, manifest)| manifest);
+                        let state = parse_state(&host, saved, known, listing).await?;
                         return Ok((
                             HostTree {
                                 session,

@@ -14,7 +14,7 @@ use tokio::io::AsyncReadExt;
 
 use super::manifest::{Entry, Manifest};
 use super::plan::{Listing, Plan, RemoteEntry};
-use super::remote::{HostTree, SAVED_MANIFEST, SyncError, TMP_PREFIX};
+use super::remote::{HostState, HostTree, SAVED_MANIFEST, SyncError, TMP_PREFIX};
 
 /// Bytes per SFTP write request.
 const CHUNK: usize = 240 * 1024;
@@ -42,15 +42,18 @@ pub struct Applied {
     pub files_sent: usize,
     pub bytes_sent: u64,
     pub removed: usize,
+    /// The manifest the host holds now.
+    pub saved: Manifest,
 }
 
-/// Sends what `plan` says to the host and saves the host's new verified manifest.
+/// Sends what `plan` says to the host and saves the host's new verified manifest (unless the
+/// host's `state` shows it has that one already).
 pub async fn apply(
     tree: &HostTree<'_>,
     sftp: &RawSftpSession,
     source: &Path,
     local: &Manifest,
-    listing: &Listing,
+    state: &HostState,
     plan: &Plan,
     delete: bool,
     progress: &Progress,
@@ -153,7 +156,10 @@ pub async fn apply(
             .map_err(|e| file_error(tree, path, "setting permissions", &e))?;
     }
     tree.links(&plan.links).await?;
-    save_manifest(tree, sftp, &saved_manifest(local, listing, plan)).await?;
+    applied.saved = saved_manifest(local, &state.listing, plan);
+    if state.saved.as_ref() != Some(&applied.saved) {
+        save_manifest(tree, sftp, &applied.saved).await?;
+    }
     Ok(applied)
 }
 
