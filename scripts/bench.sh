@@ -113,24 +113,31 @@ make_tree "$work/small" 2000 20000
 head -c $((150 << 20)) /dev/urandom | base64 -w 99 >"$work/small/training_data.csv" # 200 MB of text
 touch -d '1 hour ago' "$work/small/training_data.csv"
 make_tree "$work/many" 10000 1000
-small_inv=$(sync_inventory "$work/small" fleet-small)
-many_inv=$(sync_inventory "$work/many" fleet-many)
-
+# Each cold round writes to folders never used before, and the two tools take turns going first:
+# ext4 makes the first files created right after a mass delete (the previous round's) pay for
+# skipping the inodes it just freed, which would tax whichever tool ran first.
 cold_fleet=() cold_rsync=()
 for ((r = 0; r < SYNC_ROUNDS; r++)); do
-  rm -rf "$work/fleet-small" "$work/rsync-small" "$XDG_CACHE_HOME"
-  cold_fleet+=("$(once_ms "$fleet" -i "$small_inv" sync)")
-  cold_rsync+=("$(once_ms rsync_all "$work/small" rsync-small)")
+  rm -rf "$XDG_CACHE_HOME"
+  small_inv=$(sync_inventory "$work/small" "fleet-small-$r")
+  if ((r % 2 == 0)); then
+    cold_fleet+=("$(once_ms "$fleet" -i "$small_inv" sync)")
+    cold_rsync+=("$(once_ms rsync_all "$work/small" "rsync-small-$r")")
+  else
+    cold_rsync+=("$(once_ms rsync_all "$work/small" "rsync-small-$r")")
+    cold_fleet+=("$(once_ms "$fleet" -i "$small_inv" sync)")
+  fi
 done
 report "(a) cold, 2000 files + 200 MB" "$(printf '%s\n' "${cold_fleet[@]}" | median)" "$(printf '%s\n' "${cold_rsync[@]}" | median)"
 
 warm_fleet=() warm_rsync=()
 for ((r = 0; r < SYNC_ROUNDS; r++)); do
   warm_fleet+=("$(once_ms "$fleet" -i "$small_inv" sync)")
-  warm_rsync+=("$(once_ms rsync_all "$work/small" rsync-small)")
+  warm_rsync+=("$(once_ms rsync_all "$work/small" "rsync-small-$((SYNC_ROUNDS - 1))")")
 done
 report "(b) warm, nothing changed" "$(printf '%s\n' "${warm_fleet[@]}" | median)" "$(printf '%s\n' "${warm_rsync[@]}" | median)"
 
+many_inv=$(sync_inventory "$work/many" fleet-many)
 "$fleet" -i "$many_inv" sync >/dev/null 2>&1
 rsync_all "$work/many" rsync-many
 one_fleet=() one_rsync=()

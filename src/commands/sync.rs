@@ -166,13 +166,26 @@ struct HostContext<'a> {
 impl HostContext<'_> {
     async fn sync_host(&self, host: &Host, target: &Target) -> Result<HostResult, SyncError> {
         let started = Instant::now();
-        let session = Session::connect(target, self.options).await?;
+        // The local copy of the host's manifest is read while the host connects.
+        let copy = SavedCopy::for_host(
+            &format!("{}@{}:{}", target.user, target.addr, target.port),
+            &host.workdir,
+        );
+        let file = copy.clone();
+        let (session, known) = tokio::join!(
+            Session::connect(target, self.options),
+            tokio::task::spawn_blocking(move || file.read())
+        );
+        let session = session?;
+        let known = known.ok().flatten();
         self.printer.debug(&format!(
             "{}: connected after {:.0} ms",
             host.name,
             started.elapsed().as_secs_f64() * 1e3
         ));
-        let result = self.with_session(&session, host, started).await;
+        let result = self
+            .with_session(&session, host, &copy, known, started)
+            .await;
         session.close().await;
         result
     }
@@ -181,16 +194,13 @@ impl HostContext<'_> {
         &self,
         session: &Session,
         host: &Host,
+        copy: &SavedCopy,
+        known: Option<(String, Manifest)>,
         started: Instant,
     ) -> Result<HostResult, SyncError> {
         let printer = self.printer;
-        let target = session.target();
-        let copy = SavedCopy::for_host(
-            &format!("{}@{}:{}", target.user, target.addr, target.port),
-            &host.workdir,
-        );
         let (tree, sftp) = tokio::join!(
-            HostTree::lock(session, &host.workdir, copy.read(), || {
+            HostTree::lock(session, &host.workdir, known, || {
                 printer.info(&format!(
                     "{}: waiting for another sync of {} to finish",
                     host.name, host.workdir
@@ -241,7 +251,7 @@ impl HostContext<'_> {
             tree.host(),
             started.elapsed().as_secs_f64() * 1e3
         ));
-        let (listing, stale) = split_listing(listing, self.filter);
+        let (listing, stale) = split_listing(listing, self.filter, local);
         if self.args.verify {
             return verify(tree, local, &listing)
                 .await

@@ -61,29 +61,35 @@ impl Manifest {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.entries.len() * 100);
         out.extend_from_slice(MANIFEST_MAGIC);
+        let field = |out: &mut Vec<u8>, text: &str| {
+            out.extend_from_slice(text.as_bytes());
+            out.push(0);
+        };
+        let number = |out: &mut Vec<u8>, value: i128| {
+            use std::io::Write;
+            let _ = write!(out, "{value}\0");
+        };
         for (path, entry) in &self.entries {
-            let fields: Vec<String> = match entry {
+            match entry {
                 Entry::File {
                     size,
                     mtime,
                     mode,
                     sha256,
                 } => {
-                    vec![
-                        "F".into(),
-                        sha256.clone(),
-                        size.to_string(),
-                        mtime.to_string(),
-                        mode.to_string(),
-                    ]
+                    field(&mut out, "F");
+                    field(&mut out, sha256);
+                    number(&mut out, i128::from(*size));
+                    number(&mut out, i128::from(*mtime));
+                    number(&mut out, i128::from(*mode));
                 }
-                Entry::Dir => vec!["D".into()],
-                Entry::Link { target } => vec!["L".into(), target.clone()],
-            };
-            for field in fields.iter().map(String::as_str).chain([path.as_str()]) {
-                out.extend_from_slice(field.as_bytes());
-                out.push(0);
+                Entry::Dir => field(&mut out, "D"),
+                Entry::Link { target } => {
+                    field(&mut out, "L");
+                    field(&mut out, target);
+                }
             }
+            field(&mut out, path);
         }
         out
     }
@@ -460,7 +466,7 @@ fn cache_file(kind: &str, key: &str, extension: &str) -> PathBuf {
 /// there), in `~/.cache/fleet/hosts/`. With it the host need not send its manifest back: it
 /// only confirms that its own has the same SHA-256, and a sync that changes nothing need not
 /// write it again. It is only a cache: when the host's differs, the host's is read.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct SavedCopy {
     file: PathBuf,
 }

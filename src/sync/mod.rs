@@ -23,19 +23,24 @@ pub fn scan_project(source: &std::path::Path, filter: &Filter) -> Result<Scan, M
 }
 
 /// Drops from a host's listing what the filter excludes (never touched, never reported) and
-/// returns the temporary files an interrupted sync left behind (to be removed).
-pub fn split_listing(listing: Listing, filter: &Filter) -> (Listing, Vec<String>) {
+/// returns the temporary files an interrupted sync left behind (to be removed). Paths of the
+/// `local` manifest passed the same filter already; only the others are matched against it.
+pub fn split_listing(
+    mut listing: Listing,
+    filter: &Filter,
+    local: &Manifest,
+) -> (Listing, Vec<String>) {
     let mut stale = Vec::new();
-    let kept = listing
-        .into_iter()
-        .filter(|(path, entry)| {
-            let name = path.rsplit('/').next().unwrap_or(path);
-            if name.starts_with(remote::TMP_PREFIX) {
-                stale.push(path.clone());
-                return false;
-            }
-            !filter.excludes(path, *entry == RemoteEntry::Dir)
-        })
-        .collect();
-    (kept, stale)
+    listing.retain(|path, entry| {
+        if local.entries.contains_key(path) {
+            return true;
+        }
+        let name = path.rsplit('/').next().unwrap_or(path);
+        if name.starts_with(remote::TMP_PREFIX) {
+            stale.push(path.clone());
+            return false;
+        }
+        !filter.excludes(path, *entry == RemoteEntry::Dir)
+    });
+    (listing, stale)
 }

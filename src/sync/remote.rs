@@ -56,7 +56,7 @@ fn state_script(known: Option<&str>) -> String {
     format!(
         "if [ -f {SAVED_MANIFEST} ]; then {same}{{ wc -c < {SAVED_MANIFEST}; cat {SAVED_MANIFEST}; }}; else echo 0; fi\n\
          l={STATE_DIR}/listing.$$\n\
-         find . -mindepth 1 -path ./{STATE_DIR} -prune -o -printf '%y\\0%s\\0%Ts\\0%m\\0%P\\0%l\\0' > \"$l\"\n\
+         find . -mindepth 1 -path ./{STATE_DIR} -prune -o -printf '%y\\0%s\\0%T@\\0%m\\0%P\\0%l\\0' > \"$l\"\n\
          wc -c < \"$l\"; cat \"$l\"; rm -f \"$l\"\n"
     )
 }
@@ -352,28 +352,41 @@ pub fn parse_hashes(out: &[u8], paths: &[String]) -> HashMap<String, String> {
     hashes
 }
 
-/// Parses `find -printf '%y\0%s\0%Ts\0%m\0%P\0%l\0'` output.
+/// Parses `find -printf '%y\0%s\0%T@\0%m\0%P\0%l\0'` output (`%T@` is seconds with a fraction;
+/// `%Ts` would go through strftime and mktime for every file, three times the cost of the walk).
 pub fn parse_listing(bytes: &[u8]) -> Result<Listing, String> {
-    let fields: Vec<&[u8]> = bytes.split(|&b| b == 0).collect();
+    // Numbers are ASCII; anything else fails to parse below.
+    fn number(field: &[u8]) -> &str {
+        std::str::from_utf8(field).unwrap_or("")
+    }
+    let mut fields = bytes.split(|&b| b == 0);
     let mut listing = Listing::new();
-    for record in fields.chunks_exact(6) {
-        let text = |i: usize| String::from_utf8_lossy(record[i]).into_owned();
-        let path = text(4);
-        let entry = match record[0] {
+    while let (Some(kind), Some(size), Some(mtime), Some(mode), Some(path), Some(target)) = (
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+    ) {
+        let path = String::from_utf8_lossy(path).into_owned();
+        let entry = match kind {
             b"f" => RemoteEntry::File {
-                size: text(1)
+                size: number(size)
                     .parse()
                     .map_err(|_| format!("bad size in listing for {path}"))?,
-                mtime: text(2)
+                mtime: number(mtime)
                     .split('.')
                     .next()
                     .and_then(|s| s.parse().ok())
                     .unwrap_or(0),
-                mode: u32::from_str_radix(&text(3), 8)
+                mode: u32::from_str_radix(number(mode), 8)
                     .map_err(|_| format!("bad mode in listing for {path}"))?,
             },
             b"d" => RemoteEntry::Dir,
-            b"l" => RemoteEntry::Link { target: text(5) },
+            b"l" => RemoteEntry::Link {
+                target: String::from_utf8_lossy(target).into_owned(),
+            },
             _ => RemoteEntry::Other,
         };
         listing.insert(path, entry);

@@ -102,6 +102,16 @@ pub async fn apply(
             (u.path.clone(), format!("{dir}{TMP_PREFIX}{nonce}.{i}"))
         })
         .collect();
+    // The host's new manifest is written beside the old one while the files travel, and
+    // replaces it once everything is in place.
+    applied.saved = saved_manifest(local, &state.listing, plan);
+    let manifest = (state.saved.as_ref() != Some(&applied.saved)).then(|| applied.saved.to_bytes());
+    let writing = async {
+        match &manifest {
+            Some(bytes) => write_manifest(tree, sftp, bytes).await.map(Some),
+            None => Ok(None),
+        }
+    };
     // Files are verified in batches as they land, so the host hashes while more arrive.
     let outcome = async {
         let mut uploads = futures::stream::iter(
@@ -136,13 +146,16 @@ pub async fn apply(
             result?;
         }
         commit(tree, sftp, &staged).await
-    }
-    .await;
-    if let Err(e) = outcome {
-        let temporaries: Vec<String> = staged.iter().map(|(_, tmp)| tmp.clone()).collect();
-        let _ = tree.remove(&temporaries).await;
-        return Err(e);
-    }
+    };
+    let (outcome, written) = tokio::join!(outcome, writing);
+    let new_manifest = match outcome.and(written) {
+        Ok(tmp) => tmp,
+        Err(e) => {
+            let temporaries: Vec<String> = staged.iter().map(|(_, tmp)| tmp.clone()).collect();
+            let _ = tree.remove(&temporaries).await;
+            return Err(e);
+        }
+    };
     applied.files_sent = plan.uploads.len();
     applied.bytes_sent = plan.upload_bytes();
 
@@ -156,9 +169,10 @@ pub async fn apply(
             .map_err(|e| file_error(tree, path, "setting permissions", &e))?;
     }
     tree.links(&plan.links).await?;
-    applied.saved = saved_manifest(local, &state.listing, plan);
-    if state.saved.as_ref() != Some(&applied.saved) {
-        save_manifest(tree, sftp, &applied.saved).await?;
+    if let Some(tmp) = new_manifest {
+        posix_rename(sftp, &tmp, &tree.path(SAVED_MANIFEST))
+            .await
+            .map_err(|e| file_error(tree, SAVED_MANIFEST, "saving", &e))?;
     }
     Ok(applied)
 }
@@ -409,15 +423,14 @@ async fn posix_rename(sftp: &RawSftpSession, from: &str, to: &str) -> Result<(),
     }
 }
 
-/// Writes the host's manifest beside the tree (temporary name, then rename).
-async fn save_manifest(
+/// Writes the host's new manifest under a temporary name beside the current one and returns
+/// that name (renamed into place once the files it describes are).
+async fn write_manifest(
     tree: &HostTree<'_>,
     sftp: &RawSftpSession,
-    manifest: &Manifest,
-) -> Result<(), SyncError> {
-    let bytes = manifest.to_bytes();
-    let path = tree.path(SAVED_MANIFEST);
-    let tmp = format!("{path}.tmp");
+    bytes: &[u8],
+) -> Result<String, SyncError> {
+    let tmp = format!("{}.tmp", tree.path(SAVED_MANIFEST));
     let fail = |e: SftpError| file_error(tree, SAVED_MANIFEST, "saving", &e);
     let create = OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::WRITE;
     let handle = sftp
@@ -434,5 +447,5 @@ async fn save_manifest(
     }
     drop(writes);
     sftp.close(handle.as_str()).await.map_err(fail)?;
-    posix_rename(sftp, &tmp, &path).await.map_err(fail)
+    Ok(tmp)
 }
