@@ -237,14 +237,14 @@ impl HostContext<'_> {
             tree.host(),
             started.elapsed().as_secs_f64() * 1e3
         ));
-        let Ok(local) = scanned.as_ref() else {
+        let Ok(scan) = scanned.as_ref() else {
             // The scan's own error is reported once, for all hosts.
             return Err(SyncError::Host {
                 host: tree.host().to_string(),
                 message: "the local scan failed".into(),
             });
         };
-        let local = &local.manifest;
+        let local = &scan.manifest;
         let HostState { saved, listing } = state;
         self.printer.debug(&format!(
             "{}: locked and listed after {:.0} ms",
@@ -278,7 +278,7 @@ impl HostContext<'_> {
                 tree,
                 sftp,
                 &self.source,
-                local,
+                scan,
                 &state,
                 &plan,
                 self.args.delete,

@@ -206,7 +206,15 @@ pub struct Scan {
     pub manifest: Manifest,
     /// Files whose content was read (not found in the cache).
     pub hashed: usize,
+    /// The bytes of small files that were hashed (up to [`KEPT_BYTES`] in all): what an upload
+    /// then sends to every host without reading the file again.
+    pub contents: HashMap<String, Vec<u8>>,
 }
+
+/// Files up to this size that the scan hashes are kept in memory for the upload...
+pub const KEPT_FILE: u64 = 1 << 20;
+/// ...up to this much in all.
+pub const KEPT_BYTES: u64 = 128 << 20;
 
 /// Walks `source` and builds its manifest, hashing only what `cache` does not know.
 pub fn scan(source: &Path, filter: &Filter, cache: &mut HashCache) -> Result<Scan, ManifestError> {
@@ -216,6 +224,7 @@ pub fn scan(source: &Path, filter: &Filter, cache: &mut HashCache) -> Result<Sca
         });
     }
     let mut scan = Scan::default();
+    let mut kept = 0u64;
     let walk = walkdir::WalkDir::new(source)
         .follow_links(false)
         .sort_by_file_name()
@@ -256,8 +265,12 @@ pub fn scan(source: &Path, filter: &Filter, cache: &mut HashCache) -> Result<Sca
             }
             Entry::Link { target }
         } else if file_type.is_file() {
-            let (entry, hashed) = file_entry(item.path(), &rel, cache)?;
+            let (entry, hashed, content) = file_entry(item.path(), &rel, cache, kept < KEPT_BYTES)?;
             scan.hashed += usize::from(hashed);
+            if let Some(content) = content {
+                kept += content.len() as u64;
+                scan.contents.insert(rel.clone(), content);
+            }
             entry
         } else {
             return Err(ManifestError::Special { path: rel });
@@ -299,12 +312,14 @@ fn escapes(link: &str, target: &str) -> bool {
     false
 }
 
-/// Stat, then hash unless the cache knows the file; re-read when it changes under us.
+/// Stat, then hash unless the cache knows the file; re-read when it changes under us. With
+/// `keep`, a small file's bytes that were hashed come back too.
 fn file_entry(
     path: &Path,
     rel: &str,
     cache: &mut HashCache,
-) -> Result<(Entry, bool), ManifestError> {
+    keep: bool,
+) -> Result<(Entry, bool, Option<Vec<u8>>), ManifestError> {
     let unreadable = |error| ManifestError::Unreadable {
         path: path.to_path_buf(),
         error,
@@ -320,13 +335,22 @@ fn file_entry(
             sha256,
         };
         if let Some(sha256) = cache.get(rel, &key) {
-            return Ok((entry(sha256), false));
+            return Ok((entry(sha256), false, None));
         }
-        let sha256 = hash_file(path).map_err(unreadable)?;
+        // A file written within the last moments may change again within the same mtime tick,
+        // unseen by the stat check: it is read again for the upload, whose check on the host
+        // then catches a change.
+        let settled = key.mtime_ns < cache.fresh_after_ns;
+        let (sha256, content) = if keep && settled && before.len() <= KEPT_FILE {
+            let content = std::fs::read(path).map_err(unreadable)?;
+            (hex::encode(Sha256::digest(&content)), Some(content))
+        } else {
+            (hash_file(path).map_err(unreadable)?, None)
+        };
         let after = std::fs::symlink_metadata(path).map_err(unreadable)?;
         if StatKey::of(&after) == key {
             cache.put(rel, key, &sha256);
-            return Ok((entry(sha256), true));
+            return Ok((entry(sha256), true, content));
         }
     }
     Err(ManifestError::Unstable {
@@ -630,6 +654,32 @@ mod tests {
             third.manifest.entries["run.sh"],
             first.manifest.entries["run.sh"]
         );
+    }
+
+    #[test]
+    fn settled_small_files_keep_their_hashed_bytes_and_fresh_ones_do_not() {
+        let dir = tree();
+        let filter = Filter::new(dir.path(), &[]).unwrap();
+        let mut cache = HashCache::in_memory();
+        // Just written: too fresh to trust a second read to match the first.
+        let fresh = scan(dir.path(), &filter, &mut cache).unwrap();
+        assert!(fresh.contents.is_empty());
+        let mut cache = HashCache::in_memory();
+        cache.fresh_after_ns = i128::MAX;
+        let settled = scan(dir.path(), &filter, &mut cache).unwrap();
+        assert!(settled.hashed > 0);
+        assert_eq!(settled.contents.len(), settled.hashed);
+        for (path, bytes) in &settled.contents {
+            assert_eq!(
+                bytes,
+                &std::fs::read(dir.path().join(path)).unwrap(),
+                "{path}"
+            );
+            let Entry::File { sha256, .. } = &settled.manifest.entries[path] else {
+                panic!("{path} is not a file");
+            };
+            assert_eq!(sha256, &hex::encode(Sha256::digest(bytes)));
+        }
     }
 
     #[test]

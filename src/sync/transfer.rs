@@ -10,9 +10,8 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use russh_sftp::client::RawSftpSession;
 use russh_sftp::client::error::Error as SftpError;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, Packet, StatusCode};
-use tokio::io::AsyncReadExt;
 
-use super::manifest::{Entry, Manifest};
+use super::manifest::{Entry, Manifest, Scan};
 use super::plan::{Listing, Plan, RemoteEntry};
 use super::remote::{HostState, HostTree, SAVED_MANIFEST, SyncError, TMP_PREFIX};
 
@@ -24,6 +23,8 @@ const WRITES_IN_FLIGHT: usize = 64;
 const FILES_IN_FLIGHT: usize = 32;
 /// Files up to this size are read whole and sent in one burst.
 const SMALL_FILE: u64 = 1 << 20;
+/// Larger files are read this many chunks at a time.
+const CHUNKS_PER_READ: usize = 16;
 /// Landed files are handed to the host's `sha256sum` in batches of about this much...
 const VERIFY_BATCH_BYTES: u64 = 32 << 20;
 /// ...or this many files, whichever comes first.
@@ -52,13 +53,14 @@ pub async fn apply(
     tree: &HostTree<'_>,
     sftp: &RawSftpSession,
     source: &Path,
-    local: &Manifest,
+    scan: &Scan,
     state: &HostState,
     plan: &Plan,
     delete: bool,
     progress: &Progress,
 ) -> Result<Applied, SyncError> {
     let host = tree.host().to_string();
+    let local = &scan.manifest;
     let mut applied = Applied::default();
     if !plan.conflicts.is_empty() {
         if !delete {
@@ -117,7 +119,7 @@ pub async fn apply(
         let mut uploads = futures::stream::iter(
             staged
                 .iter()
-                .map(|(path, tmp)| upload(tree, sftp, source, local, path, tmp, progress)),
+                .map(|(path, tmp)| upload(tree, sftp, source, scan, path, tmp, progress)),
         )
         .buffer_unordered(FILES_IN_FLIGHT);
         let mut verifying = FuturesUnordered::new();
@@ -223,14 +225,15 @@ async fn upload(
     tree: &HostTree<'_>,
     sftp: &RawSftpSession,
     source: &Path,
-    local: &Manifest,
+    scan: &Scan,
     path: &str,
     tmp: &str,
     progress: &Progress,
 ) -> Result<(String, String, u64), SyncError> {
+    let kept = scan.contents.get(path).map(Vec::as_slice);
     let Some(Entry::File {
         size, mtime, mode, ..
-    }) = local.entries.get(path)
+    }) = scan.manifest.entries.get(path)
     else {
         return Ok((path.to_string(), tmp.to_string(), 0));
     };
@@ -245,14 +248,17 @@ async fn upload(
         ..Default::default()
     };
     let local_path = source.join(path);
-    // Small files are read whole while the host opens the file; large ones are streamed.
+    // Small files are read whole (unless the scan kept their bytes) while the host opens the
+    // file; large ones are streamed.
     let small = *size <= SMALL_FILE;
     let (content, opened) = tokio::join!(
         async {
-            if small {
-                tokio::fs::read(&local_path).await.map(Some)
-            } else {
-                Ok(None)
+            match kept {
+                Some(bytes) => Ok(Some(Content::Kept(bytes))),
+                None if small => tokio::fs::read(&local_path)
+                    .await
+                    .map(|bytes| Some(Content::Read(bytes))),
+                None => Ok(None),
             }
         },
         sftp.open(tree.path(tmp), create, attrs)
@@ -264,9 +270,8 @@ async fn upload(
 
     let mut offset = 0u64;
     let mut in_flight = FuturesUnordered::new();
-    let send = |chunk: &[u8], offset: u64| {
-        let len = chunk.len() as u64;
-        let data = chunk.to_vec();
+    let send = |data: Vec<u8>, offset: u64| {
+        let len = data.len() as u64;
         let handle = &handle;
         async move {
             let result = sftp.write(handle.as_str(), offset, data).await;
@@ -274,29 +279,45 @@ async fn upload(
             result
         }
     };
-    if let Some(content) = content {
-        for chunk in content.chunks(CHUNK) {
-            in_flight.push(send(chunk, offset));
-            offset += chunk.len() as u64;
+    match content {
+        // One request, without a copy.
+        Some(Content::Read(bytes)) if bytes.len() <= CHUNK => {
+            offset = bytes.len() as u64;
+            in_flight.push(send(bytes, 0));
         }
-    } else {
-        let mut file = tokio::fs::File::open(&local_path)
-            .await
-            .map_err(local_error)?;
-        let mut block = vec![0u8; 16 * CHUNK];
-        loop {
-            let n = read_full(&mut file, &mut block)
-                .await
-                .map_err(local_error)?;
-            if n == 0 {
-                break;
-            }
-            for chunk in block[..n].chunks(CHUNK) {
-                in_flight.push(send(chunk, offset));
+        Some(Content::Read(bytes)) => {
+            for chunk in bytes.chunks(CHUNK) {
+                in_flight.push(send(chunk.to_vec(), offset));
                 offset += chunk.len() as u64;
-                if in_flight.len() >= WRITES_IN_FLIGHT {
-                    if let Some(result) = in_flight.next().await {
-                        result.map_err(|e| file_error(tree, path, "writing", &e))?;
+            }
+        }
+        Some(Content::Kept(bytes)) => {
+            for chunk in bytes.chunks(CHUNK) {
+                in_flight.push(send(chunk.to_vec(), offset));
+                offset += chunk.len() as u64;
+            }
+        }
+        None => {
+            let file = std::sync::Arc::new(std::fs::File::open(&local_path).map_err(local_error)?);
+            loop {
+                let reading = file.clone();
+                let chunks = tokio::task::spawn_blocking(move || {
+                    read_chunks(&reading, offset, CHUNKS_PER_READ)
+                })
+                .await
+                .map_err(|e| local_error(std::io::Error::other(e.to_string())))?
+                .map_err(local_error)?;
+                if chunks.is_empty() {
+                    break;
+                }
+                for chunk in chunks {
+                    let length = chunk.len() as u64;
+                    in_flight.push(send(chunk, offset));
+                    offset += length;
+                    if in_flight.len() >= WRITES_IN_FLIGHT {
+                        if let Some(result) = in_flight.next().await {
+                            result.map_err(|e| file_error(tree, path, "writing", &e))?;
+                        }
                     }
                 }
             }
@@ -333,16 +354,31 @@ async fn upload(
     Ok((path.to_string(), tmp.to_string(), *size))
 }
 
-async fn read_full(file: &mut tokio::fs::File, buffer: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buffer.len() {
-        let n = file.read(&mut buffer[filled..]).await?;
+/// A file's bytes for an upload: kept by the scan, or read now.
+enum Content<'a> {
+    Kept(&'a [u8]),
+    Read(Vec<u8>),
+}
+
+/// Up to `count` chunks of `file` from `offset` on, each in a buffer of its own (handed to the
+/// SFTP writes as it is); fewer at the end of the file.
+fn read_chunks(file: &std::fs::File, offset: u64, count: usize) -> std::io::Result<Vec<Vec<u8>>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut reader = file;
+    reader.seek(SeekFrom::Start(offset))?;
+    let mut chunks = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        let n = reader.take(CHUNK as u64).read_to_end(&mut chunk)?;
         if n == 0 {
             break;
         }
-        filled += n;
+        chunks.push(chunk);
+        if n < CHUNK {
+            break;
+        }
     }
-    Ok(filled)
+    Ok(chunks)
 }
 
 /// The host reads back every landed file and its SHA-256 must be the local one.
