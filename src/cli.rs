@@ -51,7 +51,7 @@ pub struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Prove the hosts can train together: versions, GPUs, disk, clock, files, the master port
-    Check,
+    Check(CheckArgs),
     /// Write an inventory for some hosts, record their host keys, and try logging in
     Init(InitArgs),
     /// Run a command on every host at once; each output line is prefixed with its host
@@ -70,6 +70,16 @@ pub enum Command {
     Inventory,
     /// Measure the links between the master and every other host, and what they cost training
     Net(NetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Then measure the links and price the job's all-reduce, as `fleet net` does (its options
+    /// apply)
+    #[arg(long)]
+    pub net: bool,
+    #[command(flatten)]
+    pub net_args: NetArgs,
 }
 
 #[derive(Debug, Args)]

@@ -51,4 +51,27 @@ fn a_shaped_link_is_measured_near_its_rate_and_the_others_far_above() {
     let fp32 = estimate["allreduce_fp32_ms"].as_f64().unwrap();
     assert!((30_000.0..70_000.0).contains(&fp32), "{estimate}");
     assert!((estimate["allreduce_bf16_ms"].as_f64().unwrap() * 2.0 - fp32).abs() < 1.0);
+
+    // `fleet check --net` ends with the same measurement and estimate.
+    let check = Fleet::new()
+        .arg("-i")
+        .arg(tb.inventory())
+        .args(["--json", "check", "--net", "--seconds", "1"])
+        .run();
+    let records: Vec<Value> = check
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        records.iter().any(|r| r["type"] == "verdict"),
+        "{}",
+        check.stdout
+    );
+    let estimate = records
+        .iter()
+        .find(|r| r["type"] == "estimate")
+        .unwrap_or_else(|| panic!("no estimate: {}", check.stdout));
+    let bottleneck = estimate["bottleneck_mbit"].as_f64().unwrap();
+    assert!((70.0..=130.0).contains(&bottleneck), "{estimate}");
 }

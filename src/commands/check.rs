@@ -10,6 +10,7 @@ use futures::future::join_all;
 use serde::Serialize;
 
 use super::{Fleet, table};
+use crate::cli::CheckArgs;
 use crate::exit_code::ExitCode;
 use crate::inventory::Inventory;
 use crate::launch::remote::interface_to;
@@ -43,8 +44,14 @@ struct Verdict {
     failed: usize,
 }
 
-pub async fn run(fleet: &Fleet) -> Result<ExitCode> {
-    check(fleet, &fleet.inventory()?, false).await
+pub async fn run(fleet: &Fleet, args: &CheckArgs) -> Result<ExitCode> {
+    let inventory = fleet.inventory()?;
+    let code = check(fleet, &inventory, false).await?;
+    // The links are measured only between hosts that answered.
+    if args.net && code != ExitCode::Unreachable && inventory.hosts.len() > 1 {
+        return Ok(code.max_with(super::net::run(fleet, &args.net_args).await?));
+    }
+    Ok(code)
 }
 
 /// The check before a `fleet run`: only problems are printed, on stderr.

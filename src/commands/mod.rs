@@ -106,7 +106,7 @@ impl Fleet {
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let fleet = Fleet::new(cli.global);
     match cli.command {
-        Command::Check => check::run(&fleet).await,
+        Command::Check(args) => check::run(&fleet, &args).await,
         Command::Init(args) => init::run(&fleet, &args).await,
         Command::Exec(args) => exec::run(&fleet, &args).await,
         Command::Logs(args) => jobs::logs(&fleet, &args).await,
