@@ -30,16 +30,7 @@ scripts/testbed.sh up netns 2>/dev/null
 
 # 200 rows of random words drawn from 40,000: the vocabulary built from them has BERT's 30,522
 # entries, so the base preset has BERT-base's size.
-"$python" - "$work/data.csv" <<'PY'
-import csv, random, sys
-random.seed(1)
-words = [f"w{i}" for i in range(40000)]
-with open(sys.argv[1], "w", newline="") as f:
-    out = csv.writer(f)
-    out.writerow(["text", "label"])
-    for i in range(200):
-        out.writerow([" ".join(random.choices(words, k=600)), i % 2])
-PY
+"$python" scripts/random_words_csv.py "$work/data.csv" 200 600 2
 cp "$trainer" "$work/fleet-train"
 sed "s|^master_port = 29500|master_port = 29500\n\n[sync]\nsource = \"$work\"|" "$TB_DIR/fleet.toml" >"$work/fleet.toml"
 export FLEET_INVENTORY=$work/fleet.toml

@@ -23,16 +23,7 @@ python=${FLEET_TORCH_VENV:-/opt/fleet/torch-venv}/bin/python
 
 work=$(mktemp -d /tmp/fleet-bench-train.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-"$python" - "$work/data.csv" <<'PY'
-import csv, random, sys
-random.seed(1)
-words = [f"w{i}" for i in range(40000)]
-with open(sys.argv[1], "w", newline="") as f:
-    out = csv.writer(f)
-    out.writerow(["text", "label"])
-    for i in range(600):
-        out.writerow([" ".join(random.choices(words, k=200)), i % 3])
-PY
+"$python" scripts/random_words_csv.py "$work/data.csv" 600 200 3
 
 cd "$work"
 "$TRAINER" --data data.csv --preset "$PRESET" --vocab-size 30522 --max-len "$SEQ" \
