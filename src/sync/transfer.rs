@@ -10,6 +10,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use russh_sftp::client::RawSftpSession;
 use russh_sftp::client::error::Error as SftpError;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, Packet, StatusCode};
+use sha2::{Digest, Sha256};
 
 use super::manifest::{Entry, Manifest, Scan};
 use super::plan::{Listing, Plan, RemoteEntry};
@@ -29,6 +30,9 @@ const CHUNKS_PER_READ: usize = 16;
 const VERIFY_BATCH_BYTES: u64 = 32 << 20;
 /// ...or this many files, whichever comes first.
 const VERIFY_BATCH_FILES: usize = 512;
+/// A batch up to this size is read back over SFTP and hashed here instead: the same bytes from
+/// the host's disk, without starting a command there for a few small files.
+const READ_BACK_BYTES: u64 = 1 << 20;
 
 /// Counts what has been sent to one host, for progress reporting while the sync runs.
 #[derive(Debug, Default)]
@@ -133,8 +137,8 @@ pub async fn apply(
                         batch.push((path, tmp));
                         batch_bytes += size;
                         if batch_bytes >= VERIFY_BATCH_BYTES || batch.len() >= VERIFY_BATCH_FILES {
-                            batch_bytes = 0;
-                            verifying.push(verify(tree, source, local, std::mem::take(&mut batch)));
+                            let bytes = std::mem::take(&mut batch_bytes);
+                            verifying.push(verify(tree, sftp, source, local, std::mem::take(&mut batch), bytes));
                         }
                     }
                     None => break,
@@ -143,7 +147,7 @@ pub async fn apply(
             }
         }
         drop(uploads);
-        verifying.push(verify(tree, source, local, batch));
+        verifying.push(verify(tree, sftp, source, local, batch, batch_bytes));
         while let Some(result) = verifying.next().await {
             result?;
         }
@@ -384,15 +388,21 @@ fn read_chunks(file: &std::fs::File, offset: u64, count: usize) -> std::io::Resu
 /// The host reads back every landed file and its SHA-256 must be the local one.
 async fn verify(
     tree: &HostTree<'_>,
+    sftp: &RawSftpSession,
     source: &Path,
     local: &Manifest,
     staged: Vec<(String, String)>,
+    bytes: u64,
 ) -> Result<(), SyncError> {
     if staged.is_empty() {
         return Ok(());
     }
     let temporaries: Vec<String> = staged.iter().map(|(_, tmp)| tmp.clone()).collect();
-    let landed = tree.hash(&temporaries).await?;
+    let landed = if bytes <= READ_BACK_BYTES {
+        read_back(tree, sftp, &temporaries).await
+    } else {
+        tree.hash(&temporaries).await?
+    };
     for (path, tmp) in &staged {
         let Some(Entry::File { sha256, .. }) = local.entries.get(path) else {
             continue;
@@ -424,6 +434,43 @@ async fn verify(
         }
     }
     Ok(())
+}
+
+/// SHA-256 of files on the host (paths relative to the workdir), read back to the end over SFTP.
+/// A file that cannot be read is missing from the result.
+async fn read_back(
+    tree: &HostTree<'_>,
+    sftp: &RawSftpSession,
+    paths: &[String],
+) -> std::collections::HashMap<String, String> {
+    let reads = paths.iter().map(|path| async move {
+        let handle = sftp
+            .open(tree.path(path), OpenFlags::READ, FileAttributes::default())
+            .await
+            .ok()?
+            .handle;
+        let mut hasher = Sha256::new();
+        let mut offset = 0u64;
+        let complete = loop {
+            match sftp.read(handle.as_str(), offset, CHUNK as u32).await {
+                Ok(data) => {
+                    hasher.update(&data.data);
+                    offset += data.data.len() as u64;
+                }
+                Err(SftpError::Status(status)) if status.status_code == StatusCode::Eof => {
+                    break true;
+                }
+                Err(_) => break false,
+            }
+        };
+        let _ = sftp.close(handle.as_str()).await;
+        complete.then(|| (path.clone(), hex::encode(hasher.finalize())))
+    });
+    futures::stream::iter(reads)
+        .buffer_unordered(FILES_IN_FLIGHT)
+        .filter_map(|hashed| async move { hashed })
+        .collect()
+        .await
 }
 
 /// Renames every verified temporary file over its destination.
