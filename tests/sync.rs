@@ -12,9 +12,22 @@ use common::Project;
 impl Project {
     /// `fleet --json sync ARGS` with one record per host, by host name.
     fn sync_json(&self, args: &[&str]) -> (common::Run, BTreeMap<String, serde_json::Value>) {
+        self.sync_json_in(None, args)
+    }
+
+    /// `fleet --json sync` with `home` as HOME when given (so the runs share fleet's caches).
+    fn sync_json_in(
+        &self,
+        home: Option<&Path>,
+        args: &[&str],
+    ) -> (common::Run, BTreeMap<String, serde_json::Value>) {
         let mut all = vec!["--json", "sync"];
         all.extend_from_slice(args);
-        let run = self.fleet(&all).run();
+        let fleet = match home {
+            Some(home) => self.fleet_in(home, &all),
+            None => self.fleet(&all),
+        };
+        let run = fleet.run();
         let records = run
             .stdout
             .lines()
@@ -125,8 +138,10 @@ fn a_tricky_tree_lands_identical_on_every_host_and_resyncs_nothing() {
     symlink("data/training_data_10000.csv", p.root().join("latest.csv")).unwrap();
     p.write("target/skip.bin", "excluded");
     p.write("big/model.bin", noise(200 << 20, 7));
+    // Both syncs share fleet's caches, as two runs on one laptop do.
+    let home = tempfile::tempdir().unwrap();
 
-    let (run, records) = p.sync_json(&[]);
+    let (run, records) = p.sync_json_in(Some(home.path()), &[]);
     run.assert_code(0);
     let local = p.local_hashes();
     assert_eq!(local.len(), 6);
@@ -149,7 +164,9 @@ fn a_tricky_tree_lands_identical_on_every_host_and_resyncs_nothing() {
         .iter()
         .map(|h| (p.remote_inodes(h), p.manifest_inode(h)))
         .collect();
-    let (again, records) = p.sync_json(&[]);
+    let copies = manifest_copies(home.path());
+    assert_eq!(copies.len(), 3, "one local copy per host's manifest");
+    let (again, records) = p.sync_json_in(Some(home.path()), &[]);
     again.assert_code(0);
     for (i, h) in ["host1", "host2", "host3"].iter().enumerate() {
         assert_eq!(records[*h]["files_sent"], 0, "{}", again.stdout);
@@ -165,6 +182,22 @@ fn a_tricky_tree_lands_identical_on_every_host_and_resyncs_nothing() {
             "{h}: a second sync rewrote the saved manifest"
         );
     }
+    // Each host confirmed fleet's copy of its manifest, so none was written again.
+    assert_eq!(manifest_copies(home.path()), copies);
+}
+
+/// `file -> modification time` of fleet's local copies of the hosts' manifests under `home`.
+fn manifest_copies(home: &Path) -> BTreeMap<String, std::time::SystemTime> {
+    std::fs::read_dir(home.join(".cache/fleet/hosts"))
+        .map(|dir| {
+            dir.map(|entry| {
+                let entry = entry.unwrap();
+                let modified = entry.metadata().unwrap().modified().unwrap();
+                (entry.file_name().to_string_lossy().into_owned(), modified)
+            })
+            .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[test]
@@ -173,7 +206,9 @@ fn a_host_manifest_unlike_the_local_copy_is_read_from_the_host() {
     for i in 0..5 {
         p.write(&format!("f{i}.txt"), format!("file {i}\n"));
     }
-    p.fleet(&["sync"]).run().assert_code(0);
+    let home = tempfile::tempdir().unwrap();
+    p.fleet_in(home.path(), &["sync"]).run().assert_code(0);
+    assert_eq!(manifest_copies(home.path()).len(), 3);
     // On host2: f3.txt edited with its size and mtime kept (a stat listing cannot see it), and
     // the saved manifest replaced. The local copy of host2's manifest still says all is well.
     let dir = p.workdir("host2");
@@ -184,7 +219,7 @@ fn a_host_manifest_unlike_the_local_copy_is_read_from_the_host() {
              && printf 'fleet-manifest 1\\0' > .fleet/manifest"
         ),
     );
-    let (run, records) = p.sync_json(&[]);
+    let (run, records) = p.sync_json_in(Some(home.path()), &[]);
     run.assert_code(0);
     // Without a manifest it can trust, host2 gets every file again; trusting the local copy
     // instead would have sent nothing and left f3.txt edited.

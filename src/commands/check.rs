@@ -210,7 +210,7 @@ async fn files_in_sync(inventory: &Inventory, sessions: &[Option<Session>]) -> V
                 let session = session.as_ref()?;
                 let name = Some(host.name.clone());
                 Some(match peek(session, &host.workdir).await {
-                    Ok(HostState { saved, listing }) => {
+                    Ok(HostState { saved, listing, .. }) => {
                         let (listing, _) = split_listing(listing, filter, &local.manifest);
                         let plan = plan(&local.manifest, saved.as_ref(), &listing);
                         if plan.is_empty() {

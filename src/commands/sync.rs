@@ -213,7 +213,9 @@ impl HostContext<'_> {
             Ok(sftp) => {
                 let result = self.locked(&tree, state, &sftp, started).await;
                 if let Ok(HostResult::Synced { applied, .. }) = &result {
-                    copy.write(&applied.saved);
+                    if !applied.kept_manifest {
+                        copy.write(&applied.saved);
+                    }
                 }
                 let _ = sftp.close_session();
                 result
@@ -245,7 +247,11 @@ impl HostContext<'_> {
             });
         };
         let local = &scan.manifest;
-        let HostState { saved, listing } = state;
+        let HostState {
+            saved,
+            listing,
+            confirmed,
+        } = state;
         self.printer.debug(&format!(
             "{}: locked and listed after {:.0} ms",
             tree.host(),
@@ -258,7 +264,11 @@ impl HostContext<'_> {
                 .map(HostResult::Verified);
         }
         let plan = plan(local, saved.as_ref(), &listing);
-        let state = HostState { saved, listing };
+        let state = HostState {
+            saved,
+            listing,
+            confirmed,
+        };
         if self.args.dry_run {
             return Ok(HostResult::Planned(plan));
         }

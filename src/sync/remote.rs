@@ -41,6 +41,8 @@ pub struct HostTree<'a> {
 pub struct HostState {
     pub saved: Option<Manifest>,
     pub listing: Listing,
+    /// The host confirmed that its saved manifest is the local copy fleet holds of it.
+    pub confirmed: bool,
 }
 
 /// Shell that prints a workdir's state, run in the workdir: the saved manifest, then the
@@ -72,6 +74,7 @@ async fn parse_state(
 ) -> Result<HostState, SyncError> {
     let parsed = tokio::task::spawn_blocking(move || {
         parse_listing(&listing).map(|listing| HostState {
+            confirmed: saved.is_none() && known.is_some(),
             saved: match saved {
                 Some(bytes) => Manifest::from_bytes(&bytes),
                 None => known,
@@ -116,6 +119,7 @@ pub async fn peek(session: &Session, workdir: &str) -> Result<HostState, SyncErr
         (Some(saved), Some(listing)) => parse_state(host, Some(saved), None, listing).await,
         // No workdir yet: nothing saved, nothing there.
         _ => Ok(HostState {
+            confirmed: false,
             saved: None,
             listing: Listing::new(),
         }),

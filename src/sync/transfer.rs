@@ -47,8 +47,10 @@ pub struct Applied {
     pub files_sent: usize,
     pub bytes_sent: u64,
     pub removed: usize,
-    /// The manifest the host holds now.
+    /// The manifest the host holds now...
     pub saved: Manifest,
+    /// ...unchanged, and the same as the local copy of it.
+    pub kept_manifest: bool,
 }
 
 /// Sends what `plan` says to the host and saves the host's new verified manifest (unless the
@@ -111,7 +113,9 @@ pub async fn apply(
     // The host's new manifest is written beside the old one while the files travel, and
     // replaces it once everything is in place.
     applied.saved = saved_manifest(local, &state.listing, plan);
-    let manifest = (state.saved.as_ref() != Some(&applied.saved)).then(|| applied.saved.to_bytes());
+    let unchanged = state.saved.as_ref() == Some(&applied.saved);
+    applied.kept_manifest = unchanged && state.confirmed;
+    let manifest = (!unchanged).then(|| applied.saved.to_bytes());
     let writing = async {
         match &manifest {
             Some(bytes) => write_manifest(tree, sftp, bytes).await.map(Some),

@@ -330,6 +330,14 @@ impl Project {
         Fleet::new().arg("-i").arg(&self.inventory).args(args)
     }
 
+    /// Like [`Project::fleet`], with `home` as HOME: runs that share it share fleet's caches.
+    pub fn fleet_in(&self, home: &Path, args: &[&str]) -> Fleet {
+        Fleet::in_home(home)
+            .arg("-i")
+            .arg(&self.inventory)
+            .args(args)
+    }
+
     /// `fleet run --grace 2` of ranks that print "ready" and then `sleep <tag>` (a number other
     /// tests do not use, so `remaining` finds exactly these), returned once every rank is ready:
     /// the running fleet, its HOME, and the rest of its stdout.
