@@ -175,16 +175,10 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-/// Trains 600 generated rows (540 for training) in double precision without dropout for `steps`
-/// steps, once in one process with 12 rows a step and once on three Gloo ranks with `ranks`
-/// (their batch and accumulation, 12 rows a step in all). Checks that the ranks agree, and
-/// returns the relative difference between their parameters and the one process's, with the
-/// workspace. Double precision because in float32, summing in another order changes gradients
-/// that are zero in exact arithmetic (the attention key bias) by ~1e-9, and Adam, dividing by
-/// their root mean square, turns that noise into full-size steps.
-fn sharded_against_one_process(steps: &str, ranks: &[&str]) -> (f64, Workspace) {
-    let ws = Workspace::new(600);
-    let common = [
+/// Arguments for training that ranks and a single process can match exactly: the test data,
+/// no dropout, one epoch, double precision, `steps` steps.
+fn exact_training(steps: &str) -> [&str; 10] {
+    [
         "--data",
         "data.csv",
         "--dropout",
@@ -195,7 +189,19 @@ fn sharded_against_one_process(steps: &str, ranks: &[&str]) -> (f64, Workspace) 
         "fp64",
         "--max-steps",
         steps,
-    ];
+    ]
+}
+
+/// Trains 600 generated rows (540 for training) in double precision without dropout for `steps`
+/// steps, once in one process with 12 rows a step and once on three Gloo ranks with `ranks`
+/// (their batch and accumulation, 12 rows a step in all). Checks that the ranks agree, and
+/// returns the relative difference between their parameters and the one process's, with the
+/// workspace. Double precision because in float32, summing in another order changes gradients
+/// that are zero in exact arithmetic (the attention key bias) by ~1e-9, and Adam, dividing by
+/// their root mean square, turns that noise into full-size steps.
+fn sharded_against_one_process(steps: &str, ranks: &[&str]) -> (f64, Workspace) {
+    let ws = Workspace::new(600);
+    let common = exact_training(steps);
     let one = ws.trainer(
         &[
             &common[..],
@@ -247,24 +253,20 @@ fn three_gloo_ranks_on_shards_equal_one_process_on_the_whole_batch() {
     eprintln!("three ranks vs one process after 20 steps: relative difference {difference:.2e}");
     assert!(difference < 1e-5, "relative difference {difference}");
     // Training changed the weights: equal because of the all-reduce, not because nothing moved.
-    let untrained = ws.trainer(&[
-        "--data",
-        "data.csv",
-        "--dropout",
-        "0",
-        "--epochs",
-        "1",
-        "--precision",
-        "fp64",
-        "--max-steps",
-        "0",
-        "--batch-size",
-        "12",
-        "--output",
-        "zero",
-        "--checkpoint-dir",
-        "c0",
-    ]);
+    let untrained = ws.trainer(
+        &[
+            &exact_training("0")[..],
+            &[
+                "--batch-size",
+                "12",
+                "--output",
+                "zero",
+                "--checkpoint-dir",
+                "c0",
+            ],
+        ]
+        .concat(),
+    );
     summary(&untrained);
     let single = weights(&ws.path().join("one/model.safetensors"));
     let zero = weights(&ws.path().join("zero/model.safetensors"));

@@ -293,13 +293,11 @@ async fn upload(
             offset = bytes.len() as u64;
             in_flight.push(send(bytes, 0));
         }
-        Some(Content::Read(bytes)) => {
-            for chunk in bytes.chunks(CHUNK) {
-                in_flight.push(send(chunk.to_vec(), offset));
-                offset += chunk.len() as u64;
-            }
-        }
-        Some(Content::Kept(bytes)) => {
+        Some(content) => {
+            let bytes = match &content {
+                Content::Kept(bytes) => bytes,
+                Content::Read(bytes) => bytes.as_slice(),
+            };
             for chunk in bytes.chunks(CHUNK) {
                 in_flight.push(send(chunk.to_vec(), offset));
                 offset += chunk.len() as u64;
