@@ -212,7 +212,7 @@ async fn files_in_sync(inventory: &Inventory, sessions: &[Option<Session>]) -> V
                 Some(match peek(session, &host.workdir).await {
                     Ok(HostState { saved, listing, .. }) => {
                         let (listing, _) = split_listing(listing, filter, &local.manifest);
-                        let plan = plan(&local.manifest, saved.as_ref(), &listing);
+                        let plan = plan(&local.manifest, saved.as_deref(), &listing);
                         if plan.is_empty() {
                             Finding {
                                 check: "files".into(),

@@ -104,11 +104,28 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
     .boxed()
     .shared();
 
+    let copies: Vec<SavedCopy> = inventory
+        .hosts
+        .iter()
+        .zip(&targets)
+        .map(|(host, target)| saved_copy(host, target))
+        .collect();
+    let copies: SharedCopies = async move {
+        Arc::new(
+            tokio::task::spawn_blocking(move || SavedCopy::read_all(&copies))
+                .await
+                .unwrap_or_default(),
+        )
+    }
+    .boxed()
+    .shared();
+
     let context = HostContext {
         printer: &fleet.printer,
         options: &options,
         source: inventory.sync.source.clone(),
         scanned: scanned.clone(),
+        copies,
         filter: &filter,
         args,
         bars: fleet.printer.progress_bars(),
@@ -118,7 +135,8 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
             .hosts
             .iter()
             .zip(&targets)
-            .map(|(host, target)| context.sync_host(host, target)),
+            .enumerate()
+            .map(|(index, (host, target))| context.sync_host(index, host, target)),
     )
     .await;
     drop(context);
@@ -150,34 +168,44 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
     ))
 }
 
+/// Where fleet keeps its copy of the manifest `host`'s workdir holds.
+fn saved_copy(host: &Host, target: &Target) -> SavedCopy {
+    SavedCopy::for_host(
+        &format!("{}@{}:{}", target.user, target.addr, target.port),
+        &host.workdir,
+    )
+}
+
 /// The local scan, awaited by every host.
 type SharedScan = Shared<BoxFuture<'static, Arc<Result<Scan, ManifestError>>>>;
+/// The local copies of the hosts' manifests ([`SavedCopy::read_all`]), in inventory order.
+type SharedCopies = Shared<BoxFuture<'static, Arc<Vec<Option<(String, Arc<Manifest>)>>>>>;
 
 struct HostContext<'a> {
     printer: &'a Printer,
     options: &'a ConnectOptions,
     source: PathBuf,
     scanned: SharedScan,
+    copies: SharedCopies,
     filter: &'a Filter,
     args: &'a SyncArgs,
     bars: Option<MultiProgress>,
 }
 
 impl HostContext<'_> {
-    async fn sync_host(&self, host: &Host, target: &Target) -> Result<HostResult, SyncError> {
+    async fn sync_host(
+        &self,
+        index: usize,
+        host: &Host,
+        target: &Target,
+    ) -> Result<HostResult, SyncError> {
         let started = Instant::now();
         // The local copy of the host's manifest is read while the host connects.
-        let copy = SavedCopy::for_host(
-            &format!("{}@{}:{}", target.user, target.addr, target.port),
-            &host.workdir,
-        );
-        let file = copy.clone();
-        let (session, known) = tokio::join!(
-            Session::connect(target, self.options),
-            tokio::task::spawn_blocking(move || file.read())
-        );
+        let (session, copies) =
+            tokio::join!(Session::connect(target, self.options), self.copies.clone());
         let session = session?;
-        let known = known.ok().flatten();
+        let known = copies.get(index).cloned().flatten();
+        let copy = saved_copy(host, target);
         self.printer.debug(&format!(
             "{}: connected after {:.0} ms",
             host.name,
@@ -195,7 +223,7 @@ impl HostContext<'_> {
         session: &Session,
         host: &Host,
         copy: &SavedCopy,
-        known: Option<(String, Manifest)>,
+        known: Option<(String, Arc<Manifest>)>,
         started: Instant,
     ) -> Result<HostResult, SyncError> {
         let printer = self.printer;
@@ -213,8 +241,8 @@ impl HostContext<'_> {
             Ok(sftp) => {
                 let result = self.locked(&tree, state, &sftp, started).await;
                 if let Ok(HostResult::Synced { applied, .. }) = &result {
-                    if !applied.kept_manifest {
-                        copy.write(&applied.saved);
+                    if let Some(bytes) = &applied.copy {
+                        copy.write(bytes);
                     }
                 }
                 let _ = sftp.close_session();
@@ -263,7 +291,7 @@ impl HostContext<'_> {
                 .await
                 .map(HostResult::Verified);
         }
-        let plan = plan(local, saved.as_ref(), &listing);
+        let plan = plan(local, saved.as_deref(), &listing);
         let state = HostState {
             saved,
             listing,

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use serde::{Deserialize, Serialize};
@@ -55,17 +56,20 @@ impl Manifest {
         self.files().map(|(_, size, _)| size).sum()
     }
 
-    /// The form kept on hosts: NUL-separated fields, a few times faster to read than JSON
-    /// for the 10,000-file trees a sync must handle in a fraction of a second. Paths may hold
-    /// any character but NUL, which no path can.
+    /// The form kept on hosts: a first line with the format's version and the SHA-256 of the
+    /// rest, then NUL-separated fields, a few times faster to read than JSON for the
+    /// 10,000-file trees a sync must handle in a fraction of a second. Paths may hold any
+    /// character but NUL, which no path can. The first line lets a host's shell tell whether
+    /// its manifest is one fleet holds a copy of, with a builtin `read` and no hashing.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.entries.len() * 100);
-        out.extend_from_slice(MANIFEST_MAGIC);
+        let header = MANIFEST_HEADER.len() + 65;
+        let mut out = Vec::with_capacity(header + self.entries.len() * 100);
+        out.resize(header, b'\n');
         let field = |out: &mut Vec<u8>, text: &str| {
             out.extend_from_slice(text.as_bytes());
             out.push(0);
         };
-        let number = |out: &mut Vec<u8>, value: i128| {
+        let number = |out: &mut Vec<u8>, value: &dyn std::fmt::Display| {
             use std::io::Write;
             let _ = write!(out, "{value}\0");
         };
@@ -79,9 +83,9 @@ impl Manifest {
                 } => {
                     field(&mut out, "F");
                     field(&mut out, sha256);
-                    number(&mut out, i128::from(*size));
-                    number(&mut out, i128::from(*mtime));
-                    number(&mut out, i128::from(*mode));
+                    number(&mut out, size);
+                    number(&mut out, mtime);
+                    number(&mut out, mode);
                 }
                 Entry::Dir => field(&mut out, "D"),
                 Entry::Link { target } => {
@@ -91,13 +95,33 @@ impl Manifest {
             }
             field(&mut out, path);
         }
+        let digest = hex::encode(Sha256::digest(&out[header..]));
+        out[..header - 1].copy_from_slice(format!("{MANIFEST_HEADER}{digest}").as_bytes());
         out
     }
 
-    /// Reads [`Manifest::to_bytes`]; `None` for anything else (a manifest is only a cache of
-    /// what was verified: one that cannot be read means "verify everything again").
+    /// The SHA-256 that the first line of [`Manifest::to_bytes`] gives for the rest.
+    pub fn digest_of(bytes: &[u8]) -> Option<&str> {
+        let rest = bytes.strip_prefix(MANIFEST_HEADER.as_bytes())?;
+        let digest = std::str::from_utf8(rest.get(..64)?).ok()?;
+        (rest.get(64) == Some(&b'\n')).then_some(digest)
+    }
+
+    /// Reads [`Manifest::to_bytes`] (or the version before it); `None` for anything else, and
+    /// for a manifest whose content is not what its first line says (a manifest is only a
+    /// cache of what was verified: one that cannot be read means "verify everything again").
     pub fn from_bytes(bytes: &[u8]) -> Option<Manifest> {
-        let mut fields = bytes.strip_prefix(MANIFEST_MAGIC)?.split(|&b| b == 0);
+        let body = match Manifest::digest_of(bytes) {
+            Some(digest) => {
+                let body = &bytes[MANIFEST_HEADER.len() + 65..];
+                if hex::encode(Sha256::digest(body)) != digest {
+                    return None;
+                }
+                body
+            }
+            None => bytes.strip_prefix(MANIFEST_V1)?,
+        };
+        let mut fields = body.split(|&b| b == 0);
         let mut text = || fields.next().and_then(|f| std::str::from_utf8(f).ok());
         let mut entries = BTreeMap::new();
         loop {
@@ -121,8 +145,11 @@ impl Manifest {
     }
 }
 
-/// The first bytes of a saved manifest, with its format version.
-const MANIFEST_MAGIC: &[u8] = b"fleet-manifest 1\0";
+/// The start of a saved manifest's first line: the format's version; the SHA-256 of what
+/// follows the line completes it.
+pub const MANIFEST_HEADER: &str = "fleet-manifest 2 ";
+/// The first bytes of the previous version, which had no digest; still read.
+const MANIFEST_V1: &[u8] = b"fleet-manifest 1\0";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -223,71 +250,84 @@ pub fn scan(source: &Path, filter: &Filter, cache: &mut HashCache) -> Result<Sca
             path: source.to_path_buf(),
         });
     }
-    let mut scan = Scan::default();
-    let mut kept = 0u64;
-    let walk = walkdir::WalkDir::new(source)
-        .follow_links(false)
-        .sort_by_file_name()
-        .min_depth(1);
-    let mut iter = walk.into_iter();
-    while let Some(item) = iter.next() {
-        let item = item.map_err(|e| {
-            let path = e.path().unwrap_or(source).to_path_buf();
-            ManifestError::Unreadable {
-                path,
-                error: e.into(),
-            }
-        })?;
-        let rel = relative(source, item.path())?;
-        let file_type = item.file_type();
-        if filter.excludes_entry(&rel, file_type.is_dir()) {
-            if file_type.is_dir() {
-                iter.skip_current_dir();
-            }
-            continue;
-        }
-        let entry = if file_type.is_dir() {
-            Entry::Dir
-        } else if file_type.is_symlink() {
-            let target =
-                std::fs::read_link(item.path()).map_err(|error| ManifestError::Unreadable {
-                    path: item.path().into(),
-                    error,
-                })?;
-            let target = target
-                .to_str()
-                .ok_or_else(|| ManifestError::NotUtf8 {
-                    path: item.path().into(),
-                })?
-                .to_string();
-            if escapes(&rel, &target) {
-                return Err(ManifestError::LinkEscapes { path: rel, target });
-            }
-            Entry::Link { target }
-        } else if file_type.is_file() {
-            let (entry, hashed, content) = file_entry(item.path(), &rel, cache, kept < KEPT_BYTES)?;
-            scan.hashed += usize::from(hashed);
-            if let Some(content) = content {
-                kept += content.len() as u64;
-                scan.contents.insert(rel.clone(), content);
-            }
-            entry
-        } else {
-            return Err(ManifestError::Special { path: rel });
-        };
-        scan.manifest.entries.insert(rel, entry);
-    }
-    Ok(scan)
+    let mut walk = Walk {
+        filter,
+        cache,
+        scan: Scan::default(),
+        kept: 0,
+    };
+    walk.folder(source, "")?;
+    Ok(walk.scan)
 }
 
-fn relative(source: &Path, path: &Path) -> Result<String, ManifestError> {
-    let rel = path.strip_prefix(source).unwrap_or(path);
-    let parts: Option<Vec<&str>> = rel.components().map(|c| c.as_os_str().to_str()).collect();
-    parts
-        .map(|p| p.join("/"))
-        .ok_or_else(|| ManifestError::NotUtf8 {
+/// A scan under way.
+struct Walk<'a> {
+    filter: &'a Filter,
+    cache: &'a mut HashCache,
+    scan: Scan,
+    /// Bytes of small files kept so far.
+    kept: u64,
+}
+
+impl Walk<'_> {
+    /// Adds what `dir` holds (`prefix` is its path relative to the source, empty at the top),
+    /// in name order. Each entry is `stat`ed through its folder's open handle, not by its full
+    /// path, which spares the kernel a path walk per file.
+    fn folder(&mut self, dir: &Path, prefix: &str) -> Result<(), ManifestError> {
+        let unreadable = |path: &Path, error| ManifestError::Unreadable {
             path: path.to_path_buf(),
-        })
+            error,
+        };
+        let mut items = std::fs::read_dir(dir)
+            .and_then(|items| items.collect::<std::io::Result<Vec<_>>>())
+            .map_err(|e| unreadable(dir, e))?;
+        items.sort_by_key(std::fs::DirEntry::file_name);
+        for item in items {
+            let path = item.path();
+            let name = item.file_name();
+            let name = name
+                .to_str()
+                .ok_or_else(|| ManifestError::NotUtf8 { path: path.clone() })?;
+            let rel = if prefix.is_empty() {
+                name.to_string()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let file_type = item.file_type().map_err(|e| unreadable(&path, e))?;
+            if self.filter.excludes_entry(&rel, file_type.is_dir()) {
+                continue;
+            }
+            let entry = if file_type.is_dir() {
+                self.scan.manifest.entries.insert(rel.clone(), Entry::Dir);
+                self.folder(&path, &rel)?;
+                continue;
+            } else if file_type.is_symlink() {
+                let target = std::fs::read_link(&path).map_err(|e| unreadable(&path, e))?;
+                let target = target
+                    .to_str()
+                    .ok_or_else(|| ManifestError::NotUtf8 { path: path.clone() })?
+                    .to_string();
+                if escapes(&rel, &target) {
+                    return Err(ManifestError::LinkEscapes { path: rel, target });
+                }
+                Entry::Link { target }
+            } else if file_type.is_file() {
+                let meta = item.metadata().map_err(|e| unreadable(&path, e))?;
+                let keep = self.kept < KEPT_BYTES;
+                let (entry, hashed, content) = file_entry(&path, &rel, meta, self.cache, keep)?;
+                self.scan.hashed += usize::from(hashed);
+                if let Some(content) = content {
+                    self.kept += content.len() as u64;
+                    self.scan.contents.insert(rel.clone(), content);
+                }
+                entry
+            } else {
+                return Err(ManifestError::Special { path: rel });
+            };
+            self.scan.manifest.entries.insert(rel, entry);
+        }
+        Ok(())
+    }
 }
 
 /// Does a symlink at `link` (relative path) with `target` resolve outside the tree?
@@ -312,11 +352,12 @@ fn escapes(link: &str, target: &str) -> bool {
     false
 }
 
-/// Stat, then hash unless the cache knows the file; re-read when it changes under us. With
-/// `keep`, a small file's bytes that were hashed come back too.
+/// Hashes the file `before` describes unless the cache knows it; re-reads it when it changes
+/// under us. With `keep`, a small file's bytes that were hashed come back too.
 fn file_entry(
     path: &Path,
     rel: &str,
+    mut before: std::fs::Metadata,
     cache: &mut HashCache,
     keep: bool,
 ) -> Result<(Entry, bool, Option<Vec<u8>>), ManifestError> {
@@ -325,7 +366,6 @@ fn file_entry(
         error,
     };
     for _ in 0..3 {
-        let before = std::fs::symlink_metadata(path).map_err(unreadable)?;
         let key = StatKey::of(&before);
         let mode = before.mode() & 0o7777;
         let entry = |sha256| Entry::File {
@@ -352,6 +392,7 @@ fn file_entry(
             cache.put(rel, key, &sha256);
             return Ok((entry(sha256), true, content));
         }
+        before = after;
     }
     Err(ManifestError::Unstable {
         path: path.to_path_buf(),
@@ -374,7 +415,7 @@ pub fn hash_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// What identifies a file's version without reading it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatKey {
     size: u64,
     mtime_ns: i128,
@@ -402,22 +443,14 @@ pub struct HashCache {
     fresh_after_ns: i128,
 }
 
-#[derive(Serialize, Deserialize)]
-struct CacheFile {
-    version: u32,
-    entries: HashMap<String, (StatKey, String)>,
-}
-
 impl HashCache {
     /// The cache for `source`, empty when there is none yet or it cannot be read.
     pub fn open(source: &Path) -> HashCache {
         let absolute = std::fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
-        let file = cache_file("hashes", &absolute.to_string_lossy(), "json");
+        let file = cache_file("hashes", &absolute.to_string_lossy(), "cache");
         let entries = std::fs::read(&file)
             .ok()
-            .and_then(|bytes| serde_json::from_slice::<CacheFile>(&bytes).ok())
-            .filter(|c| c.version == 1)
-            .map(|c| c.entries)
+            .and_then(|bytes| HashCache::from_bytes(&bytes))
             .unwrap_or_default();
         HashCache {
             entries,
@@ -425,6 +458,40 @@ impl HashCache {
             changed: false,
             fresh_after_ns: now_ns() - 2_000_000_000,
         }
+    }
+
+    /// NUL-separated fields as in a manifest: path, size, mtime (ns), inode, SHA-256.
+    fn to_bytes(&self) -> Vec<u8> {
+        use std::io::Write;
+        let mut out = Vec::with_capacity(64 + self.entries.len() * 120);
+        out.extend_from_slice(HASHES_MAGIC);
+        for (path, (key, sha256)) in &self.entries {
+            let _ = write!(
+                out,
+                "{path}\0{}\0{}\0{}\0{sha256}\0",
+                key.size, key.mtime_ns, key.ino
+            );
+        }
+        out
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Option<HashMap<String, (StatKey, String)>> {
+        let mut fields = bytes.strip_prefix(HASHES_MAGIC)?.split(|&b| b == 0);
+        let mut text = || fields.next().and_then(|f| std::str::from_utf8(f).ok());
+        let mut entries = HashMap::new();
+        loop {
+            let path = match text() {
+                Some("") | None => break,
+                Some(path) => path.to_string(),
+            };
+            let key = StatKey {
+                size: text()?.parse().ok()?,
+                mtime_ns: text()?.parse().ok()?,
+                ino: text()?.parse().ok()?,
+            };
+            entries.insert(path, (key, text()?.to_string()));
+        }
+        Some(entries)
     }
 
     /// A cache that remembers nothing between runs.
@@ -459,21 +526,12 @@ impl HashCache {
         if !self.changed && before == self.entries.len() {
             return;
         }
-        let Some(dir) = file.parent() else { return };
-        let data = CacheFile {
-            version: 1,
-            entries: std::mem::take(&mut self.entries),
-        };
-        if let Ok(bytes) = serde_json::to_vec(&data) {
-            let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
-            if crate::files::create_private_dir(dir).is_ok() && std::fs::write(&tmp, bytes).is_ok()
-            {
-                let _ = std::fs::rename(&tmp, file);
-            }
-        }
-        self.entries = data.entries;
+        write_cache_file(file, &self.to_bytes());
     }
 }
+
+/// The first bytes of a hash cache file, with its format version.
+const HASHES_MAGIC: &[u8] = b"fleet-hashes 1\0";
 
 /// `~/.cache/fleet/<kind>/<digest of key>.<extension>` (or under `$XDG_CACHE_HOME`).
 fn cache_file(kind: &str, key: &str, extension: &str) -> PathBuf {
@@ -488,8 +546,8 @@ fn cache_file(kind: &str, key: &str, extension: &str) -> PathBuf {
 
 /// A local copy of the manifest a host's workdir holds (what its last verified sync saved
 /// there), in `~/.cache/fleet/hosts/`. With it the host need not send its manifest back: it
-/// only confirms that its own has the same SHA-256, and a sync that changes nothing need not
-/// write it again. It is only a cache: when the host's differs, the host's is read.
+/// only confirms that its own starts with the same first line (the same digest of the rest),
+/// and a sync that changes nothing need not write it again. It is only a cache: when the host's differs, the host's is read.
 #[derive(Clone, Debug)]
 pub struct SavedCopy {
     file: PathBuf,
@@ -503,26 +561,43 @@ impl SavedCopy {
         }
     }
 
-    /// The copy and the SHA-256 of its bytes, if there is one that reads.
-    pub fn read(&self) -> Option<(String, Manifest)> {
-        let bytes = std::fs::read(&self.file).ok()?;
-        let manifest = Manifest::from_bytes(&bytes)?;
-        Some((hex::encode(Sha256::digest(&bytes)), manifest))
+    /// Reads the copies of several hosts: each one's digest ([`Manifest::digest_of`]) and
+    /// manifest, if it reads. Hosts synced together hold the same manifest: equal copies are
+    /// parsed once and shared.
+    pub fn read_all(copies: &[SavedCopy]) -> Vec<Option<(String, Arc<Manifest>)>> {
+        let mut parsed: Vec<(Vec<u8>, Arc<Manifest>)> = Vec::new();
+        copies
+            .iter()
+            .map(|copy| {
+                let bytes = std::fs::read(&copy.file).ok()?;
+                let digest = Manifest::digest_of(&bytes)?.to_string();
+                let manifest = match parsed.iter().find(|(seen, _)| *seen == bytes) {
+                    Some((_, manifest)) => manifest.clone(),
+                    None => {
+                        let manifest = Arc::new(Manifest::from_bytes(&bytes)?);
+                        parsed.push((bytes, manifest.clone()));
+                        manifest
+                    }
+                };
+                Some((digest, manifest))
+            })
+            .collect()
     }
 
-    /// Replaces the copy (best effort: it is only a cache).
-    pub fn write(&self, manifest: &Manifest) {
-        let Some(dir) = self.file.parent() else {
-            return;
-        };
-        let tmp = self
-            .file
-            .with_extension(format!("tmp.{}", std::process::id()));
-        if crate::files::create_private_dir(dir).is_ok()
-            && std::fs::write(&tmp, manifest.to_bytes()).is_ok()
-        {
-            let _ = std::fs::rename(&tmp, &self.file);
-        }
+    /// Replaces the copy with `bytes`, a manifest's [`Manifest::to_bytes`].
+    pub fn write(&self, bytes: &[u8]) {
+        write_cache_file(&self.file, bytes);
+    }
+}
+
+/// Replaces a cache file (best effort: it is only a cache).
+fn write_cache_file(file: &Path, bytes: &[u8]) {
+    let Some(dir) = file.parent() else {
+        return;
+    };
+    let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
+    if crate::files::create_private_dir(dir).is_ok() && std::fs::write(&tmp, bytes).is_ok() {
+        let _ = std::fs::rename(&tmp, file);
     }
 }
 
@@ -704,6 +779,22 @@ mod tests {
             Manifest::from_bytes(b"fleet-manifest 1\0F\0abc\0notanumber\0"),
             None
         );
+        // The version before digests still reads.
+        assert_eq!(
+            Manifest::from_bytes(b"fleet-manifest 1\0D\0data\0"),
+            Some(Manifest {
+                entries: [("data".to_string(), Entry::Dir)].into()
+            })
+        );
+        // A manifest whose content is not what its first line says is not trusted.
+        let mut bytes = Manifest {
+            entries: [("data".to_string(), Entry::Dir)].into(),
+        }
+        .to_bytes();
+        assert!(Manifest::digest_of(&bytes).is_some());
+        let last = bytes.len() - 2;
+        bytes[last] = b'x';
+        assert_eq!(Manifest::from_bytes(&bytes), None);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! commands a sync runs there (hash, remove, mkdir, link), each one exec for many paths.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use super::manifest::{Manifest, STATE_DIR};
+use super::manifest::{MANIFEST_HEADER, Manifest, STATE_DIR};
 use super::plan::{Listing, RemoteEntry};
 use crate::shell;
 use crate::ssh::{ExitStatus, RemoteProcess, Session, SshError};
@@ -39,19 +40,21 @@ pub struct HostTree<'a> {
 /// What a host's workdir holds: the manifest saved by its last verified sync (`None` if there
 /// is none, or it cannot be read) and a stat listing of the tree now.
 pub struct HostState {
-    pub saved: Option<Manifest>,
+    pub saved: Option<Arc<Manifest>>,
     pub listing: Listing,
-    /// The host confirmed that its saved manifest is the local copy fleet holds of it.
+    /// The host confirmed that its saved manifest is the local copy fleet holds of it (the
+    /// same digest on its first line).
     pub confirmed: bool,
 }
 
 /// Shell that prints a workdir's state, run in the workdir: the saved manifest, then the
 /// listing, each as a decimal length on its own line followed by that many bytes. When the
-/// saved manifest's SHA-256 is `known`, the line `same` replaces it.
+/// saved manifest's first line carries the digest `known` (that of fleet's copy), the line
+/// `same` replaces it: the shell's builtin `read` tells, without reading the rest.
 fn state_script(known: Option<&str>) -> String {
     let same = match known {
-        Some(sha256) if sha256.bytes().all(|b| b.is_ascii_hexdigit()) => format!(
-            "[ \"$(sha256sum < {SAVED_MANIFEST} 2>/dev/null)\" = '{sha256}  -' ] && echo same || "
+        Some(digest) if digest.bytes().all(|b| b.is_ascii_hexdigit()) => format!(
+            "IFS= read -r head < {SAVED_MANIFEST} && [ \"$head\" = '{MANIFEST_HEADER}{digest}' ] && echo same || "
         ),
         _ => String::new(),
     };
@@ -69,14 +72,14 @@ fn state_script(known: Option<&str>) -> String {
 async fn parse_state(
     host: &str,
     saved: Option<Vec<u8>>,
-    known: Option<Manifest>,
+    known: Option<Arc<Manifest>>,
     listing: Vec<u8>,
 ) -> Result<HostState, SyncError> {
     let parsed = tokio::task::spawn_blocking(move || {
         parse_listing(&listing).map(|listing| HostState {
             confirmed: saved.is_none() && known.is_some(),
             saved: match saved {
-                Some(bytes) => Manifest::from_bytes(&bytes),
+                Some(bytes) => Manifest::from_bytes(&bytes).map(Arc::new),
                 None => known,
             },
             listing,
@@ -145,20 +148,20 @@ impl<'a> HostTree<'a> {
     /// Creates the workdir if needed and takes its lock, waiting (up to 10 minutes) while another
     /// sync holds it; `waiting` is called once if it has to. The lock is a `flock` held by a
     /// command that lives until its stdin closes, so a laptop that vanishes releases it too.
-    /// `known` is a local copy of the manifest the host is thought to hold, with its SHA-256:
-    /// when the host's matches, it is not sent back.
+    /// `known` is a local copy of the manifest the host is thought to hold, with its digest
+    /// ([`Manifest::digest_of`]): when the host's has the same, it is not sent back.
     pub async fn lock(
         session: &'a Session,
         workdir: &str,
-        known: Option<(String, Manifest)>,
+        known: Option<(String, Arc<Manifest>)>,
         waiting: impl FnOnce(),
     ) -> Result<(HostTree<'a>, HostState), SyncError> {
         let host = session.target().name.clone();
         // Once locked, the same command reports the host's state (saved manifest, then a stat
         // listing of the tree, each behind its length), saving a round trip per sync.
         let script = format!(
-            "mkdir -p -- {dir}/{STATE_DIR} && cd -- {dir} && {{ flock -n 9 || {{ echo busy; flock -w 600 9; }} || exit 75\n\
-             printf 'locked %s\\n' \"$(pwd -P)\"\n\
+            "{{ [ -d {dir}/{STATE_DIR} ] || mkdir -p -- {dir}/{STATE_DIR}; }} && cd -- {dir} && {{ flock -n 9 || {{ echo busy; flock -w 600 9; }} || exit 75\n\
+             printf 'locked '; pwd -P\n\
              {state}\
              exec cat >/dev/null; }} 9>{STATE_DIR}/sync.lock",
             dir = shell_path(workdir),

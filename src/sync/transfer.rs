@@ -49,8 +49,9 @@ pub struct Applied {
     pub removed: usize,
     /// The manifest the host holds now...
     pub saved: Manifest,
-    /// ...unchanged, and the same as the local copy of it.
-    pub kept_manifest: bool,
+    /// ...as the bytes to keep in the local copy of it; `None` when the host confirmed that
+    /// copy and kept its manifest unchanged.
+    pub copy: Option<Vec<u8>>,
 }
 
 /// Sends what `plan` says to the host and saves the host's new verified manifest (unless the
@@ -113,13 +114,14 @@ pub async fn apply(
     // The host's new manifest is written beside the old one while the files travel, and
     // replaces it once everything is in place.
     applied.saved = saved_manifest(local, &state.listing, plan);
-    let unchanged = state.saved.as_ref() == Some(&applied.saved);
-    applied.kept_manifest = unchanged && state.confirmed;
-    let manifest = (!unchanged).then(|| applied.saved.to_bytes());
+    let unchanged = state.saved.as_deref() == Some(&applied.saved);
+    if !(unchanged && state.confirmed) {
+        applied.copy = Some(applied.saved.to_bytes());
+    }
     let writing = async {
-        match &manifest {
-            Some(bytes) => write_manifest(tree, sftp, bytes).await.map(Some),
-            None => Ok(None),
+        match &applied.copy {
+            Some(bytes) if !unchanged => write_manifest(tree, sftp, bytes).await.map(Some),
+            _ => Ok(None),
         }
     };
     // Files are verified in batches as they land, so the host hashes while more arrive.
