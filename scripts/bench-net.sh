@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # bench-net.sh: fleet-train's measured gradient all-reduce against `fleet net`'s estimate, in the
 # same run, with host2's link shaped (tbf, both ways) to each rate in turn. BERT-base gradients
-# (109.5 M parameters) on three ranks, one per test-bed host, fp32 and bf16 on the wire, without
+# (109.5 M parameters) on RANKS ranks (3), one per test-bed host, fp32 and bf16 on the wire, without
 # overlap (so the time measured is the all-reduce's alone, after the ranks have met), then with
 # overlap. Batches are tiny (1 row of 16 tokens) so the CPU's compute stays short. The first
 # rate, "none", leaves the link as it is: its all-reduce time is what the CPU work costs here
 # (copies, reductions, the kernel's TCP over veth for three ranks on this machine's cores), and
-# each shaped rate also prints its time beyond that floor against the estimate. scripts/bench.sh
-# calls it; it also runs alone. Prints the times and ratios; asserts nothing.
+# each shaped rate also prints its time beyond that floor against the estimate. RANKS=2 gives
+# each rank one of two cores, where the floor is lower. scripts/bench.sh calls it; it also runs
+# alone. Prints the times and ratios; asserts nothing.
 #
-#   RATES="none 1gbit 100mbit" STEPS=3 scripts/bench-net.sh
+#   RATES="none 1gbit 100mbit" STEPS=3 RANKS=3 scripts/bench-net.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATES=${RATES:-none 1gbit 100mbit}
 STEPS=${STEPS:-3}
+RANKS=${RANKS:-3}
 
 scripts/setup.sh
 source scripts/env.sh
@@ -22,7 +24,7 @@ fleet=$PWD/target/release/fleet
 trainer=$PWD/target/release/fleet-train
 python=$FLEET_TORCH_VENV/bin/python
 
-export TB_DIR=/tmp/fleet-testbed-bench-net TB_NS_PREFIX=fn- TB_BRIDGE=fnbr0 TB_SUBNET=10.213.3
+export TB_DIR=/tmp/fleet-testbed-bench-net TB_NS_PREFIX=fn- TB_BRIDGE=fnbr0 TB_SUBNET=10.213.3 TB_N=$RANKS
 scripts/testbed.sh down 2>/dev/null || true
 work=$(mktemp -d /tmp/fleet-bench-net.XXXXXX)
 trap 'scripts/testbed.sh down; rm -rf "$work"' EXIT
@@ -43,11 +45,12 @@ train() {
     --allreduce-dtype "$1" ${2:-} --output model --checkpoint-dir checkpoints 2>/dev/null |
     "$python" -c '
 import json, sys
+ranks = int(sys.argv[1])
 s = [json.loads(l[l.index("{"):]) for l in sys.stdin if "\"event\":\"summary\"" in l]
-if len(s) != 3:
-    sys.exit("bench-net: expected 3 rank summaries, got %d" % len(s))
+if len(s) != ranks:
+    sys.exit("bench-net: expected %d rank summaries, got %d" % (ranks, len(s)))
 mean = lambda k: sum(x[k] for x in s) / len(s)
-print(mean("comm_ms"), mean("wait_ms"), mean("step_ms"), s[0]["params"])'
+print(mean("comm_ms"), mean("wait_ms"), mean("step_ms"), s[0]["params"])' "$RANKS"
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
@@ -63,8 +66,8 @@ e = next(r for r in map(json.loads, sys.stdin) if r["type"] == "estimate")
 print(e["allreduce_fp32_ms"], e["allreduce_bf16_ms"], e["bottleneck_mbit"])')
   read -r overlapped _ step_overlapped _ < <(train fp32)
   if [[ $rate != none ]]; then scripts/testbed.sh unshape host2; fi
-  printf 'net %-7s measured %.0f Mbit/s, %d parameters: all-reduce fp32 %.0f ms/step (estimate %.0f ms, %sx), bf16 %.0f ms (estimate %.0f ms, %sx), bf16/fp32 %sx\n' \
-    "$rate" "$bottleneck" "$params" "$fp32" "$estimate_fp32" "$(ratio "$fp32" "$estimate_fp32")" \
+  printf 'net %-7s %d ranks, measured %.0f Mbit/s, %d parameters: all-reduce fp32 %.0f ms/step (estimate %.0f ms, %sx), bf16 %.0f ms (estimate %.0f ms, %sx), bf16/fp32 %sx\n' \
+    "$rate" "$RANKS" "$bottleneck" "$params" "$fp32" "$estimate_fp32" "$(ratio "$fp32" "$estimate_fp32")" \
     "$bf16" "$estimate_bf16" "$(ratio "$bf16" "$estimate_bf16")" "$(ratio "$bf16" "$fp32")"
   if [[ $rate == none ]]; then
     floor32=$fp32 floor16=$bf16
