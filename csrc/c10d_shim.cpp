@@ -161,7 +161,9 @@ class Reducer {
 
   size_t buckets() const { return buckets_.size(); }
 
-  // Returns how many buckets the backward pass launched (the rest are launched here).
+  // Returns how many buckets the backward pass launched (the rest are launched here). Each
+  // bucket's averages are written back to the gradients as soon as it is reduced, while the
+  // buckets after it are still on the wire.
   size_t finish() {
     size_t early;
     {
@@ -171,6 +173,7 @@ class Reducer {
       while (next_ < buckets_.size()) launch(next_++);
     }
     std::string error = error_;
+    at::NoGradGuard no_grad;
     for (auto& bucket : buckets_) {
       if (!bucket.work) continue;
       try {
@@ -181,24 +184,11 @@ class Reducer {
         if (error.empty()) error = e.what();
       }
       bucket.work.reset();
+      // After an error the rest are still waited for (their buffers are ours), not used.
+      if (error.empty()) write_back(bucket);
     }
     reset();
     if (!error.empty()) throw std::runtime_error(error);
-    at::NoGradGuard no_grad;
-    for (auto& bucket : buckets_) {
-      int64_t offset = 0;
-      for (auto k : bucket.members) {
-        auto& param = params_[k];
-        auto averaged = bucket.flat.narrow(0, offset, param.numel()).view(param.sizes());
-        auto& grad = param.mutable_grad();
-        if (grad.defined()) {
-          grad.copy_(averaged);
-        } else {
-          grad = averaged.to(param.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-        }
-        offset += param.numel();
-      }
-    }
     return early;
   }
 
@@ -241,6 +231,22 @@ class Reducer {
     while (next_ < buckets_.size() && buckets_[next_].pending == 0) launch(next_++);
   }
 
+  // Copies a reduced bucket's averages into its parameters' gradients.
+  void write_back(Bucket& bucket) {
+    int64_t offset = 0;
+    for (auto k : bucket.members) {
+      auto& param = params_[k];
+      auto averaged = bucket.flat.narrow(0, offset, param.numel()).view(param.sizes());
+      auto& grad = param.mutable_grad();
+      if (grad.defined()) {
+        grad.copy_(averaged);
+      } else {
+        grad = averaged.to(param.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+      }
+      offset += param.numel();
+    }
+  }
+
   // Called with the mutex held. Errors are kept for `finish`: a hook cannot report them.
   void launch(size_t b) {
     auto& bucket = buckets_[b];
@@ -252,8 +258,9 @@ class Reducer {
         auto slice = bucket.flat.narrow(0, offset, param.numel());
         const auto& grad = param.grad();
         if (grad.defined()) {
-          // Scaled before any compression, so a compressed sum cannot overflow.
-          slice.copy_(grad.reshape({-1}).mul(scale_));
+          // Scaled before any compression, so a compressed sum cannot overflow; in one pass
+          // over memory, straight into the bucket.
+          at::mul_out(slice, grad.reshape({-1}), at::scalar_tensor(scale_, grad.options()));
         } else {
           slice.zero_();
         }
