@@ -186,7 +186,7 @@ async fn files_in_sync(inventory: &Inventory, sessions: &[Option<Session>]) -> V
         return Vec::new();
     };
     let scanned =
-        tokio::task::spawn_blocking(move || scan_project(&source, &filter).map(|s| (s, filter)))
+        tokio::task::spawn_blocking(move || scan_project(&source, &filter, 0).map(|s| (s, filter)))
             .await;
     let Ok(Ok((local, filter))) = scanned else {
         return vec![Finding {

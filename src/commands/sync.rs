@@ -23,8 +23,8 @@ use crate::ssh::{ConnectOptions, Session, Target};
 use crate::sync::remote::{HostState, HostTree, SyncError};
 use crate::sync::transfer::{self, Applied, Progress};
 use crate::sync::{
-    Entry, Filter, Manifest, ManifestError, Plan, RemoteEntry, SavedCopy, Scan, plan, scan_project,
-    split_listing,
+    Entry, Filter, KEPT_BYTES, Manifest, ManifestError, Plan, RemoteEntry, SavedCopy, Scan, plan,
+    scan_project, split_listing,
 };
 
 /// How one host's sync ended.
@@ -92,7 +92,8 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
     let source = inventory.sync.source.clone();
     let filter = Arc::new(Filter::new(&source, &inventory.sync.exclude)?);
     let scan_filter = filter.clone();
-    let scanning = tokio::task::spawn_blocking(move || scan_project(&source, &scan_filter));
+    let scanning =
+        tokio::task::spawn_blocking(move || scan_project(&source, &scan_filter, KEPT_BYTES));
     let scanned: SharedScan = async move {
         Arc::new(scanning.await.unwrap_or_else(|e| {
             Err(ManifestError::Unreadable {

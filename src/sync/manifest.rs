@@ -243,8 +243,19 @@ pub const KEPT_FILE: u64 = 1 << 20;
 /// ...up to this much in all.
 pub const KEPT_BYTES: u64 = 128 << 20;
 
-/// Walks `source` and builds its manifest, hashing only what `cache` does not know.
+/// Walks `source` and builds its manifest, hashing only what `cache` does not know, and keeps
+/// the bytes of small files it hashed (up to [`KEPT_BYTES`]).
 pub fn scan(source: &Path, filter: &Filter, cache: &mut HashCache) -> Result<Scan, ManifestError> {
+    scan_keeping(source, filter, cache, KEPT_BYTES)
+}
+
+/// [`scan`], keeping up to `keep` bytes of small files (0 when nothing will be sent).
+pub fn scan_keeping(
+    source: &Path,
+    filter: &Filter,
+    cache: &mut HashCache,
+    keep: u64,
+) -> Result<Scan, ManifestError> {
     if !source.is_dir() {
         return Err(ManifestError::SourceMissing {
             path: source.to_path_buf(),
@@ -255,6 +266,7 @@ pub fn scan(source: &Path, filter: &Filter, cache: &mut HashCache) -> Result<Sca
         cache,
         scan: Scan::default(),
         kept: 0,
+        keep,
     };
     walk.folder(source, "")?;
     Ok(walk.scan)
@@ -265,8 +277,10 @@ struct Walk<'a> {
     filter: &'a Filter,
     cache: &'a mut HashCache,
     scan: Scan,
-    /// Bytes of small files kept so far.
+    /// Bytes of small files kept so far...
     kept: u64,
+    /// ...and at most.
+    keep: u64,
 }
 
 impl Walk<'_> {
@@ -313,7 +327,7 @@ impl Walk<'_> {
                 Entry::Link { target }
             } else if file_type.is_file() {
                 let meta = item.metadata().map_err(|e| unreadable(&path, e))?;
-                let keep = self.kept < KEPT_BYTES;
+                let keep = self.kept < self.keep;
                 let (entry, hashed, content) = file_entry(&path, &rel, meta, self.cache, keep)?;
                 self.scan.hashed += usize::from(hashed);
                 if let Some(content) = content {
@@ -755,6 +769,12 @@ mod tests {
             };
             assert_eq!(sha256, &hex::encode(Sha256::digest(bytes)));
         }
+        // A scan whose files will not be sent (`fleet check`) keeps none.
+        let mut cache = HashCache::in_memory();
+        cache.fresh_after_ns = i128::MAX;
+        let checked = scan_keeping(dir.path(), &filter, &mut cache, 0).unwrap();
+        assert_eq!(checked.hashed, settled.hashed);
+        assert!(checked.contents.is_empty());
     }
 
     #[test]

@@ -8,14 +8,22 @@ pub mod plan;
 pub mod remote;
 pub mod transfer;
 
-pub use manifest::{Entry, Filter, HashCache, Manifest, ManifestError, SavedCopy, Scan, scan};
+pub use manifest::{
+    Entry, Filter, HashCache, KEPT_BYTES, Manifest, ManifestError, SavedCopy, Scan, scan,
+    scan_keeping,
+};
 pub use plan::{Listing, Plan, Reason, RemoteEntry, Upload, plan};
 
 /// Scans the project folder with its hash cache and saves the cache: the local, blocking part
-/// of a sync (and of `fleet check`'s file comparison).
-pub fn scan_project(source: &std::path::Path, filter: &Filter) -> Result<Scan, ManifestError> {
+/// of a sync (and of `fleet check`'s file comparison). `keep` bytes of small files are kept for
+/// the upload ([`KEPT_BYTES`] for a sync, 0 for a check, which sends nothing).
+pub fn scan_project(
+    source: &std::path::Path,
+    filter: &Filter,
+    keep: u64,
+) -> Result<Scan, ManifestError> {
     let mut cache = HashCache::open(source);
-    let result = scan(source, filter, &mut cache);
+    let result = scan_keeping(source, filter, &mut cache, keep);
     if let Ok(scan) = &result {
         cache.save(&scan.manifest);
     }
