@@ -265,11 +265,34 @@ pub fn scan_keeping(
         filter,
         cache,
         scan: Scan::default(),
+        pending: Vec::new(),
         kept: 0,
         keep,
     };
     walk.folder(source, "")?;
-    Ok(walk.scan)
+    let Walk {
+        cache,
+        mut scan,
+        pending,
+        ..
+    } = walk;
+    // In walk order, so the first file that fails is the one reported.
+    for (file, hashed) in pending.iter().zip(hash_all(&pending, cache)) {
+        let Hashed {
+            entry,
+            key,
+            content,
+        } = hashed?;
+        if let (Some(key), Entry::File { sha256, .. }) = (key, &entry) {
+            cache.put(&file.rel, key, sha256);
+            scan.hashed += 1;
+        }
+        if let Some(content) = content {
+            scan.contents.insert(file.rel.clone(), content);
+        }
+        scan.manifest.entries.insert(file.rel.clone(), entry);
+    }
+    Ok(scan)
 }
 
 /// A scan under way.
@@ -277,10 +300,79 @@ struct Walk<'a> {
     filter: &'a Filter,
     cache: &'a mut HashCache,
     scan: Scan,
-    /// Bytes of small files kept so far...
+    /// Files the cache does not know, hashed once the walk is done.
+    pending: Vec<Pending>,
+    /// Bytes of small files set to be kept so far...
     kept: u64,
     /// ...and at most.
     keep: u64,
+}
+
+/// A file to hash.
+struct Pending {
+    path: PathBuf,
+    rel: String,
+    meta: std::fs::Metadata,
+    /// Keep its bytes (a small file, within the budget).
+    keep: bool,
+}
+
+/// A hashed file: its entry, the stat key to cache its hash under (`None` when the cache knew
+/// it after all), and its bytes if they were kept.
+struct Hashed {
+    entry: Entry,
+    key: Option<StatKey>,
+    content: Option<Vec<u8>>,
+}
+
+/// Hashes `pending` on as many threads as there are cores (up to 8), largest files first so a
+/// big file starts at once while the small ones share the other threads. Results come back in
+/// the order of `pending`.
+fn hash_all(pending: &[Pending], cache: &HashCache) -> Vec<Result<Hashed, ManifestError>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(8)
+        .min(pending.len());
+    if threads <= 1 {
+        return pending.iter().map(|file| file_entry(file, cache)).collect();
+    }
+    let mut order: Vec<usize> = (0..pending.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(pending[i].meta.len()));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<Option<Result<Hashed, ManifestError>>> =
+        pending.iter().map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    while let Some(&i) =
+                        order.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        done.push((i, file_entry(&pending[i], cache)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        for worker in workers {
+            for (i, result) in worker.join().unwrap_or_default() {
+                results[i] = Some(result);
+            }
+        }
+    });
+    results
+        .into_iter()
+        .zip(pending)
+        .map(|(result, file)| {
+            result.unwrap_or_else(|| {
+                Err(ManifestError::Unreadable {
+                    path: file.path.clone(),
+                    error: std::io::Error::other("the thread hashing it failed"),
+                })
+            })
+        })
+        .collect()
 }
 
 impl Walk<'_> {
@@ -327,14 +419,21 @@ impl Walk<'_> {
                 Entry::Link { target }
             } else if file_type.is_file() {
                 let meta = item.metadata().map_err(|e| unreadable(&path, e))?;
-                let keep = self.kept < self.keep;
-                let (entry, hashed, content) = file_entry(&path, &rel, meta, self.cache, keep)?;
-                self.scan.hashed += usize::from(hashed);
-                if let Some(content) = content {
-                    self.kept += content.len() as u64;
-                    self.scan.contents.insert(rel.clone(), content);
+                if let Some(sha256) = self.cache.get(&rel, &StatKey::of(&meta)) {
+                    file_of(&meta, sha256)
+                } else {
+                    let keep = meta.len() <= KEPT_FILE && self.kept < self.keep;
+                    if keep {
+                        self.kept += meta.len();
+                    }
+                    self.pending.push(Pending {
+                        path,
+                        rel,
+                        meta,
+                        keep,
+                    });
+                    continue;
                 }
-                entry
             } else {
                 return Err(ManifestError::Special { path: rel });
             };
@@ -366,36 +465,42 @@ fn escapes(link: &str, target: &str) -> bool {
     false
 }
 
-/// Hashes the file `before` describes unless the cache knows it; re-reads it when it changes
-/// under us. With `keep`, a small file's bytes that were hashed come back too.
-fn file_entry(
-    path: &Path,
-    rel: &str,
-    mut before: std::fs::Metadata,
-    cache: &mut HashCache,
-    keep: bool,
-) -> Result<(Entry, bool, Option<Vec<u8>>), ManifestError> {
+/// The entry of the file `meta` describes, with its hash.
+fn file_of(meta: &std::fs::Metadata, sha256: String) -> Entry {
+    Entry::File {
+        size: meta.len(),
+        mtime: meta.mtime(),
+        mode: meta.mode() & 0o7777,
+        sha256,
+    }
+}
+
+/// Hashes a file the cache did not know; reads it again when it changes under us (and takes
+/// the cache's hash if it then knows the new version). A small file's bytes come back too if
+/// it is to be kept and settled.
+fn file_entry(file: &Pending, cache: &HashCache) -> Result<Hashed, ManifestError> {
+    let path = &file.path;
     let unreadable = |error| ManifestError::Unreadable {
-        path: path.to_path_buf(),
+        path: path.clone(),
         error,
     };
-    for _ in 0..3 {
+    let mut before = file.meta.clone();
+    for attempt in 0..3 {
         let key = StatKey::of(&before);
-        let mode = before.mode() & 0o7777;
-        let entry = |sha256| Entry::File {
-            size: before.len(),
-            mtime: before.mtime(),
-            mode,
-            sha256,
-        };
-        if let Some(sha256) = cache.get(rel, &key) {
-            return Ok((entry(sha256), false, None));
+        if attempt > 0 {
+            if let Some(sha256) = cache.get(&file.rel, &key) {
+                return Ok(Hashed {
+                    entry: file_of(&before, sha256),
+                    key: None,
+                    content: None,
+                });
+            }
         }
         // A file written within the last moments may change again within the same mtime tick,
         // unseen by the stat check: it is read again for the upload, whose check on the host
         // then catches a change.
         let settled = key.mtime_ns < cache.fresh_after_ns;
-        let (sha256, content) = if keep && settled && before.len() <= KEPT_FILE {
+        let (sha256, content) = if file.keep && settled && before.len() <= KEPT_FILE {
             let content = std::fs::read(path).map_err(unreadable)?;
             (hex::encode(Sha256::digest(&content)), Some(content))
         } else {
@@ -403,14 +508,15 @@ fn file_entry(
         };
         let after = std::fs::symlink_metadata(path).map_err(unreadable)?;
         if StatKey::of(&after) == key {
-            cache.put(rel, key, &sha256);
-            return Ok((entry(sha256), true, content));
+            return Ok(Hashed {
+                entry: file_of(&before, sha256),
+                key: Some(key),
+                content,
+            });
         }
         before = after;
     }
-    Err(ManifestError::Unstable {
-        path: path.to_path_buf(),
-    })
+    Err(ManifestError::Unstable { path: path.clone() })
 }
 
 /// SHA-256 of a file's content, lower-case hex.
