@@ -3,7 +3,8 @@
 # same run, with host2's link shaped (tbf, both ways) to each rate in turn. BERT-base gradients
 # (109.5 M parameters) on RANKS ranks (3), one per test-bed host, fp32 and bf16 on the wire, without
 # overlap (so the time measured is the all-reduce's alone, after the ranks have met), then with
-# overlap. Batches are tiny (1 row of 16 tokens) so the CPU's compute stays short. The first
+# overlap, and PyTorch's own Gloo all-reduce of as many values in the same buckets beside it
+# (scripts/bench_allreduce.py). Batches are tiny (1 row of 16 tokens) so the CPU's compute stays short. The first
 # rate, "none", leaves the link as it is: its all-reduce time is what the CPU work costs here
 # (copies, reductions, the kernel's TCP over veth for three ranks on this machine's cores), and
 # each shaped rate also prints its time beyond that floor against the estimate. RANKS=2 gives
@@ -34,6 +35,7 @@ scripts/testbed.sh up netns 2>/dev/null
 # entries, so the base preset has BERT-base's size.
 "$python" scripts/random_words_csv.py "$work/data.csv" 200 600 2
 cp "$trainer" "$work/fleet-train"
+cp scripts/bench_allreduce.py "$work/"
 sed "s|^master_port = 29500|master_port = 29500\n\n[sync]\nsource = \"$work\"|" "$TB_DIR/fleet.toml" >"$work/fleet.toml"
 export FLEET_INVENTORY=$work/fleet.toml
 "$fleet" sync >/dev/null 2>&1
@@ -53,6 +55,18 @@ mean = lambda k: sum(x[k] for x in s) / len(s)
 print(mean("comm_ms"), mean("wait_ms"), mean("step_ms"), s[0]["params"])' "$RANKS"
 }
 
+# pytorch WIRE PARAMS: PyTorch's own Gloo all-reduce of as many values, in the same buckets
+# (scripts/bench_allreduce.py): the ranks' mean milliseconds per step.
+pytorch() {
+  "$fleet" run -- "$python" bench_allreduce.py --params "$2" --dtype "$1" --steps "$STEPS" 2>/dev/null |
+    "$python" -c '
+import json, sys
+s = [json.loads(l[l.index("{"):]) for l in sys.stdin if "allreduce_ms" in l]
+if len(s) != int(sys.argv[1]):
+    sys.exit("bench-net: expected %s PyTorch ranks, got %d" % (sys.argv[1], len(s)))
+print(sum(x["allreduce_ms"] for x in s) / len(s))' "$RANKS"
+}
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 floor32=0 floor16=0
 for rate in $RATES; do
@@ -65,10 +79,15 @@ import json, sys
 e = next(r for r in map(json.loads, sys.stdin) if r["type"] == "estimate")
 print(e["allreduce_fp32_ms"], e["allreduce_bf16_ms"], e["bottleneck_mbit"])')
   read -r overlapped _ step_overlapped _ < <(train fp32)
+  torch32=$(pytorch fp32 "$params")
+  torch16=$(pytorch bf16 "$params")
   if [[ $rate != none ]]; then scripts/testbed.sh unshape host2; fi
   printf 'net %-7s %d ranks, measured %.0f Mbit/s, %d parameters: all-reduce fp32 %.0f ms/step (estimate %.0f ms, %sx), bf16 %.0f ms (estimate %.0f ms, %sx), bf16/fp32 %sx\n' \
     "$rate" "$RANKS" "$bottleneck" "$params" "$fp32" "$estimate_fp32" "$(ratio "$fp32" "$estimate_fp32")" \
     "$bf16" "$estimate_bf16" "$(ratio "$bf16" "$estimate_bf16")" "$(ratio "$bf16" "$fp32")"
+  printf 'net %-7s PyTorch (Gloo, the same buckets): fp32 %.0f ms (estimate %sx; fleet-train/PyTorch %sx), bf16 %.0f ms (%sx; %sx)\n' \
+    "$rate" "$torch32" "$(ratio "$torch32" "$estimate_fp32")" "$(ratio "$fp32" "$torch32")" \
+    "$torch16" "$(ratio "$torch16" "$estimate_bf16")" "$(ratio "$bf16" "$torch16")"
   if [[ $rate == none ]]; then
     floor32=$fp32 floor16=$bf16
   else
