@@ -11,8 +11,8 @@
 #         the same command; merged-log throughput of 3 ranks x 200,000 lines vs `ssh host seq N`
 #   train: fleet-train's step vs a PyTorch eager step of the same BERT (scripts/bench-train.sh;
 #         BERT-base, batch 32, sequence 128, on the CPU here; DEVICE=cuda on a GPU)
-#   net:  fleet-train's measured all-reduce vs `fleet net`'s estimate on shaped links
-#         (scripts/bench-net.sh)
+#   net:  fleet-train's measured all-reduce vs `fleet net`'s estimate and PyTorch's own Gloo
+#         all-reduce on shaped links (scripts/bench-net.sh)
 #
 #   SECTIONS="sync run" scripts/bench.sh   runs only those sections
 set -euo pipefail
