@@ -109,11 +109,17 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
         .hosts
         .iter()
         .zip(&targets)
-        .map(|(host, target)| saved_copy(host, target))
+        .map(|(host, target)| {
+            SavedCopy::for_host(
+                &format!("{}@{}:{}", target.user, target.addr, target.port),
+                &host.workdir,
+            )
+        })
         .collect();
-    let copies: SharedCopies = async move {
+    let reading = copies.clone();
+    let known: SharedCopies = async move {
         Arc::new(
-            tokio::task::spawn_blocking(move || SavedCopy::read_all(&copies))
+            tokio::task::spawn_blocking(move || SavedCopy::read_all(&reading))
                 .await
                 .unwrap_or_default(),
         )
@@ -127,6 +133,7 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
         source: inventory.sync.source.clone(),
         scanned: scanned.clone(),
         copies,
+        known,
         filter: &filter,
         args,
         bars: fleet.printer.progress_bars(),
@@ -169,14 +176,6 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
     ))
 }
 
-/// Where fleet keeps its copy of the manifest `host`'s workdir holds.
-fn saved_copy(host: &Host, target: &Target) -> SavedCopy {
-    SavedCopy::for_host(
-        &format!("{}@{}:{}", target.user, target.addr, target.port),
-        &host.workdir,
-    )
-}
-
 /// The local scan, awaited by every host.
 type SharedScan = Shared<BoxFuture<'static, Arc<Result<Scan, ManifestError>>>>;
 /// The local copies of the hosts' manifests ([`SavedCopy::read_all`]), in inventory order.
@@ -187,7 +186,10 @@ struct HostContext<'a> {
     options: &'a ConnectOptions,
     source: PathBuf,
     scanned: SharedScan,
-    copies: SharedCopies,
+    /// Where fleet keeps its copy of each host's manifest, in inventory order...
+    copies: Vec<SavedCopy>,
+    /// ...and what they hold.
+    known: SharedCopies,
     filter: &'a Filter,
     args: &'a SyncArgs,
     bars: Option<MultiProgress>,
@@ -202,18 +204,18 @@ impl HostContext<'_> {
     ) -> Result<HostResult, SyncError> {
         let started = Instant::now();
         // The local copy of the host's manifest is read while the host connects.
-        let (session, copies) =
-            tokio::join!(Session::connect(target, self.options), self.copies.clone());
+        let (session, known) =
+            tokio::join!(Session::connect(target, self.options), self.known.clone());
         let session = session?;
-        let known = copies.get(index).cloned().flatten();
-        let copy = saved_copy(host, target);
+        let known = known.get(index).cloned().flatten();
+        let copy = &self.copies[index];
         self.printer.debug(&format!(
             "{}: connected after {:.0} ms",
             host.name,
             started.elapsed().as_secs_f64() * 1e3
         ));
         let result = self
-            .with_session(&session, host, &copy, known, started)
+            .with_session(&session, host, copy, known, started)
             .await;
         session.close().await;
         result
