@@ -245,8 +245,23 @@ fn only_the_changed_file_is_sent_and_host_edits_are_restored() {
         "host2",
         &format!("echo edited on host2 > '{}/f13.txt'", p.workdir("host2")),
     );
+    // What an interrupted sync left on host3 (a new folder under its temporary name) is removed.
+    p.tb.ssh(
+        "host3",
+        &format!(
+            "mkdir -p '{0}/.fleet-tmp.0.d0/sub' && echo x > '{0}/.fleet-tmp.0.d0/sub/f'",
+            p.workdir("host3")
+        ),
+    );
     let (run, records) = p.sync_json(&[]);
     run.assert_code(0);
+    assert_eq!(
+        p.tb.ssh(
+            "host3",
+            &format!("find '{}' -name '.fleet-tmp*'", p.workdir("host3"))
+        ),
+        ""
+    );
     let local = p.local_hashes();
     for (i, h) in ["host1", "host2", "host3"].iter().enumerate() {
         let expected_sent = if *h == "host2" { 2 } else { 1 };

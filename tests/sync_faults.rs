@@ -64,6 +64,8 @@ fn a_full_disk_names_host_and_file_and_keeps_the_previous_version() {
 
     p.write("model.bin", vec![2u8; 5_000_000]);
     p.write("notes.txt", "v2\n");
+    // A new folder lands whole or not at all, as files do.
+    p.write("new/deeper/part.txt", "new\n");
     let run = p.sync();
     run.assert_code(1);
     assert!(
@@ -90,8 +92,19 @@ fn a_full_disk_names_host_and_file_and_keeps_the_previous_version() {
     );
     assert_eq!(p.leftovers("host1"), "");
     assert_eq!(
+        p.tb.ssh("host1", &format!("ls -A '{}'", p.workdir("host1"))),
+        ".fleet\nmodel.bin\nnotes.txt\n"
+    );
+    assert_eq!(
         p.tb.ssh("host2", &format!("cat '{}/notes.txt'", p.workdir("host2"))),
         "v2\n"
+    );
+    assert_eq!(
+        p.tb.ssh(
+            "host2",
+            &format!("cat '{}/new/deeper/part.txt'", p.workdir("host2"))
+        ),
+        "new\n"
     );
 }
 

@@ -31,8 +31,9 @@ pub fn scan_project(
 }
 
 /// Drops from a host's listing what the filter excludes (never touched, never reported) and
-/// returns the temporary files an interrupted sync left behind (to be removed). Paths of the
-/// `local` manifest passed the same filter already; only the others are matched against it.
+/// returns the temporary files and folders an interrupted sync left behind (to be removed).
+/// Paths of the `local` manifest passed the same filter already; only the others are matched
+/// against it.
 pub fn split_listing(
     mut listing: Listing,
     filter: &Filter,
@@ -43,12 +44,45 @@ pub fn split_listing(
         if local.entries.contains_key(path) {
             return true;
         }
-        let name = path.rsplit('/').next().unwrap_or(path);
-        if name.starts_with(remote::TMP_PREFIX) {
-            stale.push(path.clone());
+        // A temporary file or folder is removed whole; what is inside such a folder goes with it.
+        let mut names = path.split('/');
+        if names.any(|name| name.starts_with(remote::TMP_PREFIX)) {
+            if names.next().is_none() {
+                stale.push(path.clone());
+            }
             return false;
         }
         !filter.excludes(path, *entry == RemoteEntry::Dir)
     });
     (listing, stale)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_of_an_interrupted_sync_are_removed_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let filter = Filter::new(dir.path(), &[]).unwrap();
+        let file = RemoteEntry::File {
+            size: 1,
+            mtime: 0,
+            mode: 0o644,
+        };
+        let listing: Listing = [
+            ("kept.txt", file.clone()),
+            ("d", RemoteEntry::Dir),
+            ("d/.fleet-tmp.1.0", file.clone()),
+            (".fleet-tmp.1.d2", RemoteEntry::Dir),
+            (".fleet-tmp.1.d2/sub", RemoteEntry::Dir),
+            (".fleet-tmp.1.d2/sub/f", file.clone()),
+        ]
+        .into_iter()
+        .map(|(path, entry)| (path.to_string(), entry))
+        .collect();
+        let (kept, stale) = split_listing(listing, &filter, &Manifest::default());
+        assert_eq!(kept.keys().collect::<Vec<_>>(), ["d", "kept.txt"]);
+        assert_eq!(stale, [".fleet-tmp.1.d2", "d/.fleet-tmp.1.0"]);
+    }
 }

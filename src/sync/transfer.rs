@@ -1,7 +1,8 @@
 //! Applies a [`Plan`] to one host over SFTP: every file lands under a temporary name beside its
-//! destination, the host hashes what landed, and only when every hash matches are the files
-//! renamed into place (`posix-rename`, atomic). A failure at any point removes the temporary
-//! files and leaves the previous version of every file where it was.
+//! destination (or inside a new folder that has one), the host hashes what landed, and only when
+//! every hash matches are the files and new folders renamed into place (`posix-rename`, atomic).
+//! A failure at any point removes the temporary files and folders and leaves the previous version
+//! of every file where it was.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,9 +87,6 @@ pub async fn apply(
         tree.remove(&plan.extraneous).await?;
         applied.removed += plan.extraneous.len();
     }
-    tree.mkdirs(&plan.mkdirs).await?;
-
-    // Upload every file under a temporary name; on any failure, remove what landed.
     let nonce = format!(
         "{:08x}",
         std::process::id()
@@ -96,20 +94,40 @@ pub async fn apply(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.subsec_nanos()))
     );
-    // Largest first: a big file streams while the small ones fill the gaps beside it, and its
-    // verification on the host overlaps the rest instead of trailing at the end.
+    let staging = Staging::new(&plan.mkdirs, &nonce);
+    let folders: Vec<String> = plan
+        .mkdirs
+        .iter()
+        .filter_map(|d| staging.place(d))
+        .collect();
+    tree.mkdirs(&folders).await?;
+
+    // Upload every file under a temporary name (its own, or in a new folder's); on any failure,
+    // remove what landed. Largest first: a big file streams while the small ones fill the gaps
+    // beside it, and its verification on the host overlaps the rest instead of trailing at the end.
     let mut order: Vec<&super::plan::Upload> = plan.uploads.iter().collect();
     order.sort_by(|a, b| b.size.cmp(&a.size));
     let staged: Vec<(String, String)> = order
         .into_iter()
         .enumerate()
         .map(|(i, u)| {
-            let dir = u
-                .path
-                .rsplit_once('/')
-                .map_or(String::new(), |(d, _)| format!("{d}/"));
-            (u.path.clone(), format!("{dir}{TMP_PREFIX}{nonce}.{i}"))
+            let tmp = staging
+                .place(&u.path)
+                .unwrap_or_else(|| temporary_name(&u.path, &nonce, &i.to_string()));
+            (u.path.clone(), tmp)
         })
+        .collect();
+    // What is renamed into place once verified: each new folder, each file outside them.
+    let renames: Vec<(String, String)> = staging
+        .tops
+        .iter()
+        .map(|(path, tmp)| (path.clone(), tmp.clone()))
+        .chain(
+            staged
+                .iter()
+                .filter(|(path, _)| staging.place(path).is_none())
+                .cloned(),
+        )
         .collect();
     // The host's new manifest is written beside the old one while the files travel, and
     // replaces it once everything is in place.
@@ -157,13 +175,13 @@ pub async fn apply(
         while let Some(result) = verifying.next().await {
             result?;
         }
-        commit(tree, sftp, &staged).await
+        commit(tree, sftp, &renames).await
     };
     let (outcome, written) = tokio::join!(outcome, writing);
     let new_manifest = match outcome.and(written) {
         Ok(tmp) => tmp,
         Err(e) => {
-            let temporaries: Vec<String> = staged.iter().map(|(_, tmp)| tmp.clone()).collect();
+            let temporaries: Vec<String> = renames.iter().map(|(_, tmp)| tmp.clone()).collect();
             let _ = tree.remove(&temporaries).await;
             return Err(e);
         }
@@ -187,6 +205,52 @@ pub async fn apply(
             .map_err(|e| file_error(tree, SAVED_MANIFEST, "saving", &e))?;
     }
     Ok(applied)
+}
+
+/// `path`'s temporary name beside it: `.fleet-tmp.<nonce>.<tag>` in the same folder.
+fn temporary_name(path: &str, nonce: &str, tag: &str) -> String {
+    let dir = path
+        .rsplit_once('/')
+        .map_or(String::new(), |(d, _)| format!("{d}/"));
+    format!("{dir}{TMP_PREFIX}{nonce}.{tag}")
+}
+
+/// The folders new on a host: each outermost one (whose parent is there already) is made under
+/// a temporary name with everything inside it, and renamed into place once, so that the files
+/// in it need no temporary names and renames of their own.
+struct Staging {
+    /// Outermost new folder -> its temporary name.
+    tops: std::collections::HashMap<String, String>,
+}
+
+impl Staging {
+    fn new(mkdirs: &[String], nonce: &str) -> Staging {
+        let new: std::collections::HashSet<&str> = mkdirs.iter().map(String::as_str).collect();
+        let tops = mkdirs
+            .iter()
+            .enumerate()
+            .filter(|(_, dir)| {
+                !dir.rsplit_once('/')
+                    .is_some_and(|(parent, _)| new.contains(parent))
+            })
+            .map(|(i, dir)| (dir.clone(), temporary_name(dir, nonce, &format!("d{i}"))))
+            .collect();
+        Staging { tops }
+    }
+
+    /// Where `path` is written while the sync runs, if it is a new folder or inside one.
+    fn place(&self, path: &str) -> Option<String> {
+        if self.tops.is_empty() {
+            return None;
+        }
+        let ends = path.match_indices('/').map(|(i, _)| i).chain([path.len()]);
+        for end in ends {
+            if let Some(tmp) = self.tops.get(&path[..end]) {
+                return Some(format!("{tmp}{}", &path[end..]));
+            }
+        }
+        None
+    }
 }
 
 /// The manifest to keep on the host: the local one, with the mtime each file has *there*
@@ -477,13 +541,13 @@ async fn read_back(
         .await
 }
 
-/// Renames every verified temporary file over its destination.
+/// Renames every verified temporary file and new folder over its destination.
 async fn commit(
     tree: &HostTree<'_>,
     sftp: &RawSftpSession,
-    staged: &[(String, String)],
+    renames: &[(String, String)],
 ) -> Result<(), SyncError> {
-    let mut renames = futures::stream::iter(staged.iter().map(|(path, tmp)| async move {
+    let mut renames = futures::stream::iter(renames.iter().map(|(path, tmp)| async move {
         posix_rename(sftp, &tree.path(tmp), &tree.path(path))
             .await
             .map_err(|e| file_error(tree, path, "moving it into place", &e))
@@ -535,4 +599,47 @@ async fn write_manifest(
     drop(writes);
     sftp.close(handle.as_str()).await.map_err(fail)?;
     Ok(tmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_folders_are_staged_under_their_outermost_new_folder() {
+        let mkdirs = ["a", "a/b", "a/b/c", "old/new", "x y/ü"].map(String::from);
+        // "old" and "x y" are on the host already.
+        let staging = Staging::new(&mkdirs, "n");
+        let mut tops: Vec<(&str, &str)> = staging
+            .tops
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        tops.sort();
+        assert_eq!(
+            tops,
+            [
+                ("a", ".fleet-tmp.n.d0"),
+                ("old/new", "old/.fleet-tmp.n.d3"),
+                ("x y/ü", "x y/.fleet-tmp.n.d4")
+            ]
+        );
+        assert_eq!(staging.place("a").as_deref(), Some(".fleet-tmp.n.d0"));
+        assert_eq!(
+            staging.place("a/b/c/f.txt").as_deref(),
+            Some(".fleet-tmp.n.d0/b/c/f.txt")
+        );
+        assert_eq!(
+            staging.place("old/new/f").as_deref(),
+            Some("old/.fleet-tmp.n.d3/f")
+        );
+        assert_eq!(staging.place("old/f"), None);
+        assert_eq!(
+            staging.place("ab/f"),
+            None,
+            "a prefix of a name is not a folder"
+        );
+        assert_eq!(staging.place("f"), None);
+        assert_eq!(Staging::new(&[], "n").place("a/f"), None);
+    }
 }
