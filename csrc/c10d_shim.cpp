@@ -128,8 +128,9 @@ class Reducer {
       bucket.bytes += bytes;
       bucket_of_[k] = buckets_.size() - 1;
     }
+    // Zeroed, so their memory is mapped now and not during the first step's all-reduce.
     for (auto& bucket : buckets_) {
-      bucket.flat = at::empty({bucket.numel}, at::TensorOptions().dtype(bucket.dtype).device(bucket.device));
+      bucket.flat = at::zeros({bucket.numel}, at::TensorOptions().dtype(bucket.dtype).device(bucket.device));
     }
     reset();
     // The accumulator of a leaf is held weakly by the tensor: keep it alive with our hook on it.

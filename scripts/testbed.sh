@@ -20,7 +20,9 @@
 #
 # Written to $TB_DIR: id_ed25519 (client key, authorised for root and train), known_hosts,
 # ssh_config (ssh -F $TB_DIR/ssh_config host1), hosts.tsv (name addr port netns) and fleet.toml,
-# an inventory for the hosts (user root, device cpu, workdir $TB_DIR/work/<host>, emptied by `up`).
+# an inventory for the hosts (user root, device cpu, workdir $TB_DIR/work/<host>, emptied by `up`;
+# OMP_NUM_THREADS for every rank is this machine's cores shared out among the hosts, at least 1,
+# as separate machines would not compete for each other's cores).
 #
 # Environment: TB_DIR (/tmp/fleet-testbed), TB_N (3), TB_PORT_BASE (2200), TB_NS_PREFIX (tb-),
 # TB_BRIDGE (tbbr0), TB_SUBNET (10.213.0), TB_PRIVATE_HOME (1; 0 shares /root and /home).
@@ -195,6 +197,7 @@ write_inventory() { # variant
     echo "known_hosts = \"$TB_DIR/known_hosts\""
     echo "workdir = \"$TB_DIR/work\""
     echo "device = \"cpu\""
+    echo "env = { OMP_NUM_THREADS = \"$(( $(nproc) / TB_N > 1 ? $(nproc) / TB_N : 1 ))\" }"
     echo "master_port = 29500"
     for ((i = 1; i <= TB_N; i++)); do
       echo

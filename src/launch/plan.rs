@@ -85,6 +85,13 @@ pub fn plan(
         common.extend(host.env.clone());
         match mode {
             Mode::Ranks => {
+                if host.ranks > 1 {
+                    // As torchrun does: ranks sharing a host would otherwise each start a thread
+                    // per core and slow each other down.
+                    common
+                        .entry("OMP_NUM_THREADS".to_string())
+                        .or_insert_with(|| "1".to_string());
+                }
                 for local in 0..host.ranks {
                     let mut env = BTreeMap::from([
                         ("RANK".to_string(), (first + local).to_string()),
@@ -269,6 +276,25 @@ mod tests {
             "the inventory overrides fleet's defaults"
         );
         assert_eq!(job.processes[0].env["PYTHONUNBUFFERED"], "1");
+    }
+
+    #[test]
+    fn ranks_sharing_a_host_get_one_thread_each_unless_the_inventory_says() {
+        let inv = inventory(&FLEET.replace("env = { OMP_NUM_THREADS = \"2\" }\n", ""));
+        let job = plan(&inv, &addresses(), &["python3".into()], Mode::Ranks, "J");
+        let threads: Vec<Option<&str>> = job
+            .processes
+            .iter()
+            .map(|p| p.env.get("OMP_NUM_THREADS").map(String::as_str))
+            .collect();
+        assert_eq!(threads, [None, Some("1"), Some("1"), None]);
+        let inv = inventory(FLEET);
+        let job = plan(&inv, &addresses(), &["python3".into()], Mode::Ranks, "J");
+        assert!(
+            job.processes
+                .iter()
+                .all(|p| p.env["OMP_NUM_THREADS"] == "2")
+        );
     }
 
     #[test]
