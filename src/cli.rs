@@ -97,6 +97,9 @@ pub struct NetArgs {
     /// step, batch 32, sequence 128, about 300 ms)
     #[arg(long, value_name = "MS", default_value_t = 300.0)]
     pub step_ms: f64,
+    /// Measure every pair of hosts, not only the master with each other host
+    #[arg(long)]
+    pub all_pairs: bool,
 }
 
 #[derive(Debug, Args)]

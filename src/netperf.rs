@@ -6,10 +6,11 @@ use serde::Serialize;
 
 /// Runs on the hosts. `serve PORT CLIENTS SECONDS` on the master answers each client in turn;
 /// `measure HOST PORT SECONDS` on another host prints one JSON line: the median round trip of 20
-/// one-byte exchanges, then the rate it sends at for SECONDS (as the master received it) and the
-/// rate it receives at.
+/// one-byte exchanges, then the rate it sends at for SECONDS (as the master received it), the
+/// rate it receives at, and both again with the two directions busy at once for SECONDS, as a
+/// ring all-reduce keeps them (each direction then also carries the other's acknowledgements).
 pub const PROBE_PY: &str = r#"
-import json, socket, sys, time
+import json, socket, sys, threading, time
 
 BLOCK = bytes(256 * 1024)
 
@@ -29,6 +30,20 @@ def send_for(conn, seconds):
     while time.monotonic() < end:
         conn.sendall(BLOCK)
     conn.shutdown(socket.SHUT_WR)
+
+def receive_report(conn):
+    reply = b""
+    while True:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return json.loads(reply)
+        reply += chunk
+
+def receiving(conn):
+    got = []
+    thread = threading.Thread(target=lambda: got.append(receive_all(conn)))
+    thread.start()
+    return thread, got
 
 mode = sys.argv[1]
 if mode == "serve":
@@ -52,6 +67,14 @@ if mode == "serve":
         conn, _ = server.accept()
         with conn:
             send_for(conn, seconds)
+        conn, _ = server.accept()
+        back, _ = server.accept()
+        with conn, back:
+            thread, got = receiving(conn)
+            send_for(back, seconds)
+            thread.join()
+            count, spent = got[0]
+            conn.sendall(json.dumps({"bytes": count, "seconds": spent}).encode())
 else:
     host, port, seconds = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     def connect():
@@ -68,22 +91,27 @@ else:
     conn.close()
     conn = connect()
     send_for(conn, seconds)
-    reply = b""
-    while True:
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        reply += chunk
+    sent = receive_report(conn)
     conn.close()
-    sent = json.loads(reply)
     conn = connect()
     count, spent = receive_all(conn)
     conn.close()
+    conn, back = connect(), connect()
+    thread, got = receiving(back)
+    send_for(conn, seconds)
+    thread.join()
+    both_sent = receive_report(conn)
+    both_count, both_spent = got[0]
+    conn.close()
+    back.close()
+    mbit = lambda count, spent: count * 8 / max(spent, 1e-9) / 1e6
     trips.sort()
     print(json.dumps({
         "rtt_ms": trips[len(trips) // 2] * 1000,
-        "up_mbit": sent["bytes"] * 8 / max(sent["seconds"], 1e-9) / 1e6,
-        "down_mbit": count * 8 / max(spent, 1e-9) / 1e6,
+        "up_mbit": mbit(sent["bytes"], sent["seconds"]),
+        "down_mbit": mbit(count, spent),
+        "both_up_mbit": mbit(both_sent["bytes"], both_sent["seconds"]),
+        "both_down_mbit": mbit(both_count, both_spent),
     }))
 "#;
 
@@ -95,6 +123,9 @@ pub struct Measured {
     pub up_mbit: f64,
     /// From the master to the measuring host.
     pub down_mbit: f64,
+    /// The same two, with both directions busy at once.
+    pub both_up_mbit: f64,
+    pub both_down_mbit: f64,
 }
 
 /// One direction of one link.
@@ -102,7 +133,10 @@ pub struct Measured {
 pub struct Link {
     pub from: String,
     pub to: String,
+    /// With this direction alone busy.
     pub mbit_per_s: f64,
+    /// While the other direction is busy too, as in a ring all-reduce: what the estimate uses.
+    pub both_ways_mbit_per_s: f64,
     pub rtt_ms: f64,
 }
 

@@ -1,5 +1,6 @@
 //! `fleet net` against the test bed with one host's link shaped to 100 Mbit/s (tbf on both
-//! ends of its veth). It shapes the test bed, so it lives in a test binary of its own.
+//! ends of its veth): every pair of hosts, and the master with each other host. It shapes the
+//! test bed, so it lives in a test binary of its own.
 
 mod common;
 
@@ -17,7 +18,7 @@ fn a_shaped_link_is_measured_near_its_rate_and_the_others_far_above() {
     let run = Fleet::new()
         .arg("-i")
         .arg(tb.inventory())
-        .args(["--json", "net", "--seconds", "1"])
+        .args(["--json", "net", "--seconds", "1", "--all-pairs"])
         .run();
     run.assert_code(0);
     let records: Vec<Value> = run
@@ -26,27 +27,49 @@ fn a_shaped_link_is_measured_near_its_rate_and_the_others_far_above() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let links: Vec<&Value> = records.iter().filter(|r| r["type"] == "link").collect();
-    assert_eq!(links.len(), 4, "{}", run.stdout);
+    let pairs: Vec<(&str, &str)> = links
+        .iter()
+        .map(|l| (l["from"].as_str().unwrap(), l["to"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("host1", "host2"),
+            ("host2", "host1"),
+            ("host1", "host3"),
+            ("host3", "host1"),
+            ("host2", "host3"),
+            ("host3", "host2")
+        ],
+        "{}",
+        run.stdout
+    );
     for link in &links {
         let (from, to) = (link["from"].as_str().unwrap(), link["to"].as_str().unwrap());
-        let rate = link["mbit_per_s"].as_f64().unwrap();
         assert!(link["rtt_ms"].as_f64().unwrap() >= 0.0);
-        if from == "host2" || to == "host2" {
-            assert!(
-                (70.0..=130.0).contains(&rate),
-                "{from} -> {to}: {rate} Mbit/s, shaped to 100"
-            );
-        } else {
-            assert!(rate > 500.0, "{from} -> {to}: {rate} Mbit/s, not shaped");
+        // Alone, and with the other direction busy too.
+        for field in ["mbit_per_s", "both_ways_mbit_per_s"] {
+            let rate = link[field].as_f64().unwrap();
+            if from == "host2" || to == "host2" {
+                assert!(
+                    (70.0..=130.0).contains(&rate),
+                    "{from} -> {to}: {field} {rate}, shaped to 100"
+                );
+            } else {
+                assert!(rate > 500.0, "{from} -> {to}: {field} {rate}, not shaped");
+            }
         }
     }
+    let slowest = links
+        .iter()
+        .map(|l| l["both_ways_mbit_per_s"].as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min);
     let estimate = records
         .iter()
         .find(|r| r["type"] == "estimate")
         .expect("an estimate");
     assert_eq!(estimate["ranks"], 3);
-    let bottleneck = estimate["bottleneck_mbit"].as_f64().unwrap();
-    assert!((70.0..=130.0).contains(&bottleneck), "{estimate}");
+    assert_eq!(estimate["bottleneck_mbit"].as_f64().unwrap(), slowest);
     // 109.5 M fp32 parameters over 3 ranks on ~100 Mbit/s: about 47 s per step, bf16 half.
     let fp32 = estimate["allreduce_fp32_ms"].as_f64().unwrap();
     assert!((30_000.0..70_000.0).contains(&fp32), "{estimate}");
@@ -65,6 +88,13 @@ fn a_shaped_link_is_measured_near_its_rate_and_the_others_far_above() {
         .collect();
     assert!(
         records.iter().any(|r| r["type"] == "verdict"),
+        "{}",
+        check.stdout
+    );
+    // Without --all-pairs, the master with each other host.
+    assert_eq!(
+        records.iter().filter(|r| r["type"] == "link").count(),
+        4,
         "{}",
         check.stdout
     );

@@ -1,6 +1,7 @@
-//! `fleet net`: the bandwidth (both ways) and round trip between the master and every other host,
-//! measured one host at a time with python3 on the hosts, and what that means for training: the
-//! all-reduce time per step and the speed-up over one GPU for a few settings.
+//! `fleet net`: the bandwidth (each way alone and both at once) and round trip between the master
+//! and every other host (every pair with `--all-pairs`), measured one link at a time with python3
+//! on the hosts, and what that means for training: the all-reduce time per step and the speed-up
+//! over one GPU for a few settings.
 
 use anyhow::{Context, Result, bail};
 
@@ -32,87 +33,59 @@ pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
             }
         }
     }
-    let master = &inventory.hosts[0].name;
     let master_addr = inventory
         .master_addr
         .clone()
         .unwrap_or_else(|| targets[0].addr.clone());
-    let port = inventory.master_port;
-    let seconds = format!("{}", args.seconds);
-
-    let serve = format!(
-        "python3 -c {} serve {port} {} {seconds}",
-        shell::quote(PROBE_PY),
+    // The master with every other host; with --all-pairs, every host with each after it too.
+    let servers = if args.all_pairs {
         sessions.len() - 1
-    );
-    let mut server = sessions[0].start(&shell::sh(&serve)).await?;
-    match server.next_line().await {
-        Some(line) if line.trim() == "listening" => {}
-        other => bail!(
-            "{master}: the measuring server did not start on port {port}: {} (is the port in use, or python3 missing?)",
-            other.unwrap_or_default().trim()
-        ),
-    }
-
+    } else {
+        1
+    };
     let mut links = Vec::new();
-    for (host, session) in inventory.hosts.iter().zip(&sessions).skip(1) {
-        fleet
-            .printer
-            .info(&format!("measuring {master} <-> {} ...", host.name));
-        let measure = format!(
-            "python3 -c {} measure {} {port} {seconds}",
-            shell::quote(PROBE_PY),
-            shell::quote(&master_addr)
+    for (server, target) in targets.iter().enumerate().take(servers) {
+        let address = if server == 0 {
+            &master_addr
+        } else {
+            &target.addr
+        };
+        let port = inventory.master_port;
+        let measured = measure_from(
+            fleet,
+            &inventory.hosts,
+            &sessions,
+            server,
+            address,
+            port,
+            args.seconds,
         );
-        let (status, out, err) = session.capture(&shell::sh(&measure)).await?;
-        if status != ExitStatus::Code(0) {
-            bail!(
-                "{}: could not measure the link to {master_addr}:{port}: {}",
-                host.name,
-                String::from_utf8_lossy(&err).trim()
-            );
-        }
-        let measured: Measured = serde_json::from_slice(&out).with_context(|| {
-            format!(
-                "{}: unexpected answer {:?}",
-                host.name,
-                String::from_utf8_lossy(&out)
-            )
-        })?;
-        links.push(Link {
-            from: master.clone(),
-            to: host.name.clone(),
-            mbit_per_s: measured.down_mbit,
-            rtt_ms: measured.rtt_ms,
-        });
-        links.push(Link {
-            from: host.name.clone(),
-            to: master.clone(),
-            mbit_per_s: measured.up_mbit,
-            rtt_ms: measured.rtt_ms,
-        });
+        links.extend(measured.await?);
     }
-    drop(server);
     for session in sessions {
         session.close().await;
     }
 
+    // A ring all-reduce sends and receives on every link at once: the rate with both
+    // directions busy is the one it gets.
     let slowest = links
         .iter()
-        .min_by(|a, b| a.mbit_per_s.total_cmp(&b.mbit_per_s))
+        .min_by(|a, b| a.both_ways_mbit_per_s.total_cmp(&b.both_ways_mbit_per_s))
         .context("no link was measured")?;
     let rtt = links.iter().map(|l| l.rtt_ms).fold(0.0, f64::max);
     let estimate = netperf::estimate(
         params,
         inventory.world_size() as usize,
-        slowest.mbit_per_s,
+        slowest.both_ways_mbit_per_s,
         rtt,
         args.step_ms,
     );
 
     if fleet.printer.json() {
         for link in &links {
-            fleet.printer.record(&serde_json::json!({"type": "link", "from": link.from, "to": link.to, "mbit_per_s": link.mbit_per_s, "rtt_ms": link.rtt_ms}));
+            let mut value = serde_json::to_value(link)?;
+            value["type"] = "link".into();
+            fleet.printer.record(&value);
         }
         let mut value = serde_json::to_value(&estimate)?;
         value["type"] = "estimate".into();
@@ -126,17 +99,18 @@ pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
                 l.from.clone(),
                 l.to.clone(),
                 format!("{:.0}", l.mbit_per_s),
+                format!("{:.0}", l.both_ways_mbit_per_s),
                 format!("{:.2}", l.rtt_ms),
             ]
         })
         .collect();
-    let mut text = table::render(&["FROM", "TO", "MBIT/S", "RTT MS"], &rows);
+    let mut text = table::render(&["FROM", "TO", "MBIT/S", "BOTH WAYS", "RTT MS"], &rows);
     text.push_str(&format!(
-        "\nall-reduce of {:.1} M parameters over {} ranks, slowest link {:.0} Mbit/s ({} -> {}):\n\
+        "\nall-reduce of {:.1} M parameters over {} ranks, slowest link {:.0} Mbit/s both ways ({} -> {}):\n\
          \x20 fp32 {:.0} ms, bf16 {:.0} ms per step; one step computes in {:.0} ms (--step-ms)\n",
         params as f64 / 1e6,
         estimate.ranks,
-        slowest.mbit_per_s,
+        slowest.both_ways_mbit_per_s,
         slowest.from,
         slowest.to,
         estimate.allreduce_fp32_ms,
@@ -161,6 +135,75 @@ pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
     text.push_str(&format!("recommended: {}\n", estimate.recommendation));
     fleet.printer.write(Stream::Stdout, &text);
     Ok(ExitCode::Success)
+}
+
+/// Measures the links between host `server` (listening on `address`:`port`) and each host after
+/// it, one at a time: both directions of each.
+async fn measure_from(
+    fleet: &Fleet,
+    hosts: &[crate::inventory::Host],
+    sessions: &[crate::ssh::Session],
+    server: usize,
+    address: &str,
+    port: u16,
+    seconds: f64,
+) -> Result<Vec<Link>> {
+    let name = &hosts[server].name;
+    let serve = format!(
+        "python3 -c {} serve {port} {} {seconds}",
+        shell::quote(PROBE_PY),
+        sessions.len() - 1 - server
+    );
+    let mut listening = sessions[server].start(&shell::sh(&serve)).await?;
+    match listening.next_line().await {
+        Some(line) if line.trim() == "listening" => {}
+        other => bail!(
+            "{name}: the measuring server did not start on port {port}: {} (is the port in use, or python3 missing?)",
+            other.unwrap_or_default().trim()
+        ),
+    }
+    let mut links = Vec::new();
+    for (host, session) in hosts.iter().zip(sessions).skip(server + 1) {
+        fleet
+            .printer
+            .info(&format!("measuring {name} <-> {} ...", host.name));
+        let measure = format!(
+            "python3 -c {} measure {} {port} {seconds}",
+            shell::quote(PROBE_PY),
+            shell::quote(address)
+        );
+        let (status, out, err) = session.capture(&shell::sh(&measure)).await?;
+        if status != ExitStatus::Code(0) {
+            bail!(
+                "{}: could not measure the link to {address}:{port}: {}",
+                host.name,
+                String::from_utf8_lossy(&err).trim()
+            );
+        }
+        let measured: Measured = serde_json::from_slice(&out).with_context(|| {
+            format!(
+                "{}: unexpected answer {:?}",
+                host.name,
+                String::from_utf8_lossy(&out)
+            )
+        })?;
+        links.push(Link {
+            from: name.clone(),
+            to: host.name.clone(),
+            mbit_per_s: measured.down_mbit,
+            both_ways_mbit_per_s: measured.both_down_mbit,
+            rtt_ms: measured.rtt_ms,
+        });
+        links.push(Link {
+            from: host.name.clone(),
+            to: name.clone(),
+            mbit_per_s: measured.up_mbit,
+            both_ways_mbit_per_s: measured.both_up_mbit,
+            rtt_ms: measured.rtt_ms,
+        });
+    }
+    drop(listening);
+    Ok(links)
 }
 
 /// The model size: --params, a model directory's config.json, or BERT-base.
