@@ -104,7 +104,9 @@ struct Dense {
 class Reducer {
  public:
   Reducer(Group group, std::vector<at::Tensor> params, size_t bucket_bytes, int wire, double scale)
-      : group_(std::move(group)), params_(std::move(params)), scale_(scale) {
+      : group_(std::move(group)),
+        params_(std::move(params)),
+        scale_(at::scalar_tensor(scale, at::kDouble)) {
     bucket_of_.resize(params_.size());
     // The first bucket holds the last layers, whose gradients come first: small, so that
     // communication starts early (DDP uses 1 MB too).
@@ -258,12 +260,26 @@ class Reducer {
         const auto& param = params_[k];
         auto slice = bucket.flat.narrow(0, offset, param.numel());
         const auto& grad = param.grad();
-        if (grad.defined()) {
-          // Scaled before any compression, so a compressed sum cannot overflow; in one pass
-          // over memory, straight into the bucket.
-          at::mul_out(slice, grad.reshape({-1}), at::scalar_tensor(scale_, grad.options()));
-        } else {
+        if (!grad.defined()) {
           slice.zero_();
+        } else if (grad.scalar_type() == bucket.dtype) {
+          // In one pass over memory, straight into the bucket.
+          at::mul_out(slice, grad.reshape({-1}), scale_);
+        } else {
+          // Scaled before the compression, so a compressed sum cannot overflow. A product in
+          // another dtype than its output goes through a temporary as large as the gradient:
+          // scaled here a cache-sized piece at a time, then converted into the bucket.
+          auto values = grad.reshape({-1});
+          if (!scratch_.defined() || scratch_.scalar_type() != grad.scalar_type() ||
+              scratch_.device() != grad.device()) {
+            scratch_ = at::empty({kScratch}, grad.options());
+          }
+          for (int64_t from = 0; from < values.numel(); from += kScratch) {
+            auto length = std::min(kScratch, values.numel() - from);
+            auto piece = scratch_.narrow(0, 0, length);
+            at::mul_out(piece, values.narrow(0, from, length), scale_);
+            slice.narrow(0, from, length).copy_(piece);
+          }
         }
         offset += param.numel();
       }
@@ -278,9 +294,14 @@ class Reducer {
     }
   }
 
+  // Values per piece when scaling into a compressed bucket (4 MiB of fp32).
+  static constexpr int64_t kScratch = 1 << 20;
+
   Group group_;
   std::vector<at::Tensor> params_;
-  double scale_;
+  // 1/world as a CPU scalar, which kernels on any device take as a plain number.
+  at::Tensor scale_;
+  at::Tensor scratch_;
   std::vector<Bucket> buckets_;
   std::vector<size_t> bucket_of_;
   std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, uintptr_t>> hooks_;
