@@ -87,7 +87,8 @@ pub struct NetArgs {
     /// Seconds each direction of each link is measured
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     pub seconds: f64,
-    /// The model's parameter count (default: BERT-base, 109.5 M)
+    /// The model's parameter count (default: that of the model directory the inventory's
+    /// [run].command names with --model, else BERT-base's 109.5 M)
     #[arg(long, value_name = "N")]
     pub params: Option<u64>,
     /// Read the model size from a Hugging Face directory's config.json

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use super::{Fleet, table};
 use crate::cli::NetArgs;
 use crate::exit_code::ExitCode;
+use crate::inventory::Inventory;
 use crate::netperf::{self, Link, Measured, PROBE_PY};
 use crate::output::Stream;
 use crate::shell;
@@ -21,7 +22,7 @@ pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
             inventory.path.display()
         );
     }
-    let params = parameters(args)?;
+    let params = parameters(args, &inventory)?;
     let (targets, connected) = fleet.connect_all(&inventory).await?;
     let mut sessions = Vec::with_capacity(connected.len());
     for result in connected {
@@ -206,14 +207,36 @@ async fn measure_from(
     Ok(links)
 }
 
-/// The model size: --params, a model directory's config.json, or BERT-base.
-fn parameters(args: &NetArgs) -> Result<u64> {
+/// The model size: --params, --model's config.json, the config.json of the model directory the
+/// job's `[run].command` names with `--model` (in the project folder), or BERT-base.
+fn parameters(args: &NetArgs, inventory: &Inventory) -> Result<u64> {
     if let Some(params) = args.params {
         return Ok(params);
     }
-    let Some(dir) = &args.model else {
-        return Ok(netperf::bert_base_parameters());
-    };
+    if let Some(dir) = &args.model {
+        return model_parameters(dir);
+    }
+    match job_model(inventory) {
+        Some(dir) if dir.join("config.json").is_file() => model_parameters(&dir),
+        _ => Ok(netperf::bert_base_parameters()),
+    }
+}
+
+/// The `--model DIR` (or `--model=DIR`) of the inventory's `[run].command`, in the project folder.
+fn job_model(inventory: &Inventory) -> Option<std::path::PathBuf> {
+    let command = inventory.run_command.as_ref()?;
+    let dir = command.iter().enumerate().find_map(|(i, word)| {
+        if word == "--model" {
+            command.get(i + 1).cloned()
+        } else {
+            word.strip_prefix("--model=").map(String::from)
+        }
+    })?;
+    Some(inventory.sync.source.join(dir))
+}
+
+/// Parameters of the Hugging Face model in `dir`, from its config.json.
+fn model_parameters(dir: &std::path::Path) -> Result<u64> {
     let path = dir.join("config.json");
     let text = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let config: serde_json::Value =
@@ -233,4 +256,63 @@ fn parameters(args: &NetArgs) -> Result<u64> {
         field("max_position_embeddings", Some(512))?,
         field("num_labels", Some(2))?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn args() -> NetArgs {
+        NetArgs {
+            seconds: 1.0,
+            params: None,
+            model: None,
+            step_ms: 300.0,
+            all_pairs: false,
+        }
+    }
+
+    #[test]
+    fn the_model_is_the_one_the_job_fine_tunes_unless_given() {
+        let project = tempfile::tempdir().unwrap();
+        let model = project.path().join("models/mini");
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::write(
+            model.join("config.json"),
+            r#"{"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1536}"#,
+        )
+        .unwrap();
+        let mini = netperf::bert_parameters(30522, 384, 6, 1536, 512, 2);
+        let inventory = |command: &str| {
+            let text = format!(
+                "[sync]\nsource = \"{}\"\n[run]\ncommand = {command}\n[[host]]\naddress = \"a\"\n",
+                project.path().display()
+            );
+            Inventory::from_toml(Path::new("fleet.toml"), &text).unwrap()
+        };
+        for command in [
+            r#"["./fleet-train", "--model", "models/mini", "--data", "d.csv"]"#,
+            r#"["python3", "train.py", "--model=models/mini"]"#,
+        ] {
+            assert_eq!(
+                parameters(&args(), &inventory(command)).unwrap(),
+                mini,
+                "{command}"
+            );
+        }
+        let base = netperf::bert_base_parameters();
+        let no_model = inventory(r#"["./fleet-train", "--data", "d.csv"]"#);
+        assert_eq!(parameters(&args(), &no_model).unwrap(), base);
+        let elsewhere = inventory(r#"["./fleet-train", "--model", "not/here"]"#);
+        assert_eq!(parameters(&args(), &elsewhere).unwrap(), base);
+        let given = NetArgs {
+            params: Some(7),
+            ..args()
+        };
+        assert_eq!(
+            parameters(&given, &inventory(r#"["x", "--model", "models/mini"]"#)).unwrap(),
+            7
+        );
+    }
 }
