@@ -106,7 +106,7 @@ pub async fn apply(
     // remove what landed. Largest first: a big file streams while the small ones fill the gaps
     // beside it, and its verification on the host overlaps the rest instead of trailing at the end.
     let mut order: Vec<&super::plan::Upload> = plan.uploads.iter().collect();
-    order.sort_by(|a, b| b.size.cmp(&a.size));
+    order.sort_by_key(|u| std::cmp::Reverse(u.size));
     let staged: Vec<(String, String)> = order
         .into_iter()
         .enumerate()
