@@ -188,7 +188,7 @@ CONFIG
 }
 
 write_inventory() { # variant
-  local i
+  local i threads=$(($(nproc) / TB_N))
   {
     echo "# The test bed's hosts, written by scripts/testbed.sh."
     echo "[fleet]"
@@ -197,7 +197,7 @@ write_inventory() { # variant
     echo "known_hosts = \"$TB_DIR/known_hosts\""
     echo "workdir = \"$TB_DIR/work\""
     echo "device = \"cpu\""
-    echo "env = { OMP_NUM_THREADS = \"$(( $(nproc) / TB_N > 1 ? $(nproc) / TB_N : 1 ))\" }"
+    echo "env = { OMP_NUM_THREADS = \"$(( threads > 1 ? threads : 1 ))\" }"
     echo "master_port = 29500"
     for ((i = 1; i <= TB_N; i++)); do
       echo

@@ -51,16 +51,7 @@ pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
         } else {
             &target.addr
         };
-        let port = inventory.master_port;
-        let measured = measure_from(
-            fleet,
-            &inventory.hosts,
-            &sessions,
-            server,
-            address,
-            port,
-            args.seconds,
-        );
+        let measured = measure_from(fleet, &inventory, &sessions, server, address, args.seconds);
         links.extend(measured.await?);
     }
     for session in sessions {
@@ -138,17 +129,17 @@ pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
     Ok(ExitCode::Success)
 }
 
-/// Measures the links between host `server` (listening on `address`:`port`) and each host after
-/// it, one at a time: both directions of each.
+/// Measures the links between host `server` (listening on `address` at the master port) and
+/// each host after it, one at a time: both directions of each.
 async fn measure_from(
     fleet: &Fleet,
-    hosts: &[crate::inventory::Host],
+    inventory: &Inventory,
     sessions: &[crate::ssh::Session],
     server: usize,
     address: &str,
-    port: u16,
     seconds: f64,
 ) -> Result<Vec<Link>> {
+    let (hosts, port) = (&inventory.hosts, inventory.master_port);
     let name = &hosts[server].name;
     let serve = format!(
         "python3 -c {} serve {port} {} {seconds}",

@@ -82,16 +82,14 @@ pub fn plan(
             ("FLEET_HOST".to_string(), host.name.clone()),
             ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
         ]);
+        if mode == Mode::Ranks && host.ranks > 1 {
+            // As torchrun does: ranks sharing a host would otherwise each start a thread per
+            // core and slow each other down.
+            common.insert("OMP_NUM_THREADS".to_string(), "1".to_string());
+        }
         common.extend(host.env.clone());
         match mode {
             Mode::Ranks => {
-                if host.ranks > 1 {
-                    // As torchrun does: ranks sharing a host would otherwise each start a thread
-                    // per core and slow each other down.
-                    common
-                        .entry("OMP_NUM_THREADS".to_string())
-                        .or_insert_with(|| "1".to_string());
-                }
                 for local in 0..host.ranks {
                     let mut env = BTreeMap::from([
                         ("RANK".to_string(), (first + local).to_string()),

@@ -107,28 +107,25 @@ pub async fn apply(
     // beside it, and its verification on the host overlaps the rest instead of trailing at the end.
     let mut order: Vec<&super::plan::Upload> = plan.uploads.iter().collect();
     order.sort_by_key(|u| std::cmp::Reverse(u.size));
-    let staged: Vec<(String, String)> = order
-        .into_iter()
-        .enumerate()
-        .map(|(i, u)| {
-            let tmp = staging
-                .place(&u.path)
-                .unwrap_or_else(|| temporary_name(&u.path, &nonce, &i.to_string()));
-            (u.path.clone(), tmp)
-        })
-        .collect();
-    // What is renamed into place once verified: each new folder, each file outside them.
-    let renames: Vec<(String, String)> = staging
+    // `staged`: where each file lands; `renames`: what is renamed into place once verified
+    // (each new folder, each file outside them).
+    let mut staged: Vec<(String, String)> = Vec::with_capacity(order.len());
+    let mut renames: Vec<(String, String)> = staging
         .tops
         .iter()
         .map(|(path, tmp)| (path.clone(), tmp.clone()))
-        .chain(
-            staged
-                .iter()
-                .filter(|(path, _)| staging.place(path).is_none())
-                .cloned(),
-        )
         .collect();
+    for (i, upload) in order.into_iter().enumerate() {
+        let path = upload.path.clone();
+        match staging.place(&path) {
+            Some(inside) => staged.push((path, inside)),
+            None => {
+                let tmp = temporary_name(&path, &nonce, &i.to_string());
+                renames.push((path.clone(), tmp.clone()));
+                staged.push((path, tmp));
+            }
+        }
+    }
     // The host's new manifest is written beside the old one while the files travel, and
     // replaces it once everything is in place.
     applied.saved = saved_manifest(local, &state.listing, plan);
