@@ -493,3 +493,56 @@ fn tensor_pointers(tensors: &[&Tensor]) -> Vec<*mut c_void> {
         .map(|tensor| tensor.as_ptr() as *mut c_void)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    /// A group of one rank on loopback: its all-reduce returns what it was given, so what the
+    /// reducer writes back is exactly its own scaling and conversion.
+    fn alone() -> (Store, ProcessGroup) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let store = Store::connect("127.0.0.1", port, 1, true, 30_000).unwrap();
+        let group = ProcessGroup::gloo(&store, 0, 1, Some("127.0.0.1"), 30_000).unwrap();
+        (store, group)
+    }
+
+    #[test]
+    fn the_reducer_scales_and_compresses_every_value_of_a_large_gradient() {
+        let (_store, group) = alone();
+        tch::manual_seed(7);
+        // More values than the shim scales in one piece (1 << 20), and not a multiple of it.
+        let sizes = [2 * (1 << 20) + 12_345, 1000];
+        let coefficients: Vec<Tensor> = sizes
+            .iter()
+            .map(|&n| Tensor::randn([n], (Kind::Float, Device::Cpu)))
+            .collect();
+        for (wire, expected_kind) in [(None, Kind::Float), (Some(Kind::BFloat16), Kind::BFloat16)] {
+            let params: Vec<Tensor> = sizes
+                .iter()
+                .map(|&n| Tensor::zeros([n], (Kind::Float, Device::Cpu)).set_requires_grad(true))
+                .collect();
+            let reducer = Reducer::new(&group, &params, 1 << 20, wire, 0.25).unwrap();
+            let loss = params
+                .iter()
+                .zip(&coefficients)
+                .map(|(p, c)| (p * c).sum(Kind::Float))
+                .reduce(|a, b| a + b)
+                .unwrap();
+            loss.backward();
+            reducer.finish().unwrap();
+            for (param, c) in params.iter().zip(&coefficients) {
+                let expected = (c * 0.25).to_kind(expected_kind).to_kind(Kind::Float);
+                assert!(
+                    param.grad().equal(&expected),
+                    "{wire:?}, {} values",
+                    c.numel()
+                );
+            }
+        }
+    }
+}
