@@ -5,7 +5,8 @@
 #   Debian packages: openssh-server and openssh-client (the test bed's hosts), iproute2 (network
 #   namespaces), iptables (firewall faults in tests), rsync (the benchmark's baseline), procps
 #   (pgrep), python3 and python3-venv (what training hosts have: fleet check listens on the master
-#   port with it).
+#   port with it); fish, zsh and tcsh (login shells the tests run fleet's remote scripts under:
+#   the test bed's user `train` logs in with fish) and shellcheck (the lint of those scripts).
 #   The torch environment: a venv with torch==2.11.0 (the libtorch fleet-train builds against) in
 #   $FLEET_TORCH_VENV (default /opt/fleet/torch-venv). It is made from Debian's /usr/bin/python3 and
 #   kept outside /root and /home so the test bed's hosts, whose /root and /home are private, can run
@@ -18,7 +19,7 @@ set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-packages=(openssh-server openssh-client iproute2 iptables rsync procps python3 python3-venv)
+packages=(openssh-server openssh-client iproute2 iptables rsync procps python3 python3-venv fish zsh tcsh shellcheck)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -10,7 +10,8 @@
 #
 # Each host is an sshd that is PID 1 of its own PID, mount and UTS namespaces: stopping it kills
 # every process started on it, `hostname` prints hostN, /root and /home are private to it, and a
-# login `train` (uid 2001) exists only inside it. /tmp is shared with this machine.
+# login `train` (uid 2001, login shell fish where installed) exists only inside it. /tmp is shared
+# with this machine.
 #
 #   netns     host i is network namespace ${TB_NS_PREFIX}host$i with address $TB_SUBNET.(10+i), port 22,
 #             its eth0 on bridge $TB_BRIDGE ($TB_SUBNET.1/24). Hosts reach each other (ranks can meet
@@ -37,6 +38,10 @@ TB_BRIDGE=${TB_BRIDGE:-tbbr0}
 TB_SUBNET=${TB_SUBNET:-10.213.0}
 TB_PRIVATE_HOME=${TB_PRIVATE_HOME:-1}
 SSHD=/usr/sbin/sshd
+# The login `train` has fish as its login shell where it is installed (scripts/setup.sh does):
+# fish reads quoting differently from sh, as tcsh does, so fleet must never rely on it.
+TRAIN_SHELL=/bin/bash
+[[ ! -x /usr/bin/fish ]] || TRAIN_SHELL=/usr/bin/fish
 
 log() { printf 'testbed: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -143,7 +148,7 @@ write_host() { # variant index
   chown 2001:2001 "$dir/home/train"
   ssh-keygen -q -t ed25519 -N '' -C "$name" -f "$dir/ssh_host_ed25519_key"
   cp "$TB_DIR/id_ed25519.pub" "$dir/authorized_keys"
-  { cat /etc/passwd; echo "train:x:2001:2001:test bed user:/home/train:/bin/bash"; } >"$dir/etc/passwd"
+  { cat /etc/passwd; echo "train:x:2001:2001:test bed user:/home/train:$TRAIN_SHELL"; } >"$dir/etc/passwd"
   { cat /etc/group; echo "train:x:2001:"; } >"$dir/etc/group"
   chmod 644 "$dir/etc/passwd" "$dir/etc/group" "$dir/authorized_keys"
   cat >"$dir/sshd_config" <<CONFIG

@@ -368,7 +368,7 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
         None => expand_tilde("~/.ssh/known_hosts"),
     };
     let workdir = match &fleet.workdir {
-        Some(w) => non_empty(src, w, "workdir")?,
+        Some(w) => checked_workdir(src, w)?,
         None => "~/fleet/project".to_string(),
     };
     let ranks = fleet
@@ -448,7 +448,7 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
             workdir: h
                 .workdir
                 .as_ref()
-                .map(|w| non_empty(src, w, "workdir"))
+                .map(|w| checked_workdir(src, w))
                 .transpose()?
                 .unwrap_or_else(|| workdir.clone()),
             ranks: h
@@ -571,6 +571,56 @@ fn non_empty(src: &Source, value: &Spanned<String>, what: &str) -> Result<String
         return Err(src.error(value.span(), format!("{what} contains a control character")));
     }
     Ok(v.clone())
+}
+
+/// A workdir is fleet's alone: `fleet sync --delete` may empty it. `/`, a home directory
+/// itself (`~`, `.`, `/root`, `/home/NAME`, `/Users/NAME`) and the folders that hold home
+/// directories are refused, as is `..` (the host checks the resolved path again).
+fn checked_workdir(src: &Source, value: &Spanned<String>) -> Result<String, InventoryError> {
+    let v = non_empty(src, value, "workdir")?;
+    let parts: Vec<&str> = v
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    let absolute = v.starts_with('/');
+    let home_relative = !absolute && parts.first() == Some(&"~");
+    let under_home = if absolute {
+        &parts[..]
+    } else if home_relative {
+        &parts[1..]
+    } else {
+        &parts[..]
+    };
+    let refuse = |why: &str| {
+        Err(src.error(
+            value.span(),
+            format!("workdir {v:?} {why}: fleet sync --delete could remove everything in it; use a folder of its own, such as \"~/fleet/project\""),
+        ))
+    };
+    if parts.contains(&"..") {
+        return refuse("climbs out with \"..\"");
+    }
+    if absolute && parts.is_empty() {
+        return refuse("is the root folder");
+    }
+    if !absolute && under_home.is_empty() {
+        return refuse("is the home directory");
+    }
+    if absolute {
+        let homes = ["home", "Users", "var/home"];
+        let joined = parts.join("/");
+        if parts == ["root"]
+            || homes.iter().any(|h| {
+                joined == *h
+                    || joined
+                        .rsplit_once('/')
+                        .is_some_and(|(parent, _)| parent == *h)
+            })
+        {
+            return refuse("is a home directory or the folder that holds them");
+        }
+    }
+    Ok(v)
 }
 
 fn address(src: &Source, value: &Spanned<String>) -> Result<String, InventoryError> {
@@ -766,5 +816,47 @@ device = "cpu"
         assert_eq!(expand_tilde("~/.ssh/id"), home.join(".ssh/id"));
         assert_eq!(expand_tilde("~user/x"), PathBuf::from("~user/x"));
         assert_eq!(expand_tilde("/abs"), PathBuf::from("/abs"));
+    }
+
+    #[test]
+    fn workdirs_that_would_let_delete_empty_a_home_are_refused_by_line() {
+        for bad in [
+            "~",
+            "~/",
+            ".",
+            "./",
+            "/",
+            "//",
+            "/root",
+            "/home",
+            "/home/me",
+            "/home/me/",
+            "/Users/me",
+            "~/a/../..",
+            "/srv/../root",
+        ] {
+            let text = format!("[fleet]\nworkdir = \"{bad}\"\n[[host]]\naddress = \"a\"\n");
+            let err = parse(&text).expect_err(bad).to_string();
+            assert!(err.contains("fleet.toml:2:11"), "{bad}: {err}");
+            assert!(err.contains("use a folder of its own"), "{bad}: {err}");
+            let per_host = format!("[[host]]\naddress = \"a\"\nworkdir = \"{bad}\"\n");
+            assert!(
+                parse(&per_host)
+                    .expect_err(bad)
+                    .to_string()
+                    .contains("fleet.toml:3:11")
+            );
+        }
+        for good in [
+            "~/fleet/project",
+            "/home/me/project",
+            "/srv/fleet",
+            "work",
+            "/tmp/x",
+            "~/.local/fleet",
+        ] {
+            let text = format!("[fleet]\nworkdir = \"{good}\"\n[[host]]\naddress = \"a\"\n");
+            assert_eq!(parse(&text).unwrap().hosts[0].workdir, good);
+        }
     }
 }

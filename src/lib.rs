@@ -6,12 +6,14 @@
 //! - [`commands`]: one module per subcommand, and [`commands::Fleet`], the resolved global flags.
 //! - [`inventory`]: the hosts file (TOML), validated with file:line:column errors.
 //! - [`ssh`]: russh connections: targets (with `~/.ssh/config`), host keys, keys, commands.
-//! - [`shell`]: quoting for the remote shell, so arguments arrive as typed.
+//! - [`remote`]: the scripts run on hosts (files beside it) and how they reach `sh` there.
+//! - [`shell`]: quoting for `sh`, so arguments arrive as typed.
 //! - [`sync`]: the project onto every host: manifest, plan (pure), remote side, transfer.
 //! - [`preflight`]: `fleet check`'s probe script and its cross-host checks (pure).
 //! - [`netperf`]: `fleet net`'s link probe and the all-reduce cost model (pure).
 //! - [`launch`]: `fleet run`: rank plan (pure), job folder scripts, log followers, supervisor.
 //! - [`output`]: the printer (stdout data, stderr messages), colours, line assembly, sanitising.
+//! - [`signals`]: Ctrl-C, SIGTERM and SIGHUP, counted for the whole process.
 //! - [`exit_code`]: what the process's exit status means.
 //! - [`files`]: local folders created for the user alone.
 //!
@@ -27,6 +29,8 @@ pub mod launch;
 pub mod netperf;
 pub mod output;
 pub mod preflight;
+pub mod remote;
 pub mod shell;
+pub mod signals;
 pub mod ssh;
 pub mod sync;

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::inventory::{Check, Device, Inventory};
-use crate::shell::quote;
+use crate::remote::{self, Script};
 
 /// What one host's probe read, or why it could not.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -27,66 +27,15 @@ impl HostReport {
     }
 }
 
-/// The probe script for a host: one `key=value` per line. `check.<name>` lines hold the
-/// `[[check]]` probes' first output line.
-pub fn probe_script(workdir: &str, checks: &[Check]) -> String {
-    let mut script = format!("fleet_probe_py={}\n", quote(PYTHON_PROBE));
-    script.push_str(
-        "echo \"os=$(. /etc/os-release 2>/dev/null; echo \"${PRETTY_NAME:-$(uname -s)}\")\"\n\
-         echo \"arch=$(uname -m)\"\n\
-         echo \"kernel=$(uname -r)\"\n\
-         echo \"hostname=$(hostname)\"\n\
-         echo \"hostname_address=$(getent hosts \"$(hostname)\" | awk '{print $1; exit}')\"\n\
-         echo \"time_ms=$(($(date +%s%N) / 1000000))\"\n",
-    );
-    script.push_str(&format!(
-        "d={workdir}; while [ ! -d \"$d\" ] && [ \"$d\" != / ]; do d=$(dirname \"$d\"); done\n\
-         echo \"disk_free_mb=$(df -Pk \"$d\" | awk 'NR==2 {{print int($4 / 1024)}}')\"\n"
-    ));
-    script.push_str(
-        "if command -v nvidia-smi >/dev/null 2>&1; then\n\
-           nvidia-smi --query-gpu=name,memory.total,memory.free,driver_version --format=csv,noheader,nounits 2>/dev/null | sed 's/^/gpu=/'\n\
-           echo \"gpu_processes=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | wc -l)\"\n\
-           echo \"cuda_driver=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\\([0-9.]*\\).*/\\1/p' | head -n 1)\"\n\
-         else echo gpu_tool=not installed; fi\n\
-         if command -v python3 >/dev/null 2>&1; then python3 -c \"$fleet_probe_py\"\n\
-         else echo python=not installed; fi\n",
-    );
-    script.push_str(&format!(
-        "if [ -x {workdir}/fleet-train ]; then t={workdir}/fleet-train; else t=$(command -v fleet-train); fi\n\
-         if [ -n \"$t\" ]; then echo \"fleet_train=$(\"$t\" --version 2>&1 | head -n 1)\"; else echo fleet_train=not installed; fi\n"
-    ));
+/// The probe script for a host ([`remote::PROBE`]): one `key=value` per line. `check.<name>`
+/// lines hold the `[[check]]` probes' first output line.
+pub fn probe_script(workdir: &str, checks: &[Check]) -> Script {
+    let mut script = Script::new(remote::PROBE).args([workdir, remote::PROBE_PY]);
     for check in checks {
-        script.push_str(&format!(
-            "echo \"check.{}=$(cd {workdir} 2>/dev/null; sh -c {} 2>&1 | head -n 1)\"\n",
-            key_safe(&check.name),
-            quote(&check.command)
-        ));
+        script = script.args([key_safe(&check.name), check.command.clone()]);
     }
     script
 }
-
-/// Versions of the Python side, one `key=value` per line.
-const PYTHON_PROBE: &str = r#"
-import importlib, platform
-print("python=" + platform.python_version())
-try:
-    import torch
-    print("torch=" + torch.__version__)
-    print("torch_cuda=" + str(torch.version.cuda))
-    print("cuda_available=" + str(torch.cuda.is_available()))
-    try:
-        print("nccl=" + ".".join(map(str, torch.cuda.nccl.version())))
-    except Exception:
-        print("nccl=not available")
-except ImportError:
-    print("torch=not installed")
-for name in ("transformers", "accelerate"):
-    try:
-        print(name + "=" + importlib.import_module(name).__version__)
-    except ImportError:
-        print(name + "=not installed")
-"#;
 
 /// `[[check]]` names become keys: anything but letters, digits, `_`, `-` and `.` is `_`.
 fn key_safe(name: &str) -> String {
@@ -337,42 +286,6 @@ pub fn evaluate(inventory: &Inventory, reports: &[HostReport], laptop_ms: &[i64]
     findings
 }
 
-/// Listens on the port for the port check. Python keeps its indentation here, so it is kept
-/// out of the shell script's string continuations.
-const LISTENER_PY: &str = r#"
-import select, socket, sys, time
-port, seconds = int(sys.argv[1]), float(sys.argv[2])
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-try:
-    s.bind(("0.0.0.0", port))
-except OSError as e:
-    print("in use", e, flush=True)
-    sys.exit(0)
-s.listen(64)
-print("listening", flush=True)
-end = time.time() + seconds
-while time.time() < end:
-    ready, _, _ = select.select([s, sys.stdin], [], [], max(0.0, end - time.time()))
-    if sys.stdin in ready and not sys.stdin.buffer.read1(1):
-        break
-    if s in ready:
-        c, _ = s.accept()
-        c.close()
-"#;
-
-/// Connects to the port: prints ok, refused or timeout.
-const CONNECT_PY: &str = r#"
-import socket, sys
-try:
-    socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[3])).close()
-    print("ok")
-except ConnectionRefusedError:
-    print("refused")
-except OSError as e:
-    print("timeout" if "timed out" in str(e) else "error " + str(e))
-"#;
-
 /// The GPUs the ranks will use (LOCAL_RANK 0..ranks) need memory to spare: another process
 /// holding one makes the job fail with "CUDA out of memory" minutes later.
 fn gpu_memory(report: &HostReport, ranks: u32) -> Vec<Finding> {
@@ -401,27 +314,22 @@ fn gpu_memory(report: &HostReport, ranks: u32) -> Vec<Finding> {
 
 /// A listener on the master for the port check: it prints `listening` once bound (or
 /// `in use <holder>`), accepts for `seconds`, and ends early when its stdin closes.
-pub fn listener_script(port: u16, seconds: u32) -> String {
-    format!(
-        "if ss -Hltn \"sport = :{port}\" 2>/dev/null | grep -q .; then\n\
-           echo \"in use $(ss -Hltnp \"sport = :{port}\" 2>/dev/null | grep -o 'users:((\"[^\"]*\"' | head -n 1 | cut -d'\"' -f2)\"; exit 0; fi\n\
-         command -v python3 >/dev/null 2>&1 || {{ echo 'no python3'; exit 0; }}\n\
-         exec python3 -c {} {port} {seconds}\n",
-        quote(LISTENER_PY)
-    )
+pub fn listener_script(port: u16, seconds: u32) -> Script {
+    Script::new(remote::LISTENER).args([
+        port.to_string(),
+        seconds.to_string(),
+        remote::LISTENER_PY.into(),
+    ])
 }
 
 /// Connects from a host to `addr:port` within `seconds`: prints `ok`, `refused` or `timeout`.
-pub fn connect_script(addr: &str, port: u16, seconds: u32) -> String {
-    format!(
-        "a={addr}\n\
-         if command -v python3 >/dev/null 2>&1; then python3 -c {py} \"$a\" {port} {seconds}\n\
-         elif command -v bash >/dev/null 2>&1; then\n\
-           if timeout {seconds} bash -c \"exec 3<>/dev/tcp/$a/{port}\" 2>/dev/null; then echo ok; elif [ $? = 124 ]; then echo timeout; else echo refused; fi\n\
-         else echo 'error no python3 or bash'; fi\n",
-        addr = quote(addr),
-        py = quote(CONNECT_PY)
-    )
+pub fn connect_script(addr: &str, port: u16, seconds: u32) -> Script {
+    Script::new(remote::CONNECT).args([
+        addr.to_string(),
+        port.to_string(),
+        seconds.to_string(),
+        remote::CONNECT_PY.into(),
+    ])
 }
 
 #[cfg(test)]
@@ -443,16 +351,20 @@ mod tests {
     /// The probe, run by a real `sh` here, reads what it should.
     #[test]
     fn the_probe_script_reads_this_machine() {
-        let checks = [Check {
-            name: "greeting".into(),
-            command: "echo 'hi there'; echo second".into(),
-            must_match: true,
-        }];
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(probe_script("/tmp", &checks))
-            .output()
-            .unwrap();
+        let checks = [
+            Check {
+                name: "greeting".into(),
+                command: "echo 'hi there'; echo second".into(),
+                must_match: true,
+            },
+            Check {
+                name: "backslashes".into(),
+                command: r"printf '%s\n' 'a\tb\\c'".into(),
+                must_match: true,
+            },
+        ];
+        let out =
+            crate::remote::run_here("sh", Path::new("/"), &probe_script("/tmp", &checks), b"");
         let text = String::from_utf8_lossy(&out.stdout);
         let report = parse_probe("here", &text);
         assert_eq!(
@@ -461,6 +373,7 @@ mod tests {
             "{text}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        assert_eq!(report.get("check.backslashes"), Some(r"a\tb\\c"), "{text}");
         assert!(
             report
                 .get("python")

@@ -1,9 +1,10 @@
-//! Quoting for the remote POSIX shell.
+//! Quoting for `sh`.
 //!
-//! sshd hands the command string to the user's login shell, so every argument fleet sends is
-//! single-quoted: inside single quotes nothing is special except the quote itself, which is
-//! closed, escaped and reopened (`'\''`). Arguments then arrive exactly as the user typed them,
-//! and `$HOME`, `;` or `$(...)` in them are text, never code.
+//! Every value fleet hands a host's `sh` (a script's arguments, a rank's environment and
+//! command) is single-quoted: inside single quotes nothing is special except the quote itself,
+//! which is closed, escaped and reopened (`'\''`). Values then arrive exactly as the user typed
+//! them, and `$HOME`, `;` or `$(...)` in them are text, never code. Only `sh` reads this quoting
+//! (see [`crate::remote`]): the user's login shell, which may be fish, never sees it.
 
 /// Quotes one argument so the shell reads it back unchanged.
 pub fn quote(arg: &str) -> String {
@@ -33,12 +34,6 @@ pub fn join<S: AsRef<str>>(args: &[S]) -> String {
         .map(|a| quote(a.as_ref()))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// A POSIX shell script as one command line, whatever the user's login shell is (bash, zsh,
-/// fish): `sh -c 'SCRIPT'`.
-pub fn sh(script: &str) -> String {
-    format!("sh -c {}", quote(script))
 }
 
 #[cfg(test)]

@@ -518,3 +518,107 @@ fn a_gigabyte_of_output_streams_through_in_bounded_memory() {
         "fleet held {peak_kib} KiB for 1 GB of output"
     );
 }
+
+/// An inventory of the test bed's hosts as the login `train`, whose login shell is fish.
+fn as_fish_user(tb: &Testbed, dir: &std::path::Path) -> std::path::PathBuf {
+    let extra = format!(
+        "identity = \"{}\"\nknown_hosts = \"{}\"",
+        tb.key().display(),
+        tb.known_hosts().display()
+    );
+    let inventory = tb.inventory_with(dir, &extra);
+    let text = std::fs::read_to_string(&inventory)
+        .unwrap()
+        .replace("user = \"root\"", "user = \"train\"");
+    std::fs::write(&inventory, text).unwrap();
+    let shells = Fleet::new()
+        .arg("-i")
+        .arg(&inventory)
+        .args([
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "getent passwd train | cut -d: -f7",
+        ])
+        .run();
+    shells.assert_code(0);
+    assert_eq!(
+        shells.sorted_stdout(),
+        [
+            "host1 | /usr/bin/fish",
+            "host2 | /usr/bin/fish",
+            "host3 | /usr/bin/fish"
+        ],
+        "the test bed's user train logs in with fish (scripts/setup.sh installs it)"
+    );
+    inventory
+}
+
+/// fish reads `\'` inside single quotes as an escape, so an argument quoted for sh and read by
+/// fish would end its quotes early and run what follows. fleet's command line is read by sh
+/// only: the arguments arrive as typed and nothing in them runs.
+#[test]
+fn arguments_arrive_literally_under_a_fish_login_shell() {
+    let tb = Testbed::get();
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = as_fish_user(&tb, dir.path());
+    let marker = format!("/tmp/fleet-fish-injected-{}", std::process::id());
+    let hostile = format!("\\';touch {marker};#");
+    let args = [hostile.as_str(), "it's", "$HOME", "a\\b", "!!", "(echo x)"];
+    let mut command = vec!["exec", "--", "printf", "%s|"];
+    command.extend(args);
+    let run = Fleet::new().arg("-i").arg(&inventory).args(&command).run();
+    run.assert_code(0);
+    let expected = format!("{}|", args.join("|"));
+    for host in ["host1", "host2", "host3"] {
+        assert!(
+            run.stdout.contains(&format!("{host} | {expected}")),
+            "{host}: {}\n{}",
+            run.stdout,
+            run.stderr
+        );
+    }
+    assert!(
+        !std::path::Path::new(&marker).exists(),
+        "an argument ran as a command"
+    );
+}
+
+/// A command still running when fleet is interrupted is stopped on every host (its process
+/// group gets SIGTERM), as a terminal's would be.
+#[test]
+fn an_interrupted_exec_stops_its_commands_on_the_hosts() {
+    let tb = Testbed::get();
+    let (mut child, _home) = Fleet::new()
+        .arg("-i")
+        .arg(tb.inventory())
+        .args(["exec", "--", "sh", "-c", "echo up; exec sleep 6110"])
+        .spawn();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    common::await_lines(&mut stdout, "up", 3);
+    // SIGTERM, as `timeout` or systemd send it.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        common::wait_for(&mut child, std::time::Duration::from_secs(20)),
+        Some(130)
+    );
+    for host in ["host1", "host2", "host3"] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let left = tb.ssh(host, "pgrep -f '[s]leep 6110' || true");
+            if left.trim().is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{host} still runs it: {left}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}

@@ -599,12 +599,15 @@ fn a_rank_killed_with_its_wrapper_is_noticed_and_the_job_stops() {
         .spawn();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     await_lines(&mut stdout, "ready", 3);
-    // The wrapper that would record the exit status dies first (only this job's: its command
-    // line holds the script), then the rank: nothing is ever written, and only asking the host
-    // shows that the process is gone.
+    // The wrapper that would record the exit status dies first (its pid is in its job
+    // folder), then the rank: nothing is ever written, and only asking the host shows that the
+    // process is gone.
     job.tb.ssh(
         "host2",
-        "pkill -KILL -f '[e]xec sleep 6031'; pkill -KILL -f '^sleep 6031'",
+        &format!(
+            "kill -KILL $(cut -d' ' -f1 {}/.fleet/jobs/*/rank-1.wrapper); pkill -KILL -f '^sleep 6031'",
+            job.workdir("host2")
+        ),
     );
     let mut stderr = child.stderr.take().unwrap();
     let code = common::wait_for(&mut child, Duration::from_secs(60));
@@ -612,7 +615,7 @@ fn a_rank_killed_with_its_wrapper_is_noticed_and_the_job_stops() {
     stderr.read_to_string(&mut text).unwrap();
     assert_eq!(code, Some(255), "{text}");
     assert!(
-        text.contains("rank 1 on host2 vanished: its process group is gone"),
+        text.contains("rank 1 on host2 vanished: it and its wrapper are gone"),
         "{text}"
     );
     assert_eq!(job.remaining("sleep 6031"), Vec::<String>::new());
@@ -670,5 +673,293 @@ fn no_secret_reaches_the_output_or_the_run_folder_and_it_is_private() {
         ] {
             assert!(!text.contains(secret.as_str()), "{what} holds {secret:?}");
         }
+    }
+}
+
+/// A torchrun job whose workers (in sessions of their own, as torch elastic starts them) ignore
+/// SIGTERM; returned with `fleet run` started and every worker ready. `extra` goes before `--`.
+fn stubborn_torchrun(
+    job: &Project,
+    tag: &str,
+    extra: &[&str],
+) -> (std::process::Child, tempfile::TempDir) {
+    job.write(
+        &format!("stubborn_{tag}.py"),
+        "import os, signal, time\n\
+         signal.signal(signal.SIGTERM, signal.SIG_IGN)\n\
+         print(f\"worker {os.environ['RANK']} ready\", flush=True)\n\
+         while True:\n    time.sleep(0.2)\n",
+    );
+    let bin = torch_venv().join("bin");
+    job.edit_inventory(|text| {
+        text.replacen(
+            "[fleet]\n",
+            &format!(
+                "[fleet]\nenv = {{ PATH = \"{}:/usr/bin:/bin\" }}\n",
+                bin.display()
+            ),
+            1,
+        )
+    });
+    let script = format!("stubborn_{tag}.py");
+    let mut args = vec!["run", "--grace", "2", "--torchrun"];
+    args.extend(extra);
+    args.extend(["--", script.as_str()]);
+    job.fleet(&args).spawn()
+}
+
+/// Polls until no process on any host has `pattern` in its command line.
+fn assert_gone(job: &Project, pattern: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = job.remaining(pattern);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still running: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_torchrun_worker_that_ignores_sigterm_is_gone_after_one_ctrl_c() {
+    let job = job("run-stubborn-one");
+    let (mut child, _home) = stubborn_torchrun(&job, "one", &[]);
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    await_lines(&mut stdout, "ready", 3);
+    interrupt(&child);
+    assert_eq!(wait(&mut child), Some(130));
+    assert_gone(&job, "stubborn_one");
+}
+
+#[test]
+fn a_torchrun_worker_that_ignores_sigterm_is_gone_after_two_ctrl_c() {
+    let job = job("run-stubborn-two");
+    let (mut child, _home) = stubborn_torchrun(&job, "two", &[]);
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    await_lines(&mut stdout, "ready", 3);
+    interrupt(&child);
+    interrupt(&child);
+    assert_eq!(wait(&mut child), Some(130));
+    assert_gone(&job, "stubborn_two");
+}
+
+#[test]
+fn a_torchrun_worker_that_ignores_sigterm_is_gone_after_fleet_stop() {
+    let job = job("run-stubborn-stop");
+    let (mut child, _home) = stubborn_torchrun(&job, "stop", &["--detach"]);
+    assert_eq!(wait(&mut child), Some(0));
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let job_id = out.trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while job.remaining("stubborn_stop").len() < 6 {
+        assert!(Instant::now() < deadline, "the workers did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stop = job.fleet(&["stop", "--grace", "2", &job_id]).run();
+    stop.assert_code(0);
+    assert_gone(&job, "stubborn_stop");
+}
+
+/// A process that leaves its process group and session and outlives the command that started
+/// it is still the job's: `fleet ps` says running, a second job is refused, and `fleet stop`
+/// ends it (it ignores SIGTERM: after the grace period, SIGKILL).
+#[test]
+fn a_process_that_escaped_its_group_keeps_the_job_running_until_stopped() {
+    let job = job("run-escaped");
+    let started = job
+        .fleet(&[
+            "run",
+            "--detach",
+            "--",
+            "sh",
+            "-c",
+            "setsid sh -c 'trap \"\" TERM; exec sleep 6121' </dev/null >/dev/null 2>&1 & echo started",
+        ])
+        .run();
+    started.assert_code(0);
+    let job_id = started.stdout.trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while job.remaining("sleep 6121").len() < 3 {
+        assert!(Instant::now() < deadline, "the sleepers did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Each rank's own command has exited; what it left behind still runs.
+    let ps = job.fleet(&["--json", "ps"]).run();
+    ps.assert_code(0);
+    let states: Vec<String> = ps
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["job"] == job_id.as_str())
+        .map(|r| r["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(states, ["running", "running", "running"], "{}", ps.stdout);
+    let second = job.fleet(&["run", "--no-sync", "--", "true"]).run();
+    second.assert_code(1);
+    assert!(
+        second
+            .stderr
+            .contains(&format!("job {job_id} is still running")),
+        "{}",
+        second.stderr
+    );
+    let stop = job.fleet(&["stop", "--grace", "1", &job_id]).run();
+    stop.assert_code(0);
+    assert_eq!(
+        stop.stdout.matches("exited 0").count(),
+        3,
+        "{}",
+        stop.stdout
+    );
+    assert_eq!(job.remaining("sleep 6121"), Vec::<String>::new());
+}
+
+/// `timeout` sends SIGTERM: fleet stops the job (SIGKILL after the grace period for ranks that
+/// ignore SIGTERM) and exits, well before timeout's own SIGKILL would come.
+#[test]
+fn fleet_under_timeout_stops_the_job_and_exits_on_sigterm() {
+    let job = job("run-timeout");
+    let fleet = env!("CARGO_BIN_EXE_fleet");
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("timeout")
+        .args(["--preserve-status", "-k", "60", "20", fleet, "-i"])
+        .arg(&job.inventory)
+        .args([
+            "run",
+            "--grace",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; echo ready; exec sleep 6122",
+        ])
+        .env("HOME", home.path())
+        .env_remove("SSH_AUTH_SOCK")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("killing them"), "{stderr}");
+    assert_eq!(job.remaining("sleep 6122"), Vec::<String>::new());
+}
+
+/// A closed terminal sends SIGHUP: the job is stopped as with Ctrl-C.
+#[test]
+fn a_hangup_stops_the_job() {
+    let job = job("run-hangup");
+    let (mut child, _home, _stdout) = job.start_sleepers(6123);
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(wait(&mut child), Some(130));
+    assert_eq!(job.remaining("sleep 6123"), Vec::<String>::new());
+}
+
+/// A secret in the inventory's env reaches the ranks, but never a command line on a host (any
+/// user there can read those) nor the local run folder.
+#[test]
+fn a_secret_in_env_is_absent_from_every_command_line_and_from_runs() {
+    let job = job("run-env-secret");
+    let secret = "hf_do_not_show_me_4242";
+    job.edit_inventory(|text| {
+        text.replacen(
+            "[fleet]\n",
+            &format!("[fleet]\nenv = {{ HF_TOKEN = \"{secret}\" }}\n"),
+            1,
+        )
+    });
+    let (mut child, _home) = job
+        .fleet(&[
+            "run",
+            "--grace",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "[ \"$HF_TOKEN\" = hf_do_not_show_me_4242 ] && echo has-token; exec sleep 6124",
+        ])
+        .spawn();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    await_lines(&mut stdout, "has-token", 3);
+    for host in &job.tb.hosts {
+        let args = job.tb.ssh(&host.name, "ps -eo args");
+        assert!(args.contains("sleep 6124"), "{}: {args}", host.name);
+        assert!(
+            !args.contains(secret),
+            "{} shows the secret: {args}",
+            host.name
+        );
+        let files = job.tb.ssh(
+            &host.name,
+            &format!(
+                "grep -rl {secret} {}/.fleet || true",
+                job.workdir(&host.name)
+            ),
+        );
+        assert_eq!(files.trim(), "", "{}: the secret stays on disk", host.name);
+    }
+    interrupt(&child);
+    assert_eq!(wait(&mut child), Some(130));
+    for entry in walkdir::WalkDir::new(job.root().join("runs")) {
+        let entry = entry.unwrap();
+        if entry.file_type().is_file() {
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            assert!(
+                !text.contains(secret),
+                "{} holds the secret",
+                entry.path().display()
+            );
+        }
+    }
+}
+
+/// As the login `train`, whose login shell is fish: the sync and the job work, in a workdir
+/// under the home directory.
+#[test]
+fn a_fish_login_shell_syncs_and_runs() {
+    let job = job("run-fish");
+    job.write("data/it's a file.txt", "x\n");
+    job.edit_inventory(|text| {
+        let text = text.replace("user = \"root\"", "user = \"train\"");
+        text.lines()
+            .map(|l| {
+                if l.starts_with("workdir = ") {
+                    "workdir = \"~/fish project\"".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    let sync = job.fleet(&["sync"]).run();
+    sync.assert_code(0);
+    let run = job
+        .fleet(&[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$RANK in $(pwd) as $(id -un): $(cat \"data/it's a file.txt\")\"",
+        ])
+        .run();
+    run.assert_code(0);
+    for (rank, host) in ["host1", "host2", "host3"].iter().enumerate() {
+        let line = format!("[{rank} {host}] {rank} in /home/train/fish project as train: x");
+        assert!(
+            run.stdout.contains(&line),
+            "{line}\n{}\n{}",
+            run.stdout,
+            run.stderr
+        );
     }
 }

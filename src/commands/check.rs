@@ -18,9 +18,8 @@ use crate::output::{Printer, Stream};
 use crate::preflight::{
     Finding, HostReport, connect_script, evaluate, listener_script, parse_probe, probe_script,
 };
-use crate::shell;
 use crate::ssh::{ExitStatus, Session};
-use crate::sync::remote::{HostState, peek, shell_path};
+use crate::sync::remote::{HostState, peek};
 use crate::sync::{Filter, plan, scan_project, split_listing};
 
 /// How long a probe may take (importing torch is slow on a cold disk).
@@ -95,10 +94,9 @@ async fn check(fleet: &Fleet, inventory: &Inventory, before_run: bool) -> Result
     let probes = join_all(sessions.iter().zip(&inventory.hosts).map(
         |(session, host)| async move {
             let session = session.as_ref()?;
-            let script = probe_script(&shell_path(&host.workdir), checks);
+            let script = probe_script(&host.workdir, checks);
             let sent = now_ms();
-            let result =
-                tokio::time::timeout(PROBE_DEADLINE, session.capture(&shell::sh(&script))).await;
+            let result = tokio::time::timeout(PROBE_DEADLINE, session.capture(&script)).await;
             let laptop = (sent + now_ms()) / 2;
             Some(match result {
                 Ok(Ok((_, out, _))) => Ok((
@@ -271,7 +269,7 @@ async fn master_port(
         fix: Some(fix.into()),
         values: Vec::new(),
     };
-    let Ok(mut listener) = master.start(&shell::sh(&listener_script(port, 30))).await else {
+    let Ok(mut listener) = master.start(&listener_script(port, 30)).await else {
         return vec![fail(
             &master_name,
             "could not start a listener".into(),
@@ -313,7 +311,7 @@ async fn master_port(
             let script = &script;
             async move {
                 let session = session.as_ref()?;
-                let answer = match session.capture(&shell::sh(script)).await {
+                let answer = match session.capture(script).await {
                     Ok((ExitStatus::Code(0), out, _)) => {
                         String::from_utf8_lossy(&out).trim().to_string()
                     }

@@ -8,6 +8,7 @@ use super::Fleet;
 use crate::cli::ExecArgs;
 use crate::exit_code::ExitCode;
 use crate::output::{Labels, LineSplitter, Printer, Stream};
+use crate::remote::{self, Script};
 use crate::shell;
 use crate::ssh::{ConnectOptions, ExitStatus, Session, SshError, Target};
 
@@ -48,11 +49,11 @@ pub async fn run(fleet: &Fleet, args: &ExecArgs) -> Result<ExitCode> {
     let inventory = fleet.inventory()?;
     let targets = fleet.targets(&inventory)?;
     let options = fleet.connect_options(&inventory, &targets)?;
-    let command = if args.shell {
+    let command = Script::new(remote::EXEC).arg(if args.shell {
         args.command.join(" ")
     } else {
         shell::join(&args.command)
-    };
+    });
     let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
     let labels = Labels::hosts(&fleet.printer, &names);
 
@@ -77,7 +78,7 @@ async fn run_on(
     options: &ConnectOptions,
     index: usize,
     target: &Target,
-    command: &str,
+    command: &Script,
 ) -> Result<ExitStatus, SshError> {
     let session = Session::connect(target, options).await?;
     printer.debug(&format!(
@@ -95,7 +96,7 @@ async fn run_on(
         stderr: LineSplitter::new(),
     };
     let status = session
-        .exec(command, |stream, data| output.push(stream, data))
+        .exec_attended(command, |stream, data| output.push(stream, data))
         .await;
     output.finish();
     session.close().await;

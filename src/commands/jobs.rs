@@ -15,9 +15,7 @@ use crate::inventory::Inventory;
 use crate::launch::follow::{Event, Followed, follow_host};
 use crate::launch::remote::{JobState, label_of, parse_status, signal_script, status_script};
 use crate::output::{Labels, LineSplitter, Stream};
-use crate::shell;
 use crate::ssh::{Session, SshError};
-use crate::sync::remote::shell_path;
 
 /// Connects to every host; unreachable ones are reported and left out.
 async fn connect(fleet: &Fleet, inventory: &Inventory) -> Result<(Vec<Option<Session>>, ExitCode)> {
@@ -44,9 +42,7 @@ async fn status(
     job: Option<&str>,
     all: bool,
 ) -> Result<Vec<JobState>, SshError> {
-    let (_, out, _) = session
-        .capture(&shell::sh(&status_script(&shell_path(workdir), job, all)))
-        .await?;
+    let (_, out, _) = session.capture(&status_script(workdir, job, all)).await?;
     Ok(parse_status(&String::from_utf8_lossy(&out)))
 }
 
@@ -154,9 +150,8 @@ pub async fn stop(fleet: &Fleet, args: &StopArgs) -> Result<ExitCode> {
                     _ => None,
                 };
                 if let Some(signal) = signal {
-                    let script =
-                        signal_script(&shell_path(&host.workdir), &state.job_id, &running, signal);
-                    session.capture(&shell::sh(&script)).await?;
+                    let script = signal_script(&host.workdir, &state.job_id, &running, signal);
+                    session.capture(&script).await?;
                     sent = Some(signal);
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;

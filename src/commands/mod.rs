@@ -21,6 +21,7 @@ use crate::cli::{Cli, Command, GlobalArgs};
 use crate::exit_code::ExitCode;
 use crate::inventory::{Inventory, InventoryError};
 use crate::output::Printer;
+use crate::signals::Interrupts;
 use crate::ssh::{ConnectOptions, HostKeyPolicy, Keyring, Session, SshConfig, SshError, Target};
 
 /// The global flags, resolved into what commands use.
@@ -30,15 +31,34 @@ pub struct Fleet {
     /// Client keys, read once per process: `fleet run` connects for its sync, its check and the
     /// job, and an encrypted key must ask for its passphrase once.
     keyring: std::sync::OnceLock<Arc<Keyring>>,
+    /// Ctrl-C, SIGTERM and SIGHUP, counted since fleet started.
+    pub interrupts: Interrupts,
 }
 
 impl Fleet {
+    /// Resolves the global flags; starts counting signals, so it runs inside the runtime.
     pub fn new(global: GlobalArgs) -> Self {
         let printer = Printer::new(global.color, global.json, global.quiet, global.verbose);
         Fleet {
             printer,
             global,
             keyring: std::sync::OnceLock::new(),
+            interrupts: Interrupts::install(),
+        }
+    }
+
+    /// Runs `work` unless a stop signal comes first: then it is dropped (its connections
+    /// close) and the answer is [`ExitCode::Interrupted`].
+    pub async fn unless_interrupted<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<std::result::Result<T, ExitCode>> {
+        tokio::select! {
+            result = work => result.map(Ok),
+            () = self.interrupts.any() => {
+                self.printer.warn("interrupted");
+                Ok(Err(ExitCode::Interrupted))
+            }
         }
     }
 
@@ -102,19 +122,30 @@ impl Fleet {
     }
 }
 
-/// Runs the command line and returns the exit code.
+/// Runs the command line and returns the exit code. A stop signal ends any command at once,
+/// but `fleet run`, which stops its job first (see [`crate::launch::supervise`]).
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let fleet = Fleet::new(cli.global);
     match cli.command {
-        Command::Check(args) => check::run(&fleet, &args).await,
-        Command::Init(args) => init::run(&fleet, &args).await,
-        Command::Exec(args) => exec::run(&fleet, &args).await,
-        Command::Logs(args) => jobs::logs(&fleet, &args).await,
-        Command::Ps => jobs::ps(&fleet).await,
-        Command::Stop(args) => jobs::stop(&fleet, &args).await,
         Command::Run(args) => run::run(&fleet, &args).await,
-        Command::Sync(args) => sync::run(&fleet, &args).await,
-        Command::Inventory => inventory::run(&fleet),
-        Command::Net(args) => net::run(&fleet, &args).await,
+        command => {
+            let ended = fleet.unless_interrupted(dispatch(&fleet, command)).await?;
+            Ok(ended.unwrap_or_else(|code| code))
+        }
+    }
+}
+
+async fn dispatch(fleet: &Fleet, command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Check(args) => check::run(fleet, &args).await,
+        Command::Init(args) => init::run(fleet, &args).await,
+        Command::Exec(args) => exec::run(fleet, &args).await,
+        Command::Logs(args) => jobs::logs(fleet, &args).await,
+        Command::Ps => jobs::ps(fleet).await,
+        Command::Stop(args) => jobs::stop(fleet, &args).await,
+        Command::Run(args) => run::run(fleet, &args).await,
+        Command::Sync(args) => sync::run(fleet, &args).await,
+        Command::Inventory => inventory::run(fleet),
+        Command::Net(args) => net::run(fleet, &args).await,
     }
 }

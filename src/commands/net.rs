@@ -9,9 +9,9 @@ use super::{Fleet, table};
 use crate::cli::NetArgs;
 use crate::exit_code::ExitCode;
 use crate::inventory::Inventory;
-use crate::netperf::{self, Link, Measured, PROBE_PY};
+use crate::netperf::{self, Link, Measured};
 use crate::output::Stream;
-use crate::shell;
+use crate::remote::{self, Script};
 use crate::ssh::ExitStatus;
 
 pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
@@ -141,12 +141,14 @@ async fn measure_from(
 ) -> Result<Vec<Link>> {
     let (hosts, port) = (&inventory.hosts, inventory.master_port);
     let name = &hosts[server].name;
-    let serve = format!(
-        "python3 -c {} serve {port} {} {seconds}",
-        shell::quote(PROBE_PY),
-        sessions.len() - 1 - server
-    );
-    let mut listening = sessions[server].start(&shell::sh(&serve)).await?;
+    let serve = Script::new(remote::NETPERF).args([
+        remote::NETPERF_PY.to_string(),
+        "serve".into(),
+        port.to_string(),
+        (sessions.len() - 1 - server).to_string(),
+        seconds.to_string(),
+    ]);
+    let mut listening = sessions[server].start(&serve).await?;
     match listening.next_line().await {
         Some(line) if line.trim() == "listening" => {}
         other => bail!(
@@ -159,12 +161,14 @@ async fn measure_from(
         fleet
             .printer
             .info(&format!("measuring {name} <-> {} ...", host.name));
-        let measure = format!(
-            "python3 -c {} measure {} {port} {seconds}",
-            shell::quote(PROBE_PY),
-            shell::quote(address)
-        );
-        let (status, out, err) = session.capture(&shell::sh(&measure)).await?;
+        let measure = Script::new(remote::NETPERF).args([
+            remote::NETPERF_PY.to_string(),
+            "measure".into(),
+            address.to_string(),
+            port.to_string(),
+            seconds.to_string(),
+        ]);
+        let (status, out, err) = session.capture(&measure).await?;
         if status != ExitStatus::Code(0) {
             bail!(
                 "{}: could not measure the link to {address}:{port}: {}",

@@ -18,9 +18,8 @@ use crate::launch::follow::{Followed, follow_host};
 use crate::launch::remote::{BUSY, NO_WORKDIR, interface_to, job_dir, start_script, stem};
 use crate::launch::supervise::{Outcome, Supervisor};
 use crate::launch::{JobPlan, Mode, new_job_id, plan};
-use crate::shell;
+use crate::remote::{self, Script};
 use crate::ssh::{ExitStatus, Session};
-use crate::sync::remote::shell_path;
 
 /// `runs/<job>/summary.json`.
 #[derive(Serialize)]
@@ -54,7 +53,13 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
         Mode::Ranks
     };
     if !args.no_sync {
-        let code = super::sync::before_run(fleet).await?;
+        let code = match fleet
+            .unless_interrupted(super::sync::before_run(fleet))
+            .await?
+        {
+            Ok(code) => code,
+            Err(interrupted) => return Ok(interrupted),
+        };
         if code != ExitCode::Success {
             fleet
                 .printer
@@ -64,7 +69,11 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     }
 
     if !args.no_check {
-        let code = super::check::before_run(fleet, &inventory).await?;
+        let checked = super::check::before_run(fleet, &inventory);
+        let code = match fleet.unless_interrupted(checked).await? {
+            Ok(code) => code,
+            Err(interrupted) => return Ok(interrupted),
+        };
         if code != ExitCode::Success {
             fleet
                 .printer
@@ -131,16 +140,28 @@ async fn restart_loop(
     let mut code = ExitCode::Success;
     for number in 0..=args.max_restarts {
         if number > 0 {
-            match hosts_for_restart(fleet, &current, min_hosts).await? {
-                Ok(hosts) => current = hosts,
-                Err(message) => {
+            let reachable = fleet.unless_interrupted(hosts_for_restart(fleet, &current, min_hosts));
+            match reachable.await? {
+                Ok(Ok(hosts)) => current = hosts,
+                Ok(Err(message)) => {
                     fleet.printer.error(&message);
                     code = ExitCode::Unreachable;
                     break;
                 }
+                Err(interrupted) => {
+                    code = interrupted;
+                    break;
+                }
             }
             if !args.no_check {
-                let checked = super::check::before_run(fleet, &current).await?;
+                let checked = fleet.unless_interrupted(super::check::before_run(fleet, &current));
+                let checked = match checked.await? {
+                    Ok(checked) => checked,
+                    Err(interrupted) => {
+                        code = interrupted;
+                        break;
+                    }
+                };
                 if checked != ExitCode::Success {
                     fleet.printer.error("the check failed: no restart");
                     code = checked;
@@ -182,7 +203,7 @@ async fn restart_loop(
         ));
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(args.restart_delay)) => {}
-            _ = tokio::signal::ctrl_c() => {
+            () = fleet.interrupts.any() => {
                 fleet.printer.warn("interrupted: no restart");
                 code = ExitCode::Interrupted;
                 break;
@@ -317,11 +338,7 @@ async fn start(
             }
         }
     }
-    let workdirs: Vec<String> = inventory
-        .hosts
-        .iter()
-        .map(|h| shell_path(&h.workdir))
-        .collect();
+    let workdirs: Vec<String> = inventory.hosts.iter().map(|h| h.workdir.clone()).collect();
 
     // Gloo and NCCL bind to whatever the host name resolves to, often 127.0.1.1: name the
     // interface that reaches the master instead, unless the user did.
@@ -344,8 +361,8 @@ async fn start(
         .collect();
 
     let starts = join_all(sessions.iter().enumerate().map(|(i, session)| {
-        let script = start_script(&workdirs[i], &job, i, &extra_env[i]);
-        async move { session.capture(&shell::sh(&script)).await }
+        let (script, input) = start_script(&workdirs[i], &job, i, &extra_env[i]);
+        async move { session.capture_with_input(&script, &input).await }
     }))
     .await;
     let mut refused = false;
@@ -426,6 +443,7 @@ async fn start(
             .iter()
             .map(|s| matches!(s, Ok((ExitStatus::Code(0), _, _))))
             .collect(),
+        interrupts: &fleet.interrupts,
     };
     let (events, receiver) = mpsc::channel(1024);
     let mut followers = Vec::new();
@@ -520,9 +538,8 @@ async fn start(
 
 /// The absolute path of a workdir on the host (SFTP does not expand `~`).
 async fn remote_root(session: &Session, workdir: &str) -> Result<String> {
-    let (status, out, err) = session
-        .capture(&shell::sh(&format!("cd -- {workdir} && pwd -P")))
-        .await?;
+    let script = Script::new(remote::WORKDIR_ROOT).arg(workdir);
+    let (status, out, err) = session.capture(&script).await?;
     if status != ExitStatus::Code(0) {
         bail!(
             "{}: cannot enter {workdir}: {}",

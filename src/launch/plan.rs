@@ -30,8 +30,17 @@ pub struct Process {
     pub host: usize,
     /// Shown in every log line: the global rank (`3`) or, for a per-host launcher, the node (`n1`).
     pub label: String,
+    /// Recorded in `summary.json` by name only: values may be secrets (an `HF_TOKEN`).
+    #[serde(serialize_with = "names_only")]
     pub env: BTreeMap<String, String>,
     pub argv: Vec<String>,
+}
+
+fn names_only<S: serde::Serializer>(
+    env: &BTreeMap<String, String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(env.keys())
 }
 
 /// Everything a job starts.
@@ -345,5 +354,23 @@ mod tests {
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
         let id = new_job_id();
         assert_eq!(id.len(), 20, "{id}");
+    }
+
+    #[test]
+    fn a_plan_is_recorded_with_variable_names_not_values() {
+        let mut inv = inventory(FLEET);
+        inv.hosts[0]
+            .env
+            .insert("HF_TOKEN".into(), "hf_secret".into());
+        let job = plan(
+            &inv,
+            &["10.0.0.1".to_string(), "10.0.0.2".to_string()],
+            &["x".to_string()],
+            Mode::Ranks,
+            "J",
+        );
+        let json = serde_json::to_string(&job).unwrap();
+        assert!(!json.contains("hf_secret"), "{json}");
+        assert!(json.contains("\"HF_TOKEN\""), "{json}");
     }
 }

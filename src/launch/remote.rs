@@ -1,11 +1,19 @@
-//! The job directory on a host and the shell that drives it.
+//! The job directory on a host and the scripts that drive it (`src/remote/job_*.sh`).
 //!
 //! `<workdir>/.fleet/jobs/<job>/` holds, per process, `<stem>.log` (its output), `.pid` (its
-//! process group), `.start` (when it started, ns) and `.exit` (how it ended). A process is
-//! started by a detached wrapper (`setsid -f`: its own session, stdio to files) which starts the
-//! command in a process group of its own, waits for it and writes its exit status. Because the
-//! wrapper is outside that group, stopping the group still records how the process ended; and
-//! because nothing is attached to the SSH channel, a lost laptop loses nothing.
+//! process group), `.wrapper` (its wrapper's pid and start time), `.start` (when it started,
+//! ns) and `.exit` (how it ended), and for the job `boot_id` (the host's boot it ran in). A
+//! process is started by a detached wrapper (`setsid -f`: its own session, stdio to files) which
+//! starts the command in a process group of its own, waits for it and for every process it left
+//! behind, and writes its exit status. Because the wrapper is outside that group, stopping the
+//! group still records how the process ended; and because nothing is attached to the SSH
+//! channel, a lost laptop loses nothing.
+//!
+//! Every process of a job, and all it starts, carries `FLEET_JOB_ID` and `FLEET_PROCESS` in its
+//! environment: that mark is how stop and status find processes that left their group or
+//! session (torchrun's workers do), and a pid reused later by another program lacks it. Files
+//! are the user's alone (0600, folders 0700); a process's environment reaches the host in a file
+//! its wrapper deletes, never on a command line.
 //!
 //! While any wrapper lives it holds a shared `flock` on `.fleet/job.lock`: a second job in the
 //! same workdir is refused, and the name of the running one read from `.fleet/current-job`.
@@ -13,6 +21,7 @@
 use std::collections::BTreeMap;
 
 use super::plan::{JobPlan, Process};
+use crate::remote::{self, Script};
 use crate::shell::quote;
 
 /// The job's folder, relative to the workdir.
@@ -33,80 +42,70 @@ pub const BUSY: u32 = 75;
 /// Exit status of the start script when the workdir is missing.
 pub const NO_WORKDIR: u32 = 70;
 
-/// The shell script that starts host `host`'s processes of `job`, run with `sh -c`. It prints
-/// `busy <job>` (exit 75) when another job runs there, or `started` once every wrapper is off.
+/// The script that starts host `host`'s processes of `job` in `workdir`, and its stdin: it
+/// prints `busy <job>` (exit 75) when another job runs there, or `started` once every wrapper
+/// is off.
 pub fn start_script(
     workdir: &str,
     job: &JobPlan,
     host: usize,
     extra_env: &BTreeMap<String, String>,
-) -> String {
-    let dir = job_dir(&job.job_id);
-    let mut script = format!(
-        "cd -- {workdir} 2>/dev/null || {{ echo \"no workdir\"; exit {NO_WORKDIR}; }}\n\
-         mkdir -p {dir} || exit 1\n\
-         exec 9>>.fleet/job.lock\n\
-         if ! flock -n -x 9; then printf 'busy %s\\n' \"$(cat .fleet/current-job 2>/dev/null)\"; exit {BUSY}; fi\n\
-         printf '%s\\n' {job} > .fleet/current-job\n\
-         flock -s 9\n",
-        job = quote(&job.job_id),
+) -> (Script, Vec<u8>) {
+    let processes: Vec<&Process> = job.on_host(host).collect();
+    let script = Script::new(remote::JOB_START)
+        .using(remote::JOB_LIB)
+        .args([workdir, &job.job_id])
+        .args(processes.iter().map(|p| stem(p)));
+    let mut input = Vec::new();
+    let mut block = |bytes: &[u8]| {
+        input.extend_from_slice(format!("{}\n", bytes.len()).as_bytes());
+        input.extend_from_slice(bytes);
+    };
+    block(
+        &Script::new(remote::JOB_WRAPPER)
+            .using(remote::JOB_LIB)
+            .file(),
     );
-    for process in job.on_host(host) {
-        let wrapper = wrapper_script(&dir, process, extra_env);
-        script.push_str(&format!(
-            "setsid -f sh -c {} fleet-rank </dev/null >/dev/null 2>&1\n",
-            quote(&wrapper)
-        ));
+    for process in processes {
+        block(process_file(process, extra_env).as_bytes());
     }
-    script.push_str("echo started\n");
-    script
+    (script, input)
 }
 
-/// The wrapper of one process: environment, start time, the command in its own process group,
-/// then its exit status (written under a temporary name and renamed, so it is never half read).
-fn wrapper_script(dir: &str, process: &Process, extra_env: &BTreeMap<String, String>) -> String {
-    let stem = format!("{dir}/{}", stem(process));
+/// What the wrapper of `process` reads: its environment as `export` lines (with the mark that
+/// finds all its processes), then its command as `set --`.
+fn process_file(process: &Process, extra_env: &BTreeMap<String, String>) -> String {
     let mut env = extra_env.clone();
     env.extend(process.env.clone());
-    let exports: Vec<String> = env
-        .iter()
-        .map(|(k, v)| format!("{k}={}", quote(v)))
-        .collect();
-    let argv: Vec<String> = process.argv.iter().map(|a| quote(a)).collect();
-    format!(
-        "export {exports}\n\
-         date +%s%N > {stem}.start\n\
-         setsid -w sh -c 'echo $$ > \"$0\"; exec \"$@\"' {stem}.pid {argv} <\"/dev/null\" >{stem}.log 2>&1 9>&- &\n\
-         wait $!\n\
-         echo $? > {stem}.exit.tmp && mv -f {stem}.exit.tmp {stem}.exit\n",
-        exports = exports.join(" "),
-        argv = argv.join(" "),
-        stem = quote(&stem),
-    )
+    env.insert("FLEET_PROCESS".into(), stem(process));
+    let mut file = String::new();
+    for (name, value) in &env {
+        file.push_str(&format!("export {name}={}\n", quote(value)));
+    }
+    file.push_str("set --");
+    for arg in &process.argv {
+        file.push(' ');
+        file.push_str(&quote(arg));
+    }
+    file.push('\n');
+    file
 }
 
-/// Sends `signal` to the process group of every process of the job on this host that has not
-/// ended (`kill -SIG -PGID`: dash, Debian's sh, has no `--` in kill). A process whose pid file is not written yet (it is starting) is waited for briefly.
-pub fn signal_script(workdir: &str, job_id: &str, stems: &[String], signal: &str) -> String {
-    let stems: Vec<String> = stems.iter().map(|s| quote(s)).collect();
-    format!(
-        "cd -- {workdir}/{dir} 2>/dev/null || exit 0\n\
-         for s in {stems}; do\n\
-           [ -e \"$s.exit\" ] && continue\n\
-           n=0; while [ ! -s \"$s.pid\" ] && [ ! -e \"$s.exit\" ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done\n\
-           [ -s \"$s.pid\" ] && kill -{signal} -\"$(cat \"$s.pid\")\" 2>/dev/null\n\
-         done\n\
-         exit 0\n",
-        dir = quote(&job_dir(job_id)),
-        stems = stems.join(" "),
-    )
+/// Sends `signal` to every process of the job on this host that has not ended, wherever it
+/// went (`kill -SIG PID` of each marked process).
+pub fn signal_script(workdir: &str, job_id: &str, stems: &[String], signal: &str) -> Script {
+    Script::new(remote::JOB_SIGNAL)
+        .using(remote::JOB_LIB)
+        .args([workdir, job_id, signal])
+        .args(stems.iter().cloned())
 }
 
 /// How a process of a job stands on its host.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ProcessState {
     pub stem: String,
-    /// "running", "exited N", or "lost" (no exit recorded and its process group is gone).
+    /// "running", "exited N", or "lost" (no exit recorded, and neither its wrapper nor any
+    /// process of it lives).
     pub state: String,
 }
 
@@ -121,28 +120,15 @@ pub struct JobState {
 
 /// Reports jobs in a workdir: `job` itself, or the current (latest) one, or with `all` the
 /// last ten. Prints `job ID DIR` then `STEM STATE` lines per job.
-pub fn status_script(workdir: &str, job: Option<&str>, all: bool) -> String {
+pub fn status_script(workdir: &str, job: Option<&str>, all: bool) -> Script {
     let select = match (job, all) {
-        (Some(job), _) => format!("jobs={}", quote(job)),
-        (None, true) => "jobs=$(ls -1 jobs 2>/dev/null | tail -n 10)".to_string(),
-        (None, false) => "jobs=$(cat current-job 2>/dev/null)".to_string(),
+        (Some(job), _) => job,
+        (None, true) => "--all",
+        (None, false) => "",
     };
-    format!(
-        "cd -- {workdir}/.fleet 2>/dev/null || exit 0\n\
-         {select}\n\
-         for j in $jobs; do\n\
-           [ -d \"jobs/$j\" ] || continue\n\
-           printf 'job %s %s\\n' \"$j\" \"$(cd \"jobs/$j\" && pwd -P)\"\n\
-           for f in \"jobs/$j\"/*.start; do\n\
-             [ -e \"$f\" ] || continue\n\
-             s=${{f%.start}}\n\
-             if [ -e \"$s.exit\" ]; then st=\"exited $(cat \"$s.exit\")\"\n\
-             elif [ -s \"$s.pid\" ] && kill -0 -\"$(cat \"$s.pid\")\" 2>/dev/null; then st=running\n\
-             else st=lost; fi\n\
-             printf '%s %s\\n' \"${{s##*/}}\" \"$st\"\n\
-           done\n\
-         done\n"
-    )
+    Script::new(remote::JOB_STATUS)
+        .using(remote::JOB_LIB)
+        .args([workdir, select])
 }
 
 /// Parses [`status_script`] output.
@@ -177,15 +163,8 @@ pub fn label_of(stem: &str) -> String {
 
 /// The interface of `host` that reaches `addr`: the one holding it, else the route's device.
 pub async fn interface_to(session: &crate::ssh::Session, addr: &str) -> Option<String> {
-    let script = format!(
-        "a={addr}\n\
-         case $a in *[!0-9.:]*) a=$(getent hosts \"$a\" | awk '{{print $1; exit}}') ;; esac\n\
-         i=$(ip -o addr show to \"$a\" 2>/dev/null | awk '{{print $2; exit}}')\n\
-         [ -n \"$i\" ] || i=$(ip -o route get \"$a\" 2>/dev/null | sed -n 's/.* dev \\([^ ]*\\).*/\\1/p')\n\
-         printf '%s' \"$i\"",
-        addr = quote(addr)
-    );
-    match session.capture(&crate::shell::sh(&script)).await {
+    let script = Script::new(remote::INTERFACE).arg(addr);
+    match session.capture(&script).await {
         Ok((crate::ssh::ExitStatus::Code(0), out, _)) => {
             Some(String::from_utf8_lossy(&out).trim().to_string()).filter(|s| !s.is_empty())
         }
@@ -222,33 +201,55 @@ mod tests {
         }
     }
 
-    /// The start script, run by a real `sh` in a scratch workdir, starts both processes with
-    /// their environment, records how they ended, and refuses a second job while they run.
-    #[test]
-    fn the_start_script_runs_detached_wrappers() {
-        let dir = tempfile::tempdir().unwrap();
-        let workdir = dir.path().to_str().unwrap();
-        let script = start_script(&quote(workdir), &job(), 0, &BTreeMap::new());
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(&script)
-            .output()
-            .unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "started\n",
+    /// Runs `script` with `input` under `sh` in `dir`; returns stdout.
+    fn run(dir: &std::path::Path, script: &Script, input: &[u8]) -> String {
+        let out = crate::remote::run_here("sh", dir, script, input);
+        assert!(
+            out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let jobs = dir.path().join(".fleet/jobs/J1");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn start(dir: &std::path::Path, job: &JobPlan) -> String {
+        let (script, input) = start_script(dir.to_str().unwrap(), job, 0, &BTreeMap::new());
+        run(dir, &script, &input)
+    }
+
+    fn states(dir: &std::path::Path, job: &str) -> Vec<(String, String)> {
+        let out = run(
+            dir,
+            &status_script(dir.to_str().unwrap(), Some(job), false),
+            b"",
+        );
+        parse_status(&out)
+            .into_iter()
+            .flat_map(|j| j.processes)
+            .map(|p| (p.stem, p.state))
+            .collect()
+    }
+
+    /// Polls `done` for up to 10 s.
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !(jobs.join("rank-0.exit").exists() && jobs.join("rank-1.exit").exists()) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the wrappers did not finish"
-            );
-            std::thread::yield_now();
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// The start script, run by a real `sh` in a scratch workdir, starts both processes with
+    /// their environment and records how they ended, in files only the user can read.
+    #[test]
+    fn the_start_script_runs_detached_wrappers() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(start(dir.path(), &job()), "started\n");
+        let jobs = dir.path().join(".fleet/jobs/J1");
+        wait_for("the wrappers did not finish", || {
+            jobs.join("rank-0.exit").exists() && jobs.join("rank-1.exit").exists()
+        });
         let read = |f: &str| std::fs::read_to_string(jobs.join(f)).unwrap();
         assert_eq!(read("rank-0.log"), "rank 0: it's $HOME\n");
         assert_eq!(read("rank-0.exit"), "3\n");
@@ -257,48 +258,176 @@ mod tests {
         assert!(read("rank-0.start").trim().parse::<u128>().is_ok());
         assert!(read("rank-1.pid").trim().parse::<u32>().is_ok());
         assert_eq!(read("../../current-job"), "J1\n");
+        assert!(
+            !jobs.join("rank-0.env").exists(),
+            "the environment file is removed"
+        );
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&jobs), 0o700);
+        assert_eq!(mode(&jobs.join("rank-0.log")), 0o600);
+        assert_eq!(mode(&jobs.join("rank-0.exit")), 0o600);
     }
 
     #[test]
     fn the_status_script_reports_each_process() {
         let dir = tempfile::tempdir().unwrap();
-        let workdir = dir.path().to_str().unwrap();
-        let script = start_script(&quote(workdir), &job(), 0, &BTreeMap::new());
-        std::process::Command::new("sh")
-            .arg("-c")
-            .arg(&script)
-            .output()
-            .unwrap();
+        start(dir.path(), &job());
         let jobs_dir = dir.path().join(".fleet/jobs/J1");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !(jobs_dir.join("rank-0.exit").exists() && jobs_dir.join("rank-1.exit").exists()) {
-            assert!(std::time::Instant::now() < deadline);
-            std::thread::yield_now();
-        }
+        wait_for("the wrappers did not finish", || {
+            jobs_dir.join("rank-0.exit").exists() && jobs_dir.join("rank-1.exit").exists()
+        });
         std::fs::write(jobs_dir.join("rank-2.start"), "1\n").unwrap();
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(status_script(&quote(workdir), None, false))
-            .output()
-            .unwrap();
-        let jobs = parse_status(&String::from_utf8_lossy(&out.stdout));
+        let out = run(
+            dir.path(),
+            &status_script(dir.path().to_str().unwrap(), None, false),
+            b"",
+        );
+        let jobs = parse_status(&out);
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].job_id, "J1");
-        let states: Vec<(&str, &str)> = jobs[0]
-            .processes
-            .iter()
-            .map(|p| (p.stem.as_str(), p.state.as_str()))
-            .collect();
         assert_eq!(
-            states,
+            states(dir.path(), "J1"),
             [
-                ("rank-0", "exited 3"),
-                ("rank-1", "exited 0"),
-                ("rank-2", "lost")
+                ("rank-0".to_string(), "exited 3".to_string()),
+                ("rank-1".to_string(), "exited 0".to_string()),
+                ("rank-2".to_string(), "lost".to_string())
             ]
         );
         assert_eq!(label_of("rank-12"), "12");
         assert_eq!(label_of("node-2"), "n2");
+    }
+
+    /// A job of one process that starts a child in a session of its own (as torchrun starts
+    /// its workers), which ignores SIGTERM, then exits.
+    fn escaping_job(id: &str, secret: &str) -> JobPlan {
+        let mut job = job();
+        job.job_id = id.into();
+        job.processes.truncate(1);
+        job.processes[0]
+            .env
+            .insert("FLEET_JOB_ID".into(), id.into());
+        job.processes[0]
+            .env
+            .insert("HF_TOKEN".into(), secret.into());
+        job.processes[0].argv = ["sh", "-c", "setsid sh -c 'trap \"\" TERM; echo $$ > worker.pid; while :; do sleep 0.05; done' & exit 0"]
+            .map(String::from)
+            .to_vec();
+        job
+    }
+
+    /// The worker has left the process's group and session, yet the process counts as running
+    /// while it lives, TERM reaches it, and KILL ends it; its exit is recorded only then.
+    #[test]
+    fn processes_that_leave_the_group_are_found_and_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "hf_secret_in_env_123";
+        let job = escaping_job("J2", secret);
+        start(dir.path(), &job);
+        let worker_file = dir.path().join("worker.pid");
+        wait_for("the worker did not start", || {
+            std::fs::read_to_string(&worker_file).is_ok_and(|s| s.ends_with('\n'))
+        });
+        let worker: u32 = std::fs::read_to_string(&worker_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{worker}/stat"))
+                .is_ok_and(|s| !s.rsplit(") ").next().unwrap_or("").starts_with('Z'))
+        };
+        // The main command exited, the worker lives on: still running.
+        assert_eq!(
+            states(dir.path(), "J2"),
+            [("rank-0".to_string(), "running".to_string())]
+        );
+        // No command line on this machine holds the secret.
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+                assert!(
+                    !String::from_utf8_lossy(&cmdline).contains(secret),
+                    "{:?} shows the secret",
+                    entry.path()
+                );
+            }
+        }
+        let workdir = dir.path().to_str().unwrap();
+        let stems = ["rank-0".to_string()];
+        run(
+            dir.path(),
+            &signal_script(workdir, "J2", &stems, "TERM"),
+            b"",
+        );
+        assert!(alive(), "the worker ignores TERM");
+        run(
+            dir.path(),
+            &signal_script(workdir, "J2", &stems, "KILL"),
+            b"",
+        );
+        wait_for("the worker survived KILL", || !alive());
+        wait_for("no exit was recorded", || {
+            dir.path().join(".fleet/jobs/J2/rank-0.exit").exists()
+        });
+        assert_eq!(
+            states(dir.path(), "J2"),
+            [("rank-0".to_string(), "exited 0".to_string())]
+        );
+    }
+
+    /// A process whose wrapper died without a word, whose recorded pids now belong to other
+    /// processes (here this test's own), is lost and nothing is signalled; so is every process
+    /// of an earlier boot.
+    #[test]
+    fn stale_pids_are_never_signalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = dir.path().join(".fleet/jobs/J3");
+        std::fs::create_dir_all(&jobs).unwrap();
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+        std::fs::write(jobs.join("boot_id"), &boot).unwrap();
+        // A live process with this pid, but another start time: a reused pid.
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = other.id();
+        std::fs::write(jobs.join("rank-0.start"), "1\n").unwrap();
+        std::fs::write(jobs.join("rank-0.wrapper"), format!("{pid} 1\n")).unwrap();
+        std::fs::write(jobs.join("rank-0.pid"), format!("{pid}\n")).unwrap();
+        assert_eq!(
+            states(dir.path(), "J3"),
+            [("rank-0".to_string(), "lost".to_string())]
+        );
+        let workdir = dir.path().to_str().unwrap();
+        run(
+            dir.path(),
+            &signal_script(workdir, "J3", &["rank-0".to_string()], "KILL"),
+            b"",
+        );
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "an unrelated process was killed"
+        );
+        // The same with the right start time but another boot: lost too.
+        std::fs::write(jobs.join("boot_id"), "another-boot\n").unwrap();
+        let out = run(
+            dir.path(),
+            &Script::new("starttime \"$1\"")
+                .using(remote::JOB_LIB)
+                .arg(pid.to_string()),
+            b"",
+        );
+        std::fs::write(jobs.join("rank-0.wrapper"), format!("{pid} {out}")).unwrap();
+        assert_eq!(
+            states(dir.path(), "J3"),
+            [("rank-0".to_string(), "lost".to_string())]
+        );
+        std::fs::write(jobs.join("boot_id"), &boot).unwrap();
+        assert_eq!(
+            states(dir.path(), "J3"),
+            [("rank-0".to_string(), "running".to_string())]
+        );
+        other.kill().unwrap();
+        other.wait().unwrap();
     }
 
     #[test]

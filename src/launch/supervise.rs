@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use super::follow::Event;
@@ -22,7 +21,8 @@ use super::plan::JobPlan;
 use super::remote::{parse_status, signal_script, status_script, stem};
 use super::training::Training;
 use crate::output::{Labels, LineSplitter, Printer, Stream, sanitize};
-use crate::shell;
+use crate::remote::{self, Script};
+use crate::signals::Interrupts;
 use crate::ssh::Session;
 
 /// How many of a failed process's last lines are shown.
@@ -81,7 +81,7 @@ pub struct Supervisor<'a> {
     pub host_names: &'a [String],
     /// Connected sessions, by host.
     pub sessions: &'a [Session],
-    /// Each host's workdir as the remote shell should see it.
+    /// Each host's workdir, as the inventory gives it.
     pub workdirs: &'a [String],
     pub grace: Duration,
     pub timestamps: bool,
@@ -89,6 +89,8 @@ pub struct Supervisor<'a> {
     pub run_dir: Option<PathBuf>,
     /// Per host: are its processes followed? (A host that refused the job started none.)
     pub followed: Vec<bool>,
+    /// The user's stop signals: the first stops the job, the second kills it, the third leaves.
+    pub interrupts: &'a Interrupts,
 }
 
 /// Per-process state of the loop.
@@ -191,16 +193,7 @@ impl Supervisor<'_> {
             .map(BufWriter::new);
         let mut starts: Vec<Option<u128>> = vec![None; n];
 
-        let mut interrupts = match signal(SignalKind::interrupt()) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                self.printer.warn(&format!(
-                    "cannot catch Ctrl-C ({e}): it will stop fleet, not the job"
-                ));
-                None
-            }
-        };
-        let mut terminations = signal(SignalKind::terminate()).ok();
+        let mut interrupts = self.interrupts.from_now();
         let mut stopping: FuturesUnordered<BoxFuture<'_, ()>> = FuturesUnordered::new();
         // Set once the graceful stop began (SIGTERM sent): when SIGKILL follows.
         let mut kill_at: Option<tokio::time::Instant> = None;
@@ -211,6 +204,11 @@ impl Supervisor<'_> {
         // The hosts are asked in the background, so a slow answer never holds up the log.
         let mut checks: FuturesUnordered<BoxFuture<'_, Vec<usize>>> = FuturesUnordered::new();
         if stop_first {
+            self.begin_stop(&mut stopping, &mut kill_at);
+        }
+        // A signal that came while the job was starting stops it now.
+        if self.interrupts.count() > 0 {
+            outcome.interrupted = true;
             self.begin_stop(&mut stopping, &mut kill_at);
         }
 
@@ -255,7 +253,7 @@ impl Supervisor<'_> {
                         }
                     }
                 }
-                Some(()) = recv(&mut interrupts) => {
+                () = interrupts.next() => {
                     outcome.interrupted = true;
                     if self.begin_stop(&mut stopping, &mut kill_at) {
                         self.printer.warn(&format!("interrupted: stopping every process (Ctrl-C again to kill them now, {}s grace)", self.grace.as_secs()));
@@ -281,7 +279,7 @@ impl Supervisor<'_> {
                             outcome.first_failure = Some(process);
                             let p = &self.job.processes[process];
                             self.printer.error(&format!(
-                                "{} on {} vanished: its process group is gone and it left no exit status; stopping the other processes",
+                                "{} on {} vanished: it and its wrapper are gone without an exit status; stopping the other processes",
                                 self.describe(process),
                                 self.host_names[p.host]
                             ));
@@ -289,10 +287,6 @@ impl Supervisor<'_> {
                         self.begin_stop(&mut stopping, &mut kill_at);
                     }
                     suspects = gone;
-                }
-                Some(()) = recv(&mut terminations) => {
-                    outcome.interrupted = true;
-                    self.begin_stop(&mut stopping, &mut kill_at);
                 }
                 () = sleep_until(kill_at), if kill_at.is_some() && !killed => {
                     killed = true;
@@ -414,9 +408,8 @@ impl Supervisor<'_> {
     /// A rank whose output lands on a full disk fails without a word (its last lines could not
     /// be written either), so the host's free space is looked at and named when it is gone.
     async fn note_full_disk(&self, host: usize) {
-        let script = format!("df -Pk {} | awk 'NR==2 {{print $4}}'", self.workdirs[host]);
-        let asked =
-            tokio::time::timeout(WATCH, self.sessions[host].capture(&shell::sh(&script))).await;
+        let script = Script::new(remote::DISK_FREE).arg(&self.workdirs[host]);
+        let asked = tokio::time::timeout(WATCH, self.sessions[host].capture(&script)).await;
         let Ok(Ok((_, out, _))) = asked else { return };
         let free_kib: u64 = String::from_utf8_lossy(&out)
             .trim()
@@ -447,7 +440,7 @@ impl Supervisor<'_> {
                     return Vec::new();
                 }
                 let script = status_script(&self.workdirs[host], Some(&self.job.job_id), false);
-                let asked = tokio::time::timeout(WATCH, session.capture(&shell::sh(&script))).await;
+                let asked = tokio::time::timeout(WATCH, session.capture(&script)).await;
                 let Ok(Ok((_, out, _))) = asked else {
                     return Vec::new();
                 };
@@ -479,7 +472,7 @@ impl Supervisor<'_> {
             .map(|(host, session)| async move {
                 let stems: Vec<String> = self.job.on_host(host).map(stem).collect();
                 let script = signal_script(&self.workdirs[host], &self.job.job_id, &stems, signal);
-                if let Err(e) = session.capture(&shell::sh(&script)).await {
+                if let Err(e) = session.capture(&script).await {
                     self.printer.warn(&format!(
                         "{}: could not send SIG{signal}: {e}",
                         self.host_names[host]
@@ -487,14 +480,6 @@ impl Supervisor<'_> {
                 }
             });
         futures::future::join_all(signals).await;
-    }
-}
-
-/// The next signal of a stream that may not exist.
-async fn recv(stream: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
-    match stream {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
     }
 }
 

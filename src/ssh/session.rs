@@ -13,6 +13,7 @@ use super::known_hosts::HostKeyError;
 use super::socket::QuickAckStream;
 use super::{HostKeyPolicy, Keyring, SshError, Target};
 use crate::output::Stream;
+use crate::remote::Script;
 
 /// How every connection of this run is made.
 #[derive(Debug)]
@@ -168,32 +169,56 @@ impl Session {
         }
     }
 
-    /// Runs `command` (a shell command line) and hands each chunk of its output to `output` as it
+    /// Runs `script` under the host's `sh` and hands each chunk of its output to `output` as it
     /// arrives. Reads until the channel closes: the exit status can come before the last data.
     pub async fn exec(
         &self,
-        command: &str,
+        script: &Script,
         output: impl FnMut(Stream, &[u8]),
     ) -> Result<ExitStatus, SshError> {
-        self.exec_with_input(command, &[], output).await
+        self.exec_with_input(script, &[], output).await
     }
 
-    /// Like [`Session::exec`], with `input` as the command's stdin (then end of file). Input is
+    /// Like [`Session::exec`], with `input` as the script's stdin (then end of file). Input is
     /// sent while output is read, so neither side can stall the other.
     pub async fn exec_with_input(
         &self,
-        command: &str,
+        script: &Script,
         input: &[u8],
+        output: impl FnMut(Stream, &[u8]),
+    ) -> Result<ExitStatus, SshError> {
+        self.exec_inner(script, input, true, output).await
+    }
+
+    /// Like [`Session::exec`], with the script's stdin held open until it ends: a script that
+    /// reads end of file there knows fleet is gone (see `remote/exec.sh`).
+    pub async fn exec_attended(
+        &self,
+        script: &Script,
+        output: impl FnMut(Stream, &[u8]),
+    ) -> Result<ExitStatus, SshError> {
+        self.exec_inner(script, &[], false, output).await
+    }
+
+    async fn exec_inner(
+        &self,
+        script: &Script,
+        input: &[u8],
+        end_input: bool,
         mut output: impl FnMut(Stream, &[u8]),
     ) -> Result<ExitStatus, SshError> {
-        let channel = self.open_exec(command).await?;
+        let text = script.stdin();
+        let channel = self.open_exec(&Script::command(text.len())).await?;
         let (mut reader, writer) = channel.split();
         // A command that exits without reading its input makes sending fail; its status tells.
         let send = async {
-            if !input.is_empty() {
+            if writer.data(text.as_slice()).await.is_ok() && !input.is_empty() {
                 let _ = writer.data(input).await;
             }
-            let _ = writer.eof().await;
+            if end_input {
+                let _ = writer.eof().await;
+            }
+            writer
         };
         let receive = async {
             let mut status = None;
@@ -225,7 +250,7 @@ impl Session {
                 },
             })
         };
-        let ((), status) = tokio::join!(send, receive);
+        let (_writer, status) = tokio::join!(send, receive);
         status
     }
 
@@ -236,7 +261,7 @@ impl Session {
             .map_err(|e| self.protocol(e))
     }
 
-    /// A new channel running `command`.
+    /// A new channel running `command` (always a [`Script::command`]).
     async fn open_exec(&self, command: &str) -> Result<Channel<Msg>, SshError> {
         let channel = self.open_channel().await?;
         channel
@@ -246,10 +271,15 @@ impl Session {
         Ok(channel)
     }
 
-    /// Starts `command` and returns it running, for commands that live as long as fleet needs
+    /// Starts `script` and returns it running, for scripts that live as long as fleet needs
     /// them (a lock held while its stdin stays open).
-    pub async fn start(&self, command: &str) -> Result<RemoteProcess, SshError> {
-        let channel = self.open_exec(command).await?;
+    pub async fn start(&self, script: &Script) -> Result<RemoteProcess, SshError> {
+        let text = script.stdin();
+        let channel = self.open_exec(&Script::command(text.len())).await?;
+        channel
+            .data(text.as_slice())
+            .await
+            .map_err(|e| self.protocol(e))?;
         Ok(RemoteProcess {
             host: self.target.name.clone(),
             channel,
@@ -279,20 +309,23 @@ impl Session {
         Ok(sftp)
     }
 
-    /// Runs `command` and returns its exit status with everything it printed.
-    pub async fn capture(&self, command: &str) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), SshError> {
-        self.capture_with_input(command, &[]).await
+    /// Runs `script` and returns its exit status with everything it printed.
+    pub async fn capture(
+        &self,
+        script: &Script,
+    ) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), SshError> {
+        self.capture_with_input(script, &[]).await
     }
 
-    /// Runs `command` with `input` on its stdin and returns its exit status and output.
+    /// Runs `script` with `input` on its stdin and returns its exit status and output.
     pub async fn capture_with_input(
         &self,
-        command: &str,
+        script: &Script,
         input: &[u8],
     ) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), SshError> {
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let status = self
-            .exec_with_input(command, input, |stream, data| match stream {
+            .exec_with_input(script, input, |stream, data| match stream {
                 Stream::Stdout => stdout.extend_from_slice(data),
                 Stream::Stderr => stderr.extend_from_slice(data),
             })

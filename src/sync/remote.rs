@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::manifest::{MANIFEST_HEADER, Manifest, STATE_DIR};
+use super::manifest::{MANIFEST_HEADER, Manifest};
 use super::plan::{Listing, RemoteEntry};
-use crate::shell;
+use crate::remote::{self, Script};
 use crate::ssh::{ExitStatus, RemoteProcess, Session, SshError};
 
 /// Where the last verified manifest is kept, relative to the workdir.
@@ -47,26 +47,7 @@ pub struct HostState {
     pub confirmed: bool,
 }
 
-/// Shell that prints a workdir's state, run in the workdir: the saved manifest, then the
-/// listing, each as a decimal length on its own line followed by that many bytes. When the
-/// saved manifest's first line carries the digest `known` (that of fleet's copy), the line
-/// `same` replaces it: the shell's builtin `read` tells, without reading the rest.
-fn state_script(known: Option<&str>) -> String {
-    let same = match known {
-        Some(digest) if digest.bytes().all(|b| b.is_ascii_hexdigit()) => format!(
-            "IFS= read -r head < {SAVED_MANIFEST} && [ \"$head\" = '{MANIFEST_HEADER}{digest}' ] && echo same || "
-        ),
-        _ => String::new(),
-    };
-    format!(
-        "if [ -f {SAVED_MANIFEST} ]; then {same}{{ wc -c < {SAVED_MANIFEST}; cat {SAVED_MANIFEST}; }}; else echo 0; fi\n\
-         l={STATE_DIR}/listing.$$\n\
-         find . -mindepth 1 -path ./{STATE_DIR} -prune -o -printf '%y\\0%s\\0%T@\\0%m\\0%P\\0%l\\0' > \"$l\"\n\
-         wc -c < \"$l\"; cat \"$l\"; rm -f \"$l\"\n"
-    )
-}
-
-/// Parses the two blocks of [`state_script`] (`saved` is None when the host confirmed the
+/// Parses the two blocks of `print_state` (`saved` is None when the host confirmed the
 /// `known` manifest). Ten thousand entries are real work: it runs off the async threads, so
 /// hosts parse in parallel.
 async fn parse_state(
@@ -111,12 +92,10 @@ fn take_sized(bytes: &mut &[u8]) -> Option<Vec<u8>> {
 /// `fleet check`: a sync running at the same time can make it report files out of sync).
 pub async fn peek(session: &Session, workdir: &str) -> Result<HostState, SyncError> {
     let host = &session.target().name;
-    let script = format!(
-        "cd -- {} 2>/dev/null || exit 0\n{}",
-        shell_path(workdir),
-        state_script(None)
-    );
-    let (_, out, _) = session.capture(&shell::sh(&script)).await?;
+    let script = Script::new(remote::SYNC_PEEK)
+        .using(remote::SYNC_STATE)
+        .args([workdir, SAVED_MANIFEST]);
+    let (_, out, _) = session.capture(&script).await?;
     let mut rest = out.as_slice();
     match (take_sized(&mut rest), take_sized(&mut rest)) {
         (Some(saved), Some(listing)) => parse_state(host, Some(saved), None, listing).await,
@@ -135,15 +114,6 @@ async fn read_sized(process: &mut RemoteProcess) -> Option<Vec<u8>> {
     process.next_bytes(length).await
 }
 
-/// The workdir as the remote shell should see it: `~/` stays unquoted so it expands there.
-pub fn shell_path(workdir: &str) -> String {
-    match workdir.strip_prefix("~/") {
-        Some(rest) if !rest.is_empty() => format!("~/{}", shell::quote(rest)),
-        _ if workdir == "~" || workdir == "~/" => "~".to_string(),
-        _ => shell::quote(workdir),
-    }
-}
-
 impl<'a> HostTree<'a> {
     /// Creates the workdir if needed and takes its lock, waiting (up to 10 minutes) while another
     /// sync holds it; `waiting` is called once if it has to. The lock is a `flock` held by a
@@ -159,15 +129,14 @@ impl<'a> HostTree<'a> {
         let host = session.target().name.clone();
         // Once locked, the same command reports the host's state (saved manifest, then a stat
         // listing of the tree, each behind its length), saving a round trip per sync.
-        let script = format!(
-            "{{ [ -d {dir}/{STATE_DIR} ] || mkdir -p -- {dir}/{STATE_DIR}; }} && cd -- {dir} && {{ flock -n 9 || {{ echo busy; flock -w 600 9; }} || exit 75\n\
-             printf 'locked '; pwd -P\n\
-             {state}\
-             exec cat >/dev/null; }} 9>{STATE_DIR}/sync.lock",
-            dir = shell_path(workdir),
-            state = state_script(known.as_ref().map(|(sha256, _)| sha256.as_str()))
-        );
-        let mut lock = session.start(&shell::sh(&script)).await?;
+        let header = match &known {
+            Some((digest, _)) => format!("{MANIFEST_HEADER}{digest}"),
+            None => String::new(),
+        };
+        let script = Script::new(remote::SYNC_LOCK)
+            .using(remote::SYNC_STATE)
+            .args([workdir, SAVED_MANIFEST, &header]);
+        let mut lock = session.start(&script).await?;
         let mut waiting = Some(waiting);
         loop {
             match lock.next_line().await {
@@ -241,42 +210,36 @@ impl<'a> HostTree<'a> {
         }
     }
 
-    /// Runs `command` in the workdir with `input` on stdin; returns stdout, or an error with stderr.
-    async fn run(&self, what: &str, command: &str, input: &[u8]) -> Result<Vec<u8>, SyncError> {
-        let (status, stdout, stderr) = self
-            .session
-            .capture_with_input(
-                &format!("cd -- {} && {command}", shell::quote(&self.root)),
-                input,
-            )
-            .await?;
+    /// Runs `operation` of [`remote::SYNC_BATCH`] on the NUL-separated paths of `input`.
+    async fn batch(&self, what: &str, operation: &str, input: &[u8]) -> Result<(), SyncError> {
+        let script = Script::new(remote::SYNC_BATCH).args([&self.root, operation]);
+        let (status, _, stderr) = self.session.capture_with_input(&script, input).await?;
         if status != ExitStatus::Code(0) {
             let stderr = String::from_utf8_lossy(&stderr);
             return Err(self.error(format!("{what} failed ({status:?}): {}", stderr.trim())));
         }
-        Ok(stdout)
+        Ok(())
     }
 
-    /// SHA-256 of files on the host (paths relative to the workdir), read back from its disk.
-    /// `openssl dgst` uses the CPU's SHA instructions (3x `sha256sum` where they exist); hosts
-    /// without openssl use coreutils. A file that cannot be read is missing from the result.
+    /// SHA-256 of files on the host (paths relative to the workdir), read back from its disk
+    /// ([`remote::SYNC_HASH`]). A file that cannot be read is missing from the result.
     pub async fn hash(&self, paths: &[String]) -> Result<HashMap<String, String>, SyncError> {
         if paths.is_empty() {
             return Ok(HashMap::new());
         }
+        // Names openssl would escape go last, to sha256sum -z, in the order the records come.
+        let (plain, odd): (Vec<&String>, Vec<&String>) =
+            paths.iter().partition(|p| !p.contains(['\n', '\\']));
+        let ordered: Vec<String> = plain.iter().chain(&odd).map(|p| p.to_string()).collect();
         // "./" keeps a name that starts with '-' from reading as an option.
-        let dotted: Vec<String> = paths.iter().map(|p| format!("./{p}")).collect();
-        let command = "if command -v openssl >/dev/null 2>&1; then xargs -0 -r openssl dgst -sha256 -r; \
-                       else xargs -0 -r sha256sum -z --; fi";
-        let (status, out, _) = self
-            .session
-            .capture_with_input(
-                &shell::sh(&format!("cd -- {} && {command}", shell::quote(&self.root))),
-                &nul_list(&dotted),
-            )
-            .await?;
+        let dotted: Vec<String> = ordered.iter().map(|p| format!("./{p}")).collect();
+        let input = nul_list(&dotted);
+        let plain_bytes: usize = dotted[..plain.len()].iter().map(|p| p.len() + 1).sum();
+        let script =
+            Script::new(remote::SYNC_HASH).args([self.root.clone(), plain_bytes.to_string()]);
+        let (status, out, _) = self.session.capture_with_input(&script, &input).await?;
         let _ = status; // A missing file makes the tools fail; the files that were hashed still count.
-        Ok(parse_hashes(&out, paths))
+        Ok(parse_hashes(&out, &ordered))
     }
 
     /// `rm -rf` of many paths.
@@ -284,9 +247,8 @@ impl<'a> HostTree<'a> {
         if paths.is_empty() {
             return Ok(());
         }
-        self.run("removing files", "xargs -0 -r rm -rf --", &nul_list(paths))
+        self.batch("removing files", "remove", &nul_list(paths))
             .await
-            .map(drop)
     }
 
     /// `mkdir -p` of many folders.
@@ -294,13 +256,8 @@ impl<'a> HostTree<'a> {
         if paths.is_empty() {
             return Ok(());
         }
-        self.run(
-            "creating folders",
-            "xargs -0 -r mkdir -p --",
-            &nul_list(paths),
-        )
-        .await
-        .map(drop)
+        self.batch("creating folders", "mkdir", &nul_list(paths))
+            .await
     }
 
     /// Creates (or replaces) symlinks: `(path, target)` pairs.
@@ -312,10 +269,8 @@ impl<'a> HostTree<'a> {
             .iter()
             .flat_map(|(path, target)| [target.clone(), path.clone()])
             .collect();
-        let command = "xargs -0 -r -n 2 sh -c 'ln -sfn -- \"$0\" \"$1\"'";
-        self.run("creating symlinks", command, &nul_list(&pairs))
+        self.batch("creating symlinks", "link", &nul_list(&pairs))
             .await
-            .map(drop)
     }
 }
 
@@ -455,12 +410,5 @@ mod tests {
             None,
             "a block shorter than its length is not read"
         );
-    }
-
-    #[test]
-    fn home_relative_workdirs_expand_remotely() {
-        assert_eq!(shell_path("~/fleet/my project"), "~/'fleet/my project'");
-        assert_eq!(shell_path("~"), "~");
-        assert_eq!(shell_path("/srv/$x"), "'/srv/$x'");
     }
 }

@@ -1,0 +1,27 @@
+# job_wrapper.sh STEM: runs one process of a job and records how it ended, in the workdir. STEM
+# is its path without extension in the job folder: STEM.env (read and removed), .log (its
+# output), .wrapper (this wrapper's pid and start time), .start (when it started, ns), .pid (its
+# process group), .exit (how it ended, written once every process it left behind is gone too).
+umask 077
+s=$1
+echo "$$ $(starttime $$)" >"$s.wrapper"
+date +%s%N >"$s.start"
+# The command runs in its own session and process group, with the environment only it sees.
+# shellcheck disable=SC2016 # expanded by that inner sh
+setsid -w sh -c '. "./$0.env" && rm -f -- "$0.env" || exit 126
+echo $$ >"$0.pid"
+if ! command -v "$1" >/dev/null 2>&1; then
+  printf "fleet: %s: not found (PATH=%s)\n" "$1" "$PATH" >&2
+  exit 127
+fi
+exec "$@"' "$s" </dev/null >"$s.log" 2>&1 9>&- &
+wait $!
+code=$?
+# Descendants may outlive the command (torchrun's workers have sessions of their own): the
+# process has not ended while one of them lives.
+job=${s%/*}
+job=${job##*/}
+while [ -n "$(marked_pids "$job" "${s##*/}")" ]; do
+  sleep 0.2
+done
+echo "$code" >"$s.exit.tmp" && mv -f "$s.exit.tmp" "$s.exit"

@@ -1,0 +1,38 @@
+# probe.sh WORKDIR PROBE_PY [KEY COMMAND]...: what fleet check compares, one key=value per line.
+# PROBE_PY is probe.py's text; each KEY COMMAND pair is a [[check]], reported as check.KEY with
+# the first line COMMAND prints, run by sh in the workdir.
+# shellcheck disable=SC2154 # $workdir is set by workdir_of (prelude.sh)
+workdir_of "$1"
+probe_py=$2
+shift 2
+echo "os=$(. /etc/os-release 2>/dev/null; echo "${PRETTY_NAME:-$(uname -s)}")"
+echo "arch=$(uname -m)"
+echo "kernel=$(uname -r)"
+echo "hostname=$(hostname)"
+echo "hostname_address=$(getent hosts "$(hostname)" | awk '{print $1; exit}')"
+echo "time_ms=$(($(date +%s%N) / 1000000))"
+d=$workdir
+while [ ! -d "$d" ] && [ "$d" != / ] && [ "$d" != . ]; do d=$(dirname -- "$d"); done
+echo "disk_free_mb=$(df -Pk -- "$d" | awk 'NR==2 {print int($4 / 1024)}')"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,memory.total,memory.free,driver_version --format=csv,noheader,nounits 2>/dev/null | sed 's/^/gpu=/'
+  echo "gpu_processes=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | wc -l)"
+  echo "cuda_driver=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' | head -n 1)"
+else
+  echo "gpu_tool=not installed"
+fi
+if command -v python3 >/dev/null 2>&1; then
+  python3 -c "$probe_py"
+else
+  echo "python=not installed"
+fi
+if [ -x "$workdir/fleet-train" ]; then t=$workdir/fleet-train; else t=$(command -v fleet-train); fi
+if [ -n "$t" ]; then
+  echo "fleet_train=$("$t" --version 2>&1 | head -n 1)"
+else
+  echo "fleet_train=not installed"
+fi
+while [ $# -ge 2 ]; do
+  printf 'check.%s=%s\n' "$1" "$(cd -- "$workdir" 2>/dev/null || :; sh -c "$2" 2>&1 | head -n 1)"
+  shift 2
+done

@@ -1,0 +1,9 @@
+# sync_batch.sh ROOT OP: one operation on many paths of the workdir ROOT, read from stdin as a
+# NUL-separated list: "remove" (rm -rf), "mkdir" (mkdir -p) or "link" (pairs TARGET, PATH).
+cd -- "$1" || exit 1
+case $2 in
+  remove) xargs -0 -r rm -rf -- ;;
+  mkdir) xargs -0 -r mkdir -p -- ;;
+  link) xargs -0 -r -n 2 sh -c 'ln -sfn -- "$0" "$1"' ;;
+  *) echo "sync_batch.sh: unknown operation $2" >&2; exit 2 ;;
+esac
