@@ -127,9 +127,18 @@ pub struct SyncArgs {
     /// Re-hash every file on every host and list the files that differ from the local ones
     #[arg(long)]
     pub verify: bool,
-    /// Remove files on the hosts that are not in the project (excluded paths are kept)
+    /// Remove files on the hosts that are not in the project and that an earlier sync put
+    /// there (anything else, and excluded paths, are kept); refused while a job runs. On a
+    /// terminal it lists them and asks first
     #[arg(long)]
     pub delete: bool,
+    /// With --delete: remove without asking
+    #[arg(long, short = 'y', requires = "delete")]
+    pub yes: bool,
+    /// Sync into a workdir that holds files but was never fleet's (no .fleet folder), keeping
+    /// what is there; without it such a workdir is refused
+    #[arg(long)]
+    pub adopt: bool,
 }
 
 #[derive(Debug, Args)]

@@ -180,6 +180,23 @@ fn a_second_job_in_the_same_workdir_is_refused_by_name() {
         "{}",
         second.stderr
     );
+    // With its sync, a second run is refused before it changes a file under the first.
+    job.write("new.txt", "new\n");
+    let third = job.fleet(&["run", "--", "true"]).run();
+    third.assert_code(1);
+    assert!(
+        third
+            .stderr
+            .contains("(fleet stop, or wait for it); nothing was changed"),
+        "{}",
+        third.stderr
+    );
+    assert!(
+        !std::path::Path::new(&job.workdir("host1"))
+            .join("new.txt")
+            .exists(),
+        "the sync changed the running job's files"
+    );
     interrupt(&first);
     assert_eq!(wait(&mut first), Some(130));
     assert_eq!(job.remaining("sleep 6003"), Vec::<String>::new());
@@ -885,11 +902,15 @@ fn a_secret_in_env_is_absent_from_every_command_line_and_from_runs() {
             "--",
             "sh",
             "-c",
-            "[ \"$HF_TOKEN\" = hf_do_not_show_me_4242 ] && echo has-token; exec sleep 6124",
+            "echo has-token-of-${#HF_TOKEN}-characters; exec sleep 6124",
         ])
         .spawn();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    await_lines(&mut stdout, "has-token", 3);
+    await_lines(
+        &mut stdout,
+        &format!("has-token-of-{}-characters", secret.len()),
+        3,
+    );
     for host in &job.tb.hosts {
         let args = job.tb.ssh(&host.name, "ps -eo args");
         assert!(args.contains("sleep 6124"), "{}: {args}", host.name);

@@ -339,9 +339,191 @@ fn dry_run_changes_nothing_and_verify_finds_differences() {
 
     let run = p.fleet(&["sync"]).run();
     run.assert_code(0);
-    assert!(run.stderr.contains("host3: 1 path(s) on the host are not in the project (kept; --delete removes them): stray.txt"), "{}", run.stderr);
-    p.fleet(&["sync", "--delete"]).run().assert_code(0);
-    p.fleet(&["sync", "--verify"]).run().assert_code(0);
+    assert!(run.stderr.contains("host3: 1 path(s) on the host are not in the project (kept; --delete removes those an earlier sync put there): stray.txt"), "{}", run.stderr);
+    // stray.txt was never fleet's: --delete keeps it, and removes what a sync put there.
+    std::fs::remove_file(p.root().join("keep.txt")).unwrap();
+    let delete = p.fleet(&["sync", "--delete"]).run();
+    delete.assert_code(0);
+    for host in ["host1", "host2", "host3"] {
+        assert!(
+            delete.stderr.contains(&format!(
+                "{host}: --delete removes 1 path(s) an earlier sync put there: keep.txt"
+            )),
+            "{}",
+            delete.stderr
+        );
+        assert!(!Path::new(&p.workdir(host)).join("keep.txt").exists());
+    }
+    assert!(
+        delete.stderr.contains("host3: 1 path(s) on the host are not in the project and no sync put them there (kept): stray.txt"),
+        "{}",
+        delete.stderr
+    );
+    assert!(Path::new(&p.workdir("host3")).join("stray.txt").exists());
+    let verify = p.fleet(&["sync", "--verify"]).run();
+    verify.assert_code(1);
+    assert_eq!(verify.stdout, "host3\textra\tstray.txt\n");
+}
+
+/// `workdir = "~"` with `--delete` once emptied the home directory. Such workdirs are refused
+/// when the inventory is read, and a workdir that only resolves to a home directory on the
+/// host (a link to it) is refused there, before anything is changed.
+#[test]
+fn a_home_directory_is_never_a_workdir() {
+    let p = Project::new("home-workdir");
+    p.write("a.txt", "a\n");
+    p.tb.ssh(
+        "host1",
+        "mkdir -p ~/precious && echo mine > ~/precious/thesis.txt",
+    );
+    let text = std::fs::read_to_string(&p.inventory).unwrap();
+    let home = text.replacen("[sync]", "workdir = \"~\"\n[sync]", 1);
+    std::fs::write(&p.inventory, &home).unwrap();
+    let run = p.fleet(&["sync", "--delete", "--yes"]).run();
+    run.assert_code(2);
+    assert!(
+        run.stderr
+            .contains("fleet.toml:7:11: workdir \"~\" is the home directory"),
+        "{}",
+        run.stderr
+    );
+    // A link to the home directory, given as the workdir of host1.
+    let link = format!("/tmp/fleet-tests/home-workdir-link-{}", std::process::id());
+    p.tb.ssh("host1", &format!("ln -sfn /root {link}"));
+    let linked = text.replacen(
+        &format!("workdir = \"{}\"", p.workdir("host1")),
+        &format!("workdir = \"{link}\""),
+        1,
+    );
+    std::fs::write(&p.inventory, linked).unwrap();
+    let run = p.fleet(&["sync", "--delete", "--yes"]).run();
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains(&format!("host1: workdir {link} is /root: the root folder, the home directory or a folder above it")),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(p.tb.ssh("host1", "cat ~/precious/thesis.txt"), "mine\n");
+    p.tb.ssh("host1", &format!("rm -f {link}; rm -rf ~/precious"));
+}
+
+/// A workdir that holds files but was never fleet's is refused, so a typo cannot turn
+/// someone's folder into a sync target; `--adopt` takes it over and keeps what was there.
+#[test]
+fn a_folder_that_was_never_fleets_is_adopted_only_when_asked() {
+    let p = Project::new("adopt");
+    p.write("a.txt", "a\n");
+    let host1 = p.workdir("host1");
+    std::fs::create_dir_all(&host1).unwrap();
+    std::fs::write(Path::new(&host1).join("notes.txt"), "mine\n").unwrap();
+    let run = p.fleet(&["sync"]).run();
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains(&format!("host1: workdir {host1} holds files but was never synced by fleet (it has no .fleet folder): refused")),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !Path::new(&host1).join("a.txt").exists(),
+        "the refused host was changed"
+    );
+    assert!(
+        Path::new(&p.workdir("host2")).join("a.txt").exists(),
+        "an empty workdir is fine"
+    );
+    p.fleet(&["sync", "--adopt"]).run().assert_code(0);
+    p.fleet(&["sync", "--delete", "--yes"]).run().assert_code(0);
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&host1).join("notes.txt")).unwrap(),
+        "mine\n"
+    );
+    assert!(Path::new(&host1).join("a.txt").exists());
+}
+
+/// What a running job writes into the workdir is not the project's: `--delete` is refused
+/// while the job runs, and afterwards keeps what the job wrote (no sync put it there).
+#[test]
+fn a_running_jobs_checkpoint_is_never_deleted() {
+    let p = Project::new("delete-running");
+    p.write("train.sh", "mkdir -p checkpoints && echo weights > checkpoints/step-1.pt && echo saved && exec sleep 6130\n");
+    p.fleet(&["sync"]).run().assert_code(0);
+    let started = p
+        .fleet(&[
+            "run",
+            "--detach",
+            "--no-check",
+            "--no-sync",
+            "--",
+            "sh",
+            "train.sh",
+        ])
+        .run();
+    started.assert_code(0);
+    let job = started.stdout.trim().to_string();
+    let checkpoint = |host: &str| Path::new(&p.workdir(host)).join("checkpoints/step-1.pt");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !["host1", "host2", "host3"]
+        .iter()
+        .all(|h| checkpoint(h).exists())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint was written"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let run = p.fleet(&["sync", "--delete", "--yes"]).run();
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains(&format!("host1: job {job} is still running in {} and --delete could remove what it writes: nothing was changed", p.workdir("host1"))),
+        "{}",
+        run.stderr
+    );
+    p.fleet(&["stop", "--grace", "1", &job])
+        .run()
+        .assert_code(0);
+    let run = p.fleet(&["sync", "--delete", "--yes"]).run();
+    run.assert_code(0);
+    for host in ["host1", "host2", "host3"] {
+        assert_eq!(
+            std::fs::read_to_string(checkpoint(host)).unwrap(),
+            "weights\n",
+            "{host}"
+        );
+    }
+    assert!(
+        run.stderr
+            .contains("no sync put them there (kept): checkpoints"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// A name holding a newline (or a backslash) is hashed on the host by a tool that writes it as
+/// it is: such files sync, are verified and compare equal.
+#[test]
+fn names_with_newlines_and_backslashes_sync_and_verify() {
+    let p = Project::new("newline-names");
+    p.write("line\nbreak.txt", "one\n");
+    p.write("back\\slash.txt", "two\n");
+    p.write("plain.txt", "three\n");
+    let run = p.fleet(&["sync"]).run();
+    run.assert_code(0);
+    for host in ["host1", "host2", "host3"] {
+        let dir = Path::new(&p.workdir(host)).to_path_buf();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("line\nbreak.txt")).unwrap(),
+            "one\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("back\\slash.txt")).unwrap(),
+            "two\n"
+        );
+    }
+    let verify = p.fleet(&["sync", "--verify"]).run();
+    verify.assert_code(0);
+    assert_eq!(verify.stdout, "", "{}", verify.stderr);
+    p.fleet(&["sync"]).run().assert_code(0);
 }
 
 #[test]

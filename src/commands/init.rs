@@ -23,7 +23,7 @@ pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
             path.display()
         );
     }
-    let text = inventory_text(args)?;
+    let text = inventory_text(args, &project_source(path)?)?;
     // The text must read back: validate it before writing anything.
     Inventory::from_toml(path, &text).context("the generated inventory is not valid")?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -125,8 +125,43 @@ pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
     Ok(code)
 }
 
-/// The inventory for `args`, commented like inventory/example.toml.
-fn inventory_text(args: &InitArgs) -> Result<String> {
+/// `[sync] source` for an inventory written to `inventory`: the folder `fleet init` runs in
+/// (the project), relative to the inventory's folder: `..` for `inventory/fleet.toml`, `.`
+/// for a `fleet.toml` beside the project's files, else the absolute path.
+fn project_source(inventory: &std::path::Path) -> Result<String> {
+    let project = std::env::current_dir().context("cannot tell the current folder")?;
+    let folder = match inventory.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => project.join(dir),
+        None => project.clone(),
+    };
+    let folder = lexically_normal(&folder);
+    Ok(if folder == project {
+        ".".to_string()
+    } else if folder.parent() == Some(project.as_path()) {
+        "..".to_string()
+    } else {
+        project.display().to_string()
+    })
+}
+
+/// `path` with `.` and `..` components resolved as text (the folders need not exist yet).
+fn lexically_normal(path: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// The inventory for `args`, commented like inventory/example.toml, syncing `source`.
+fn inventory_text(args: &InitArgs, source: &str) -> Result<String> {
     let mut text = String::from(
         "# Written by `fleet init`. Every field is described in README.md;\n\
          # `fleet inventory` shows how fleet reads this file.\n\n\
@@ -147,9 +182,14 @@ fn inventory_text(args: &InitArgs) -> Result<String> {
          ranks = 1                           # processes per host: one per GPU\n\
          device = \"cuda\"                     # \"cpu\" when a host has no GPU\n\
          master_port = 29500                 # MASTER_PORT; MASTER_ADDR is the first host's address\n\n\
-         [sync]\n\
-         source = \"..\"                       # the project folder, relative to this file\n\
-         exclude = [\".git/\", \"target/\", \"runs/\"]\n\n\
+         [sync]\n",
+    );
+    text.push_str(&format!(
+        "source = {:<27}# the project folder, relative to this file\n",
+        toml_string(source)
+    ));
+    text.push_str(
+        "exclude = [\".git/\", \"target/\", \"runs/\"]\n\n\
          # Host order is node rank: the first host is rank 0 and the master.\n",
     );
     for (i, host) in args.hosts.iter().enumerate() {

@@ -61,8 +61,12 @@ struct HostRecord<'a> {
     unchanged: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     removed: Option<usize>,
+    /// Paths on the host that are not in the project (without `--delete`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    extraneous: Option<&'a [String]>,
+    extraneous: Option<Vec<String>>,
+    /// With `--delete`: paths not in the project that no sync put there, kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kept: Option<&'a [String]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -137,6 +141,13 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
         filter: &filter,
         args,
         bars: fleet.printer.progress_bars(),
+        before_run,
+        workdirs: inventory
+            .hosts
+            .iter()
+            .map(|h| (h.name.clone(), h.workdir.clone()))
+            .collect(),
+        asking: tokio::sync::Mutex::new(()),
     };
     let results = join_all(
         inventory
@@ -193,9 +204,52 @@ struct HostContext<'a> {
     filter: &'a Filter,
     args: &'a SyncArgs,
     bars: Option<MultiProgress>,
+    /// The sync before a `fleet run`, which a running job refuses.
+    before_run: bool,
+    /// Each host's workdir as the inventory gives it, by host name.
+    workdirs: std::collections::HashMap<String, String>,
+    /// Held while a question about one host is on the terminal.
+    asking: tokio::sync::Mutex<()>,
 }
 
 impl HostContext<'_> {
+    /// The workdir of the host `tree` locked, as the inventory gives it.
+    fn workdir(&self, tree: &HostTree<'_>) -> String {
+        self.workdirs
+            .get(tree.host())
+            .cloned()
+            .unwrap_or_else(|| tree.root.clone())
+    }
+
+    /// `--delete`: names what it will remove on the host and, on a terminal without `--yes`,
+    /// asks (one host at a time). Returns whether to remove them.
+    async fn confirm_removal(&self, host: &str, plan: &Plan) -> bool {
+        if plan.extraneous.is_empty() {
+            return true;
+        }
+        let _asking = self.asking.lock().await;
+        self.printer.warn(&format!(
+            "{host}: --delete removes {} path(s) an earlier sync put there: {}",
+            plan.extraneous.len(),
+            preview(&plan.extraneous)
+        ));
+        if self.args.yes || !self.printer.can_prompt() {
+            return true;
+        }
+        self.printer
+            .write(Stream::Stderr, &format!("Remove them from {host}? [y/N] "));
+        let answer = tokio::task::spawn_blocking(|| console::Term::stderr().read_line())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let yes = matches!(answer.trim(), "y" | "Y" | "yes");
+        if !yes {
+            self.printer.info(&format!("{host}: kept them"));
+        }
+        yes
+    }
+
     async fn sync_host(
         &self,
         index: usize,
@@ -231,7 +285,7 @@ impl HostContext<'_> {
     ) -> Result<HostResult, SyncError> {
         let printer = self.printer;
         let (tree, sftp) = tokio::join!(
-            HostTree::lock(session, &host.workdir, known, || {
+            HostTree::lock(session, &host.workdir, known, self.args.adopt, || {
                 printer.info(&format!(
                     "{}: waiting for another sync of {} to finish",
                     host.name, host.workdir
@@ -282,7 +336,21 @@ impl HostContext<'_> {
             saved,
             listing,
             confirmed,
+            running_job,
         } = state;
+        if let Some(job) = &running_job {
+            if self.before_run || (self.args.delete && !self.args.dry_run) {
+                let why = if self.before_run {
+                    "(fleet stop, or wait for it); nothing was changed".to_string()
+                } else {
+                    "and --delete could remove what it writes: nothing was changed (wait for it, or fleet stop)".to_string()
+                };
+                return Err(SyncError::Host {
+                    host: tree.host().to_string(),
+                    message: format!("job {job} is still running in {} {why}", self.workdir(tree)),
+                });
+            }
+        }
         self.printer.debug(&format!(
             "{}: locked and listed after {:.0} ms",
             tree.host(),
@@ -299,6 +367,7 @@ impl HostContext<'_> {
             saved,
             listing,
             confirmed,
+            running_job,
         };
         if self.args.dry_run {
             return Ok(HostResult::Planned(plan));
@@ -309,6 +378,7 @@ impl HostContext<'_> {
             started.elapsed().as_secs_f64() * 1e3
         ));
         tree.remove(&stale).await?;
+        let delete = self.args.delete && self.confirm_removal(tree.host(), &plan).await;
         let progress = Progress::default();
         let bar = self
             .bars
@@ -322,7 +392,7 @@ impl HostContext<'_> {
                 scan,
                 &state,
                 &plan,
-                self.args.delete,
+                delete,
                 &progress,
             );
             tokio::pin!(applying);
@@ -421,6 +491,7 @@ fn report(
             unchanged: None,
             removed: None,
             extraneous: None,
+            kept: None,
             seconds: None,
             plan: None,
             differences: None,
@@ -438,14 +509,22 @@ fn report(
                 record.removed = Some(applied.removed);
                 record.seconds = Some(*seconds);
                 if !args.delete {
-                    record.extraneous = Some(&plan.extraneous);
-                    if !plan.extraneous.is_empty() {
+                    let extra = not_in_project(plan);
+                    if !extra.is_empty() {
                         printer.warn(&format!(
-                            "{name}: {} path(s) on the host are not in the project (kept; --delete removes them): {}",
-                            plan.extraneous.len(),
-                            preview(&plan.extraneous)
+                            "{name}: {} path(s) on the host are not in the project (kept; --delete removes those an earlier sync put there): {}",
+                            extra.len(),
+                            preview(&extra)
                         ));
                     }
+                    record.extraneous = Some(extra);
+                } else if !plan.foreign.is_empty() {
+                    printer.warn(&format!(
+                        "{name}: {} path(s) on the host are not in the project and no sync put them there (kept): {}",
+                        plan.foreign.len(),
+                        preview(&plan.foreign)
+                    ));
+                    record.kept = Some(&plan.foreign);
                 }
                 rows.push(vec![
                     name.to_string(),
@@ -505,6 +584,19 @@ fn report(
     code
 }
 
+/// Everything on the host that is not in the project, sorted: what an earlier sync put there
+/// and what it did not.
+fn not_in_project(plan: &Plan) -> Vec<String> {
+    let mut all: Vec<String> = plan
+        .extraneous
+        .iter()
+        .chain(&plan.foreign)
+        .cloned()
+        .collect();
+    all.sort();
+    all
+}
+
 /// One bar per host: bytes sent of the bytes to send, rate, files.
 fn host_bar(bars: &MultiProgress, host: &str, plan: &Plan) -> ProgressBar {
     let bar = bars.add(ProgressBar::new(plan.upload_bytes()));
@@ -549,6 +641,12 @@ fn print_plan(printer: &Printer, host: &str, plan: &Plan, delete: bool) {
         lines.push_str(&format!(
             "{host}\t{}\t{p}\n",
             if delete { "remove" } else { "extraneous" }
+        ));
+    }
+    for p in &plan.foreign {
+        lines.push_str(&format!(
+            "{host}\t{}\t{p}\n",
+            if delete { "keep" } else { "extraneous" }
         ));
     }
     printer.write(Stream::Stdout, &lines);

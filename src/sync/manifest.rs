@@ -172,6 +172,82 @@ pub enum ManifestError {
     Unstable { path: PathBuf },
     #[error("exclude pattern {pattern:?}: {error}")]
     Pattern { pattern: String, error: String },
+    #[error(
+        "sync source {} is {what}: fleet would send everything in it to every host, keys included; set [sync] source to the project's own folder",
+        path.display()
+    )]
+    SourceTooWide { path: PathBuf, what: &'static str },
+    #[error(
+        "sync source {} holds what looks like secrets: {}; add them to [sync] exclude (such as \".ssh/\") or move them out of the project",
+        folder.display(),
+        paths.join(", ")
+    )]
+    Secrets { folder: PathBuf, paths: Vec<String> },
+}
+
+/// Folders that hold credentials, and the names of SSH private keys: a project never needs
+/// them on its training hosts.
+const SECRET_FOLDERS: [&str; 3] = [".ssh", ".gnupg", ".aws"];
+const PRIVATE_KEYS: [&str; 6] = [
+    "id_rsa",
+    "id_dsa",
+    "id_ecdsa",
+    "id_ed25519",
+    "id_ecdsa_sk",
+    "id_ed25519_sk",
+];
+
+/// Refuses a source that is `/` or a home directory.
+pub fn refuse_wide_source(source: &Path) -> Result<(), ManifestError> {
+    let resolved = source
+        .canonicalize()
+        .unwrap_or_else(|_| source.to_path_buf());
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .and_then(|h| h.canonicalize().ok());
+    let what = if resolved == Path::new("/") {
+        "the root folder"
+    } else if home.as_deref() == Some(resolved.as_path()) {
+        "your home directory"
+    } else {
+        return Ok(());
+    };
+    Err(ManifestError::SourceTooWide {
+        path: source.to_path_buf(),
+        what,
+    })
+}
+
+/// Refuses a scanned project that holds credentials (see [`SECRET_FOLDERS`], [`PRIVATE_KEYS`])
+/// that the filter did not exclude, naming them.
+pub fn refuse_secrets(source: &Path, manifest: &Manifest) -> Result<(), ManifestError> {
+    let mut paths: Vec<String> = Vec::new();
+    for (path, entry) in &manifest.entries {
+        let name = path.rsplit('/').next().unwrap_or(path);
+        let secret = match entry {
+            Entry::Dir => SECRET_FOLDERS.contains(&name),
+            Entry::File { .. } => PRIVATE_KEYS.contains(&name),
+            Entry::Link { .. } => false,
+        };
+        // A secret folder is named once, not with everything in it.
+        let inside = paths
+            .iter()
+            .any(|p| p.ends_with('/') && path.starts_with(p.as_str()));
+        if secret && !inside {
+            paths.push(if matches!(entry, Entry::Dir) {
+                format!("{path}/")
+            } else {
+                path.clone()
+            });
+        }
+    }
+    if paths.is_empty() {
+        return Ok(());
+    }
+    Err(ManifestError::Secrets {
+        folder: source.to_path_buf(),
+        paths,
+    })
 }
 
 /// What is left out of a sync: `[sync].exclude`, the source's `.fleetignore` (gitignore syntax),
@@ -935,6 +1011,50 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "sync source /nonexistent/project does not exist or is not a folder"
+        );
+    }
+
+    #[test]
+    fn credentials_in_the_source_are_named_once_each() {
+        let file = || Entry::File {
+            size: 1,
+            mtime: 0,
+            mode: 0o600,
+            sha256: String::new(),
+        };
+        let entries = [
+            ("a.py", file()),
+            ("home/.ssh", Entry::Dir),
+            ("home/.ssh/id_rsa", file()),
+            ("home/.ssh/known_hosts", file()),
+            ("keys/id_ed25519", file()),
+            ("keys/id_ed25519.pub", file()),
+            (".aws", Entry::Dir),
+        ];
+        let manifest = Manifest {
+            entries: entries
+                .into_iter()
+                .map(|(p, e)| (p.to_string(), e))
+                .collect(),
+        };
+        let err = refuse_secrets(Path::new("proj"), &manifest)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "holds what looks like secrets: .aws/, home/.ssh/, keys/id_ed25519; add them"
+            ),
+            "{err}"
+        );
+        let clean = Manifest {
+            entries: [("a.py".to_string(), file())].into_iter().collect(),
+        };
+        assert!(refuse_secrets(Path::new("proj"), &clean).is_ok());
+        assert!(
+            refuse_wide_source(Path::new("/"))
+                .unwrap_err()
+                .to_string()
+                .contains("is the root folder")
         );
     }
 }

@@ -15,17 +15,20 @@ pub use manifest::{
 pub use plan::{Listing, Plan, Reason, RemoteEntry, Upload, plan};
 
 /// Scans the project folder with its hash cache and saves the cache: the local, blocking part
-/// of a sync (and of `fleet check`'s file comparison). `keep` bytes of small files are kept for
+/// of a sync (and of `fleet check`'s file comparison). A source that is `/` or a home
+/// directory, or that holds credentials it does not exclude, is refused. `keep` bytes of small files are kept for
 /// the upload ([`KEPT_BYTES`] for a sync, 0 for a check, which sends nothing).
 pub fn scan_project(
     source: &std::path::Path,
     filter: &Filter,
     keep: u64,
 ) -> Result<Scan, ManifestError> {
+    manifest::refuse_wide_source(source)?;
     let mut cache = HashCache::open(source);
     let result = scan_keeping(source, filter, &mut cache, keep);
     if let Ok(scan) = &result {
         cache.save(&scan.manifest);
+        manifest::refuse_secrets(source, &scan.manifest)?;
     }
     result
 }

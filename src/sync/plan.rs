@@ -7,7 +7,7 @@
 //! shows the size and mtime that were saved with it; otherwise it was edited on the host (drift)
 //! and is sent again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -63,9 +63,12 @@ pub struct Plan {
     /// Files whose content is right but whose permission bits are not.
     pub chmods: Vec<(String, u32)>,
     pub links: Vec<(String, String)>,
-    /// On the host but not local (and not excluded): removed with `--delete`, else reported.
-    /// Children before parents.
+    /// On the host but not local (and not excluded), put there by fleet (in the last verified
+    /// manifest): removed with `--delete`, else reported. Children before parents.
     pub extraneous: Vec<String>,
+    /// On the host but not local, and not fleet's (never in a manifest it saved, or a folder
+    /// that holds such a path): always kept, whatever `--delete` says. Sorted.
+    pub foreign: Vec<String>,
     /// Files already right.
     pub unchanged: usize,
 }
@@ -154,13 +157,27 @@ pub fn plan(local: &Manifest, last: Option<&Manifest>, listing: &Listing) -> Pla
             }
         }
     }
-    // Reverse order puts children before their parents.
-    plan.extraneous = listing
+    // Reverse order puts children before their parents, so a folder is judged after all it
+    // holds: one that holds anything not fleet's is not fleet's to remove either.
+    let mut foreign: BTreeSet<&String> = BTreeSet::new();
+    for path in listing
         .keys()
         .rev()
         .filter(|p| !local.entries.contains_key(*p))
-        .cloned()
-        .collect();
+    {
+        let recorded = last.is_some_and(|m| m.entries.contains_key(path));
+        let prefix = format!("{path}/");
+        let holds_foreign = foreign
+            .range::<String, _>(&prefix..)
+            .next()
+            .is_some_and(|f| f.starts_with(&prefix));
+        if recorded && !holds_foreign {
+            plan.extraneous.push(path.clone());
+        } else {
+            foreign.insert(path);
+        }
+    }
+    plan.foreign = foreign.into_iter().cloned().collect();
     plan
 }
 
@@ -320,8 +337,44 @@ mod tests {
                 mode: 0o644,
             },
         );
-        let p = plan(&local, Some(&local), &listing);
+        let mut before = local.clone();
+        before.entries.insert("old".into(), Entry::Dir);
+        before.entries.insert("old/x".into(), file("", 0o644));
+        let p = plan(&local, Some(&before), &listing);
         assert_eq!(p.extraneous, ["old/x", "old"]);
+        assert!(p.foreign.is_empty());
+    }
+
+    /// `--delete` removes only what fleet put there: a path no manifest of fleet's recorded
+    /// (the user's own file, a checkpoint a job wrote) is kept, and so is the folder that
+    /// holds it, even when fleet made that folder.
+    #[test]
+    fn what_fleet_did_not_put_there_is_never_extraneous() {
+        let mut before = manifest(&[("keep", file("k", 0o644))]);
+        before.entries.insert("checkpoints".into(), Entry::Dir);
+        before
+            .entries
+            .insert("checkpoints/old.pt".into(), file("o", 0o644));
+        before.entries.insert("gone.txt".into(), file("g", 0o644));
+        let local = manifest(&[("keep", file("k", 0o644))]);
+        let mut listing = listing_of(&before);
+        let plain = RemoteEntry::File {
+            size: 1,
+            mtime: 0,
+            mode: 0o644,
+        };
+        listing.insert("checkpoints/step-1.pt".into(), plain.clone());
+        listing.insert("thesis.txt".into(), plain);
+        let p = plan(&local, Some(&before), &listing);
+        assert_eq!(p.extraneous, ["gone.txt", "checkpoints/old.pt"]);
+        assert_eq!(
+            p.foreign,
+            ["checkpoints", "checkpoints/step-1.pt", "thesis.txt"]
+        );
+        // Without a saved manifest nothing there is fleet's.
+        let p = plan(&local, None, &listing);
+        assert!(p.extraneous.is_empty());
+        assert_eq!(p.foreign.len(), 5);
     }
 
     fn arb_manifest() -> impl Strategy<Value = Manifest> {
@@ -358,11 +411,24 @@ mod tests {
         }
 
         #[test]
-        fn applying_the_plan_yields_the_local_tree(local in arb_manifest(), old in arb_manifest(), verified in prop::bool::ANY) {
+        fn applying_the_plan_yields_the_local_tree_and_keeps_what_is_not_fleets(local in arb_manifest(), old in arb_manifest(), verified in prop::bool::ANY) {
             let last = verified.then_some(&old);
             let p = plan(&local, last, &listing_of(&old));
             let (saved, listing) = apply(&p, &local, last, &listing_of(&old));
-            prop_assert_eq!(&listing, &listing_of(&local));
+            for (path, entry) in listing_of(&local) {
+                prop_assert_eq!(listing.get(&path), Some(&entry));
+            }
+            if verified {
+                // Everything on the host was fleet's: it is now exactly the local tree.
+                prop_assert_eq!(&listing, &listing_of(&local));
+            } else {
+                // Nothing was: what is not in the way of the project stays.
+                prop_assert!(p.extraneous.is_empty());
+                let in_the_way = |f: &String| p.conflicts.iter().any(|c| f == c || f.starts_with(&format!("{c}/")));
+                for f in p.foreign.iter().filter(|f| !in_the_way(f)) {
+                    prop_assert!(listing.contains_key(f), "{} was removed", f);
+                }
+            }
             let again = plan(&local, Some(&saved), &listing);
             prop_assert!(again.is_empty(), "{:?}", again);
         }

@@ -45,6 +45,8 @@ pub struct HostState {
     /// The host confirmed that its saved manifest is the local copy fleet holds of it (the
     /// same digest on its first line).
     pub confirmed: bool,
+    /// The job running in the workdir, if one is (only known under the sync lock).
+    pub running_job: Option<String>,
 }
 
 /// Parses the two blocks of `print_state` (`saved` is None when the host confirmed the
@@ -58,6 +60,7 @@ async fn parse_state(
 ) -> Result<HostState, SyncError> {
     let parsed = tokio::task::spawn_blocking(move || {
         parse_listing(&listing).map(|listing| HostState {
+            running_job: None,
             confirmed: saved.is_none() && known.is_some(),
             saved: match saved {
                 Some(bytes) => Manifest::from_bytes(&bytes).map(Arc::new),
@@ -101,6 +104,7 @@ pub async fn peek(session: &Session, workdir: &str) -> Result<HostState, SyncErr
         (Some(saved), Some(listing)) => parse_state(host, Some(saved), None, listing).await,
         // No workdir yet: nothing saved, nothing there.
         _ => Ok(HostState {
+            running_job: None,
             confirmed: false,
             saved: None,
             listing: Listing::new(),
@@ -120,10 +124,14 @@ impl<'a> HostTree<'a> {
     /// command that lives until its stdin closes, so a laptop that vanishes releases it too.
     /// `known` is a local copy of the manifest the host is thought to hold, with its digest
     /// ([`Manifest::digest_of`]): when the host's has the same, it is not sent back.
+    ///
+    /// A workdir that holds files but was never fleet's is refused unless `adopt`, and one that
+    /// is `/`, the home directory or above it always is.
     pub async fn lock(
         session: &'a Session,
         workdir: &str,
         known: Option<(String, Arc<Manifest>)>,
+        adopt: bool,
         waiting: impl FnOnce(),
     ) -> Result<(HostTree<'a>, HostState), SyncError> {
         let host = session.target().name.clone();
@@ -135,7 +143,12 @@ impl<'a> HostTree<'a> {
         };
         let script = Script::new(remote::SYNC_LOCK)
             .using(remote::SYNC_STATE)
-            .args([workdir, SAVED_MANIFEST, &header]);
+            .args([
+                workdir,
+                SAVED_MANIFEST,
+                &header,
+                if adopt { "1" } else { "0" },
+            ]);
         let mut lock = session.start(&script).await?;
         let mut waiting = Some(waiting);
         loop {
@@ -145,9 +158,27 @@ impl<'a> HostTree<'a> {
                         f();
                     }
                 }
+                Some(line) if line == "foreign" => {
+                    let message = format!(
+                        "workdir {workdir} holds files but was never synced by fleet (it has no .fleet folder): refused, so nothing in it is replaced or deleted; `fleet sync --adopt` takes it over, or choose an empty workdir"
+                    );
+                    return Err(SyncError::Host { host, message });
+                }
+                Some(line) if line.starts_with("unsafe ") => {
+                    let message = format!(
+                        "workdir {workdir} is {}: the root folder, the home directory or a folder above it, which fleet sync --delete could empty: refused; set workdir to a folder of its own, such as ~/fleet/project",
+                        &line["unsafe ".len()..]
+                    );
+                    return Err(SyncError::Host { host, message });
+                }
                 Some(line) => {
                     if let Some(root) = line.strip_prefix("locked ") {
                         let root = root.to_string();
+                        let running_job = lock
+                            .next_line()
+                            .await
+                            .and_then(|l| l.strip_prefix("job ").map(str::to_string))
+                            .filter(|j| !j.is_empty());
                         let saved = match lock.next_line().await {
                             Some(line) if line == "same" => Some(None),
                             Some(line) => match line.trim().parse() {
@@ -163,7 +194,8 @@ impl<'a> HostTree<'a> {
                             return Err(SyncError::Host { host, message });
                         };
                         let known = known.map(|(_, manifest)| manifest);
-                        let state = parse_state(&host, saved, known, listing).await?;
+                        let mut state = parse_state(&host, saved, known, listing).await?;
+                        state.running_job = running_job;
                         return Ok((
                             HostTree {
                                 session,

@@ -80,6 +80,29 @@ pub async fn apply(
                 ),
             });
         }
+        // Removed only if a sync put it there and it holds nothing that no sync did.
+        let fleets = |p: &String| {
+            let prefix = format!("{p}/");
+            state
+                .saved
+                .as_ref()
+                .is_some_and(|m| m.entries.contains_key(p))
+                && !plan.foreign.iter().any(|f| f.starts_with(&prefix))
+        };
+        let theirs: Vec<&String> = plan.conflicts.iter().filter(|p| !fleets(p)).collect();
+        if !theirs.is_empty() {
+            return Err(SyncError::Host {
+                host,
+                message: format!(
+                    "{} is in the way of the project and no sync put it there: move it away (fleet removes only what it put there)",
+                    theirs
+                        .iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
         tree.remove(&plan.conflicts).await?;
         applied.removed += plan.conflicts.len();
     }

@@ -164,6 +164,12 @@ impl Fleet {
         fleet
     }
 
+    /// Runs it in `dir` instead of the repository.
+    pub fn current_dir(mut self, dir: &Path) -> Fleet {
+        self.command.current_dir(dir);
+        self
+    }
+
     /// The HOME the command sees (to place `~/.ssh/config` in).
     pub fn home(&self) -> &Path {
         self.home.path()
