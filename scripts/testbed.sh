@@ -19,7 +19,8 @@
 #             never leave through this machine's default route.
 #   loopback  host i is 127.0.0.1 port $((TB_PORT_BASE + i)); no cut/shape.
 #
-# Written to $TB_DIR: id_ed25519 (client key, authorised for root and train), known_hosts,
+# Written to $TB_DIR: id_ed25519 (client key, authorised for root and train), known_hosts (the
+# hosts' ed25519 keys; known_hosts_ecdsa holds their ECDSA keys alone),
 # ssh_config (ssh -F $TB_DIR/ssh_config host1), hosts.tsv (name addr port netns) and fleet.toml,
 # an inventory for the hosts (user root, device cpu, workdir $TB_DIR/work/<host>, emptied by `up`;
 # OMP_NUM_THREADS for every rank is this machine's cores shared out among the hosts, at least 1,
@@ -147,6 +148,7 @@ write_host() { # variant index
   chmod 700 "$dir/root"
   chown 2001:2001 "$dir/home/train"
   ssh-keygen -q -t ed25519 -N '' -C "$name" -f "$dir/ssh_host_ed25519_key"
+  ssh-keygen -q -t ecdsa -N '' -C "$name" -f "$dir/ssh_host_ecdsa_key"
   cp "$TB_DIR/id_ed25519.pub" "$dir/authorized_keys"
   { cat /etc/passwd; echo "train:x:2001:2001:test bed user:/home/train:$TRAIN_SHELL"; } >"$dir/etc/passwd"
   { cat /etc/group; echo "train:x:2001:"; } >"$dir/etc/group"
@@ -155,6 +157,7 @@ write_host() { # variant index
 Port $port
 ListenAddress $addr
 HostKey $dir/ssh_host_ed25519_key
+HostKey $dir/ssh_host_ecdsa_key
 PidFile none
 AuthorizedKeysFile $dir/authorized_keys
 # $TB_DIR is under world-writable /tmp, which StrictModes would refuse.
@@ -174,6 +177,7 @@ CONFIG
   $SSHD -t -f "$dir/sshd_config"
   if [[ $port == 22 ]]; then entry=$addr; else entry="[$addr]:$port"; fi
   echo "$entry $(cut -d' ' -f1,2 "$dir/ssh_host_ed25519_key.pub")" >>"$TB_DIR/known_hosts"
+  echo "$entry $(cut -d' ' -f1,2 "$dir/ssh_host_ecdsa_key.pub")" >>"$TB_DIR/known_hosts_ecdsa"
   printf 'Host %s\n  HostName %s\n  Port %s\n' "$name" "$addr" "$port" >>"$TB_DIR/ssh_config"
   printf '%s\t%s\t%s\t%s\n' "$name" "$addr" "$port" "$(host_ns "$v" "$i")" >>"$TB_DIR/hosts.tsv"
   {
@@ -271,6 +275,7 @@ cmd_up() {
   echo "$v" >"$TB_DIR/state"
   trap 'rc=$?; if ((rc != 0)); then log "up failed, tearing down"; cmd_down; fi' EXIT
   : >"$TB_DIR/known_hosts"
+  : >"$TB_DIR/known_hosts_ecdsa"
   : >"$TB_DIR/hosts.tsv"
   rm -rf "$TB_DIR/work"
   rm -f "$TB_DIR/id_ed25519" "$TB_DIR/id_ed25519.pub"

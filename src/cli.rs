@@ -105,8 +105,9 @@ pub struct NetArgs {
 
 #[derive(Debug, Args)]
 pub struct ExecArgs {
-    /// Pass COMMAND to the remote shell as one string, so pipes and `&&` work
-    /// (otherwise every argument arrives exactly as given)
+    /// Join the words into one line for the host's `sh`, so pipes and `&&` work (a single
+    /// argument with spaces in it is taken so anyway; otherwise every argument arrives exactly
+    /// as given)
     #[arg(long)]
     pub shell: bool,
     /// The command and its arguments, after `--`
@@ -224,6 +225,10 @@ pub struct InitArgs {
     /// The private key to log in with (default: ~/.ssh/config, ssh-agent, ~/.ssh/id_*)
     #[arg(long, value_name = "PATH")]
     pub identity: Option<PathBuf>,
+    /// A shell line every host runs before fleet's commands, to reach torch there: a venv
+    /// (". ~/venv/bin/activate"), conda's hook, "module load ..."
+    #[arg(long, value_name = "LINE")]
+    pub activate: Option<String>,
     /// Replace an existing inventory
     #[arg(long)]
     pub force: bool,

@@ -70,6 +70,9 @@ pub struct Host {
     pub device: Device,
     /// `[fleet].env` with this host's `env` on top.
     pub env: BTreeMap<String, String>,
+    /// A shell line run before every command fleet runs there for the user (the probe, the
+    /// ranks, `fleet exec`): `. ~/venv/bin/activate`, conda's hook, `module load cuda`.
+    pub activate: Option<String>,
     /// Line of the `[[host]]` entry, for messages about the host that arise later.
     pub line: usize,
 }
@@ -250,6 +253,7 @@ struct RawDefaults {
     master_addr: Option<Spanned<String>>,
     #[serde(default)]
     env: BTreeMap<Spanned<String>, String>,
+    activate: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -291,6 +295,7 @@ struct RawHost {
     device: Option<Device>,
     #[serde(default)]
     env: BTreeMap<Spanned<String>, String>,
+    activate: Option<Spanned<String>>,
 }
 
 impl Inventory {
@@ -388,6 +393,10 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
         .map(|a| address(src, a))
         .transpose()?;
     let env = env_table(src, fleet.env)?;
+    let activate = match &fleet.activate {
+        Some(a) => activate_line(src, a)?,
+        None => None,
+    };
 
     if raw.host.is_empty() {
         return Err(src.error(
@@ -459,6 +468,10 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
                 .unwrap_or(ranks),
             device: h.device.unwrap_or(device),
             env: host_env,
+            activate: match &h.activate {
+                Some(a) => activate_line(src, a)?,
+                None => activate.clone(),
+            },
             line,
         });
     }
@@ -621,6 +634,21 @@ fn checked_workdir(src: &Source, value: &Spanned<String>) -> Result<String, Inve
         }
     }
     Ok(v)
+}
+
+/// `activate`: one shell line; an empty one (`activate = ""` on a host) turns the default off.
+fn activate_line(src: &Source, value: &Spanned<String>) -> Result<Option<String>, InventoryError> {
+    let v = value.get_ref();
+    if v.trim().is_empty() {
+        return Ok(None);
+    }
+    if v.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(src.error(
+            value.span(),
+            "activate is one shell line: join commands with && or ;",
+        ));
+    }
+    Ok(Some(v.clone()))
 }
 
 fn address(src: &Source, value: &Spanned<String>) -> Result<String, InventoryError> {

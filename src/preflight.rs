@@ -29,8 +29,9 @@ impl HostReport {
 
 /// The probe script for a host ([`remote::PROBE`]): one `key=value` per line. `check.<name>`
 /// lines hold the `[[check]]` probes' first output line.
-pub fn probe_script(workdir: &str, checks: &[Check]) -> Script {
-    let mut script = Script::new(remote::PROBE).args([workdir, remote::PROBE_PY]);
+pub fn probe_script(workdir: &str, activate: Option<&str>, checks: &[Check]) -> Script {
+    let mut script =
+        Script::new(remote::PROBE).args([workdir, activate.unwrap_or(""), remote::PROBE_PY]);
     for check in checks {
         script = script.args([key_safe(&check.name), check.command.clone()]);
     }
@@ -210,6 +211,17 @@ pub fn evaluate(inventory: &Inventory, reports: &[HostReport], laptop_ms: &[i64]
             continue;
         }
         let name = Some(report.host.as_str());
+        if let Some(line) = &host.activate {
+            findings.push(match report.get("activate_error") {
+                Some(error) => Finding::fail(
+                    "activate",
+                    name,
+                    format!("`{line}` failed: {}", error.trim()),
+                    "fix activate in the inventory: it runs before every command fleet runs on the host",
+                ),
+                None => Finding::pass("activate", name, line.clone()),
+            });
+        }
         if host.device == Device::Cuda {
             let gpus: u32 = report
                 .get("gpu_count")
@@ -363,8 +375,12 @@ mod tests {
                 must_match: true,
             },
         ];
-        let out =
-            crate::remote::run_here("sh", Path::new("/"), &probe_script("/tmp", &checks), b"");
+        let out = crate::remote::run_here(
+            "sh",
+            Path::new("/"),
+            &probe_script("/tmp", None, &checks),
+            b"",
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         let report = parse_probe("here", &text);
         assert_eq!(
@@ -391,7 +407,67 @@ mod tests {
             "{text}"
         );
         assert!(report.get("arch").is_some_and(|v| !v.is_empty()));
+        assert_eq!(report.get("probe_complete"), Some("yes"), "{text}");
         assert_eq!(report.get("fleet_train"), Some("not installed"));
+    }
+
+    /// A failing activate line (here a `.` of a missing file, which would end a plain `sh`) is
+    /// reported with what it printed, and the probe still runs to its end.
+    #[test]
+    fn a_failing_activate_line_is_reported_and_the_probe_goes_on() {
+        let script = probe_script("/tmp", Some(". /nonexistent/venv/bin/activate"), &[]);
+        let out = crate::remote::run_here("sh", Path::new("/"), &script, b"");
+        let report = parse_probe("here", &String::from_utf8_lossy(&out.stdout));
+        let error = report.get("activate_error").unwrap_or_default();
+        assert!(error.contains("/nonexistent/venv/bin/activate"), "{error}");
+        assert!(error.contains("failed (exit"), "{error}");
+        assert_eq!(report.get("probe_complete"), Some("yes"));
+        let inventory = inventory("activate = \". /nonexistent/venv/bin/activate\"\n");
+        let findings = evaluate(&inventory, &[report.clone(), report], &[0, 0]);
+        let failed: Vec<&Finding> = findings.iter().filter(|f| f.check == "activate").collect();
+        assert_eq!(failed.len(), 2);
+        assert!(
+            failed
+                .iter()
+                .all(|f| !f.ok && f.detail.contains("/nonexistent"))
+        );
+    }
+
+    /// Without python3 the port check falls back to bash's /dev/tcp; the address reaches it as
+    /// an argument, never as code.
+    #[test]
+    fn the_port_probe_never_runs_the_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let addr = format!("$(touch {})", marker.display());
+        // A PATH without python3 but with bash and timeout (and head, which reads the script).
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        for tool in ["bash", "timeout", "sh", "head"] {
+            let found = ["/usr/bin", "/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(tool))
+                .find(|p| p.exists())
+                .unwrap();
+            std::os::unix::fs::symlink(found, bin.join(tool)).unwrap();
+        }
+        let script = connect_script(&addr, 9, 2);
+        let mut stdin = script.stdin();
+        let command = Script::command(stdin.len());
+        stdin.extend_from_slice(b"");
+        let mut child = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&command)
+            .env("PATH", &bin)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), &stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout);
+        assert!(matches!(answer.trim(), "refused" | "timeout"), "{answer}");
+        assert!(!marker.exists(), "the address ran as a command");
     }
 
     #[test]

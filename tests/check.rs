@@ -54,7 +54,7 @@ fn healthy_hosts_pass_and_json_parses_line_by_line() {
     assert!(
         files
             .iter()
-            .all(|r| r["ok"] == true && r["detail"] == "1 files in sync"),
+            .all(|r| r["ok"] == true && r["detail"] == "1 file in sync"),
         "{}",
         json.stdout
     );
@@ -147,6 +147,29 @@ fn a_taken_master_port_is_in_use() {
     assert!(
         run.stderr
             .contains("port 29500 is in use by python3 on host1"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// The README's troubleshooting row quotes `files ✗ 3 files to send`: that is what fleet says.
+#[test]
+fn files_not_yet_synced_are_counted_as_the_readme_quotes() {
+    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
+    let f = fixture("check-files-to-send");
+    for name in ["one.csv", "two.csv", "three.csv"] {
+        f.write(name, "x\n");
+    }
+    let run = f.fleet(&["check"]).run();
+    run.assert_code(1);
+    let readme = std::fs::read_to_string(common::repo().join("README.md")).unwrap();
+    assert!(
+        readme.contains("`files ✗ 3 files to send`"),
+        "the README no longer quotes it"
+    );
+    assert!(run.stdout.contains("✗ 3 files to send"), "{}", run.stdout);
+    assert!(
+        run.stderr.contains("host1: files: 3 files to send"),
         "{}",
         run.stderr
     );

@@ -183,16 +183,7 @@ fn json_lines_then_a_summary() {
 fn runs_as_the_configured_user() {
     let tb = Testbed::get();
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "identity = \"{}\"\nknown_hosts = \"{}\"",
-        tb.key().display(),
-        tb.known_hosts().display()
-    );
-    let inventory = tb.inventory_with(dir.path(), &extra.replace("user = \"root\"", ""));
-    let text = std::fs::read_to_string(&inventory)
-        .unwrap()
-        .replace("user = \"root\"", "user = \"train\"");
-    std::fs::write(&inventory, text).unwrap();
+    let inventory = as_fish_user(&tb, dir.path());
     let run = Fleet::new()
         .arg("-i")
         .arg(&inventory)
@@ -521,12 +512,7 @@ fn a_gigabyte_of_output_streams_through_in_bounded_memory() {
 
 /// An inventory of the test bed's hosts as the login `train`, whose login shell is fish.
 fn as_fish_user(tb: &Testbed, dir: &std::path::Path) -> std::path::PathBuf {
-    let extra = format!(
-        "identity = \"{}\"\nknown_hosts = \"{}\"",
-        tb.key().display(),
-        tb.known_hosts().display()
-    );
-    let inventory = tb.inventory_with(dir, &extra);
+    let inventory = with_known_hosts(tb, dir, &tb.known_hosts());
     let text = std::fs::read_to_string(&inventory)
         .unwrap()
         .replace("user = \"root\"", "user = \"train\"");
@@ -621,4 +607,119 @@ fn an_interrupted_exec_stops_its_commands_on_the_hosts() {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
+}
+
+/// An inventory of the test bed's hosts with `known_hosts` as given.
+fn with_known_hosts(
+    tb: &Testbed,
+    dir: &std::path::Path,
+    known_hosts: &std::path::Path,
+) -> std::path::PathBuf {
+    let extra = format!(
+        "identity = \"{}\"\nknown_hosts = \"{}\"",
+        tb.key().display(),
+        known_hosts.display()
+    );
+    tb.inventory_with(dir, &extra)
+}
+
+/// Hosts known only by their ECDSA keys are asked for those: they do not look unknown.
+#[test]
+fn hosts_known_by_their_ecdsa_keys_alone_are_trusted() {
+    let tb = Testbed::get();
+    let dir = tempfile::tempdir().unwrap();
+    let inventory = with_known_hosts(&tb, dir.path(), &tb.dir.join("known_hosts_ecdsa"));
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(&inventory)
+        .args(["exec", "--", "hostname"])
+        .run();
+    run.assert_code(0);
+    assert_eq!(
+        run.sorted_stdout(),
+        ["host1 | host1", "host2 | host2", "host3 | host3"]
+    );
+}
+
+/// A key marked `@revoked` is refused even where another line trusts it.
+#[test]
+fn a_revoked_host_key_is_refused() {
+    let tb = Testbed::get();
+    let dir = tempfile::tempdir().unwrap();
+    let known = std::fs::read_to_string(tb.known_hosts()).unwrap();
+    let host2 = known
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!("{} ", tb.hosts[1].addr))
+                || l.starts_with(&format!("[{}]", tb.hosts[1].addr))
+        })
+        .unwrap();
+    let key = host2.split_once(' ').unwrap().1;
+    let path = dir.path().join("known_hosts");
+    std::fs::write(&path, format!("{known}@revoked * {key}\n")).unwrap();
+    let inventory = with_known_hosts(&tb, dir.path(), &path);
+    let marker = format!("/tmp/fleet-revoked-{}", std::process::id());
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(&inventory)
+        .args([
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            &format!("touch {marker}-$(hostname)"),
+        ])
+        .run();
+    run.assert_code(3);
+    assert!(
+        run.stderr.contains("host2: host key SHA256:"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("is marked @revoked in"),
+        "{}",
+        run.stderr
+    );
+    assert!(!std::path::Path::new(&format!("{marker}-host2")).exists());
+    assert!(std::path::Path::new(&format!("{marker}-host1")).exists());
+    let _ = std::fs::remove_file(format!("{marker}-host1"));
+    let _ = std::fs::remove_file(format!("{marker}-host3"));
+}
+
+/// One argument with spaces in it is a shell line, as `ssh host 'a && b'` takes it (the
+/// README's step 4 is written that way); several arguments stay literal words.
+#[test]
+fn one_argument_with_spaces_is_a_shell_line() {
+    let tb = Testbed::get();
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(tb.inventory())
+        .args(["exec", "--", "echo one && echo two | tr a-z A-Z"])
+        .run();
+    run.assert_code(0);
+    for host in ["host1", "host2", "host3"] {
+        assert!(
+            run.stdout.contains(&format!("{host} | one\n")),
+            "{}",
+            run.stdout
+        );
+        assert!(
+            run.stdout.contains(&format!("{host} | TWO\n")),
+            "{}",
+            run.stdout
+        );
+    }
+    let words = Fleet::new()
+        .arg("-i")
+        .arg(tb.inventory())
+        .args(["exec", "--", "echo", "one && echo two"])
+        .run();
+    words.assert_code(0);
+    assert_eq!(
+        words.stdout.matches("| one && echo two\n").count(),
+        3,
+        "{}",
+        words.stdout
+    );
 }

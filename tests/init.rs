@@ -164,11 +164,17 @@ fn init_beside_the_project_syncs_the_project_and_keys_are_never_sent() {
             "root",
             "--identity",
             &key,
+            "--activate",
+            "true && . /dev/null",
         ])
         .run();
     init.assert_code(0);
     let text = std::fs::read_to_string(project.join("fleet.toml")).unwrap();
     assert!(text.contains("source = \".\" "), "{text}");
+    assert!(
+        text.contains("\nactivate = \"true && . /dev/null\"\n"),
+        "{text}"
+    );
     let workdir = format!("/tmp/fleet-tests/init-source-{}", std::process::id());
     let text = text.replace(
         "workdir = \"~/fleet/project\"",

@@ -427,13 +427,11 @@ fn a_torch_distributed_script_all_reduces_across_the_hosts_with_torchrun() {
         "no torch environment at {}: run scripts/setup.sh",
         bin.display()
     );
+    // As a user reaches torch on a host: the venv's activate script, not a PATH of the test's.
     job.edit_inventory(|text| {
         text.replacen(
             "[fleet]\n",
-            &format!(
-                "[fleet]\nenv = {{ PATH = \"{}:/usr/bin:/bin\" }}\n",
-                bin.display()
-            ),
+            &format!("[fleet]\nactivate = \". {}/activate\"\n", bin.display()),
             1,
         )
     });
@@ -626,11 +624,18 @@ fn a_rank_killed_with_its_wrapper_is_noticed_and_the_job_stops() {
             job.workdir("host2")
         ),
     );
+    let killed = Instant::now();
     let mut stderr = child.stderr.take().unwrap();
     let code = common::wait_for(&mut child, Duration::from_secs(60));
+    let noticed = killed.elapsed();
     let mut text = String::new();
     stderr.read_to_string(&mut text).unwrap();
     assert_eq!(code, Some(255), "{text}");
+    // The README says within 10 s (two looks, 5 s apart), then the grace period for the rest.
+    assert!(
+        noticed < Duration::from_secs(10 + 10 + 5),
+        "noticed after {noticed:?}"
+    );
     assert!(
         text.contains("rank 1 on host2 vanished: it and its wrapper are gone"),
         "{text}"
@@ -658,10 +663,64 @@ fn no_secret_reaches_the_output_or_the_run_folder_and_it_is_private() {
         .map(str::to_string)
         .chain(["/tmp/agent-socket-that-must-not-leak".to_string()])
         .collect();
+    // fleet's caches live in a HOME that outlives the run, where they are checked below.
+    let home = tempfile::tempdir().unwrap();
     let run = job
-        .fleet(&["--json", "run", "--", "sh", "-c", "echo done"])
+        .fleet_in(
+            home.path(),
+            &["--json", "run", "--", "sh", "-c", "echo done; env"],
+        )
         .run_with_env("SSH_AUTH_SOCK", "/tmp/agent-socket-that-must-not-leak");
     run.assert_code(0);
+    // A failed login, with the agent variable set, says nothing of the key either.
+    let stranger = common::keygen(home.path(), "stranger", "");
+    job.edit_inventory(|text| {
+        text.replace(
+            &format!("identity = \"{}\"", job.tb.key().display()),
+            &format!("identity = \"{}\"", stranger.display()),
+        )
+    });
+    let refused = job
+        .fleet_in(home.path(), &["exec", "--", "true"])
+        .run_with_env("SSH_AUTH_SOCK", "/tmp/agent-socket-that-must-not-leak");
+    refused.assert_code(3);
+    let stranger_key = std::fs::read_to_string(&stranger).unwrap();
+    for line in stranger_key
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 20)
+    {
+        assert!(
+            !refused.stderr.contains(line),
+            "a failed login showed its key: {}",
+            refused.stderr
+        );
+    }
+    assert!(
+        !refused
+            .stderr
+            .contains("/tmp/agent-socket-that-must-not-leak"),
+        "{}",
+        refused.stderr
+    );
+    let cache = home.path().join(".cache/fleet");
+    assert!(
+        cache.is_dir(),
+        "no cache was written in {}",
+        home.path().display()
+    );
+    for entry in walkdir::WalkDir::new(&cache) {
+        let entry = entry.unwrap();
+        if entry.file_type().is_dir() {
+            let mode =
+                std::os::unix::fs::PermissionsExt::mode(&entry.metadata().unwrap().permissions());
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "{} is open to others",
+                entry.path().display()
+            );
+        }
+    }
     let runs = job.root().join("runs");
     let mut written = String::new();
     for entry in walkdir::WalkDir::new(&runs) {
@@ -708,13 +767,11 @@ fn stubborn_torchrun(
          while True:\n    time.sleep(0.2)\n",
     );
     let bin = torch_venv().join("bin");
+    // As a user reaches torch on a host: the venv's activate script, not a PATH of the test's.
     job.edit_inventory(|text| {
         text.replacen(
             "[fleet]\n",
-            &format!(
-                "[fleet]\nenv = {{ PATH = \"{}:/usr/bin:/bin\" }}\n",
-                bin.display()
-            ),
+            &format!("[fleet]\nactivate = \". {}/activate\"\n", bin.display()),
             1,
         )
     });
@@ -765,7 +822,7 @@ fn a_torchrun_worker_that_ignores_sigterm_is_gone_after_two_ctrl_c() {
 fn a_torchrun_worker_that_ignores_sigterm_is_gone_after_fleet_stop() {
     let job = job("run-stubborn-stop");
     let (mut child, _home) = stubborn_torchrun(&job, "stop", &["--detach"]);
-    assert_eq!(wait(&mut child), Some(0));
+    let code = wait(&mut child);
     let mut out = String::new();
     child
         .stdout
@@ -773,6 +830,14 @@ fn a_torchrun_worker_that_ignores_sigterm_is_gone_after_fleet_stop() {
         .unwrap()
         .read_to_string(&mut out)
         .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(code, Some(0), "{out}\n{err}");
     let job_id = out.trim().to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
     while job.remaining("stubborn_stop").len() < 6 {
@@ -983,4 +1048,252 @@ fn a_fish_login_shell_syncs_and_runs() {
             run.stderr
         );
     }
+}
+
+/// A host that cannot start its part of the job is named, and what started elsewhere is stopped
+/// at once rather than left running unsupervised.
+#[test]
+fn a_start_failure_on_one_host_stops_the_job_and_names_the_host() {
+    let job = job("run-start-fails");
+    job.fleet(&["sync"]).run().assert_code(0);
+    // host3's job folder cannot be made: a file stands where it goes.
+    std::fs::write(
+        format!("{}/.fleet/jobs", job.workdir("host3")),
+        "in the way\n",
+    )
+    .unwrap();
+    let run = job
+        .fleet(&[
+            "run",
+            "--no-sync",
+            "--grace",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 6132",
+        ])
+        .run();
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("host3: could not start the job"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !run.stderr.contains("host1: could not start"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(job.remaining("sleep 6132"), Vec::<String>::new());
+}
+
+/// Between restarts fleet still hears Ctrl-C: it stops waiting and does not restart.
+#[test]
+fn ctrl_c_during_the_restart_delay_ends_fleet_without_a_restart() {
+    let job = job("run-restart-interrupted");
+    let (mut child, _home) = job
+        .fleet(&[
+            "run",
+            "--max-restarts",
+            "3",
+            "--restart-delay",
+            "300",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ])
+        .spawn();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut line = String::new();
+    while !line.contains("===== restart 1 of 3 in 300s") {
+        assert!(Instant::now() < deadline, "no restart was announced");
+        line.clear();
+        assert_ne!(stderr.read_line(&mut line).unwrap(), 0, "fleet ended early");
+    }
+    interrupt(&child);
+    assert_eq!(
+        common::wait_for(&mut child, Duration::from_secs(30)),
+        Some(130)
+    );
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("interrupted: no restart"), "{rest}");
+}
+
+/// A job folder whose wrapper died without a word (a reboot, an OOM kill) while its pid went to
+/// an unrelated process: `fleet ps` says lost and `fleet stop` signals nothing.
+#[test]
+fn a_stale_pid_is_lost_and_never_signalled() {
+    let job = job("run-stale-pid");
+    job.fleet(&["sync"]).run().assert_code(0);
+    let workdir = job.workdir("host1");
+    // An unrelated process on host1, in a process group of its own.
+    let pid = job
+        .tb
+        .ssh(
+            "host1",
+            "setsid sleep 6151 </dev/null >/dev/null 2>&1 & echo $!",
+        )
+        .trim()
+        .to_string();
+    let dir = format!("{workdir}/.fleet/jobs/20260101-000000-dead");
+    job.tb.ssh(
+        "host1",
+        &format!(
+            "mkdir -p {dir} && cat /proc/sys/kernel/random/boot_id > {dir}/boot_id && \
+             echo 1 > {dir}/rank-0.start && echo {pid} > {dir}/rank-0.pid && \
+             echo '{pid} 12345' > {dir}/rank-0.wrapper && echo 20260101-000000-dead > {workdir}/.fleet/current-job"
+        ),
+    );
+    let ps = job.fleet(&["--json", "ps"]).run();
+    ps.assert_code(0);
+    assert!(
+        ps.stdout.contains("\"job\":\"20260101-000000-dead\",\"host\":\"host1\",\"process\":\"rank-0\",\"state\":\"lost\""),
+        "{}",
+        ps.stdout
+    );
+    let stop = job
+        .fleet(&["stop", "--grace", "1", "20260101-000000-dead"])
+        .run();
+    stop.assert_code(0);
+    assert_eq!(
+        job.remaining_on("host1", "sleep 6151").lines().count(),
+        1,
+        "the unrelated process was signalled"
+    );
+    job.tb.ssh("host1", &format!("kill {pid}"));
+}
+
+/// A conda-style `activate`: a script that defines a shell function, and a call of it. The
+/// probe, `fleet exec` and the ranks all run inside the environment it makes.
+#[test]
+fn a_conda_style_activate_line_reaches_torch_everywhere() {
+    let job = job("run-activate-conda");
+    let hook = format!("/tmp/fleet-tests/conda-hook-{}.sh", std::process::id());
+    std::fs::write(
+        &hook,
+        format!(
+            "use_torch() {{ PATH={}:$PATH; export PATH; TORCH_ENV=torch; export TORCH_ENV; }}\n",
+            torch_venv().join("bin").display()
+        ),
+    )
+    .unwrap();
+    job.edit_inventory(|text| {
+        text.replacen(
+            "[fleet]\n",
+            &format!("[fleet]\nactivate = \". {hook} && use_torch\"\n"),
+            1,
+        )
+    });
+    let exec = job
+        .fleet(&[
+            "exec",
+            "--",
+            "python3",
+            "-c",
+            "import torch; print(torch.__version__.split('+')[0])",
+        ])
+        .run();
+    exec.assert_code(0);
+    assert_eq!(
+        exec.sorted_stdout(),
+        ["host1 | 2.11.0", "host2 | 2.11.0", "host3 | 2.11.0"]
+    );
+    let check = job.fleet(&["--json", "check"]).run();
+    let torch: Vec<serde_json::Value> = check
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["check"] == "torch")
+        .collect();
+    assert!(
+        !torch.is_empty()
+            && torch
+                .iter()
+                .all(|r| r["detail"].as_str().unwrap_or("").starts_with("2.11.0")),
+        "{}",
+        check.stdout
+    );
+    let run = job
+        .fleet(&[
+            "run",
+            "--no-check",
+            "--",
+            "sh",
+            "-c",
+            "echo $TORCH_ENV $(command -v torchrun)",
+        ])
+        .run();
+    run.assert_code(0);
+    let expected = format!("torch {}", torch_venv().join("bin/torchrun").display());
+    assert_eq!(run.stdout.matches(&expected).count(), 3, "{}", run.stdout);
+    let _ = std::fs::remove_file(&hook);
+}
+
+/// An `activate` line that fails is named per host with what it printed, and nothing starts.
+#[test]
+fn a_failing_activate_line_is_named_per_host_and_nothing_starts() {
+    let job = job("run-activate-fails");
+    job.edit_inventory(|text| {
+        text.replacen(
+            "[fleet]\n",
+            "[fleet]\nactivate = \". /nonexistent/venv/bin/activate\"\n",
+            1,
+        )
+    });
+    let run = job
+        .fleet(&["run", "--", "sh", "-c", "echo started; exec sleep 6160"])
+        .run();
+    run.assert_code(1);
+    for host in ["host1", "host2", "host3"] {
+        let line = run
+            .stderr
+            .lines()
+            .find(|l| l.contains(&format!("{host}: ")) && l.contains("activate"))
+            .unwrap_or_else(|| panic!("{host} is not named: {}", run.stderr));
+        assert!(line.contains("/nonexistent/venv/bin/activate"), "{line}");
+    }
+    assert!(run.stderr.contains("nothing was started"), "{}", run.stderr);
+    assert!(!run.stdout.contains("started"), "{}", run.stdout);
+    assert_eq!(job.remaining("sleep 6160"), Vec::<String>::new());
+}
+
+/// A program that is not on a host's PATH is named, with that host and the way to fix it.
+#[test]
+fn a_missing_program_names_itself_the_host_and_the_activate_fix() {
+    let job = job("run-missing-program");
+    let run = job
+        .fleet(&[
+            "run",
+            "--no-check",
+            "--",
+            "no-such-trainer-4711",
+            "--epochs",
+            "1",
+        ])
+        .run();
+    run.assert_code(127);
+    // Whichever rank failed first is named with its host.
+    assert!(
+        ["host1", "host2", "host3"]
+            .iter()
+            .any(|h| run.stderr.contains(&format!(" on {h} exited with 127"))),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("fleet: no-such-trainer-4711: not found on this host (PATH="),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("set activate = \"...\" in the inventory"),
+        "{}",
+        run.stderr
+    );
 }

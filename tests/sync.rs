@@ -556,3 +556,53 @@ fn a_missing_source_or_a_link_out_of_the_tree_is_refused_by_name() {
         run.stderr
     );
 }
+
+/// On a terminal `--delete` lists what it would remove and asks; "n" removes nothing. A name
+/// from the host with an escape sequence in it is shown, not obeyed.
+#[test]
+fn on_a_terminal_delete_asks_and_no_keeps_everything() {
+    let p = Project::new("delete-asks");
+    p.write("a.txt", "a\n");
+    p.write("old\x1b]0;owned\x07.txt", "old\n");
+    p.fleet(&["sync"]).run().assert_code(0);
+    std::fs::remove_file(p.root().join("old\x1b]0;owned\x07.txt")).unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let command = format!(
+        "{} -i {} sync --delete",
+        env!("CARGO_BIN_EXE_fleet"),
+        p.inventory.display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("HOME", home.path())
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"n\nn\nn\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches("[y/N]").count(), 3, "{text}");
+    assert!(
+        text.contains("--delete removes 1 path(s) an earlier sync put there: old^[]0;owned^G.txt"),
+        "{text}"
+    );
+    // fleet's own colours are escape sequences too; the host's must not be among them.
+    assert!(
+        !text.contains("\x1b]0;owned"),
+        "the host's escape sequence reached the terminal: {text:?}"
+    );
+    for host in ["host1", "host2", "host3"] {
+        assert!(
+            Path::new(&p.workdir(host))
+                .join("old\x1b]0;owned\x07.txt")
+                .exists(),
+            "{host}"
+        );
+    }
+}

@@ -169,6 +169,54 @@ fn a_second_sync_waits_for_the_first_and_never_interleaves() {
     );
 }
 
+/// The file is still while the project is scanned, and written to once its upload has begun (a
+/// temporary file of fleet's exists on a host): the upload notices, and nothing lands.
+#[test]
+fn a_file_written_while_it_is_sent_is_named_and_never_lands() {
+    let p = Project::new("written-while-sent");
+    p.write("steady.txt", "steady\n");
+    // Large enough that its upload takes a while on loopback.
+    p.write("big.bin", vec![7u8; 256 << 20]);
+    let workdir = std::path::PathBuf::from(p.workdir("host1"));
+    let path = p.source.path().join("big.bin");
+    let watcher = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let sending = std::fs::read_dir(&workdir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".fleet-tmp."));
+            if sending {
+                let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                // Near the end: the upload reads from the start, so it has not got there yet.
+                file.write_all_at(b"changed", 250 << 20).unwrap();
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    let run = p.sync();
+    assert!(watcher.join().unwrap(), "no upload was seen on host1");
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("big.bin: changed while it was being sent; sync again once it is written"),
+        "{}",
+        run.stderr
+    );
+    for h in ["host1", "host2", "host3"] {
+        assert_eq!(p.leftovers(h), "", "{h}");
+        assert!(
+            !std::path::Path::new(&p.workdir(h)).join("big.bin").exists(),
+            "{h}: a file that changed while it was sent landed"
+        );
+    }
+}
+
 #[test]
 fn a_file_written_during_the_sync_is_named_and_not_half_sent() {
     let p = Project::new("growing");
@@ -310,7 +358,7 @@ fn a_full_disk_during_a_run_stops_the_job_and_names_the_host() {
             "--",
             "sh",
             "-c",
-            "head -c 3000000 /dev/zero | tr '\\0' x; echo",
+            "if [ \"$RANK\" = 0 ]; then head -c 3000000 /dev/zero | tr '\\0' x; echo; else exec sleep 6140; fi",
         ])
         .run();
     // Not even the exit status fits on that disk: the rank is seen gone (exit 255), and why.
@@ -322,4 +370,6 @@ fn a_full_disk_during_a_run_stops_the_job_and_names_the_host() {
     );
     let expected = format!("host1: the disk holding {} is full", p.workdir("host1"));
     assert!(run.stderr.contains(&expected), "{}", run.stderr);
+    // The other ranks, which would have slept on, were stopped.
+    assert_eq!(p.remaining("sleep 6140"), Vec::<String>::new());
 }

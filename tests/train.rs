@@ -525,8 +525,15 @@ fn an_unreachable_master_fails_within_the_connect_timeout() {
             .spawn()
             .unwrap(),
     ];
+    let started = Instant::now();
     let run = finish(children).remove(0);
+    let elapsed = started.elapsed();
     assert_eq!(run.code, Some(1));
+    // It waited its --connect-timeout, and not much longer.
+    assert!(
+        elapsed >= Duration::from_secs(3) && elapsed < Duration::from_secs(15),
+        "gave up after {elapsed:?}"
+    );
     let expected = format!("could not meet the other 1 ranks at 127.0.0.1:{port} within 3 s");
     assert!(run.stderr.contains(&expected), "{}", run.stderr);
     assert!(
@@ -565,8 +572,16 @@ fn a_peer_dying_mid_training_stops_every_other_rank() {
         );
     }
     children[2].kill().unwrap();
+    let killed = Instant::now();
     // Without a timeout the survivors would wait for rank 2 until `finish` gives up on them.
     let mut runs = finish(children);
+    let stopped = killed.elapsed();
+    // Gloo notices the closed connection at the next collective and the store tells who is
+    // gone within 5 s: well inside the --timeout of 60 s a hang would take.
+    assert!(
+        stopped < Duration::from_secs(20),
+        "the survivors took {stopped:?} to stop"
+    );
     runs.truncate(2);
     for (rank, run) in runs.iter().enumerate() {
         assert_eq!(
@@ -581,10 +596,17 @@ fn a_peer_dying_mid_training_stops_every_other_rank() {
             run.stderr
         );
         assert!(
-            run.stderr.contains("rank 2"),
+            run.stderr.contains("lost rank 2 ("),
             "the lost peer is not named: {}",
             run.stderr
         );
+        for alive in ["lost rank 0", "lost rank 1", ", rank 0 (", ", rank 1 ("] {
+            assert!(
+                !run.stderr.contains(alive),
+                "a live rank is named lost: {}",
+                run.stderr
+            );
+        }
     }
 }
 
@@ -895,6 +917,32 @@ const RESTARTABLE: [&str; 10] = [
     "--checkpoint-dir",
 ];
 
+/// `fleet run --max-restarts 1` of `args`, with host2's rank killed once a line holds `after`;
+/// returns the run, which restarted once and succeeded.
+fn killed_once_and_restarted(project: &common::Project, args: &[&str], after: &str) -> common::Run {
+    let (mut child, _home) = project
+        .fleet(
+            &[
+                &["run", "--max-restarts", "1", "--restart-delay", "1", "--"][..],
+                args,
+            ]
+            .concat(),
+        )
+        .spawn();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    read_until(&mut stdout, after);
+    // By name (-x): the rank itself, not the shells around it.
+    project.tb.ssh("host2", "pkill -KILL -x fleet-train");
+    let run = finish_fleet(child, stdout);
+    run.assert_code(0);
+    assert!(
+        run.stderr.contains("===== restart 1 of 1 in 1s: "),
+        "{}",
+        run.stderr
+    );
+    run
+}
+
 #[test]
 fn a_killed_rank_restarts_from_the_checkpoint_and_ends_like_an_uninterrupted_run() {
     let _cores = cores();
@@ -905,27 +953,8 @@ fn a_killed_rank_restarts_from_the_checkpoint_and_ends_like_an_uninterrupted_run
     straight.assert_code(0);
     let expected = summaries(&straight.stdout)[0]["params_sha256"].clone();
 
-    let (mut child, _home) = project
-        .fleet(
-            &[
-                &["run", "--max-restarts", "1", "--restart-delay", "1", "--"][..],
-                &RESTARTABLE,
-                &["ck-restart"],
-            ]
-            .concat(),
-        )
-        .spawn();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    read_until(&mut stdout, "\"event\":\"checkpoint\",\"step\":10}");
-    // By name (-x): the rank itself, not the shells around it, whose command lines mention it.
-    project.tb.ssh("host2", "pkill -KILL -x fleet-train");
-    let run = finish_fleet(child, stdout);
-    run.assert_code(0);
-    assert!(
-        run.stderr.contains("===== restart 1 of 1 in 1s: "),
-        "{}",
-        run.stderr
-    );
+    let args = [&RESTARTABLE[..], &["ck-restart"]].concat();
+    let run = killed_once_and_restarted(&project, &args, "\"event\":\"checkpoint\",\"step\":10}");
     assert!(
         run.stderr.contains("after 1 restart(s) ("),
         "{}",
@@ -1117,4 +1146,64 @@ fn overlapping_the_all_reduce_with_backward_gives_the_same_parameters() {
     // ...and every bucket was read once its gradients were complete (a bucket sent too early
     // would miss part of a gradient, or the first micro-batch's share).
     assert_eq!(overlap["params_sha256"], after["params_sha256"]);
+}
+
+/// Checkpoints belong to their job. A restart whose own first checkpoint is not written yet
+/// starts over rather than continue another job's checkpoint left in the same folder, and a
+/// run resumed with nothing left to train reports what the checkpoint holds.
+#[test]
+fn a_restart_never_continues_another_jobs_checkpoint() {
+    let _cores = cores();
+    let project = trainer_project("train-own-checkpoints");
+    let first = project
+        .fleet(&[&["run", "--"][..], &RESTARTABLE, &["shared"]].concat())
+        .run();
+    first.assert_code(0);
+    let finished = summaries(&first.stdout)[0].clone();
+    let total = finished["steps"].as_u64().unwrap();
+
+    // --resume asks for the last checkpoint, whoever wrote it: here nothing is left to train.
+    let again = project
+        .fleet(&[&["run", "--"][..], &RESTARTABLE, &["shared", "--resume"]].concat())
+        .run();
+    again.assert_code(0);
+    let resumed = summaries(&again.stdout);
+    assert_eq!(resumed.len(), 3, "{}", again.stdout);
+    for s in &resumed {
+        assert_eq!(s["steps"], total);
+        assert_eq!(s["steps_trained"], 0);
+        assert!(s.get("samples_per_s").is_none(), "a rate of nothing: {s}");
+        assert_eq!(s["val_accuracy"], finished["val_accuracy"], "{s}");
+        assert_eq!(s["train_loss"], finished["train_loss"], "{s}");
+        assert_eq!(s["params_sha256"], finished["params_sha256"]);
+    }
+    assert!(
+        again.stdout.contains("\"nothing_left\":true"),
+        "{}",
+        again.stdout
+    );
+
+    // Another job, same data and folder, checkpointing rarely: one rank is killed before its
+    // first checkpoint, and the restart trains from the start.
+    let mut other: Vec<&str> = RESTARTABLE.to_vec();
+    other[6] = "1000";
+    other.extend(["shared", "--seed", "9"]);
+    let run = killed_once_and_restarted(&project, &other, "\"event\":\"progress\"");
+    let resume: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter(|l| l.contains("\"event\":\"resume\""))
+        .collect();
+    assert_eq!(resume.len(), 1, "{}", run.stdout);
+    assert!(
+        resume[0].contains("\"found\":false") && resume[0].contains("\"other_job\":\"20"),
+        "{}",
+        resume[0]
+    );
+    for s in summaries(&run.stdout) {
+        assert_eq!(
+            s["steps_trained"], total,
+            "the restart did not start over: {s}"
+        );
+    }
 }

@@ -31,7 +31,10 @@ fn main() -> std::process::ExitCode {
                 ExitCode::Failure
             };
             let label = console::style("error:").red().bold().for_stderr();
-            eprintln!("{label} {error:#}");
+            // The chain may quote a host (its stderr, a path it sent).
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let text = format!("{error:#}");
+            eprintln!("{label} {}", fleet::output::sanitize_text(&text, terminal));
             code.into()
         }
     }

@@ -14,7 +14,7 @@ use crate::cli::CheckArgs;
 use crate::exit_code::ExitCode;
 use crate::inventory::Inventory;
 use crate::launch::remote::interface_to;
-use crate::output::{Printer, Stream};
+use crate::output::{Printer, Stream, count};
 use crate::preflight::{
     Finding, HostReport, connect_script, evaluate, listener_script, parse_probe, probe_script,
 };
@@ -94,15 +94,24 @@ async fn check(fleet: &Fleet, inventory: &Inventory, before_run: bool) -> Result
     let probes = join_all(sessions.iter().zip(&inventory.hosts).map(
         |(session, host)| async move {
             let session = session.as_ref()?;
-            let script = probe_script(&host.workdir, checks);
-            let sent = now_ms();
+            let script = probe_script(&host.workdir, host.activate.as_deref(), checks);
             let result = tokio::time::timeout(PROBE_DEADLINE, session.capture(&script)).await;
-            let laptop = (sent + now_ms()) / 2;
+            // The host reads its clock as the probe's last act: the answer arrives a one-way
+            // trip later, however long the probe took.
+            let laptop = now_ms();
             Some(match result {
-                Ok(Ok((_, out, _))) => Ok((
-                    parse_probe(&host.name, &String::from_utf8_lossy(&out)),
-                    laptop,
-                )),
+                Ok(Ok((_, out, err))) => {
+                    let report = parse_probe(&host.name, &String::from_utf8_lossy(&out));
+                    if report.get("probe_complete").is_some() {
+                        Ok((report, laptop))
+                    } else {
+                        Err(format!(
+                            "{}: the probe stopped before its end: {}",
+                            host.name,
+                            String::from_utf8_lossy(&err).trim()
+                        ))
+                    }
+                }
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(format!(
                     "{}: no answer to the probe within {}s",
@@ -216,7 +225,7 @@ async fn files_in_sync(inventory: &Inventory, sessions: &[Option<Session>]) -> V
                                 check: "files".into(),
                                 host: name,
                                 ok: true,
-                                detail: format!("{} files in sync", plan.unchanged),
+                                detail: format!("{} in sync", count(plan.unchanged, "file")),
                                 fix: None,
                                 values: Vec::new(),
                             }
@@ -225,11 +234,14 @@ async fn files_in_sync(inventory: &Inventory, sessions: &[Option<Session>]) -> V
                                 check: "files".into(),
                                 host: name,
                                 ok: false,
-                                detail: format!(
-                                    "{} files to send, {} folders to create",
-                                    plan.uploads.len(),
-                                    plan.mkdirs.len()
-                                ),
+                                detail: match plan.mkdirs.len() {
+                                    0 => format!("{} to send", count(plan.uploads.len(), "file")),
+                                    folders => format!(
+                                        "{} to send, {} to create",
+                                        count(plan.uploads.len(), "file"),
+                                        count(folders, "folder")
+                                    ),
+                                },
                                 fix: Some("run fleet sync (fleet run does it first)".into()),
                                 values: Vec::new(),
                             }
@@ -381,7 +393,10 @@ fn grid(printer: &Printer, hosts: &[String], findings: &[Finding]) -> String {
         let mark = if f.ok { &ok } else { &bad };
         match (&f.host, f.values.is_empty()) {
             (Some(host), _) => {
-                cells.insert((&f.check, host), format!("{mark} {}", f.detail));
+                cells.insert(
+                    (&f.check, host),
+                    format!("{mark} {}", printer.clean(&f.detail)),
+                );
             }
             (None, false) => {
                 let count = |v: &String| f.values.iter().filter(|(_, w)| w == v).count();
@@ -393,6 +408,7 @@ fn grid(printer: &Printer, hosts: &[String], findings: &[Finding]) -> String {
                     .cloned()
                     .unwrap_or_default();
                 for (host, value) in &f.values {
+                    let value = printer.clean(value);
                     let cell = if f.ok || *value == common {
                         format!("{ok} {value}")
                     } else {
@@ -403,7 +419,10 @@ fn grid(printer: &Printer, hosts: &[String], findings: &[Finding]) -> String {
             }
             (None, true) => {
                 for host in hosts {
-                    cells.insert((&f.check, host), format!("{mark} {}", f.detail));
+                    cells.insert(
+                        (&f.check, host),
+                        format!("{mark} {}", printer.clean(&f.detail)),
+                    );
                 }
             }
         }

@@ -49,19 +49,22 @@ pub async fn run(fleet: &Fleet, args: &ExecArgs) -> Result<ExitCode> {
     let inventory = fleet.inventory()?;
     let targets = fleet.targets(&inventory)?;
     let options = fleet.connect_options(&inventory, &targets)?;
-    let command = Script::new(remote::EXEC).arg(if args.shell {
+    // One argument with spaces in it is a shell line, as `ssh host 'a && b'` takes it.
+    let one_line = matches!(&args.command[..], [line] if line.contains(char::is_whitespace));
+    let line = if args.shell || one_line {
         args.command.join(" ")
     } else {
         shell::join(&args.command)
-    });
+    };
     let names: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
     let labels = Labels::hosts(&fleet.printer, &names);
 
-    let outcomes =
-        join_all(targets.iter().enumerate().map(|(index, target)| {
-            run_on(&fleet.printer, &labels, &options, index, target, &command)
-        }))
-        .await;
+    let outcomes = join_all(targets.iter().enumerate().map(|(index, target)| {
+        let activate = inventory.hosts[index].activate.clone().unwrap_or_default();
+        let command = Script::new(remote::EXEC).args([line.clone(), activate]);
+        run_on(&fleet.printer, &labels, &options, index, target, command)
+    }))
+    .await;
 
     for learned in options.host_keys.learned() {
         fleet.printer.info(&format!(
@@ -78,7 +81,7 @@ async fn run_on(
     options: &ConnectOptions,
     index: usize,
     target: &Target,
-    command: &Script,
+    command: Script,
 ) -> Result<ExitStatus, SshError> {
     let session = Session::connect(target, options).await?;
     printer.debug(&format!(
@@ -96,7 +99,7 @@ async fn run_on(
         stderr: LineSplitter::new(),
     };
     let status = session
-        .exec_attended(command, |stream, data| output.push(stream, data))
+        .exec_attended(&command, |stream, data| output.push(stream, data))
         .await;
     output.finish();
     session.close().await;

@@ -177,6 +177,12 @@ fn inventory_text(args: &InitArgs, source: &str) -> Result<String> {
         Some(identity) => text.push_str(&format!("identity = {}\n", toml_string(&identity.display().to_string()))),
         None => text.push_str("# identity = \"~/.ssh/id_ed25519\"  # default: ~/.ssh/config, ssh-agent, ~/.ssh/id_*\n"),
     }
+    match &args.activate {
+        Some(line) => text.push_str(&format!("activate = {}\n", toml_string(line))),
+        None => text.push_str(
+            "# activate = \". ~/torch-venv/bin/activate\"  # run before every command: venv, conda, module load\n",
+        ),
+    }
     text.push_str(
         "workdir = \"~/fleet/project\"         # where `fleet sync` puts the project on each host\n\
          ranks = 1                           # processes per host: one per GPU\n\

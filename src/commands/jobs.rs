@@ -101,10 +101,9 @@ pub async fn ps(fleet: &Fleet) -> Result<ExitCode> {
     }
     rows.sort();
     if !fleet.printer.json() {
-        fleet.printer.write(
-            Stream::Stdout,
-            &table::render(&["JOB", "HOST", "PROCESS", "STATE"], &rows),
-        );
+        fleet
+            .printer
+            .data(&table::render(&["JOB", "HOST", "PROCESS", "STATE"], &rows));
     }
     close(sessions).await;
     Ok(code)
@@ -177,10 +176,9 @@ pub async fn stop(fleet: &Fleet, args: &StopArgs) -> Result<ExitCode> {
         }
     }
     if !rows.is_empty() {
-        fleet.printer.write(
-            Stream::Stdout,
-            &table::render(&["JOB", "HOST", "PROCESS", "STATE"], &rows),
-        );
+        fleet
+            .printer
+            .data(&table::render(&["JOB", "HOST", "PROCESS", "STATE"], &rows));
     }
     close(sessions).await;
     Ok(code)

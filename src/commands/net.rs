@@ -141,7 +141,9 @@ async fn measure_from(
 ) -> Result<Vec<Link>> {
     let (hosts, port) = (&inventory.hosts, inventory.master_port);
     let name = &hosts[server].name;
+    let activate = |host: &crate::inventory::Host| host.activate.clone().unwrap_or_default();
     let serve = Script::new(remote::NETPERF).args([
+        activate(&hosts[server]),
         remote::NETPERF_PY.to_string(),
         "serve".into(),
         port.to_string(),
@@ -162,6 +164,7 @@ async fn measure_from(
             .printer
             .info(&format!("measuring {name} <-> {} ...", host.name));
         let measure = Script::new(remote::NETPERF).args([
+            activate(host),
             remote::NETPERF_PY.to_string(),
             "measure".into(),
             address.to_string(),

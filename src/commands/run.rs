@@ -18,8 +18,7 @@ use crate::launch::follow::{Followed, follow_host};
 use crate::launch::remote::{BUSY, NO_WORKDIR, interface_to, job_dir, start_script, stem};
 use crate::launch::supervise::{Outcome, Supervisor};
 use crate::launch::{JobPlan, Mode, new_job_id, plan};
-use crate::remote::{self, Script};
-use crate::ssh::{ExitStatus, Session};
+use crate::ssh::ExitStatus;
 
 /// `runs/<job>/summary.json`.
 #[derive(Serialize)]
@@ -86,6 +85,7 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     if args.max_restarts == 0 {
         let attempt = Attempt {
             number: None,
+            run_id: job_id.clone(),
             remote_id: job_id,
             run_dir: runs,
         };
@@ -100,6 +100,8 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
 struct Attempt {
     /// None without --max-restarts (the job runs once, exactly as it always did).
     number: Option<u32>,
+    /// The job's id, the same for every attempt.
+    run_id: String,
     remote_id: String,
     run_dir: PathBuf,
 }
@@ -171,6 +173,7 @@ async fn restart_loop(
         }
         let attempt = Attempt {
             number: Some(number),
+            run_id: job_id.to_string(),
             remote_id: if number == 0 {
                 job_id.to_string()
             } else {
@@ -189,7 +192,12 @@ async fn restart_loop(
             resumed_from: ended.outcome.as_ref().and_then(|o| o.resumed_from),
         });
         let interrupted = ended.outcome.as_ref().is_some_and(|o| o.interrupted);
-        if code == ExitCode::Success || interrupted || number == args.max_restarts {
+        // Every process of the job ran to a clean end: there is nothing to restart.
+        let finished = ended
+            .outcome
+            .as_ref()
+            .is_some_and(|o| !o.exits.is_empty() && o.exits.iter().all(|e| *e == Some(0)));
+        if code == ExitCode::Success || finished || interrupted || number == args.max_restarts {
             break;
         }
         let reason = ended
@@ -326,6 +334,12 @@ async fn start(
     let addresses: Vec<String> = targets.iter().map(|t| t.addr.clone()).collect();
     let job_id = attempt.remote_id.clone();
     let mut job = plan(inventory, &addresses, command, mode, &job_id);
+    // The job across its restarts: fleet-train resumes only checkpoints of its own job.
+    for process in &mut job.processes {
+        process
+            .env
+            .insert("FLEET_RUN_ID".into(), attempt.run_id.clone());
+    }
     if let Some(number) = attempt.number {
         for process in &mut job.processes {
             process
@@ -361,7 +375,8 @@ async fn start(
         .collect();
 
     let starts = join_all(sessions.iter().enumerate().map(|(i, session)| {
-        let (script, input) = start_script(&workdirs[i], &job, i, &extra_env[i]);
+        let activate = inventory.hosts[i].activate.as_deref();
+        let (script, input) = start_script(&workdirs[i], &job, i, activate, &extra_env[i]);
         async move { session.capture_with_input(&script, &input).await }
     }))
     .await;
@@ -430,29 +445,39 @@ async fn start(
         job.master_port
     ));
 
-    let supervisor = Supervisor {
-        printer: &fleet.printer,
-        job: &job,
-        host_names: &host_names,
-        sessions: &sessions,
-        workdirs: &workdirs,
-        grace: Duration::from_secs(args.grace),
-        timestamps: args.timestamps,
-        run_dir: run_dir.clone(),
-        followed: starts
-            .iter()
-            .map(|s| matches!(s, Ok((ExitStatus::Code(0), _, _))))
-            .collect(),
-        interrupts: &fleet.interrupts,
-    };
+    // Each host that started is followed; one that cannot be (no SFTP, no workdir) is named
+    // and the job stopped, never left running unsupervised.
+    let mut followed: Vec<bool> = starts
+        .iter()
+        .map(|s| matches!(s, Ok((ExitStatus::Code(0), _, _))))
+        .collect();
     let (events, receiver) = mpsc::channel(1024);
     let mut followers = Vec::new();
     for (i, session) in sessions.iter().enumerate() {
-        if !supervisor.followed[i] {
+        if !followed[i] {
             continue;
         }
-        let sftp = session.sftp().await?;
-        let root = remote_root(session, &workdirs[i]).await?;
+        // The start script said where the workdir is (SFTP does not expand `~`).
+        let root = match &starts[i] {
+            Ok((_, out, _)) => String::from_utf8_lossy(out)
+                .trim()
+                .strip_prefix("started ")
+                .unwrap_or_default()
+                .to_string(),
+            Err(_) => String::new(),
+        };
+        let sftp = match session.sftp().await {
+            Ok(sftp) => sftp,
+            Err(e) => {
+                fleet.printer.error(&format!(
+                    "{}: cannot follow the job's logs ({e}); stopping the job",
+                    host_names[i]
+                ));
+                followed[i] = false;
+                refused = true;
+                continue;
+            }
+        };
         let processes = job
             .on_host(i)
             .map(|p| Followed {
@@ -470,6 +495,18 @@ async fn start(
             events.clone(),
         ));
     }
+    let supervisor = Supervisor {
+        printer: &fleet.printer,
+        job: &job,
+        host_names: &host_names,
+        sessions: &sessions,
+        workdirs: &workdirs,
+        grace: Duration::from_secs(args.grace),
+        timestamps: args.timestamps,
+        run_dir: run_dir.clone(),
+        followed,
+        interrupts: &fleet.interrupts,
+    };
     drop(events);
     // When a host refused, whatever did start is stopped at once.
     let outcome = {
@@ -534,18 +571,4 @@ async fn start(
         outcome: Some(outcome),
         reason,
     })
-}
-
-/// The absolute path of a workdir on the host (SFTP does not expand `~`).
-async fn remote_root(session: &Session, workdir: &str) -> Result<String> {
-    let script = Script::new(remote::WORKDIR_ROOT).arg(workdir);
-    let (status, out, err) = session.capture(&script).await?;
-    if status != ExitStatus::Code(0) {
-        bail!(
-            "{}: cannot enter {workdir}: {}",
-            session.target().name,
-            String::from_utf8_lossy(&err).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out).trim().to_string())
 }

@@ -161,9 +161,9 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
     drop(context);
     let describe = |local: &Scan| {
         fleet.printer.info(&format!(
-            "{}: {} files, {} ({} hashed) in {:.2}s",
+            "{}: {}, {} ({} hashed) in {:.2}s",
             inventory.sync.source.display(),
-            local.manifest.files().count(),
+            crate::output::count(local.manifest.files().count(), "file"),
             human_bytes(local.manifest.total_bytes()),
             local.hashed,
             started.elapsed().as_secs_f64()
@@ -271,6 +271,22 @@ impl HostContext<'_> {
         let result = self
             .with_session(&session, host, copy, known, started)
             .await;
+        // A host that went away mid-sync (a crash, a cut link) fails whatever was on the wire;
+        // it is a lost host (exit 3), with what failed as the reason.
+        let result = match result {
+            Err(e) if session.is_closed() && !matches!(e, SyncError::Ssh(_)) => {
+                let reason = e.to_string();
+                let reason = reason
+                    .strip_prefix(&format!("{}: ", host.name))
+                    .unwrap_or(&reason)
+                    .to_string();
+                Err(SyncError::Ssh(crate::ssh::SshError::Lost {
+                    host: host.name.clone(),
+                    reason: format!("during the sync: {reason}"),
+                }))
+            }
+            other => other,
+        };
         session.close().await;
         result
     }
@@ -549,10 +565,7 @@ fn report(
                 }
                 if !printer.json() {
                     for d in differences {
-                        printer.write(
-                            Stream::Stdout,
-                            &format!("{name}\t{}\t{}\n", d.problem, d.path),
-                        );
+                        printer.data(&format!("{name}\t{}\t{}\n", d.problem, d.path));
                     }
                     if differences.is_empty() {
                         printer.info(&format!("{name}: every file matches"));
@@ -576,10 +589,14 @@ fn report(
     }
     if before_run {
         let sent: usize = rows.iter().filter_map(|r| r[1].parse::<usize>().ok()).sum();
-        printer.info(&format!("synced {} hosts: {sent} files sent", rows.len()));
+        printer.info(&format!(
+            "synced {}: {} sent",
+            crate::output::count(rows.len(), "host"),
+            crate::output::count(sent, "file")
+        ));
     } else if !rows.is_empty() && !printer.json() {
         let header = ["HOST", "SENT", "BYTES", "UNCHANGED", "REMOVED", "SECONDS"];
-        printer.write(Stream::Stdout, &table::render(&header, &rows));
+        printer.data(&table::render(&header, &rows));
     }
     code
 }
@@ -649,7 +666,7 @@ fn print_plan(printer: &Printer, host: &str, plan: &Plan, delete: bool) {
             if delete { "keep" } else { "extraneous" }
         ));
     }
-    printer.write(Stream::Stdout, &lines);
+    printer.data(&lines);
     printer.info(&format!(
         "{host}: {} to send ({}), {} unchanged",
         plan.uploads.len(),

@@ -43,12 +43,13 @@ pub const BUSY: u32 = 75;
 pub const NO_WORKDIR: u32 = 70;
 
 /// The script that starts host `host`'s processes of `job` in `workdir`, and its stdin: it
-/// prints `busy <job>` (exit 75) when another job runs there, or `started` once every wrapper
-/// is off.
+/// prints `busy <job>` (exit 75) when another job runs there, or `started <workdir's absolute
+/// path>` once every wrapper is off.
 pub fn start_script(
     workdir: &str,
     job: &JobPlan,
     host: usize,
+    activate: Option<&str>,
     extra_env: &BTreeMap<String, String>,
 ) -> (Script, Vec<u8>) {
     let processes: Vec<&Process> = job.on_host(host).collect();
@@ -67,18 +68,29 @@ pub fn start_script(
             .file(),
     );
     for process in processes {
-        block(process_file(process, extra_env).as_bytes());
+        block(process_file(process, activate, extra_env).as_bytes());
     }
     (script, input)
 }
 
-/// What the wrapper of `process` reads: its environment as `export` lines (with the mark that
+/// What the wrapper of `process` reads: the host's `activate` line (a failure ends the process
+/// with 126 and says so in its log), its environment as `export` lines (with the mark that
 /// finds all its processes), then its command as `set --`.
-fn process_file(process: &Process, extra_env: &BTreeMap<String, String>) -> String {
+fn process_file(
+    process: &Process,
+    activate: Option<&str>,
+    extra_env: &BTreeMap<String, String>,
+) -> String {
     let mut env = extra_env.clone();
     env.extend(process.env.clone());
     env.insert("FLEET_PROCESS".into(), stem(process));
     let mut file = String::new();
+    if let Some(line) = activate {
+        file.push_str(&format!(
+            "command eval {line} || {{ printf 'fleet: activate = \"%s\" failed (exit %s)\\n' {line} \"$?\" >&2; exit 126; }}\n",
+            line = quote(line)
+        ));
+    }
     for (name, value) in &env {
         file.push_str(&format!("export {name}={}\n", quote(value)));
     }
@@ -213,7 +225,7 @@ mod tests {
     }
 
     fn start(dir: &std::path::Path, job: &JobPlan) -> String {
-        let (script, input) = start_script(dir.to_str().unwrap(), job, 0, &BTreeMap::new());
+        let (script, input) = start_script(dir.to_str().unwrap(), job, 0, None, &BTreeMap::new());
         run(dir, &script, &input)
     }
 
@@ -245,7 +257,11 @@ mod tests {
     fn the_start_script_runs_detached_wrappers() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(start(dir.path(), &job()), "started\n");
+        let root = dir.path().canonicalize().unwrap();
+        assert_eq!(
+            start(dir.path(), &job()),
+            format!("started {}\n", root.display())
+        );
         let jobs = dir.path().join(".fleet/jobs/J1");
         wait_for("the wrappers did not finish", || {
             jobs.join("rank-0.exit").exists() && jobs.join("rank-1.exit").exists()
@@ -295,6 +311,37 @@ mod tests {
         );
         assert_eq!(label_of("rank-12"), "12");
         assert_eq!(label_of("node-2"), "n2");
+    }
+
+    /// A second job is refused while the first runs, before it writes anything of its own.
+    #[test]
+    fn a_busy_workdir_refuses_a_second_job_and_gets_no_folder_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = escaping_job("J4", "x");
+        first.processes[0].argv = ["sh", "-c", "exec sleep 30"].map(String::from).to_vec();
+        start(dir.path(), &first);
+        let mut second = job();
+        second.job_id = "J5".into();
+        let (script, input) = start_script(
+            dir.path().to_str().unwrap(),
+            &second,
+            0,
+            None,
+            &BTreeMap::new(),
+        );
+        let out = crate::remote::run_here("sh", dir.path(), &script, &input);
+        assert_eq!(out.status.code(), Some(BUSY as i32));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "busy J4\n");
+        assert!(!dir.path().join(".fleet/jobs/J5").exists());
+        let workdir = dir.path().to_str().unwrap();
+        run(
+            dir.path(),
+            &signal_script(workdir, "J4", &["rank-0".to_string()], "KILL"),
+            b"",
+        );
+        wait_for("J4 did not end", || {
+            dir.path().join(".fleet/jobs/J4/rank-0.exit").exists()
+        });
     }
 
     /// A job of one process that starts a child in a session of its own (as torchrun starts

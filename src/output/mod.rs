@@ -7,4 +7,13 @@ mod sanitize;
 
 pub use lines::LineSplitter;
 pub use printer::{ColorChoice, Labels, Printer, Stream};
-pub use sanitize::sanitize;
+pub use sanitize::{sanitize, sanitize_text};
+
+/// `1 file`, `3 files`: a count with its noun, for messages.
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}

@@ -137,6 +137,19 @@ impl Printer {
         }
     }
 
+    /// Data on stdout that holds text from hosts (tables, paths): on a terminal, control
+    /// characters in it are shown, not obeyed.
+    pub fn data(&self, text: &str) {
+        let clean = super::sanitize::sanitize_text(text, self.stdout.terminal);
+        self.write(Stream::Stdout, &clean);
+    }
+
+    /// `text` as it may be shown on stdout (see [`Printer::data`]), for text that is styled
+    /// afterwards.
+    pub fn clean<'t>(&self, text: &'t str) -> std::borrow::Cow<'t, str> {
+        super::sanitize::sanitize_text(text, self.stdout.terminal)
+    }
+
     /// One JSON Lines record on stdout.
     pub fn record<T: Serialize>(&self, value: &T) {
         match serde_json::to_string(value) {
@@ -159,16 +172,22 @@ impl Printer {
     }
 
     /// Progress and notes on stderr; silent with `-q` or `--json`.
+    /// Messages may quote hosts (a file name, a host's stderr): on a terminal their control
+    /// characters are shown, not obeyed.
+    fn message<'m>(&self, message: &'m str) -> std::borrow::Cow<'m, str> {
+        super::sanitize::sanitize_text(message, self.stderr.terminal)
+    }
+
     pub fn info(&self, message: &str) {
         if !self.quiet && !self.json {
-            self.write(Stream::Stderr, &format!("{message}\n"));
+            self.write(Stream::Stderr, &format!("{}\n", self.message(message)));
         }
     }
 
     /// Details shown with `-v`.
     pub fn debug(&self, message: &str) {
         if self.verbose {
-            self.write(Stream::Stderr, &format!("{message}\n"));
+            self.write(Stream::Stderr, &format!("{}\n", self.message(message)));
         }
     }
 
@@ -176,14 +195,20 @@ impl Printer {
         let label = self
             .style(Stream::Stderr, Style::new().yellow().bold())
             .apply_to("warning:");
-        self.write(Stream::Stderr, &format!("{label} {message}\n"));
+        self.write(
+            Stream::Stderr,
+            &format!("{label} {}\n", self.message(message)),
+        );
     }
 
     pub fn error(&self, message: &str) {
         let label = self
             .style(Stream::Stderr, Style::new().red().bold())
             .apply_to("error:");
-        self.write(Stream::Stderr, &format!("{label} {message}\n"));
+        self.write(
+            Stream::Stderr,
+            &format!("{label} {}\n", self.message(message)),
+        );
     }
 }
 

@@ -26,6 +26,19 @@ pub fn sanitize(line: &[u8], for_terminal: bool) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Like [`sanitize`] for text fleet composes around host-supplied parts (a file name, a probe
+/// value, a host's stderr in an error): line breaks and tabs of its own stay.
+pub fn sanitize_text(text: &str, for_terminal: bool) -> Cow<'_, str> {
+    if !for_terminal || !text.chars().any(|c| c != '\n' && is_unsafe(c)) {
+        return Cow::Borrowed(text);
+    }
+    let lines: Vec<Cow<'_, str>> = text
+        .split('\n')
+        .map(|l| sanitize(l.as_bytes(), true))
+        .collect();
+    Cow::Owned(lines.join("\n"))
+}
+
 fn is_unsafe(c: char) -> bool {
     (c.is_control() && c != '\t') || matches!(c, '\u{2028}' | '\u{2029}')
 }
@@ -33,6 +46,16 @@ fn is_unsafe(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn composed_text_keeps_its_lines_and_tabs_but_not_escapes() {
+        let text = "host1\tsend\tevil\x1b]0;owned\x07.txt\nhost2\tsend\tok.txt\n";
+        assert_eq!(
+            sanitize_text(text, true),
+            "host1\tsend\tevil^[]0;owned^G.txt\nhost2\tsend\tok.txt\n"
+        );
+        assert_eq!(sanitize_text(text, false), text);
+    }
 
     #[test]
     fn escapes_become_visible() {

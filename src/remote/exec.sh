@@ -1,7 +1,9 @@
-# exec.sh LINE: fleet exec's command. Runs the shell line LINE in a session and process group of
-# its own (stdin from /dev/null) and passes on its exit status. fleet holds this script's stdin
-# open while it waits, so end of file there means fleet went away (Ctrl-C, a lost laptop): the
-# command's whole group then gets SIGTERM, as a terminal's would get SIGHUP.
+# exec.sh LINE ACTIVATE: fleet exec's command. After the ACTIVATE line (see activate), runs the
+# shell line LINE in a session and process group of its own (stdin from /dev/null) and passes on
+# its exit status. fleet holds this script's stdin open while it waits, so end of file there
+# means fleet went away (Ctrl-C, a lost laptop): the command's whole group then gets SIGTERM, as
+# a terminal's would get SIGHUP.
+activate "$2" || exit 126
 setsid -w sh -c "$1" </dev/null &
 pid=$!
 # A command started with & reads /dev/null unless told otherwise: the watcher is given this

@@ -8,6 +8,8 @@ shift 3
 dir=.fleet/jobs/$job
 [ -d "$dir" ] || exit 0
 [ "$(cat "$dir/boot_id" 2>/dev/null)" = "$(boot_id)" ] || exit 0
+# A wrapper that has not started its command yet finds this and does not start it.
+: >"$dir/stopping"
 for stem; do
   s=$dir/$stem
   [ -e "$s.exit" ] && continue

@@ -3,7 +3,8 @@
 # many bytes: the wrapper, then per STEM its environment file (exports, then `set --` with its
 # command), which reaches the host's disk as a 0600 file and never a command line.
 # Prints "busy JOB" (exit 75) while another job runs in WORKDIR, "no workdir" (exit 70) when it
-# is missing, and "started" once every wrapper is off.
+# is missing, and "started ROOT" (the workdir's absolute path, for SFTP) once every wrapper is
+# off.
 umask 077
 enter_workdir "$1" 2>/dev/null || { echo "no workdir"; exit 70; }
 job=$2
@@ -32,4 +33,4 @@ flock -s 9
 for stem; do
   setsid -f sh "$dir/wrapper.sh" "$dir/$stem" </dev/null >/dev/null 2>&1
 done
-echo started
+printf 'started %s\n' "$(pwd -P)"

@@ -6,12 +6,18 @@ umask 077
 s=$1
 echo "$$ $(starttime $$)" >"$s.wrapper"
 date +%s%N >"$s.start"
+# The job was stopped before this process started (a signal found nothing of it to stop).
+if [ -e "${s%/*}/stopping" ]; then
+  rm -f -- "$s.env"
+  echo 143 >"$s.exit.tmp" && mv -f "$s.exit.tmp" "$s.exit"
+  exit 0
+fi
 # The command runs in its own session and process group, with the environment only it sees.
 # shellcheck disable=SC2016 # expanded by that inner sh
 setsid -w sh -c '. "./$0.env" && rm -f -- "$0.env" || exit 126
 echo $$ >"$0.pid"
 if ! command -v "$1" >/dev/null 2>&1; then
-  printf "fleet: %s: not found (PATH=%s)\n" "$1" "$PATH" >&2
+  printf "fleet: %s: not found on this host (PATH=%s); set activate = \"...\" in the inventory to the line that provides it (a venv, conda, module load)\n" "$1" "$PATH" >&2
   exit 127
 fi
 exec "$@"' "$s" </dev/null >"$s.log" 2>&1 9>&- &

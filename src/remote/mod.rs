@@ -33,7 +33,6 @@ pub const JOB_SIGNAL: &str = include_str!("job_signal.sh");
 pub const JOB_STATUS: &str = include_str!("job_status.sh");
 pub const EXEC: &str = include_str!("exec.sh");
 pub const INTERFACE: &str = include_str!("interface.sh");
-pub const WORKDIR_ROOT: &str = include_str!("workdir_root.sh");
 pub const DISK_FREE: &str = include_str!("disk_free.sh");
 pub const PROBE: &str = include_str!("probe.sh");
 pub const PROBE_PY: &str = include_str!("probe.py");

@@ -1,16 +1,22 @@
-# probe.sh WORKDIR PROBE_PY [KEY COMMAND]...: what fleet check compares, one key=value per line.
+# probe.sh WORKDIR ACTIVATE PROBE_PY [KEY COMMAND]...: what fleet check compares, one key=value
+# per line, inside the environment the ACTIVATE line makes (the jobs' own): a failing line is
+# reported as activate_error= with what it printed, and the rest is probed without it.
 # PROBE_PY is probe.py's text; each KEY COMMAND pair is a [[check]], reported as check.KEY with
 # the first line COMMAND prints, run by sh in the workdir.
 # shellcheck disable=SC2154 # $workdir is set by workdir_of (prelude.sh)
 workdir_of "$1"
-probe_py=$2
-shift 2
+errors=$(mktemp 2>/dev/null || echo "/tmp/fleet-probe.$$")
+if ! activate "$2" 2>"$errors"; then
+  printf 'activate_error=%s\n' "$(tr '\n' ' ' <"$errors")"
+fi
+rm -f -- "$errors"
+probe_py=$3
+shift 3
 echo "os=$(. /etc/os-release 2>/dev/null; echo "${PRETTY_NAME:-$(uname -s)}")"
 echo "arch=$(uname -m)"
 echo "kernel=$(uname -r)"
 echo "hostname=$(hostname)"
 echo "hostname_address=$(getent hosts "$(hostname)" | awk '{print $1; exit}')"
-echo "time_ms=$(($(date +%s%N) / 1000000))"
 d=$workdir
 while [ ! -d "$d" ] && [ "$d" != / ] && [ "$d" != . ]; do d=$(dirname -- "$d"); done
 echo "disk_free_mb=$(df -Pk -- "$d" | awk 'NR==2 {print int($4 / 1024)}')"
@@ -36,3 +42,8 @@ while [ $# -ge 2 ]; do
   printf 'check.%s=%s\n' "$1" "$(cd -- "$workdir" 2>/dev/null || :; sh -c "$2" 2>&1 | head -n 1)"
   shift 2
 done
+# The host's clock, read last: the laptop compares it with when the answer arrives, which the
+# probe's own run time (importing torch takes seconds) cannot skew.
+echo "time_ms=$(($(date +%s%N) / 1000000))"
+# The last line: without it the probe did not run to its end.
+echo probe_complete=yes

@@ -41,6 +41,16 @@ pub enum HostKeyError {
         known_hosts: PathBuf,
     },
     #[error(
+        "{host}: host key {fingerprint} of {endpoint} is marked @revoked in {}: it must never be trusted. Nothing was run",
+        known_hosts.display()
+    )]
+    Revoked {
+        host: String,
+        endpoint: String,
+        fingerprint: String,
+        known_hosts: PathBuf,
+    },
+    #[error(
         "{host}: {endpoint} offered a host certificate; fleet checks plain host keys against known_hosts only"
     )]
     Certificate { host: String, endpoint: String },
@@ -113,6 +123,14 @@ impl HostKeyPolicy {
         };
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
         let algorithm = key.algorithm().to_string();
+        if self.is_revoked(key) {
+            return Err(HostKeyError::Revoked {
+                host: host.to_string(),
+                endpoint,
+                fingerprint,
+                known_hosts: self.known_hosts.clone(),
+            });
+        }
         match keys::check_known_hosts_path(addr, port, key, &self.known_hosts) {
             Ok(true) => Ok(()),
             Ok(false) if self.accept_new || self.confirmed.get(&endpoint) == Some(&fingerprint) => {
@@ -159,6 +177,47 @@ impl HostKeyPolicy {
                 message: e.to_string(),
             }),
         }
+    }
+
+    /// Whether `key` is on a `@revoked` line (whatever hosts the line names: a revoked key is
+    /// never trusted).
+    fn is_revoked(&self, key: &PublicKey) -> bool {
+        let Ok(text) = std::fs::read_to_string(&self.known_hosts) else {
+            return false;
+        };
+        text.lines()
+            .filter_map(|line| line.trim_start().strip_prefix("@revoked"))
+            .filter_map(|rest| rest.split_whitespace().nth(2))
+            .filter_map(|blob| keys::parse_public_key_base64(blob).ok())
+            .any(|revoked| revoked.key_data() == key.key_data())
+    }
+
+    /// The host-key algorithms of the keys known for `addr:port`, to ask the host for those
+    /// first: a host known only by its ECDSA or RSA key would otherwise offer its Ed25519 key,
+    /// which is not known.
+    pub fn known_algorithms(&self, addr: &str, port: u16) -> Vec<keys::Algorithm> {
+        let known = keys::known_hosts::known_host_keys_path(addr, port, &self.known_hosts)
+            .unwrap_or_default();
+        let mut algorithms = Vec::new();
+        for (_, key) in known {
+            let offered = match key.algorithm() {
+                keys::Algorithm::Rsa { .. } => vec![
+                    keys::Algorithm::Rsa {
+                        hash: Some(HashAlg::Sha512),
+                    },
+                    keys::Algorithm::Rsa {
+                        hash: Some(HashAlg::Sha256),
+                    },
+                ],
+                other => vec![other],
+            };
+            for algorithm in offered {
+                if !algorithms.contains(&algorithm) {
+                    algorithms.push(algorithm);
+                }
+            }
+        }
+        algorithms
     }
 
     /// The keys recorded so far in this run.

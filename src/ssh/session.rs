@@ -119,11 +119,20 @@ impl Session {
     }
 
     async fn handshake(target: &Target, options: &ConnectOptions) -> Result<Session, SshError> {
+        let mut preferred = preferred_algorithms();
+        let known = options
+            .host_keys
+            .known_algorithms(&target.addr, target.port);
+        if !known.is_empty() {
+            let rest = preferred.key.iter().filter(|a| !known.contains(a)).cloned();
+            let order: Vec<russh::keys::Algorithm> = known.iter().cloned().chain(rest).collect();
+            preferred.key = std::borrow::Cow::Owned(order);
+        }
         let config = Arc::new(client::Config {
             keepalive_interval: Some(options.keepalive),
             keepalive_max: options.keepalive_max,
             nodelay: true,
-            preferred: preferred_algorithms(),
+            preferred,
             ..Default::default()
         });
         let verifier = Verifier {
@@ -160,6 +169,11 @@ impl Session {
 
     pub fn target(&self) -> &Target {
         &self.target
+    }
+
+    /// Whether the connection is gone (the host crashed, the link was cut for good).
+    pub fn is_closed(&self) -> bool {
+        self.handle.is_closed()
     }
 
     fn protocol(&self, source: russh::Error) -> SshError {

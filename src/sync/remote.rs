@@ -292,6 +292,11 @@ impl<'a> HostTree<'a> {
             .await
     }
 
+    /// Writes the workdir's file system to disk (see [`remote::SYNC_BATCH`]'s `flush`).
+    pub async fn flush(&self) -> Result<(), SyncError> {
+        self.batch("writing files to disk", "flush", &[]).await
+    }
+
     /// Creates (or replaces) symlinks: `(path, target)` pairs.
     pub async fn links(&self, links: &[(String, String)]) -> Result<(), SyncError> {
         if links.is_empty() {

@@ -561,12 +561,17 @@ async fn read_back(
         .await
 }
 
-/// Renames every verified temporary file and new folder over its destination.
+/// Renames every verified temporary file and new folder over its destination, once their
+/// contents are on the host's disk.
 async fn commit(
     tree: &HostTree<'_>,
     sftp: &RawSftpSession,
     renames: &[(String, String)],
 ) -> Result<(), SyncError> {
+    if renames.is_empty() {
+        return Ok(());
+    }
+    tree.flush().await?;
     let mut renames = futures::stream::iter(renames.iter().map(|(path, tmp)| async move {
         posix_rename(sftp, &tree.path(tmp), &tree.path(path))
             .await

@@ -30,6 +30,14 @@ pub struct Latest {
     pub world_size: usize,
     pub data_sha256: String,
     pub seed: u64,
+    /// The job that wrote it (`FLEET_RUN_ID`, the same across its restarts); None outside
+    /// fleet, and in checkpoints of older versions.
+    #[serde(default)]
+    pub run_id: Option<String>,
+    /// The mean training loss of the last epoch it finished, for a resume with nothing left
+    /// to train.
+    #[serde(default)]
+    pub train_loss: Option<f64>,
 }
 
 pub fn save(

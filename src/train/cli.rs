@@ -173,9 +173,14 @@ pub struct TrainArgs {
     /// Write a checkpoint every N optimizer steps (0: only at the end).
     #[arg(long, default_value_t = 0)]
     pub checkpoint_every: u64,
-    /// Continue from the last checkpoint (also implied when FLEET_RESTART_COUNT > 0).
+    /// Continue from the last checkpoint in --checkpoint-dir, whichever job wrote it. A restart
+    /// by `fleet run --max-restarts` continues by itself, from its own job's checkpoints only.
     #[arg(long)]
     pub resume: bool,
+    /// Continue from the last checkpoint in DIR (another job's, say); new checkpoints still go
+    /// to --checkpoint-dir.
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    pub resume_from: Option<PathBuf>,
     /// Where rank 0 writes the trained model as a Hugging Face directory.
     #[arg(long, default_value = "model")]
     pub output: PathBuf,

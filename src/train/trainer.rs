@@ -35,8 +35,13 @@ pub struct Summary {
     pub train_loss: f64,
     pub val_loss: f64,
     pub val_accuracy: f64,
-    pub samples_per_s: f64,
-    pub step_ms: f64,
+    /// Optimizer steps this run took (0 when it resumed with nothing left to train).
+    pub steps_trained: u64,
+    /// Absent when no step was trained: there is no rate to report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_ms: Option<f64>,
     pub comm_fraction: f64,
     /// Mean milliseconds per step spent waiting for the gradient all-reduce after backward
     /// (with overlap, only the part the backward pass did not hide).
@@ -142,8 +147,8 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
     let params = model::named_parameters(&vars);
     let mut optimizer = AdamW::new(&params, args.weight_decay);
 
-    let resume = args.resume || restart_count() > 0;
-    let (start_step, saved_world) = restore(
+    let resume = Resume::from(args);
+    let (start_step, saved_world, saved_loss) = restore(
         args,
         rank,
         &collective,
@@ -276,7 +281,16 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
                 window = (0.0, 0, 0.0);
             }
             if args.checkpoint_every > 0 && step % args.checkpoint_every == 0 && step < total {
-                save_checkpoint(args, rank, &collective, &params, &optimizer, step, &data)?;
+                save_checkpoint(
+                    args,
+                    rank,
+                    &collective,
+                    &params,
+                    &optimizer,
+                    step,
+                    &data,
+                    train_loss,
+                )?;
             }
         }
         let sums = collective
@@ -299,12 +313,42 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
         }
     }
 
-    save_checkpoint(args, rank, &collective, &params, &optimizer, step, &data)?;
+    if start_step >= total {
+        // Nothing was left to train: report what the checkpoint holds, measured again, not
+        // the zeros of a loop that never ran.
+        train_loss = saved_loss.unwrap_or(f64::NAN);
+        last = evaluate(
+            &model,
+            &batches,
+            &split.validation,
+            rank,
+            &collective,
+            args.batch_size,
+        )?;
+        if rank.is_main() {
+            event(json!({
+                "event": "validation", "epoch": args.epochs, "step": step,
+                "train_loss": saved_loss, "val_loss": last.loss, "val_accuracy": last.accuracy,
+                "nothing_left": true,
+            }));
+        }
+    }
+    save_checkpoint(
+        args,
+        rank,
+        &collective,
+        &params,
+        &optimizer,
+        step,
+        &data,
+        train_loss,
+    )?;
     if rank.is_main() {
         export(&args.output, &model, &params, &encoder, &data.labels)?;
     }
     let params_sha256 = parameters_sha256(&params)?;
-    let step_ms = timing.mean() * 1000.0;
+    let trained = timing.count > 0;
+    let step_ms = trained.then(|| timing.mean() * 1000.0);
     Ok(Summary {
         event: "summary",
         rank: rank.rank,
@@ -318,7 +362,8 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
         train_loss,
         val_loss: last.loss,
         val_accuracy: last.accuracy,
-        samples_per_s: samples_per_step / timing.mean().max(1e-9),
+        steps_trained: timing.count,
+        samples_per_s: trained.then(|| samples_per_step / timing.mean().max(1e-9)),
         step_ms,
         comm_fraction: collective.comm_seconds / timing.total.max(1e-9),
         comm_ms: collective.comm_seconds * 1000.0 / timing.count.max(1) as f64,
@@ -426,19 +471,29 @@ fn restore(
     collective: &Collective,
     params: &[(String, Tensor)],
     optimizer: &mut AdamW,
-    resume: bool,
+    resume: Resume,
     data: &Dataset,
-) -> anyhow::Result<(u64, usize)> {
+) -> anyhow::Result<(u64, usize, Option<f64>)> {
     let mut step = 0i64;
     let mut saved_world = 0i64;
-    if resume && rank.is_main() {
-        match checkpoint::load(&args.checkpoint_dir)? {
-            None => event(json!({"event": "resume", "found": false, "dir": args.checkpoint_dir})),
+    let mut saved_loss = None;
+    let dir = resume.dir(args).to_path_buf();
+    if resume != Resume::No && rank.is_main() {
+        match checkpoint::load(&dir)? {
+            None => event(json!({"event": "resume", "found": false, "dir": dir})),
+            // A restart continues its own job only: a checkpoint another job left in a shared
+            // folder would hand it that job's model.
+            Some((latest, _)) if resume == Resume::Restart && latest.run_id != run_id() => {
+                event(json!({
+                    "event": "resume", "found": false, "dir": dir,
+                    "other_job": latest.run_id, "step": latest.step,
+                }))
+            }
             Some((latest, tensors)) => {
                 if latest.data_sha256 != data.sha256 {
                     bail!(
                         "the checkpoint in {} was made with other data (sha256 {})",
-                        args.checkpoint_dir.display(),
+                        dir.display(),
                         latest.data_sha256
                     );
                 }
@@ -452,10 +507,7 @@ fn restore(
                 tch::no_grad(|| -> anyhow::Result<()> {
                     for (name, target) in &targets {
                         let source = saved.get(name).with_context(|| {
-                            format!(
-                                "the checkpoint in {} has no {name}",
-                                args.checkpoint_dir.display()
-                            )
+                            format!("the checkpoint in {} has no {name}", dir.display())
                         })?;
                         if source.size() != target.size() {
                             bail!(
@@ -468,22 +520,62 @@ fn restore(
                 })?;
                 step = latest.step as i64;
                 saved_world = latest.world_size as i64;
-                event(json!({"event": "resume", "found": true, "step": step}));
+                saved_loss = latest.train_loss;
+                event(json!({"event": "resume", "found": true, "step": step, "dir": dir}));
             }
         }
     }
     let shared = Tensor::from_slice(&[step, saved_world]).to_device(params[0].1.device());
+    let loss =
+        Tensor::from_slice(&[saved_loss.unwrap_or(f64::NAN)]).to_device(params[0].1.device());
     collective.broadcast(std::slice::from_ref(&shared))?;
+    collective.broadcast(std::slice::from_ref(&loss))?;
     step = shared.int64_value(&[0]);
     saved_world = shared.int64_value(&[1]);
+    saved_loss = Some(loss.double_value(&[0])).filter(|l| l.is_finite());
     if step > 0 {
         let state: Vec<Tensor> = optimizer.state().into_iter().map(|(_, t)| t).collect();
         collective.broadcast(&state)?;
         optimizer.set_steps(step);
     }
-    Ok((step as u64, saved_world as usize))
+    Ok((step as u64, saved_world as usize, saved_loss))
 }
 
+/// Whether, and why, a run continues from a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resume {
+    No,
+    /// `--resume` or `--resume-from`: the user names the checkpoint, whichever job wrote it.
+    Asked,
+    /// A restart of the job by fleet (FLEET_RESTART_COUNT > 0): its own checkpoints only.
+    Restart,
+}
+
+impl Resume {
+    fn from(args: &TrainArgs) -> Resume {
+        if args.resume || args.resume_from.is_some() {
+            Resume::Asked
+        } else if restart_count() > 0 {
+            Resume::Restart
+        } else {
+            Resume::No
+        }
+    }
+
+    /// Where the checkpoint to continue from is.
+    fn dir<'a>(&self, args: &'a TrainArgs) -> &'a Path {
+        args.resume_from.as_deref().unwrap_or(&args.checkpoint_dir)
+    }
+}
+
+/// The job this run belongs to, the same across fleet's restarts of it.
+fn run_id() -> Option<String> {
+    std::env::var("FLEET_RUN_ID")
+        .ok()
+        .filter(|id| !id.is_empty())
+}
+
+#[allow(clippy::too_many_arguments)]
 fn save_checkpoint(
     args: &TrainArgs,
     rank: &Rank,
@@ -492,6 +584,7 @@ fn save_checkpoint(
     optimizer: &AdamW,
     step: u64,
     data: &Dataset,
+    train_loss: f64,
 ) -> anyhow::Result<()> {
     if !rank.is_main() {
         return Ok(());
@@ -502,6 +595,8 @@ fn save_checkpoint(
         world_size: collective.world_size,
         data_sha256: data.sha256.clone(),
         seed: args.seed,
+        run_id: run_id(),
+        train_loss: train_loss.is_finite().then_some(train_loss),
     };
     let mut tensors: Vec<(String, Tensor)> = params
         .iter()

@@ -1,2 +1,0 @@
-# workdir_root.sh WORKDIR: the workdir's absolute path (SFTP does not expand "~").
-enter_workdir "$1" && pwd -P
