@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # env.sh: `source scripts/env.sh` exports what `cargo build --release --features train` needs:
 # torch-sys finds libtorch inside the torch venv that scripts/setup.sh installs
 # ($FLEET_TORCH_VENV, default /opt/fleet/torch-venv). fleet-train is linked with a run path into

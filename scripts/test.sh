@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# test.sh: the one test command. Installs what is missing (scripts/setup.sh), brings up a test bed
-# of three OpenSSH hosts of its own, runs every test, and always takes the test bed down again.
+# test.sh: the one test command. Installs what is missing (scripts/setup.sh), checks formatting,
+# clippy (warnings are errors) and shellcheck, brings up a test bed of three OpenSSH hosts of its
+# own, runs every test, and always takes the test bed down again.
 # Extra arguments go to `cargo test` (e.g. scripts/test.sh --test exec).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
+
+# The lint gates: formatting, and every shell script (the remote ones are run by sh on hosts).
+cargo fmt --all --check
+find scripts src -name '*.sh' -print0 | xargs -0 shellcheck -S warning
 
 # A test bed separate from the demo's (scripts/testbed.sh defaults), so both can be up at once.
 export TB_DIR=/tmp/fleet-testbed-tests TB_NS_PREFIX=ft- TB_BRIDGE=ftbr0 TB_SUBNET=10.213.1
@@ -16,4 +21,5 @@ scripts/testbed.sh up netns
 
 # The trainer too: `--features train` builds fleet-train against the venv's libtorch.
 source scripts/env.sh
+cargo clippy --locked --all-targets --features train -- -D warnings
 cargo test --locked --features train "$@"

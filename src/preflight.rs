@@ -129,8 +129,11 @@ const MIN_DISK_MB: u64 = 1024;
 /// A clock further than this from the laptop's (ms) fails: logs and timeouts stop making sense.
 const MAX_CLOCK_OFFSET_MS: i64 = 5_000;
 
-/// Every check over what the probes read. `laptop_ms` is the laptop's clock when the probes
-/// ran (halfway through their round trip).
+/// Reads one value of a host's report, for the values that must match.
+type Reader = Box<dyn Fn(&HostReport) -> Option<String>>;
+
+/// Every check over what the probes read. `laptop_ms` is the laptop's clock when each probe's
+/// answer arrived (the host reads its clock as the probe's last act).
 pub fn evaluate(inventory: &Inventory, reports: &[HostReport], laptop_ms: &[i64]) -> Vec<Finding> {
     let mut findings = Vec::new();
     let reachable: Vec<&HostReport> = reports.iter().filter(|r| r.error.is_none()).collect();
@@ -150,7 +153,7 @@ pub fn evaluate(inventory: &Inventory, reports: &[HostReport], laptop_ms: &[i64]
         r.get("python")
             .map(|v| v.splitn(3, '.').take(2).collect::<Vec<_>>().join("."))
     };
-    let mut must_match: Vec<(String, Box<dyn Fn(&HostReport) -> Option<String>>)> = vec![
+    let mut must_match: Vec<(String, Reader)> = vec![
         ("python".into(), Box::new(python_minor)),
         (
             "torch".into(),

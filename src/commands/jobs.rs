@@ -109,6 +109,9 @@ pub async fn ps(fleet: &Fleet) -> Result<ExitCode> {
     Ok(code)
 }
 
+/// A process `fleet stop` saw end: its job, its file stem and how it ended.
+type Stopped = (String, String, String);
+
 pub async fn stop(fleet: &Fleet, args: &StopArgs) -> Result<ExitCode> {
     let inventory = fleet.inventory()?;
     let (sessions, code) = connect(fleet, &inventory).await?;
@@ -156,7 +159,7 @@ pub async fn stop(fleet: &Fleet, args: &StopArgs) -> Result<ExitCode> {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
-    let results: Vec<Result<Vec<(String, String, String)>, SshError>> = join_all(stops).await;
+    let results: Vec<Result<Vec<Stopped>, SshError>> = join_all(stops).await;
     let mut code = code;
     let mut rows = Vec::new();
     for (host, result) in inventory.hosts.iter().zip(results) {

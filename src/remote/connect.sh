@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # connect.sh ADDR PORT SECONDS CONNECT_PY: connects to ADDR:PORT within SECONDS; prints ok,
 # refused, timeout or "error WHY". Without python3, bash's /dev/tcp does it.
 if command -v python3 >/dev/null 2>&1; then

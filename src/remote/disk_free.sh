@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # disk_free.sh WORKDIR: KiB free on the disk that holds WORKDIR.
 # shellcheck disable=SC2154 # $workdir is set by workdir_of (prelude.sh)
 workdir_of "$1"

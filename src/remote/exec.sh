@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # exec.sh LINE ACTIVATE: fleet exec's command. After the ACTIVATE line (see activate), runs the
 # shell line LINE in a session and process group of its own (stdin from /dev/null) and passes on
 # its exit status. fleet holds this script's stdin open while it waits, so end of file there

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # interface.sh ADDR: the name of this host's interface that reaches ADDR (an address or a host
 # name): the one holding it, else the route's device. Prints nothing when there is none.
 a=$1

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # job_lib.sh: how a job's processes are found on a host.
 #
 # Every process of a job carries FLEET_JOB_ID and FLEET_PROCESS (its file stem, rank-3 or node-1)

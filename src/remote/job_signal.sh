@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # job_signal.sh WORKDIR JOB SIGNAL STEM...: sends SIGNAL to every process of the STEMs of JOB that
 # have not ended, wherever they went (marked_pids), on this boot of the host only. A process
 # still starting (no .pid yet) is waited for briefly.

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # job_start.sh WORKDIR JOB STEM...: starts this host's processes of JOB, each by a detached
 # wrapper (job_wrapper.sh). stdin holds, each as a decimal length on its own line then that
 # many bytes: the wrapper, then per STEM its environment file (exports, then `set --` with its

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # job_status.sh WORKDIR [JOB | --all]: the jobs of a workdir: JOB, the last ten with --all, or
 # the current one. Prints "job ID DIR" (DIR absolute), then "STEM STATE" per process (state).
 enter_workdir "$1" 2>/dev/null || exit 0

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # job_wrapper.sh STEM: runs one process of a job and records how it ended, in the workdir. STEM
 # is its path without extension in the job folder: STEM.env (read and removed), .log (its
 # output), .wrapper (this wrapper's pid and start time), .start (when it started, ns), .pid (its

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # listener.sh PORT SECONDS LISTENER_PY: the master's side of the port check. Prints "in use
 # HOLDER" when PORT is taken, "no python3" without one, else what listener.py prints.
 if ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; then

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # netperf.sh ACTIVATE NETPERF_PY ARG...: runs fleet net's link probe with ARGs (serve ... or
 # measure ...), with the python3 the ACTIVATE line provides.
 activate "$1" || exit 126

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # prelude.sh: read by sh before every script fleet runs on a host.
 
 # workdir_of DIR: sets $workdir to DIR, where "~" and a leading "~/" mean the login's home (as

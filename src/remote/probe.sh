@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # probe.sh WORKDIR ACTIVATE PROBE_PY [KEY COMMAND]...: what fleet check compares, one key=value
 # per line, inside the environment the ACTIVATE line makes (the jobs' own): a failing line is
 # reported as activate_error= with what it printed, and the rest is probed without it.

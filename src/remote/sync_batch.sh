@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # sync_batch.sh ROOT OP: one operation on many paths of the workdir ROOT, read from stdin as a
 # NUL-separated list: "remove" (rm -rf), "mkdir" (mkdir -p) or "link" (pairs TARGET, PATH); or
 # "flush": the workdir's file system written to disk (syncfs), so that files renamed into place

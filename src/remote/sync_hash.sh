@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # sync_hash.sh ROOT PLAIN: SHA-256 of files in the workdir ROOT, named on stdin as NUL-separated
 # paths: the first PLAIN bytes name files whose names hold no newline or backslash, hashed with
 # openssl where it exists (the CPU's SHA instructions: three times sha256sum's speed there);

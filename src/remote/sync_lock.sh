@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # sync_lock.sh WORKDIR MANIFEST HEADER ADOPT: creates WORKDIR if needed and takes its sync lock,
 # waiting up to 10 minutes (printing "busy" once if it has to); then prints "locked ROOT", "job
 # ID" (the job running there, or "job " when none) and the state (print_state), and holds the

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # sync_state.sh: print_state MANIFEST HEADER prints, in the workdir, the manifest saved by the
 # last verified sync and a stat listing of the tree, each as a decimal length on its own line
 # followed by that many bytes. When the manifest's first line is HEADER (fleet's copy has the

@@ -57,6 +57,9 @@ pub struct Applied {
 
 /// Sends what `plan` says to the host and saves the host's new verified manifest (unless the
 /// host's `state` shows it has that one already).
+// Every argument is one the sync of a host already holds; a struct of them is the shape the
+// architecture work gives this (a host's sync as one value).
+#[allow(clippy::too_many_arguments)]
 pub async fn apply(
     tree: &HostTree<'_>,
     sftp: &RawSftpSession,
