@@ -6,7 +6,8 @@
 #   namespaces), iptables (firewall faults in tests), rsync (the benchmark's baseline), procps
 #   (pgrep), python3 and python3-venv (what training hosts have: fleet check listens on the master
 #   port with it); fish, zsh and tcsh (login shells the tests run fleet's remote scripts under:
-#   the test bed's user `train` logs in with fish) and shellcheck (the lint of those scripts).
+#   the test bed's user `train` logs in with fish), shellcheck (the lint of those scripts) and
+#   strace (a test watches a host write synced files to disk before renaming them).
 #   The torch environment: a venv with torch==2.11.0 (the libtorch fleet-train builds against) in
 #   $FLEET_TORCH_VENV (default /opt/fleet/torch-venv). It is made from Debian's /usr/bin/python3 and
 #   kept outside /root and /home so the test bed's hosts, whose /root and /home are private, can run
@@ -19,7 +20,7 @@ set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-packages=(openssh-server openssh-client iproute2 iptables rsync procps python3 python3-venv fish zsh tcsh shellcheck)
+packages=(openssh-server openssh-client iproute2 iptables rsync procps python3 python3-venv fish zsh tcsh shellcheck strace)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -1,5 +1,11 @@
 //! The exit codes of `fleet`, documented in the README.
 
+/// A mistake in what the user asked for (the command line, the inventory, the project folder):
+/// nothing was run, and fleet exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 /// Why `fleet` exits the way it does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitCode {

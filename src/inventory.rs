@@ -502,10 +502,15 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
         master_addr,
         checks,
         sync: Sync {
-            source: if source.is_absolute() {
-                source
-            } else {
-                base.join(source)
+            // Resolved where it exists, so messages name `/home/me/proj/runs/<job>`, not
+            // `inventory/../runs/<job>`; a missing source is reported as given.
+            source: {
+                let joined = if source.is_absolute() {
+                    source
+                } else {
+                    base.join(source)
+                };
+                joined.canonicalize().unwrap_or(joined)
             },
             exclude: raw
                 .sync

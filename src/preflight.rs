@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::inventory::{Check, Device, Inventory};
+use crate::launch::Mode;
 use crate::remote::{self, Script};
 
 /// What one host's probe read, or why it could not.
@@ -132,9 +133,52 @@ const MAX_CLOCK_OFFSET_MS: i64 = 5_000;
 /// Reads one value of a host's report, for the values that must match.
 type Reader = Box<dyn Fn(&HostReport) -> Option<String>>;
 
+/// The probe's word for a tool or package a host does not have.
+pub const NOT_INSTALLED: &str = "not installed";
+
+/// What the job needs on every host, read from how it is started (pure): its Python needs
+/// torch, `--torchrun` needs torchrun, fleet-train needs fleet-train.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    pub torch: bool,
+    /// `torchrun` or `accelerate`, the per-host launcher the job is started with.
+    pub launcher: Option<&'static str>,
+    pub fleet_train: bool,
+}
+
+impl Needs {
+    /// For a job started in `mode` with `command` (`[run].command` when `fleet check` runs
+    /// alone; nothing when there is none).
+    pub fn of(mode: Mode, command: &[String]) -> Needs {
+        let program = command
+            .first()
+            .map(|p| p.rsplit('/').next().unwrap_or(p))
+            .unwrap_or("");
+        // The probe asks the `python3` of the host's PATH; an interpreter named by its path is
+        // another one, which it cannot vouch for.
+        let on_path = command.first().is_some_and(|p| !p.contains('/'));
+        let python = on_path && (program == "python" || program.starts_with("python3"));
+        let launcher = match (mode, program) {
+            (Mode::Torchrun, _) | (Mode::Ranks, "torchrun") => Some("torchrun"),
+            (Mode::Accelerate, _) | (Mode::Ranks, "accelerate") => Some("accelerate"),
+            _ => None,
+        };
+        Needs {
+            torch: python || launcher.is_some(),
+            launcher,
+            fleet_train: mode == Mode::Ranks && program == "fleet-train",
+        }
+    }
+}
+
 /// Every check over what the probes read. `laptop_ms` is the laptop's clock when each probe's
 /// answer arrived (the host reads its clock as the probe's last act).
-pub fn evaluate(inventory: &Inventory, reports: &[HostReport], laptop_ms: &[i64]) -> Vec<Finding> {
+pub fn evaluate(
+    inventory: &Inventory,
+    reports: &[HostReport],
+    laptop_ms: &[i64],
+    needs: Needs,
+) -> Vec<Finding> {
     let mut findings = Vec::new();
     let reachable: Vec<&HostReport> = reports.iter().filter(|r| r.error.is_none()).collect();
     for report in reports {
@@ -192,8 +236,18 @@ pub fn evaluate(inventory: &Inventory, reports: &[HostReport], laptop_ms: &[i64]
             .map(|(h, v)| format!("{h} {v}"))
             .collect::<Vec<_>>()
             .join(", ");
+        let needed =
+            (name == "torch" && needs.torch) || (name == "fleet-train" && needs.fleet_train);
         let mut finding = match distinct.len() {
             0 => continue,
+            // The same everywhere is no pass when it is missing and the job needs it: that is
+            // said per host below.
+            1 if needed && values[0].1 == NOT_INSTALLED => continue,
+            1 if values[0].1 == NOT_INSTALLED => Finding::pass(
+                name,
+                None,
+                format!("{NOT_INSTALLED} (the job does not need it)"),
+            ),
             1 => Finding::pass(name, None, values[0].1.clone()),
             _ => Finding::fail(
                 name,
@@ -214,6 +268,7 @@ pub fn evaluate(inventory: &Inventory, reports: &[HostReport], laptop_ms: &[i64]
             continue;
         }
         let name = Some(report.host.as_str());
+        findings.extend(missing_for_the_job(report, host, needs));
         if let Some(line) = &host.activate {
             findings.push(match report.get("activate_error") {
                 Some(error) => Finding::fail(
@@ -297,6 +352,55 @@ pub fn evaluate(inventory: &Inventory, reports: &[HostReport], laptop_ms: &[i64]
                 format!("{} resolves to {}: fleet run sets GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME so ranks do not bind it", report.get("hostname").unwrap_or("?"), report.get("hostname_address").unwrap_or("?")),
             ));
         }
+    }
+    findings
+}
+
+/// What the job needs that `report` says is missing on `host`, each with the fix.
+fn missing_for_the_job(
+    report: &HostReport,
+    host: &crate::inventory::Host,
+    needs: Needs,
+) -> Vec<Finding> {
+    let name = Some(report.host.as_str());
+    let missing = |key: &str| report.get(key).is_none_or(|v| v == NOT_INSTALLED);
+    let reach = match &host.activate {
+        Some(line) => format!("the environment `{line}` makes"),
+        None => "the login's PATH (no activate is set)".to_string(),
+    };
+    let fix = |what: &str| {
+        format!(
+            "install {what} there, or set activate = \"...\" in the inventory to the line that reaches it (a venv, conda, module load)"
+        )
+    };
+    let mut findings = Vec::new();
+    if needs.torch && missing("torch") {
+        let python = report.get("python").unwrap_or(NOT_INSTALLED);
+        findings.push(Finding::fail(
+            "torch",
+            name,
+            format!("{NOT_INSTALLED} for python3 ({python}) in {reach}, and the job needs it"),
+            fix("torch"),
+        ));
+    }
+    if let Some(launcher) = needs.launcher {
+        if missing(&format!("tool.{launcher}")) {
+            findings.push(Finding::fail(
+                launcher,
+                name,
+                format!("{launcher}: {NOT_INSTALLED} in {reach}"),
+                fix(launcher),
+            ));
+        }
+    }
+    if needs.fleet_train && missing("fleet_train") {
+        findings.push(Finding::fail(
+            "fleet-train",
+            name,
+            format!("{NOT_INSTALLED} in the workdir or in {reach}"),
+            "copy fleet-train into the project (fleet run syncs it) or install it on the host"
+                .to_string(),
+        ));
     }
     findings
 }
@@ -414,6 +518,95 @@ mod tests {
         assert_eq!(report.get("fleet_train"), Some("not installed"));
     }
 
+    #[test]
+    fn what_the_job_needs_is_read_from_how_it_starts() {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let torch = Needs {
+            torch: true,
+            launcher: None,
+            fleet_train: false,
+        };
+        assert_eq!(
+            Needs::of(Mode::Ranks, &words(&["python3", "train.py"])),
+            torch
+        );
+        assert_eq!(
+            Needs::of(Mode::Ranks, &words(&["/opt/venv/bin/python", "t.py"])),
+            Needs::default()
+        );
+        assert_eq!(
+            Needs::of(Mode::Torchrun, &words(&["train.py"])),
+            Needs {
+                torch: true,
+                launcher: Some("torchrun"),
+                fleet_train: false
+            }
+        );
+        assert_eq!(
+            Needs::of(Mode::Ranks, &words(&["accelerate", "launch", "t.py"])),
+            Needs {
+                torch: true,
+                launcher: Some("accelerate"),
+                fleet_train: false
+            }
+        );
+        assert_eq!(
+            Needs::of(Mode::Ranks, &words(&["./fleet-train", "--data", "d.csv"])),
+            Needs {
+                torch: false,
+                launcher: None,
+                fleet_train: true
+            }
+        );
+        assert_eq!(
+            Needs::of(Mode::Ranks, &words(&["sh", "-c", "true"])),
+            Needs::default()
+        );
+        assert_eq!(Needs::of(Mode::Ranks, &[]), Needs::default());
+    }
+
+    /// torch "not installed" on every host is the same everywhere, yet no pass for a job that
+    /// needs it: each host is named with the fix.
+    #[test]
+    fn what_the_job_needs_and_no_host_has_fails_on_every_host() {
+        let inv = inventory("");
+        let reports = [
+            report(
+                "a",
+                "python=3.11.2\ntorch=not installed\ntool.torchrun=not installed\n",
+            ),
+            report(
+                "b",
+                "python=3.11.2\ntorch=not installed\ntool.torchrun=not installed\n",
+            ),
+        ];
+        let needs = Needs::of(Mode::Torchrun, &["t.py".to_string()]);
+        let findings = evaluate(&inv, &reports, &[0, 0], needs);
+        let failed: Vec<(&str, Option<&str>)> = findings
+            .iter()
+            .filter(|f| !f.ok)
+            .map(|f| (f.check.as_str(), f.host.as_deref()))
+            .collect();
+        for host in ["a", "b"] {
+            assert!(failed.contains(&("torch", Some(host))), "{failed:?}");
+            assert!(failed.contains(&("torchrun", Some(host))), "{failed:?}");
+        }
+        assert!(
+            findings
+                .iter()
+                .all(|f| !(f.ok && f.detail == NOT_INSTALLED))
+        );
+        let torch = findings.iter().find(|f| f.check == "torch").unwrap();
+        assert!(
+            torch.fix.as_deref().unwrap().contains("set activate"),
+            "{torch:?}"
+        );
+        // A job that does not need it: no failure, and not a bare tick either.
+        let findings = evaluate(&inv, &reports, &[0, 0], Needs::default());
+        let torch = findings.iter().find(|f| f.check == "torch").unwrap();
+        assert!(torch.ok && torch.detail == "not installed (the job does not need it)");
+    }
+
     /// A failing activate line (here a `.` of a missing file, which would end a plain `sh`) is
     /// reported with what it printed, and the probe still runs to its end.
     #[test]
@@ -426,7 +619,12 @@ mod tests {
         assert!(error.contains("failed (exit"), "{error}");
         assert_eq!(report.get("probe_complete"), Some("yes"));
         let inventory = inventory("activate = \". /nonexistent/venv/bin/activate\"\n");
-        let findings = evaluate(&inventory, &[report.clone(), report], &[0, 0]);
+        let findings = evaluate(
+            &inventory,
+            &[report.clone(), report],
+            &[0, 0],
+            Needs::default(),
+        );
         let failed: Vec<&Finding> = findings.iter().filter(|f| f.check == "activate").collect();
         assert_eq!(failed.len(), 2);
         assert!(
@@ -480,7 +678,7 @@ mod tests {
             report("a", "python=3.12.1\ntorch=2.11.0\ncheck.data_version=7\n"),
             report("b", "python=3.12.9\ntorch=2.10.0\ncheck.data_version=8\n"),
         ];
-        let findings = evaluate(&inv, &reports, &[0, 0]);
+        let findings = evaluate(&inv, &reports, &[0, 0], Needs::default());
         let failed: Vec<(&str, &str)> = findings
             .iter()
             .filter(|f| !f.ok)
@@ -514,7 +712,7 @@ mod tests {
             ),
             report("b", "gpu=NVIDIA GeForce RTX 4060 Ti, 16380, 16000, 550.1\n"),
         ];
-        let findings = evaluate(&inv, &reports, &[0, 0]);
+        let findings = evaluate(&inv, &reports, &[0, 0], Needs::default());
         let gpus: Vec<(bool, &str)> = findings
             .iter()
             .filter(|f| f.check == "gpus")
@@ -538,7 +736,7 @@ mod tests {
                 "gpu=RTX, 16380, 16000, 550.1\ngpu=RTX, 16380, 16000, 550.1\n",
             ),
         ];
-        let findings = evaluate(&inv, &busy, &[0, 0]);
+        let findings = evaluate(&inv, &busy, &[0, 0], Needs::default());
         let memory: Vec<(Option<&str>, &str)> = findings
             .iter()
             .filter(|f| f.check == "gpu memory")
@@ -564,7 +762,7 @@ mod tests {
             },
             report("b", "disk_free_mb=10\ntime_ms=100000\n"),
         ];
-        let findings = evaluate(&inv, &reports, &[0, 0]);
+        let findings = evaluate(&inv, &reports, &[0, 0], Needs::default());
         let failed: Vec<(&str, Option<&str>)> = findings
             .iter()
             .filter(|f| !f.ok)

@@ -97,8 +97,10 @@ fn a_different_python_first_on_path_is_named() {
 fn a_firewall_on_one_host_is_named_with_the_port() {
     let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
     let f = fixture("check-firewall");
+    // A master port of the inventory's own: the fix names that one.
+    f.edit_inventory(|text| text.replacen("[fleet]\n", "[fleet]\nmaster_port = 29612\n", 1));
     let host3 = &f.tb.hosts[2];
-    let rule = ["-p", "tcp", "--dport", "29500", "-j", "DROP"];
+    let rule = ["-p", "tcp", "--dport", "29612", "-j", "DROP"];
     let iptables = |action: &str| {
         let status = Command::new("ip")
             .args(["netns", "exec", &host3.netns, "iptables", action, "OUTPUT"])
@@ -112,11 +114,21 @@ fn a_firewall_on_one_host_is_named_with_the_port() {
     iptables("-D");
     run.assert_code(1);
     let needle = format!(
-        "host3 cannot reach {}:29500 (timed out: firewall?)",
+        "host3 cannot reach {}:29612 (timed out: firewall?)",
         f.tb.hosts[0].addr
     );
     assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
-    assert!(run.stderr.contains("New-NetFirewallRule"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("sudo ufw allow 29612/tcp"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("-LocalPort 29612 -Action Allow"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("29500"), "{}", run.stderr);
     assert!(!run.stderr.contains("host2 cannot reach"), "{}", run.stderr);
 }
 
@@ -173,4 +185,45 @@ fn files_not_yet_synced_are_counted_as_the_readme_quotes() {
         "{}",
         run.stderr
     );
+}
+
+/// A job that runs Python needs torch on every host: on hosts whose login environment lacks it,
+/// fleet check fails on each with the fix; with `activate` reaching the venv, it passes.
+#[test]
+fn a_torch_job_fails_the_check_until_activate_reaches_torch() {
+    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
+    let f = fixture("check-needs-torch");
+    f.edit_inventory(|text| {
+        text.replacen(
+            "\n[sync]",
+            "\n[run]\ncommand = [\"python3\", \"train.py\"]\n\n[sync]",
+            1,
+        )
+    });
+    let run = f.fleet(&["check"]).run();
+    run.assert_code(1);
+    for host in ["host1", "host2", "host3"] {
+        assert!(
+            run.stderr
+                .contains(&format!("{host}: torch: not installed for python3 (")),
+            "{}",
+            run.stderr
+        );
+    }
+    assert!(
+        run.stderr.contains("set activate = \"...\""),
+        "{}",
+        run.stderr
+    );
+    let venv = std::env::var("FLEET_TORCH_VENV").unwrap_or_else(|_| "/opt/fleet/torch-venv".into());
+    f.edit_inventory(|text| {
+        text.replacen(
+            "[fleet]\n",
+            &format!("[fleet]\nactivate = \". {venv}/bin/activate\"\n"),
+            1,
+        )
+    });
+    let run = f.fleet(&["check"]).run();
+    run.assert_code(0);
+    assert!(run.stdout.contains("2.11.0"), "{}", run.stdout);
 }

@@ -723,3 +723,31 @@ fn one_argument_with_spaces_is_a_shell_line() {
         words.stdout
     );
 }
+
+/// Mistakes in what was asked exit 2, as the README's exit codes say, and nothing runs.
+#[test]
+fn usage_mistakes_exit_2() {
+    let tb = Testbed::get();
+    let fleet = || Fleet::new().arg("-i").arg(tb.inventory());
+    let run = fleet().args(["run"]).run();
+    run.assert_code(2);
+    assert!(
+        run.stderr
+            .contains("no command to run: give one after `--`"),
+        "{}",
+        run.stderr
+    );
+    let timeout = fleet()
+        .args(["--connect-timeout", "0", "exec", "--", "true"])
+        .run();
+    timeout.assert_code(2);
+    assert!(
+        timeout
+            .stderr
+            .contains("--connect-timeout 0: expected seconds"),
+        "{}",
+        timeout.stderr
+    );
+    let flag = fleet().args(["exec", "--no-such-flag"]).run();
+    flag.assert_code(2);
+}

@@ -71,7 +71,7 @@ fn init_writes_a_working_inventory_and_records_new_keys() {
         .arg(&inventory)
         .args(["init", "--hosts", &hosts(&tb)])
         .run();
-    again.assert_code(1);
+    again.assert_code(2);
     assert!(
         again.stderr.contains("exists already; pass --force"),
         "{}",

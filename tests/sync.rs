@@ -606,3 +606,72 @@ fn on_a_terminal_delete_asks_and_no_keeps_everything() {
         );
     }
 }
+
+/// The host's copy of a verified file reaches its disk before the file is renamed into place
+/// (a crash then never leaves an empty file where a whole one was): traced with strace on
+/// host1's sshd and everything it starts, syncfs(2) comes before the rename of the new file.
+#[test]
+fn files_reach_the_hosts_disk_before_they_are_renamed() {
+    let p = Project::new("fsync-before-rename");
+    p.write("landed.txt", "whole\n");
+    let unshare = std::fs::read_to_string(p.tb.dir.join("host1/unshare.pid")).unwrap();
+    let sshd = std::process::Command::new("pgrep")
+        .args(["-P", unshare.trim(), "-x", "sshd"])
+        .output()
+        .unwrap();
+    let sshd = String::from_utf8(sshd.stdout).unwrap().trim().to_string();
+    assert!(!sshd.is_empty(), "host1's sshd was not found");
+    let trace = tempfile::tempdir().unwrap();
+    let log = trace.path().join("trace");
+    let mut strace = std::process::Command::new("strace")
+        // -y names each file descriptor's path: the syncfs of this workdir, not another test's.
+        .args([
+            "-f",
+            "-qq",
+            "-y",
+            "-e",
+            "trace=syncfs,rename,renameat,renameat2",
+            "-o",
+        ])
+        .arg(&log)
+        .args(["-p", &sshd])
+        .spawn()
+        .unwrap();
+    let traced = || {
+        std::fs::read_to_string(format!("/proc/{sshd}/status"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !traced() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "strace did not attach"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let run = p.fleet(&["sync"]).run();
+    // strace detaches on SIGINT and writes out what it saw.
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &strace.id().to_string()])
+        .status();
+    strace.wait().unwrap();
+    run.assert_code(0);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let workdir = p.workdir("host1");
+    let synced = lines
+        .iter()
+        .position(|l| l.contains("syncfs(") && l.contains(&workdir));
+    let renamed = lines
+        .iter()
+        .position(|l| l.contains("rename") && l.contains("landed.txt\""));
+    let (Some(synced), Some(renamed)) = (synced, renamed) else {
+        panic!("no syncfs or no rename of landed.txt:\n{text}");
+    };
+    assert!(
+        synced < renamed,
+        "renamed before it reached the disk:\n{text}"
+    );
+}

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use fleet::cli::Cli;
-use fleet::exit_code::ExitCode;
+use fleet::exit_code::{ExitCode, UsageError};
 use fleet::inventory::InventoryError;
 use fleet::sync::ManifestError;
 
@@ -24,7 +24,8 @@ fn main() -> std::process::ExitCode {
         Err(error) => {
             // Mistakes in what the user gave (inventory, project folder) mean nothing was run.
             let usage = error.downcast_ref::<InventoryError>().is_some()
-                || error.downcast_ref::<ManifestError>().is_some();
+                || error.downcast_ref::<ManifestError>().is_some()
+                || error.downcast_ref::<UsageError>().is_some();
             let code = if usage {
                 ExitCode::Usage
             } else {

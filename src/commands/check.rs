@@ -13,10 +13,12 @@ use super::{Fleet, table};
 use crate::cli::CheckArgs;
 use crate::exit_code::ExitCode;
 use crate::inventory::Inventory;
+use crate::launch::Mode;
 use crate::launch::remote::interface_to;
 use crate::output::{Printer, Stream, count};
 use crate::preflight::{
-    Finding, HostReport, connect_script, evaluate, listener_script, parse_probe, probe_script,
+    Finding, HostReport, Needs, connect_script, evaluate, listener_script, parse_probe,
+    probe_script,
 };
 use crate::ssh::{ExitStatus, Session};
 use crate::sync::remote::{HostState, peek};
@@ -45,7 +47,10 @@ struct Verdict {
 
 pub async fn run(fleet: &Fleet, args: &CheckArgs) -> Result<ExitCode> {
     let inventory = fleet.inventory()?;
-    let code = check(fleet, &inventory, false).await?;
+    // Alone, fleet check reads what the job needs from [run].command.
+    let command = inventory.run_command.clone().unwrap_or_default();
+    let needs = Needs::of(Mode::Ranks, &command);
+    let code = check(fleet, &inventory, false, needs).await?;
     // The links are measured only between hosts that answered.
     if args.net && code != ExitCode::Unreachable && inventory.hosts.len() > 1 {
         return Ok(code.max_with(super::net::run(fleet, &args.net_args).await?));
@@ -53,14 +58,19 @@ pub async fn run(fleet: &Fleet, args: &CheckArgs) -> Result<ExitCode> {
     Ok(code)
 }
 
-/// The check before a `fleet run`: only problems are printed, on stderr.
 /// The check `fleet run` makes before it starts (and before each restart), on `inventory`'s
-/// hosts (after a restart, those still in the job).
-pub async fn before_run(fleet: &Fleet, inventory: &Inventory) -> Result<ExitCode> {
-    check(fleet, inventory, true).await
+/// hosts (after a restart, those still in the job), for what the job `needs`: only problems
+/// are printed, on stderr.
+pub async fn before_run(fleet: &Fleet, inventory: &Inventory, needs: Needs) -> Result<ExitCode> {
+    check(fleet, inventory, true, needs).await
 }
 
-async fn check(fleet: &Fleet, inventory: &Inventory, before_run: bool) -> Result<ExitCode> {
+async fn check(
+    fleet: &Fleet,
+    inventory: &Inventory,
+    before_run: bool,
+    needs: Needs,
+) -> Result<ExitCode> {
     let (targets, connected) = fleet.connect_all(inventory).await?;
     let mut sessions: Vec<Option<Session>> = Vec::with_capacity(connected.len());
     let mut reports: Vec<HostReport> = Vec::with_capacity(connected.len());
@@ -151,7 +161,7 @@ async fn check(fleet: &Fleet, inventory: &Inventory, before_run: bool) -> Result
         }
     }
 
-    let mut findings = evaluate(inventory, &reports, &laptop_ms);
+    let mut findings = evaluate(inventory, &reports, &laptop_ms, needs);
     findings.extend(files);
     findings.extend(port);
     for ((host, report), iface) in inventory.hosts.iter().zip(&reports).zip(&interfaces) {
@@ -343,12 +353,12 @@ async fn master_port(
                     "timeout" => fail(
                         &host.name,
                         format!("{} cannot reach {target} (timed out: firewall?)", host.name),
-                        FIREWALL_FIX,
+                        &firewall_fix(port),
                     ),
                     "refused" => fail(
                         &host.name,
                         format!("{} cannot reach {target} (connection refused)", host.name),
-                        FIREWALL_FIX,
+                        &firewall_fix(port),
                     ),
                     other => fail(
                         &host.name,
@@ -461,8 +471,13 @@ fn print_problems(printer: &Printer, findings: &[Finding]) {
     }
 }
 
-const FIREWALL_FIX: &str = "open the port on the master: Linux `sudo ufw allow 29500/tcp` or \
-    `sudo firewall-cmd --add-port=29500/tcp`; Windows `New-NetFirewallRule -DisplayName fleet -Direction Inbound -Protocol TCP -LocalPort 29500 -Action Allow`";
+/// How to open `port` on the master, for the systems the hosts run.
+fn firewall_fix(port: u16) -> String {
+    format!(
+        "open the port on the master: Linux `sudo ufw allow {port}/tcp` or \
+         `sudo firewall-cmd --add-port={port}/tcp`; Windows `New-NetFirewallRule -DisplayName fleet -Direction Inbound -Protocol TCP -LocalPort {port} -Action Allow`"
+    )
+}
 
 fn report(
     printer: &Printer,

@@ -5,12 +5,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use futures::future::join_all;
 
 use super::Fleet;
 use crate::cli::InitArgs;
-use crate::exit_code::ExitCode;
+use crate::exit_code::{ExitCode, UsageError};
 use crate::inventory::Inventory;
 use crate::output::Stream;
 use crate::ssh::{HostKeyError, HostKeyPolicy, Session, SshError};
@@ -18,10 +18,11 @@ use crate::ssh::{HostKeyError, HostKeyPolicy, Session, SshError};
 pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
     let path = fleet.inventory_path();
     if path.exists() && !args.force {
-        bail!(
+        return Err(UsageError(format!(
             "{} exists already; pass --force to replace it, or -i another path",
             path.display()
-        );
+        ))
+        .into());
     }
     let text = inventory_text(args, &project_source(path)?)?;
     // The text must read back: validate it before writing anything.

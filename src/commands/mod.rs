@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::cli::{Cli, Command, GlobalArgs};
-use crate::exit_code::ExitCode;
+use crate::exit_code::{ExitCode, UsageError};
 use crate::inventory::{Inventory, InventoryError};
 use crate::output::Printer;
 use crate::signals::Interrupts;
@@ -89,7 +89,10 @@ impl Fleet {
     ) -> Result<ConnectOptions> {
         let timeout = self.global.connect_timeout;
         if !(timeout.is_finite() && timeout > 0.0 && timeout <= 3600.0) {
-            anyhow::bail!("--connect-timeout {timeout}: expected seconds between 0 and 3600");
+            return Err(UsageError(format!(
+                "--connect-timeout {timeout}: expected seconds between 0 and 3600"
+            ))
+            .into());
         }
         let interactive = self.printer.can_prompt();
         Ok(ConnectOptions {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 
 use super::{Fleet, table};
 use crate::cli::NetArgs;
-use crate::exit_code::ExitCode;
+use crate::exit_code::{ExitCode, UsageError};
 use crate::inventory::Inventory;
 use crate::netperf::{self, Link, Measured};
 use crate::output::Stream;
@@ -17,10 +17,11 @@ use crate::ssh::ExitStatus;
 pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
     let inventory = fleet.inventory()?;
     if inventory.hosts.len() < 2 {
-        bail!(
+        return Err(UsageError(format!(
             "fleet net needs two hosts or more; {} has one",
             inventory.path.display()
-        );
+        ))
+        .into());
     }
     let params = parameters(args, &inventory)?;
     let (targets, connected) = fleet.connect_all(&inventory).await?;

@@ -5,19 +5,20 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use futures::future::join_all;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::Fleet;
 use crate::cli::RunArgs;
-use crate::exit_code::ExitCode;
+use crate::exit_code::{ExitCode, UsageError};
 use crate::inventory::Inventory;
 use crate::launch::follow::{Followed, follow_host};
 use crate::launch::remote::{BUSY, NO_WORKDIR, interface_to, job_dir, start_script, stem};
 use crate::launch::supervise::{Outcome, Supervisor};
 use crate::launch::{JobPlan, Mode, new_job_id, plan};
+use crate::preflight::Needs;
 use crate::ssh::ExitStatus;
 
 /// `runs/<job>/summary.json`.
@@ -39,10 +40,11 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     } else if let Some(command) = &inventory.run_command {
         command.clone()
     } else {
-        bail!(
+        return Err(UsageError(format!(
             "no command to run: give one after `--` (fleet run -- python3 train.py) or set [run].command in {}",
             inventory.path.display()
-        );
+        ))
+        .into());
     };
     let mode = if args.torchrun {
         Mode::Torchrun
@@ -68,7 +70,8 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     }
 
     if !args.no_check {
-        let checked = super::check::before_run(fleet, &inventory);
+        let needs = Needs::of(mode, &command);
+        let checked = super::check::before_run(fleet, &inventory, needs);
         let code = match fleet.unless_interrupted(checked).await? {
             Ok(code) => code,
             Err(interrupted) => return Ok(interrupted),
@@ -156,7 +159,9 @@ async fn restart_loop(
                 }
             }
             if !args.no_check {
-                let checked = fleet.unless_interrupted(super::check::before_run(fleet, &current));
+                let needs = Needs::of(mode, command);
+                let checked =
+                    fleet.unless_interrupted(super::check::before_run(fleet, &current, needs));
                 let checked = match checked.await? {
                     Ok(checked) => checked,
                     Err(interrupted) => {
@@ -191,13 +196,7 @@ async fn restart_loop(
             trained_to: ended.outcome.as_ref().and_then(|o| o.trained_to),
             resumed_from: ended.outcome.as_ref().and_then(|o| o.resumed_from),
         });
-        let interrupted = ended.outcome.as_ref().is_some_and(|o| o.interrupted);
-        // Every process of the job ran to a clean end: there is nothing to restart.
-        let finished = ended
-            .outcome
-            .as_ref()
-            .is_some_and(|o| !o.exits.is_empty() && o.exits.iter().all(|e| *e == Some(0)));
-        if code == ExitCode::Success || finished || interrupted || number == args.max_restarts {
+        if !worth_restarting(&ended) || number == args.max_restarts {
             break;
         }
         let reason = ended
@@ -253,6 +252,22 @@ async fn restart_loop(
         }
     }
     Ok(code)
+}
+
+/// Whether an attempt that ended so is started again (restarts permitting): not after a
+/// success, a Ctrl-C, or when every process of the job exited 0 whatever else went wrong (a
+/// host lost once the work was done): its result stands.
+fn worth_restarting(ended: &Ended) -> bool {
+    if ended.code == ExitCode::Success {
+        return false;
+    }
+    match &ended.outcome {
+        Some(outcome) => {
+            let finished = !outcome.exits.is_empty() && outcome.exits.iter().all(|e| *e == Some(0));
+            !outcome.interrupted && !finished
+        }
+        None => true,
+    }
 }
 
 /// The hosts of `inventory` that can be reached now, or why the job cannot go on.
@@ -345,6 +360,9 @@ async fn start(
             process
                 .env
                 .insert("FLEET_RESTART_COUNT".into(), number.to_string());
+            process
+                .env
+                .insert("FLEET_MAX_RESTARTS".into(), args.max_restarts.to_string());
             if mode == Mode::Ranks {
                 process
                     .env
@@ -571,4 +589,52 @@ async fn start(
         outcome: Some(outcome),
         reason,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(code: ExitCode, exits: Vec<Option<i32>>, interrupted: bool) -> Ended {
+        Ended {
+            code,
+            outcome: Some(Outcome {
+                exits,
+                interrupted,
+                ..Outcome::default()
+            }),
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn a_job_whose_every_process_exited_zero_is_never_restarted() {
+        // A host lost after the work was done: exit 3, and still nothing to redo.
+        let done = ended(
+            ExitCode::Unreachable,
+            vec![Some(0), Some(0), Some(0)],
+            false,
+        );
+        assert!(!worth_restarting(&done));
+        let failed = ended(ExitCode::Exact(1), vec![Some(0), Some(1), Some(143)], false);
+        assert!(worth_restarting(&failed));
+        let gone = ended(ExitCode::Unreachable, vec![Some(0), None, Some(143)], false);
+        assert!(worth_restarting(&gone));
+        assert!(!worth_restarting(&ended(
+            ExitCode::Interrupted,
+            vec![Some(130)],
+            true
+        )));
+        assert!(!worth_restarting(&ended(
+            ExitCode::Success,
+            vec![Some(0)],
+            false
+        )));
+        let never_started = Ended {
+            code: ExitCode::Unreachable,
+            outcome: None,
+            reason: Some("a host could not be reached".into()),
+        };
+        assert!(worth_restarting(&never_started));
+    }
 }

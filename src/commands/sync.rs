@@ -175,7 +175,8 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
         Ok(Err(e)) => return Err(e.into()),
         Err(shared) => match shared.as_ref() {
             Ok(local) => describe(local),
-            Err(e) => anyhow::bail!("{e}"),
+            // Still shared by a host that is done with it: its message, still a usage error.
+            Err(e) => return Err(crate::exit_code::UsageError(e.to_string()).into()),
         },
     }
     Ok(report(

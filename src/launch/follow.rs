@@ -100,7 +100,15 @@ async fn follow_one(
             .await
         {
             Ok(handle) => break handle.handle,
-            Err(e) if is_missing(&e) => pause(&mut idle).await,
+            Err(e) if is_missing(&e) => {
+                // A process stopped before it started has an exit and may have no log.
+                if let Some(text) = read_small(sftp, &format!("{base}.exit")).await? {
+                    let code = text.trim().parse().unwrap_or(-1);
+                    let _ = events.send(Event::Exited { process, code }).await;
+                    return Ok(());
+                }
+                pause(&mut idle).await
+            }
             Err(e) => return Err(e),
         }
     };

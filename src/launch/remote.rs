@@ -344,6 +344,27 @@ mod tests {
         });
     }
 
+    /// A job stopped before its wrappers started its processes: none starts, each records 143
+    /// and leaves an empty log (the followers read logs until the exit).
+    #[test]
+    fn a_job_stopped_before_it_started_starts_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = dir.path().join(".fleet/jobs/J1");
+        std::fs::create_dir_all(&jobs).unwrap();
+        std::fs::write(jobs.join("stopping"), "").unwrap();
+        start(dir.path(), &job());
+        wait_for("the wrappers did not finish", || {
+            jobs.join("rank-0.exit").exists() && jobs.join("rank-1.exit").exists()
+        });
+        for stem in ["rank-0", "rank-1"] {
+            let read =
+                |ext: &str| std::fs::read_to_string(jobs.join(format!("{stem}.{ext}"))).unwrap();
+            assert_eq!(read("exit"), "143\n");
+            assert_eq!(read("log"), "", "{stem} ran");
+            assert!(!jobs.join(format!("{stem}.env")).exists());
+        }
+    }
+
     /// A job of one process that starts a child in a session of its own (as torchrun starts
     /// its workers), which ignores SIGTERM, then exits.
     fn escaping_job(id: &str, secret: &str) -> JobPlan {

@@ -10,6 +10,7 @@ date +%s%N >"$s.start"
 # The job was stopped before this process started (a signal found nothing of it to stop).
 if [ -e "${s%/*}/stopping" ]; then
   rm -f -- "$s.env"
+  : >"$s.log"
   echo 143 >"$s.exit.tmp" && mv -f "$s.exit.tmp" "$s.exit"
   exit 0
 fi

@@ -33,6 +33,10 @@ if command -v python3 >/dev/null 2>&1; then
 else
   echo "python=not installed"
 fi
+for tool in torchrun accelerate; do
+  path=$(command -v "$tool" 2>/dev/null)
+  echo "tool.$tool=${path:-not installed}"
+done
 if [ -x "$workdir/fleet-train" ]; then t=$workdir/fleet-train; else t=$(command -v fleet-train); fi
 if [ -n "$t" ]; then
   echo "fleet_train=$("$t" --version 2>&1 | head -n 1)"

@@ -170,9 +170,11 @@ pub struct TrainArgs {
     /// Where rank 0 keeps checkpoints.
     #[arg(long, default_value = "checkpoints")]
     pub checkpoint_dir: PathBuf,
-    /// Write a checkpoint every N optimizer steps (0: only at the end).
-    #[arg(long, default_value_t = 0)]
-    pub checkpoint_every: u64,
+    /// Write a checkpoint every N optimizer steps (0: only at the end). Default: only at the
+    /// end, or every 50 steps when fleet restarts the job on failure (FLEET_MAX_RESTARTS > 0),
+    /// so that a restart has something to resume.
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
     /// Continue from the last checkpoint in --checkpoint-dir, whichever job wrote it. A restart
     /// by `fleet run --max-restarts` continues by itself, from its own job's checkpoints only.
     #[arg(long)]

@@ -188,6 +188,11 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
         .unwrap_or(if args.model.is_some() { 5e-5 } else { 1e-3 });
     let samples_per_step = (args.batch_size * grad_accum * rank.world_size) as f64;
 
+    let checkpoint_every = args.checkpoint_every.unwrap_or(if max_restarts() > 0 {
+        RESTARTABLE_EVERY
+    } else {
+        0
+    });
     let mut step = start_step;
     let mut timing = Timing::default();
     // Loss sum, steps and seconds since the last progress report.
@@ -280,7 +285,7 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
                 }
                 window = (0.0, 0, 0.0);
             }
-            if args.checkpoint_every > 0 && step % args.checkpoint_every == 0 && step < total {
+            if checkpoint_every > 0 && step % checkpoint_every == 0 && step < total {
                 save_checkpoint(
                     args,
                     rank,
@@ -379,6 +384,17 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
 /// Prints one JSON event line on stdout.
 pub fn event(value: serde_json::Value) {
     println!("{value}");
+}
+
+/// Checkpoint interval (steps) when fleet restarts the job on failure and none was given.
+const RESTARTABLE_EVERY: u64 = 50;
+
+/// `fleet run --max-restarts N` tells every rank N, so that it checkpoints as it goes.
+fn max_restarts() -> u64 {
+    std::env::var("FLEET_MAX_RESTARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn restart_count() -> u64 {
