@@ -5,6 +5,7 @@
 #   scripts/testbed.sh down                  stop them and remove their network (idempotent)
 #   scripts/testbed.sh status                variant, hosts and namespaces
 #   scripts/testbed.sh stop HOST | start HOST      crash a host (sshd and every process on it) / boot it again
+#   scripts/testbed.sh nosftp HOST | sftp HOST     restart a host with its SFTP subsystem off / on
 #   scripts/testbed.sh cut HOST | heal HOST        netns: drop / restore HOST's link silently
 #   scripts/testbed.sh shape HOST RATE | unshape HOST   netns: limit HOST's bandwidth both ways (e.g. 100mbit)
 #
@@ -320,6 +321,15 @@ case ${1:-} in
   down) cmd_down ;;
   status) variant; cat "$TB_DIR/hosts.tsv" 2>/dev/null || true; ip netns list ;;
   stop) i=$(host_index "${2:-}"); halt_host "$i"; log "host$i stopped" ;;
+  nosftp | sftp)
+    # Restarts HOST with its SFTP subsystem off (nosftp) or back on (sftp): exec works, SFTP fails.
+    i=$(host_index "${2:-}")
+    server=/usr/lib/openssh/sftp-server
+    [[ $1 == sftp ]] || server=/bin/false
+    sed -i "s|^Subsystem sftp .*|Subsystem sftp $server|" "$TB_DIR/host$i/sshd_config"
+    halt_host "$i"; boot_host "$(variant)" "$i"; await_host "$(variant)" "$i"
+    log "host$i restarted with SFTP $([[ $1 == sftp ]] && echo on || echo off)"
+    ;;
   start) i=$(host_index "${2:-}"); boot_host "$(variant)" "$i"; await_host "$(variant)" "$i"; log "host$i started" ;;
   cut) need_netns cut; i=$(host_index "${2:-}"); ip link set "${TB_BRIDGE}v$i" down ;;
   heal) need_netns heal; i=$(host_index "${2:-}"); ip link set "${TB_BRIDGE}v$i" up ;;
@@ -336,5 +346,5 @@ case ${1:-} in
     tc qdisc del dev "${TB_BRIDGE}v$i" root 2>/dev/null || true
     tc -n "$(host_ns netns "$i")" qdisc del dev eth0 root 2>/dev/null || true
     ;;
-  *) sed -n '2,10p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,11p' "$0" >&2; exit 2 ;;
 esac

@@ -311,3 +311,39 @@ fn a_link_cut_longer_than_the_keepalive_budget_loses_the_host_and_stop_cleans_up
     stop.assert_code(0);
     assert_eq!(project.remaining("sleep 6020"), Vec::<String>::new());
 }
+
+/// A host where the ranks start but their logs cannot be followed (its SFTP subsystem is off)
+/// is named, and the whole job is stopped rather than left running unsupervised.
+#[test]
+fn a_host_whose_logs_cannot_be_followed_stops_the_job() {
+    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    let project = common::Project::new("no-sftp-run");
+    project.write("README", "job\n");
+    project.fleet(&["sync"]).run().assert_code(0);
+    project.tb.control(&["nosftp", "host2"]);
+    let _restore = Restore {
+        tb: &project.tb,
+        args: ["sftp", "host2"],
+    };
+    let run = project
+        .fleet(&[
+            "run",
+            "--no-sync",
+            "--no-check",
+            "--grace",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 6170",
+        ])
+        .run();
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("host2: cannot follow the job's logs ("),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("stopping the job"), "{}", run.stderr);
+    assert_eq!(project.remaining("sleep 6170"), Vec::<String>::new());
+}
