@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-
 use common::{Fleet, Testbed};
 
 fn hosts(tb: &Testbed) -> String {
@@ -118,20 +116,8 @@ fn on_a_terminal_the_user_confirms_the_fingerprints() {
         hosts(&tb),
         tb.key().display()
     );
-    // `script` gives fleet a terminal; the answer comes through it.
-    let mut child = Command::new("script")
-        .args(["-qec", &command, "/dev/null"])
-        .env("HOME", home.path())
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"y\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let (code, text) = common::on_a_terminal(&command, home.path(), b"y\n");
+    assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("Trust them and record them? [y/N]"), "{text}");
     assert_eq!(text.matches("host key recorded").count(), 3, "{text}");
     let recorded = std::fs::read_to_string(home.path().join(".ssh/known_hosts")).unwrap();
@@ -255,20 +241,9 @@ fn on_a_terminal_an_answer_of_no_records_nothing() {
         hosts(&tb),
         tb.key().display()
     );
-    let mut child = Command::new("script")
-        .args(["-qec", &command, "/dev/null"])
-        .env("HOME", home.path())
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"n\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let (code, text) = common::on_a_terminal(&command, home.path(), b"n\n");
     assert!(text.contains("Trust them and record them? [y/N]"), "{text}");
-    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert_eq!(code, Some(3), "{text}");
     assert_eq!(text.matches("host key recorded").count(), 0, "{text}");
     assert!(!home.path().join(".ssh/known_hosts").exists(), "{text}");
 }

@@ -572,21 +572,8 @@ fn on_a_terminal_delete_asks_and_no_keeps_everything() {
         env!("CARGO_BIN_EXE_fleet"),
         p.inventory.display()
     );
-    let mut child = std::process::Command::new("script")
-        .args(["-qec", &command, "/dev/null"])
-        .env("HOME", home.path())
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"n\nn\nn\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    drop(stdin);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
+    let (code, text) = common::on_a_terminal(&command, home.path(), b"n\nn\nn\n");
+    assert_eq!(code, Some(0), "{text}");
     assert_eq!(text.matches("[y/N]").count(), 3, "{text}");
     assert!(
         text.contains("--delete removes 1 path(s) an earlier sync put there: old^[]0;owned^G.txt"),

@@ -421,3 +421,23 @@ pub fn interrupt(child: &std::process::Child) {
         .unwrap();
     assert!(status.success(), "kill -INT failed");
 }
+
+/// Runs the shell line `command` on a terminal of its own (`script`), with `home` as HOME and
+/// no agent, typing `answers` into it; returns the exit code and everything the terminal showed.
+pub fn on_a_terminal(command: &str, home: &Path, answers: &[u8]) -> (Option<i32>, String) {
+    use std::io::Write;
+    let mut child = Command::new("script")
+        .args(["-qec", command, "/dev/null"])
+        .env("HOME", home)
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(answers).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
