@@ -110,6 +110,9 @@ pub struct ExecArgs {
     /// as given)
     #[arg(long)]
     pub shell: bool,
+    /// Run without the hosts' `activate` line (to create the environment it activates)
+    #[arg(long)]
+    pub no_activate: bool,
     /// The command and its arguments, after `--`
     #[arg(
         required = true,

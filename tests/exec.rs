@@ -748,6 +748,61 @@ fn usage_mistakes_exit_2() {
         "{}",
         timeout.stderr
     );
-    let flag = fleet().args(["exec", "--no-such-flag"]).run();
+    let flag = Fleet::new()
+        .args(["--no-such-flag", "exec", "--", "true"])
+        .run();
     flag.assert_code(2);
+}
+
+/// `fleet exec` runs inside the hosts' `activate` environment; a line that fails ends the
+/// command with 126 and says so, and `--no-activate` runs without it (to make that environment:
+/// the README's step 4).
+#[test]
+fn exec_runs_inside_activate_unless_told_not_to() {
+    let tb = Testbed::get();
+    let dir = tempfile::tempdir().unwrap();
+    let hook = dir.path().join("hook.sh");
+    std::fs::write(&hook, "GREETING=activated; export GREETING\n").unwrap();
+    let inventory = with_known_hosts(&tb, dir.path(), &tb.known_hosts());
+    let with_activate = |line: &str| {
+        let text = std::fs::read_to_string(&inventory).unwrap();
+        let text = text.replacen("[fleet]\n", &format!("[fleet]\nactivate = \"{line}\"\n"), 1);
+        std::fs::write(dir.path().join("activated.toml"), text).unwrap();
+        dir.path().join("activated.toml")
+    };
+    let good = with_activate(&format!(". {}", hook.display()));
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(&good)
+        .args(["exec", "--", "sh", "-c", "echo ${GREETING:-plain}"])
+        .run();
+    run.assert_code(0);
+    assert_eq!(
+        run.stdout.matches("| activated").count(),
+        3,
+        "{}",
+        run.stdout
+    );
+    let bad = with_activate(". /nonexistent/venv/bin/activate");
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(&bad)
+        .args(["exec", "--", "echo", "ran"])
+        .run();
+    run.assert_code(1);
+    assert!(!run.stdout.contains("ran"), "{}", run.stdout);
+    assert!(
+        run.stderr
+            .contains("fleet: activate = \". /nonexistent/venv/bin/activate\" failed"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("exited with 126"), "{}", run.stderr);
+    let run = Fleet::new()
+        .arg("-i")
+        .arg(&bad)
+        .args(["exec", "--no-activate", "--", "echo", "ran"])
+        .run();
+    run.assert_code(0);
+    assert_eq!(run.stdout.matches("| ran").count(), 3, "{}", run.stdout);
 }

@@ -60,7 +60,10 @@ pub async fn run(fleet: &Fleet, args: &ExecArgs) -> Result<ExitCode> {
     let labels = Labels::hosts(&fleet.printer, &names);
 
     let outcomes = join_all(targets.iter().enumerate().map(|(index, target)| {
-        let activate = inventory.hosts[index].activate.clone().unwrap_or_default();
+        let activate = match args.no_activate {
+            true => String::new(),
+            false => inventory.hosts[index].activate.clone().unwrap_or_default(),
+        };
         let command = Script::new(remote::EXEC).args([line.clone(), activate]);
         run_on(&fleet.printer, &labels, &options, index, target, command)
     }))
