@@ -29,7 +29,12 @@ code=$?
 # process has not ended while one of them lives.
 job=${s%/*}
 job=${job##*/}
-while [ -n "$(marked_pids "$job" "${s##*/}")" ]; do
+# A process in the middle of an exec can read as unmarked for an instant: gone means unseen on
+# two looks a moment apart.
+gone() {
+  [ -z "$(marked_pids "$job" "${s##*/}")" ] && sleep 0.1 && [ -z "$(marked_pids "$job" "${s##*/}")" ]
+}
+until gone; do
   sleep 0.2
 done
 echo "$code" >"$s.exit.tmp" && mv -f "$s.exit.tmp" "$s.exit"
