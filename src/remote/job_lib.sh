@@ -55,5 +55,10 @@ state() {
       return
     fi
   fi
+  # The wrapper may have written the exit and ended since the first look.
+  if [ -e "$s.exit" ]; then
+    echo "exited $(cat "$s.exit")"
+    return
+  fi
   echo lost
 }
