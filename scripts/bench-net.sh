@@ -40,13 +40,14 @@ sed "s|^master_port = 29500|master_port = 29500\n\n[sync]\nsource = \"$work\"|" 
 export FLEET_INVENTORY=$work/fleet.toml
 "$fleet" sync >/dev/null 2>&1
 
-# rank_means MARKER FIELD...: from `fleet run`'s merged output, the JSON lines holding MARKER (one
-# per rank, RANKS of them), and the ranks' mean of each FIELD.
+# rank_means MARKER FIELD...: from `fleet --json run`'s records, the ranks' JSON lines holding
+# MARKER (one per rank, RANKS of them), and the ranks' mean of each FIELD.
 rank_means() {
   "$python" -c '
 import json, sys
 marker, fields, ranks = sys.argv[1], sys.argv[2:-1], int(sys.argv[-1])
-s = [json.loads(l[l.index("{"):]) for l in sys.stdin if marker in l]
+lines = [r["line"] for r in map(json.loads, sys.stdin) if r.get("type") == "line"]
+s = [json.loads(l) for l in lines if marker in l]
 if len(s) != ranks:
     sys.exit("bench-net: expected %d lines with %s, got %d" % (ranks, marker, len(s)))
 means = [sum(x[f] for x in s) / len(s) for f in fields]
@@ -55,7 +56,7 @@ print(*(int(m) if m == int(m) else m for m in means))' "$@" "$RANKS"
 
 # train WIRE [OVERLAP-FLAG]: prints the ranks' mean comm_ms, wait_ms and step_ms, and params.
 train() {
-  "$fleet" run -- ./fleet-train --data data.csv --preset base --vocab-size 30522 --max-len 16 \
+  "$fleet" --json run -- ./fleet-train --data data.csv --preset base --vocab-size 30522 --max-len 16 \
     --batch-size 1 --epochs 1 --max-steps "$STEPS" --val-fraction 0 --dropout 0 \
     --allreduce-dtype "$1" ${2:-} --output model --checkpoint-dir checkpoints 2>/dev/null |
     rank_means '"event":"summary"' comm_ms wait_ms step_ms params
@@ -64,7 +65,7 @@ train() {
 # pytorch WIRE PARAMS: PyTorch's own Gloo all-reduce of as many values, in the same buckets
 # (scripts/bench_allreduce.py): the ranks' mean milliseconds per step.
 pytorch() {
-  "$fleet" run -- "$python" bench_allreduce.py --params "$2" --dtype "$1" --steps "$STEPS" 2>/dev/null |
+  "$fleet" --json run -- "$python" bench_allreduce.py --params "$2" --dtype "$1" --steps "$STEPS" 2>/dev/null |
     rank_means allreduce_ms allreduce_ms
 }
 

@@ -201,6 +201,9 @@ pub struct LogsArgs {
     /// Only this rank (or `n1` for node 1's launcher)
     #[arg(long, value_name = "RANK")]
     pub rank: Option<String>,
+    /// Every line as the ranks wrote it, fleet-train's JSON events included
+    #[arg(long)]
+    pub raw: bool,
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,14 @@
 //! restarts, during a sync). Instead one task counts every signal from the start, and whoever
 //! must react (the supervisor escalates: stop, kill, leave; any other command ends at once)
 //! watches the count.
+//!
+//! One request often arrives as two signals: `timeout` sends SIGTERM to fleet and then to its
+//! whole process group, and a terminal's Ctrl-C reaches every process of the foreground group.
+//! A signal within [`SAME_REQUEST`] of the last one counted is taken as the same request, so
+//! only a second, deliberate Ctrl-C escalates.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -20,7 +28,14 @@ impl Interrupts {
     /// Starts counting SIGINT, SIGTERM and SIGHUP (inside the runtime). A signal that cannot be
     /// caught keeps its default action, which ends fleet.
     pub fn install() -> Interrupts {
+        Interrupts::counting_apart(SAME_REQUEST)
+    }
+
+    /// As [`Interrupts::install`], counting a signal only when `window` has passed since the last
+    /// one counted.
+    fn counting_apart(window: Duration) -> Interrupts {
         let (sender, count) = watch::channel(0u32);
+        let last: Arc<Mutex<Option<Instant>>> = Arc::default();
         for kind in [
             SignalKind::interrupt(),
             SignalKind::terminate(),
@@ -30,9 +45,12 @@ impl Interrupts {
                 continue;
             };
             let sender = sender.clone();
+            let last = Arc::clone(&last);
             tokio::spawn(async move {
                 while stream.recv().await.is_some() {
-                    sender.send_modify(|n| *n += 1);
+                    if a_new_request(&last, window) {
+                        sender.send_modify(|n| *n += 1);
+                    }
                 }
             });
         }
@@ -67,13 +85,29 @@ impl Interrupts {
     }
 }
 
+/// Signals closer together than this are one request (see the module's notes). A person's
+/// second Ctrl-C comes later than this; a signal sent to a process and then to its group, sooner.
+const SAME_REQUEST: Duration = Duration::from_millis(300);
+
+/// Whether a signal arriving now is a new request, given when the last counted one came; if so,
+/// it becomes the last.
+fn a_new_request(last: &Mutex<Option<Instant>>, window: Duration) -> bool {
+    let now = Instant::now();
+    let mut last = last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if last.is_some_and(|at| now.duration_since(at) < window) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn every_kind_of_stop_signal_is_counted() {
-        let interrupts = Interrupts::install();
+        let interrupts = Interrupts::counting_apart(Duration::ZERO);
         let mut seen = interrupts.from_now();
         for (n, signal) in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT]
             .into_iter()
@@ -90,5 +124,17 @@ mod tests {
         }
         assert_eq!(interrupts.count(), 3);
         interrupts.any().await;
+    }
+
+    #[test]
+    fn a_signal_close_behind_another_is_the_same_request() {
+        let last = Mutex::new(None);
+        let hour = Duration::from_secs(3600);
+        assert!(a_new_request(&last, hour));
+        assert!(!a_new_request(&last, hour), "a second signal at once");
+        assert!(
+            a_new_request(&last, Duration::ZERO),
+            "once the window has passed"
+        );
     }
 }

@@ -259,6 +259,76 @@ fn a_killed_laptop_loses_nothing_and_logs_reattach() {
     assert!(only.stdout.lines().all(|l| l.starts_with("[2 host3] ")));
 }
 
+/// fleet-train's JSON events are for machines: `fleet run` and `fleet logs` show them as
+/// sentences, and they stay whole in the run folder, `--json` and `fleet logs --raw`. A JSON line
+/// of the program's own is its output and stays.
+#[test]
+fn training_events_stay_off_the_human_log() {
+    let job = job("run-events");
+    let script = r#"echo '{"event":"checkpoint","step":3,"dir":"ck"}'; echo '{"event":"deploy"}'; echo "plain $RANK""#;
+    let run = job.fleet(&["run", "--", "sh", "-c", script]).run();
+    run.assert_code(0);
+    let mut shown: Vec<&str> = run.stdout.lines().collect();
+    shown.sort();
+    let expected = [
+        "[0 host1] plain 0",
+        "[0 host1] {\"event\":\"deploy\"}",
+        "[1 host2] plain 1",
+        "[1 host2] {\"event\":\"deploy\"}",
+        "[2 host3] plain 2",
+        "[2 host3] {\"event\":\"deploy\"}",
+    ];
+    assert_eq!(shown, expected, "{}", run.stdout);
+    assert_eq!(
+        run.stderr
+            .matches("training: checkpoint saved at step 3\n")
+            .count(),
+        1,
+        "{}",
+        run.stderr
+    );
+    let merged = std::fs::read_dir(job.root().join("runs"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path().join("merged.log")).unwrap())
+        .collect::<String>();
+    assert_eq!(
+        merged.matches("\"event\":\"checkpoint\"").count(),
+        3,
+        "{merged}"
+    );
+
+    let logs = job.fleet(&["logs"]).run();
+    logs.assert_code(0);
+    let mut shown: Vec<&str> = logs.stdout.lines().collect();
+    shown.sort();
+    assert_eq!(shown, expected, "{}", logs.stdout);
+    let raw = job.fleet(&["logs", "--raw"]).run();
+    raw.assert_code(0);
+    assert_eq!(
+        raw.stdout.matches("\"event\":\"checkpoint\"").count(),
+        3,
+        "{}",
+        raw.stdout
+    );
+    let json = job.fleet(&["--json", "logs", "--rank", "1"]).run();
+    json.assert_code(0);
+    let lines: Vec<serde_json::Value> = json
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", json.stdout);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["type"] == "line" && l["rank"] == "1" && l["host"] == "host2")
+    );
+    assert_eq!(
+        lines[0]["line"],
+        r#"{"event":"checkpoint","step":3,"dir":"ck"}"#
+    );
+}
+
 #[test]
 fn detached_jobs_show_in_ps_and_stop_on_request() {
     let job = job("run-detach");
@@ -462,21 +532,54 @@ fn a_second_ctrl_c_kills_ranks_that_ignore_sigterm() {
         .spawn();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     await_lines(&mut stdout, "ready", 3);
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    interrupt(&child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut line = String::new();
-    while !line.contains("interrupted: stopping every process") {
-        assert!(
-            Instant::now() < deadline,
-            "fleet never said it was stopping"
-        );
-        line.clear();
-        assert_ne!(stderr.read_line(&mut line).unwrap(), 0);
-    }
-    interrupt(&child);
+    press_ctrl_c_twice(&mut child);
     assert_eq!(wait(&mut child), Some(130));
     assert_eq!(job.remaining("while :; do sleep 0.2"), Vec::<String>::new());
+}
+
+/// Ctrl-C, and once fleet says it is stopping, Ctrl-C again. A signal right behind the first is
+/// taken as the same request (a burst, not a person), so the second is pressed, as a person
+/// would, until fleet answers it.
+fn press_ctrl_c_twice(child: &mut std::process::Child) {
+    let stderr = lines_of(child.stderr.take().unwrap());
+    interrupt(child);
+    await_line(&stderr, "interrupted: stopping every process");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        interrupt(child);
+        match stderr.recv_timeout(Duration::from_millis(500)) {
+            Ok(line) if line.contains("killing every process now") => return,
+            Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("fleet ended before it said it was killing: {e}"),
+        }
+        assert!(Instant::now() < deadline, "fleet never killed the ranks");
+    }
+}
+
+/// The lines `from` writes, as they come, through a channel (so a test can wait with a deadline).
+fn lines_of(from: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receiver
+}
+
+/// Waits (30 s at most) for a line that contains `text`.
+fn await_line(lines: &std::sync::mpsc::Receiver<String>, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(text) => return,
+            Ok(_) => {}
+            Err(e) => panic!("no line with {text:?}: {e}"),
+        }
+    }
 }
 
 #[test]
@@ -812,8 +915,7 @@ fn a_torchrun_worker_that_ignores_sigterm_is_gone_after_two_ctrl_c() {
     let (mut child, _home) = stubborn_torchrun(&job, "two", &[]);
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     await_lines(&mut stdout, "ready", 3);
-    interrupt(&child);
-    interrupt(&child);
+    press_ctrl_c_twice(&mut child);
     assert_eq!(wait(&mut child), Some(130));
     assert_gone(&job, "stubborn_two");
 }

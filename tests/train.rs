@@ -129,13 +129,9 @@ fn finish(children: Vec<Child>) -> Vec<common::Run> {
         .collect()
 }
 
-/// The JSON events a run printed on stdout, by kind.
+/// The JSON events a rank printed on stdout, by kind.
 fn events(run: &common::Run, kind: &str) -> Vec<Value> {
-    run.stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["event"] == kind)
-        .collect()
+    events_in(&run.stdout, kind)
 }
 
 fn summary(run: &common::Run) -> Value {
@@ -741,42 +737,85 @@ fn trainer_project(name: &str) -> common::Project {
     project
 }
 
-/// The summary lines of a `fleet run` of fleet-train, parsed.
-fn summaries(stdout: &str) -> Vec<Value> {
-    stdout
-        .lines()
-        .filter(|l| l.contains("\"event\":\"summary\""))
+/// The summary lines of a job log (see [`job_log`]), parsed.
+fn summaries(log: &str) -> Vec<Value> {
+    events_in(log, "summary")
+}
+
+/// The events of `kind` in a job log, parsed.
+fn events_in(log: &str, kind: &str) -> Vec<Value> {
+    let marker = format!("\"event\":\"{kind}\"");
+    log.lines()
+        .filter(|l| l.contains(&marker))
         .map(|l| serde_json::from_str(&l[l.find('{').unwrap()..]).unwrap())
         .collect()
 }
 
-/// Reads a running `fleet run`'s stdout until a line contains `needle`, within a deadline.
-fn read_until(stdout: &mut impl BufRead, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut line = String::new();
-    while !line.contains(needle) {
-        assert!(Instant::now() < deadline, "no line with {needle:?}");
-        line.clear();
-        assert_ne!(
-            stdout.read_line(&mut line).unwrap(),
-            0,
-            "fleet ended before {needle:?}"
+/// What the ranks of a finished `fleet run` wrote, every attempt in order, from the run folder
+/// its last line names. The events are there, and never in what fleet showed.
+fn job_log(run: &common::Run) -> String {
+    for (name, text) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
+        assert!(
+            !text.contains("\"event\""),
+            "a raw event on fleet's {name}:\n{text}"
         );
     }
+    let folder = run
+        .stderr
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("logs in ").map(|(_, dir)| dir.trim()))
+        .unwrap_or_else(|| panic!("no run folder named:\n{}", run.stderr));
+    let mut logs: Vec<PathBuf> = walkdir::WalkDir::new(folder)
+        .into_iter()
+        .map(|e| e.unwrap().into_path())
+        .filter(|p| p.file_name().is_some_and(|n| n == "merged.log"))
+        .collect();
+    logs.sort();
+    assert!(!logs.is_empty(), "no merged.log in {folder}");
+    logs.iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect()
 }
 
-/// Waits for a spawned `fleet` and collects what is left of its output.
-fn finish_fleet(mut child: Child, stdout: impl std::io::Read + Send + 'static) -> common::Run {
-    let reader = std::thread::spawn(move || {
-        let mut rest = String::new();
-        let mut stdout = stdout;
-        let _ = stdout.read_to_string(&mut rest);
+/// Reads a running `fleet run`'s stderr until a line contains `needle`, within a deadline;
+/// returns what it read.
+fn read_until(stderr: &mut impl BufRead, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = String::new();
+    let mut line = String::new();
+    while !line.contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no line with {needle:?}:\n{seen}"
+        );
+        line.clear();
+        assert_ne!(
+            stderr.read_line(&mut line).unwrap(),
+            0,
+            "fleet ended before a line with {needle:?}:\n{seen}"
+        );
+        seen.push_str(&line);
+    }
+    seen
+}
+
+/// Waits for a `fleet run` whose stderr was read (`seen`, then `stderr`) up to here.
+fn finish_fleet(
+    mut child: Child,
+    seen: String,
+    stderr: impl std::io::Read + Send + 'static,
+) -> common::Run {
+    let errors = std::thread::spawn(move || {
+        let mut rest = seen;
+        let mut stderr = stderr;
+        let _ = stderr.read_to_string(&mut rest);
         rest
     });
-    let mut stderr = child.stderr.take().unwrap();
-    let errors = std::thread::spawn(move || {
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
         let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
+        let _ = stdout.read_to_string(&mut text);
         text
     });
     let code = common::wait_for(&mut child, Duration::from_secs(180));
@@ -805,17 +844,15 @@ fn fleet_run_trains_on_the_three_hosts_of_the_test_bed() {
         ])
         .run();
     run.assert_code(0);
-    let summaries = summaries(&run.stdout);
-    assert_eq!(summaries.len(), 3, "{}", run.stdout);
-    let mut hosts: Vec<&str> = summaries
-        .iter()
-        .map(|s| s["host"].as_str().unwrap())
-        .collect();
+    let log = job_log(&run);
+    let ranks = summaries(&log);
+    assert_eq!(ranks.len(), 3, "{log}");
+    let mut hosts: Vec<&str> = ranks.iter().map(|s| s["host"].as_str().unwrap()).collect();
     hosts.sort();
     assert_eq!(hosts, ["host1", "host2", "host3"]);
-    for s in &summaries {
+    for s in &ranks {
         assert_eq!(s["world_size"], 3);
-        assert_eq!(s["params_sha256"], summaries[0]["params_sha256"]);
+        assert_eq!(s["params_sha256"], ranks[0]["params_sha256"]);
     }
     // The controller read rank 0's events: a plain status line (no terminal here), the result,
     // and the curves in the run folder.
@@ -839,6 +876,23 @@ fn fleet_run_trains_on_the_three_hosts_of_the_test_bed() {
         svg.starts_with("<svg") && svg.contains("validation accuracy"),
         "{svg:.200}"
     );
+    // On a terminal too, the events are the status line and the final table, never JSON.
+    let home = tempfile::tempdir().unwrap();
+    let command = format!(
+        "{} -i {} run -- ./fleet-train --data data/train.csv --max-steps 6 --log-every 2 \
+         --output model-tty --checkpoint-dir ck-tty",
+        env!("CARGO_BIN_EXE_fleet"),
+        project.inventory.display()
+    );
+    let (code, shown) = common::on_a_terminal(&command, home.path(), b"");
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(shown.contains("samples/s   step ms   comm"), "{shown}");
+    let on_terminal = common::Run {
+        code,
+        stdout: String::new(),
+        stderr: shown,
+    };
+    assert_eq!(summaries(&job_log(&on_terminal)).len(), 3);
     // fleet check found the synced fleet-train on every host and compared its versions.
     let check = project.fleet(&["--json", "check"]).run();
     let expected = format!("fleet-train {} (libtorch 2.11.0", env!("CARGO_PKG_VERSION"));
@@ -929,11 +983,11 @@ fn killed_once_and_restarted(project: &common::Project, args: &[&str], after: &s
             .concat(),
         )
         .spawn();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    read_until(&mut stdout, after);
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let seen = read_until(&mut stderr, after);
     // By name (-x): the rank itself, not the shells around it.
     project.tb.ssh("host2", "pkill -KILL -x fleet-train");
-    let run = finish_fleet(child, stdout);
+    let run = finish_fleet(child, seen, stderr);
     run.assert_code(0);
     assert!(
         run.stderr.contains("===== restart 1 of 1 in 1s: "),
@@ -951,10 +1005,10 @@ fn a_killed_rank_restarts_from_the_checkpoint_and_ends_like_an_uninterrupted_run
         .fleet(&[&["run", "--"][..], &RESTARTABLE, &["ck-straight"]].concat())
         .run();
     straight.assert_code(0);
-    let expected = summaries(&straight.stdout)[0]["params_sha256"].clone();
+    let expected = summaries(&job_log(&straight))[0]["params_sha256"].clone();
 
     let args = [&RESTARTABLE[..], &["ck-restart"]].concat();
-    let run = killed_once_and_restarted(&project, &args, "\"event\":\"checkpoint\",\"step\":10}");
+    let run = killed_once_and_restarted(&project, &args, "training: checkpoint saved at step 10\n");
     assert!(
         run.stderr.contains("after 1 restart(s) ("),
         "{}",
@@ -962,15 +1016,18 @@ fn a_killed_rank_restarts_from_the_checkpoint_and_ends_like_an_uninterrupted_run
     );
     // The second attempt resumed from a checkpoint at step 10 or later and ended where an
     // uninterrupted run does, bit for bit.
-    let resumed: Vec<&str> = run
-        .stdout
-        .lines()
-        .filter(|l| l.contains("\"event\":\"resume\""))
-        .collect();
-    assert_eq!(resumed.len(), 1, "{}", run.stdout);
-    assert!(resumed[0].contains("\"found\":true"), "{}", resumed[0]);
-    let last = summaries(&run.stdout);
-    assert_eq!(last.len(), 3, "{}", run.stdout);
+    let log = job_log(&run);
+    let resumed = events_in(&log, "resume");
+    assert_eq!(resumed.len(), 1, "{log}");
+    assert_eq!(resumed[0]["found"], true, "{}", resumed[0]);
+    assert!(
+        run.stderr
+            .contains("training: resumed from the checkpoint at step "),
+        "{}",
+        run.stderr
+    );
+    let last = summaries(&log);
+    assert_eq!(last.len(), 3, "{log}");
     for s in &last {
         assert_eq!(
             s["params_sha256"], expected,
@@ -1014,14 +1071,14 @@ fn a_host_lost_for_good_leaves_and_the_job_finishes_on_the_others_with_min_hosts
             .concat(),
         )
         .spawn();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    read_until(&mut stdout, "\"event\":\"checkpoint\",\"step\":10}");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let seen = read_until(&mut stderr, "training: checkpoint saved at step 10\n");
     let _restore = common::Restore {
         tb: &project.tb,
         args: ["start", "host3"],
     };
     project.tb.control(&["stop", "host3"]);
-    let run = finish_fleet(child, stdout);
+    let run = finish_fleet(child, seen, stderr);
     run.assert_code(0);
     assert!(run.stderr.contains("host3 ("), "{}", run.stderr);
     assert!(
@@ -1030,8 +1087,9 @@ fn a_host_lost_for_good_leaves_and_the_job_finishes_on_the_others_with_min_hosts
         "{}",
         run.stderr
     );
-    let last = summaries(&run.stdout);
-    assert_eq!(last.len(), 2, "{}", run.stdout);
+    let log = job_log(&run);
+    let last = summaries(&log);
+    assert_eq!(last.len(), 2, "{log}");
     let mut hosts: Vec<&str> = last.iter().map(|s| s["host"].as_str().unwrap()).collect();
     hosts.sort();
     assert_eq!(hosts, ["host1", "host2"]);
@@ -1039,10 +1097,12 @@ fn a_host_lost_for_good_leaves_and_the_job_finishes_on_the_others_with_min_hosts
         last.iter()
             .all(|s| s["world_size"] == 2 && s["params_sha256"] == last[0]["params_sha256"])
     );
+    assert_eq!(events_in(&log, "world_changed").len(), 1, "{log}");
     assert!(
-        run.stdout.contains("\"event\":\"world_changed\""),
+        run.stderr
+            .contains("training: the checkpoint was made by 3 ranks, this job has 2: grad_accum "),
         "{}",
-        run.stdout
+        run.stderr
     );
 }
 
@@ -1159,7 +1219,7 @@ fn a_restart_never_continues_another_jobs_checkpoint() {
         .fleet(&[&["run", "--"][..], &RESTARTABLE, &["shared"]].concat())
         .run();
     first.assert_code(0);
-    let finished = summaries(&first.stdout)[0].clone();
+    let finished = summaries(&job_log(&first))[0].clone();
     let total = finished["steps"].as_u64().unwrap();
 
     // --resume asks for the last checkpoint, whoever wrote it: here nothing is left to train.
@@ -1167,8 +1227,9 @@ fn a_restart_never_continues_another_jobs_checkpoint() {
         .fleet(&[&["run", "--"][..], &RESTARTABLE, &["shared", "--resume"]].concat())
         .run();
     again.assert_code(0);
-    let resumed = summaries(&again.stdout);
-    assert_eq!(resumed.len(), 3, "{}", again.stdout);
+    let log = job_log(&again);
+    let resumed = summaries(&log);
+    assert_eq!(resumed.len(), 3, "{log}");
     for s in &resumed {
         assert_eq!(s["steps"], total);
         assert_eq!(s["steps_trained"], 0);
@@ -1177,30 +1238,26 @@ fn a_restart_never_continues_another_jobs_checkpoint() {
         assert_eq!(s["train_loss"], finished["train_loss"], "{s}");
         assert_eq!(s["params_sha256"], finished["params_sha256"]);
     }
-    assert!(
-        again.stdout.contains("\"nothing_left\":true"),
-        "{}",
-        again.stdout
-    );
+    assert!(log.contains("\"nothing_left\":true"), "{log}");
 
     // Another job, same data and folder, checkpointing rarely: one rank is killed before its
     // first checkpoint, and the restart trains from the start.
     let mut other: Vec<&str> = RESTARTABLE.to_vec();
     other[6] = "1000";
     other.extend(["shared", "--seed", "9"]);
-    let run = killed_once_and_restarted(&project, &other, "\"event\":\"progress\"");
-    let resume: Vec<&str> = run
-        .stdout
-        .lines()
-        .filter(|l| l.contains("\"event\":\"resume\""))
-        .collect();
-    assert_eq!(resume.len(), 1, "{}", run.stdout);
+    let run = killed_once_and_restarted(&project, &other, "training: epoch ");
+    let log = job_log(&run);
+    let resume = events_in(&log, "resume");
+    assert_eq!(resume.len(), 1, "{log}");
     assert!(
-        resume[0].contains("\"found\":false") && resume[0].contains("\"other_job\":\"20"),
+        resume[0]["found"] == false
+            && resume[0]["other_job"]
+                .as_str()
+                .is_some_and(|j| j.starts_with("20")),
         "{}",
         resume[0]
     );
-    for s in summaries(&run.stdout) {
+    for s in summaries(&log) {
         assert_eq!(
             s["steps_trained"], total,
             "the restart did not start over: {s}"

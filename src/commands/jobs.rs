@@ -277,38 +277,32 @@ pub async fn logs(fleet: &Fleet, args: &LogsArgs) -> Result<ExitCode> {
     }
     let labels = Labels::processes(&fleet.printer, &described);
     let mut splitters: Vec<LineSplitter> = described.iter().map(|_| LineSplitter::new()).collect();
+    // fleet-train's events are for machines: shown with --raw and in --json, as fleet run does.
+    let show = |process: usize, line: &[u8]| {
+        let text = String::from_utf8_lossy(line);
+        if fleet.printer.json() {
+            let (rank, host, _) = &described[process];
+            fleet.printer.record(
+                &serde_json::json!({"type": "line", "rank": rank, "host": host, "line": text}),
+            );
+        } else if args.raw || !crate::launch::training::is_event(&text) {
+            fleet
+                .printer
+                .remote_line(Stream::Stdout, labels.prefix(process, Stream::Stdout), line);
+        }
+    };
     let print = async {
         let mut failed = false;
         while let Some(event) = receiver.recv().await {
             match event {
                 Event::Output { process, bytes } => {
-                    splitters[process].push(&bytes, |line| {
-                        fleet.printer.remote_line(
-                            Stream::Stdout,
-                            labels.prefix(process, Stream::Stdout),
-                            line,
-                        )
-                    });
+                    splitters[process].push(&bytes, |line| show(process, line))
                 }
                 Event::Exited { process, code } => {
-                    splitters[process].finish(|line| {
-                        fleet.printer.remote_line(
-                            Stream::Stdout,
-                            labels.prefix(process, Stream::Stdout),
-                            line,
-                        )
-                    });
+                    splitters[process].finish(|line| show(process, line));
                     failed |= code != 0;
                 }
-                Event::Caught { process } => {
-                    splitters[process].finish(|line| {
-                        fleet.printer.remote_line(
-                            Stream::Stdout,
-                            labels.prefix(process, Stream::Stdout),
-                            line,
-                        )
-                    });
-                }
+                Event::Caught { process } => splitters[process].finish(|line| show(process, line)),
                 Event::Lost { host, error } => fleet
                     .printer
                     .error(&format!("{}: lost ({error})", inventory.hosts[host].name)),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
 
-use crate::output::{Printer, Stream};
+use crate::output::{self, Printer, Stream};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Progress {
@@ -55,15 +55,63 @@ pub struct Resume {
     pub found: bool,
     #[serde(default)]
     pub step: u64,
+    #[serde(default)]
+    pub dir: String,
+    /// Set when the checkpoint found belongs to another job (and was not used).
+    #[serde(default)]
+    pub other_job: Option<String>,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+struct Checkpoint {
+    step: u64,
+}
+
+/// The checkpoint was made by another number of ranks.
+#[derive(Debug, Clone, Deserialize)]
+struct WorldChanged {
+    from: u64,
+    to: u64,
+    grad_accum: u64,
+    global_batch_kept: bool,
+}
+
+/// A pretrained model was loaded.
+#[derive(Debug, Clone, Deserialize)]
+struct Model {
+    loaded: u64,
+    #[serde(default)]
+    initialised: Vec<String>,
+}
+
+/// fleet-train's events: one JSON object per line, named by its `event` field.
 #[derive(Deserialize)]
-#[serde(tag = "event", rename_all = "lowercase")]
+#[serde(tag = "event", rename_all = "snake_case")]
 enum Event {
     Progress(Progress),
     Validation(Validation),
     Summary(Summary),
     Resume(Resume),
+    Checkpoint(Checkpoint),
+    WorldChanged(WorldChanged),
+    Model(Model),
+}
+
+impl Event {
+    /// The event a line holds, if it holds one of fleet-train's.
+    fn parse(line: &str) -> Option<Event> {
+        let trimmed = line.trim();
+        if !trimmed.starts_with('{') || !trimmed.contains("\"event\"") {
+            return None;
+        }
+        serde_json::from_str(trimmed).ok()
+    }
+}
+
+/// Whether `line` is one of fleet-train's machine events, which people see as the status line,
+/// sentences and the final table rather than as JSON.
+pub fn is_event(line: &str) -> bool {
+    Event::parse(line).is_some()
 }
 
 /// What the job's lines said about training, and the status line showing it.
@@ -75,13 +123,13 @@ pub struct Training {
     /// Redrawn status line (terminal only), made at the first progress event.
     bar: Option<ProgressBar>,
     live: bool,
-    plain: bool,
+    /// Sentences for people (not `--json`, not `--quiet`).
+    speaks: bool,
     last_plain: Option<Instant>,
 }
 
 impl Training {
     pub fn new(printer: &Printer) -> Training {
-        let quiet = printer.json() || printer.quiet();
         Training {
             progress: Vec::new(),
             validations: Vec::new(),
@@ -89,69 +137,107 @@ impl Training {
             resume: None,
             bar: None,
             live: printer.live(),
-            plain: !quiet && !printer.live(),
+            speaks: !printer.json() && !printer.quiet(),
             last_plain: None,
         }
     }
 
-    /// Looks at one line of the process labelled `label`. Returns true when the line is shown
-    /// another way instead (on a terminal: rank 0's progress by the status line, its validation
-    /// as a sentence).
+    /// Looks at one line of the process labelled `label`. Returns true when the line is one of
+    /// fleet-train's events, which people see another way: rank 0's progress as the status line
+    /// (on a terminal) or a line every 5 s (off one), its other events as sentences, and every
+    /// rank's summary in the final table. The events stay in the run folder and in `--json`.
     pub fn observe(&mut self, label: &str, line: &str, printer: &Printer) -> bool {
-        let trimmed = line.trim_start();
-        if !trimmed.starts_with('{') || !trimmed.contains("\"event\"") {
-            return false;
-        }
-        let Ok(event) = serde_json::from_str::<Event>(trimmed) else {
+        let Some(event) = Event::parse(line) else {
             return false;
         };
-        match event {
-            Event::Summary(summary) => {
-                self.summaries.push(summary);
-                false
-            }
-            _ if label != "0" => false,
-            Event::Resume(resume) => {
-                self.resume = Some(resume);
-                false
-            }
-            Event::Progress(progress) => {
-                let status = status(&progress);
-                self.progress.push(progress);
-                if self.live {
-                    self.bar().set_message(status);
-                    return true;
-                }
-                let due = self
-                    .last_plain
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
-                if self.plain && due {
-                    self.last_plain = Some(Instant::now());
-                    printer.write(Stream::Stderr, &format!("training: {status}\n"));
-                }
-                false
-            }
-            Event::Validation(validation) => {
-                let text = format!(
-                    "training: epoch {} validation accuracy {:.4}, loss {:.4}\n",
-                    validation.epoch, validation.val_accuracy, validation.val_loss
-                );
-                self.validations.push(validation);
-                if self.live || self.plain {
-                    self.suspend(|| printer.write(Stream::Stderr, &text));
-                }
-                // On a terminal the sentence above replaces the JSON line.
-                self.live
-            }
+        if let Event::Summary(summary) = event {
+            self.summaries.push(summary);
+            return true;
         }
+        if label != "0" {
+            return true;
+        }
+        let sentence = match event {
+            Event::Summary(_) => None,
+            Event::Progress(progress) => self.progressed(progress),
+            Event::Validation(v) => {
+                let text = format!(
+                    "epoch {} validation accuracy {:.4}, loss {:.4}",
+                    v.epoch, v.val_accuracy, v.val_loss
+                );
+                self.validations.push(v);
+                Some(text)
+            }
+            Event::Resume(resume) => {
+                let text = match (&resume.other_job, resume.found) {
+                    (Some(other), _) => format!(
+                        "the checkpoint in {} is job {other}'s (step {}): starting afresh",
+                        resume.dir, resume.step
+                    ),
+                    (None, true) => format!(
+                        "resumed from the checkpoint at step {} in {}",
+                        resume.step, resume.dir
+                    ),
+                    (None, false) => format!("no checkpoint in {}: starting afresh", resume.dir),
+                };
+                self.resume = Some(resume);
+                Some(text)
+            }
+            Event::Checkpoint(c) => Some(format!("checkpoint saved at step {}", c.step)),
+            Event::WorldChanged(w) => Some(format!(
+                "the checkpoint was made by {} ranks, this job has {}: grad_accum {}{}",
+                w.from,
+                w.to,
+                w.grad_accum,
+                if w.global_batch_kept {
+                    " keeps the global batch"
+                } else {
+                    " (the global batch cannot be kept)"
+                }
+            )),
+            Event::Model(m) => Some(format!(
+                "loaded {} tensors of the model{}",
+                m.loaded,
+                match m.initialised.len() {
+                    0 => String::new(),
+                    n => format!(", {} newly initialised", output::count(n, "tensor")),
+                }
+            )),
+        };
+        if let Some(sentence) = sentence.filter(|_| self.speaks) {
+            let text = format!("training: {sentence}\n");
+            self.suspend(|| printer.write(Stream::Stderr, &text));
+        }
+        true
     }
 
-    /// Runs `print` with the status line out of the way, so lines never tear it.
+    /// Records rank 0's progress; returns the line to print off a terminal (every 5 s at most).
+    /// On a terminal the status line shows it.
+    fn progressed(&mut self, progress: Progress) -> Option<String> {
+        let status = status(&progress);
+        self.progress.push(progress);
+        if self.live {
+            if self.speaks {
+                self.bar().set_message(status);
+            }
+            return None;
+        }
+        let due = self
+            .last_plain
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
+        if !due {
+            return None;
+        }
+        self.last_plain = Some(Instant::now());
+        Some(status)
+    }
+
     /// The last step rank 0 reported.
     pub fn last_step(&self) -> Option<u64> {
         self.progress.last().map(|p| p.step)
     }
 
+    /// Runs `print` with the status line out of the way, so lines never tear it.
     pub fn suspend<T>(&self, print: impl FnOnce() -> T) -> T {
         match &self.bar {
             Some(bar) => bar.suspend(print),
@@ -263,20 +349,31 @@ mod tests {
     use crate::output::ColorChoice;
 
     #[test]
-    fn rank_zero_events_are_collected_and_others_ignored() {
+    fn every_event_is_taken_off_the_log_and_rank_zeros_are_collected() {
         let printer = Printer::new(ColorChoice::Never, true, false, false);
         let mut training = Training::new(&printer);
         let progress = r#"{"event":"progress","epoch":1,"epochs":3,"step":10,"steps":90,"loss":0.5,"samples_per_s":100.0,"eta_s":80.0}"#;
-        assert!(!training.observe("0", progress, &printer));
-        assert!(!training.observe("1", progress, &printer));
+        assert!(training.observe("0", progress, &printer));
+        assert!(training.observe("1", progress, &printer));
+        for other in [
+            r#"{"event":"checkpoint","step":10,"dir":"checkpoints"}"#,
+            r#"{"event":"resume","found":false,"dir":"checkpoints"}"#,
+            r#"{"event":"world_changed","from":3,"to":2,"grad_accum":3,"global_batch_kept":true}"#,
+            r#"{"event":"model","loaded":199,"initialised":["classifier.weight"]}"#,
+        ] {
+            assert!(training.observe("0", other, &printer), "{other}");
+        }
+        // Lines that are not fleet-train's events are the program's own and stay.
         assert!(!training.observe("0", "{\"not\": \"an event\"}", &printer));
+        assert!(!training.observe("0", r#"{"event":"deploy","to":"prod"}"#, &printer));
         assert!(!training.observe("0", "plain text", &printer));
         let validation = r#"{"event":"validation","epoch":1,"step":30,"train_loss":0.4,"val_loss":0.3,"val_accuracy":0.9}"#;
-        training.observe("0", validation, &printer);
-        training.observe("2", r#"{"event":"summary","rank":2,"host":"h3","samples_per_s":5.0,"step_ms":9.0,"comm_fraction":0.25}"#, &printer);
+        assert!(training.observe("0", validation, &printer));
+        assert!(training.observe("2", r#"{"event":"summary","rank":2,"host":"h3","samples_per_s":5.0,"step_ms":9.0,"comm_fraction":0.25}"#, &printer));
         assert_eq!(training.progress.len(), 1);
         assert_eq!(training.validations[0].val_accuracy, 0.9);
         assert_eq!(training.summaries[0].host, "h3");
+        assert_eq!(training.resume.as_ref().map(|r| r.found), Some(false));
         assert_eq!(
             status(&training.progress[0]),
             "epoch 1/3  step 10/90  loss 0.5000  100 samples/s  ETA 1m20s"
