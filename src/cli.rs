@@ -66,6 +66,9 @@ pub enum Command {
     Stop(StopArgs),
     /// Make the project folder identical on every host, verified by SHA-256
     Sync(SyncArgs),
+    /// Copy files or folders from a host's workdir to the laptop, verified by SHA-256 (by
+    /// default the last job's model, from rank 0's host, into runs/<job>/)
+    Pull(PullArgs),
     /// Show the hosts of the inventory as fleet will use them (node rank, address, user, ranks)
     Inventory,
     /// Measure the links between the master and every other host, and what they cost training
@@ -121,6 +124,20 @@ pub struct ExecArgs {
         value_name = "COMMAND"
     )]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Files or folders, relative to the host's workdir (default: the `--output` of the last
+    /// job's fleet-train command, or `model`)
+    pub paths: Vec<String>,
+    /// The host to copy from (default: the first host, where rank 0 runs)
+    #[arg(long, value_name = "HOST")]
+    pub from: Option<String>,
+    /// The local folder the paths land in, keeping their relative paths (default:
+    /// runs/<job>/ of the host's last job, or the current folder when it has none)
+    #[arg(long, value_name = "DIR")]
+    pub to: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Default, Args)]

@@ -662,3 +662,152 @@ fn files_reach_the_hosts_disk_before_they_are_renamed() {
         "renamed before it reached the disk:\n{text}"
     );
 }
+
+/// `path -> sha256` of every file under `dir`, by the local sha256sum.
+fn local_hashes(dir: &Path) -> BTreeMap<String, String> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("find . -type f -print0 | xargs -0 -r sha256sum -z")
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split('\0')
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            (
+                r[66..].trim_start_matches("./").to_string(),
+                r[..64].to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `fleet pull` brings what a job wrote on rank 0's host into `runs/<job>/`, byte for byte as
+/// sha256sum reads it on both ends, copies only what changed, and refuses paths outside the
+/// workdir or not there, naming the host.
+#[test]
+fn pull_brings_home_what_the_job_wrote_verified_and_incremental() {
+    let project = Project::new("pull");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    project.edit_inventory(|text| {
+        text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1)
+    });
+    project.write("train.sh", "echo training");
+    let script = "mkdir -p model/sub && echo \"rank $RANK\" > model/rank \
+                  && head -c 3000000 /dev/urandom > model/weights.bin \
+                  && printf x > 'model/sub/odd name\nhere'";
+    project
+        .fleet(&["run", "--", "sh", "-c", script])
+        .run()
+        .assert_code(0);
+    let job = std::fs::read_dir(project.root().join("runs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+
+    let pull = project.fleet(&["pull"]).run();
+    pull.assert_code(0);
+    assert!(
+        pull.stderr.contains("pulled model from host1 into ")
+            && pull.stderr.contains(": 3 files copied ("),
+        "{}",
+        pull.stderr
+    );
+    let on_host: BTreeMap<String, String> = project
+        .remote_hashes("host1")
+        .into_iter()
+        .filter(|(path, _)| path.starts_with("model/"))
+        .collect();
+    assert_eq!(on_host.len(), 3, "{on_host:?}");
+    let arrived: BTreeMap<String, String> = local_hashes(&job)
+        .into_iter()
+        .filter(|(path, _)| path.starts_with("model/"))
+        .collect();
+    assert_eq!(arrived, on_host, "what arrived is not what host1 has");
+    assert_eq!(
+        std::fs::read_to_string(job.join("model/rank")).unwrap(),
+        "rank 0\n"
+    );
+
+    // Again: nothing to copy. Then one file changes on the host: only it comes.
+    let record = |run: &common::Run| -> serde_json::Value {
+        run.assert_code(0);
+        let last = run.stdout.lines().last().unwrap();
+        serde_json::from_str(last).unwrap()
+    };
+    let again = record(&project.fleet(&["--json", "pull"]).run());
+    assert_eq!(
+        (again["files"].as_u64(), again["copied"].as_u64()),
+        (Some(3), Some(0))
+    );
+    project.tb.ssh(
+        "host1",
+        &format!("echo changed > {}/model/rank", project.workdir("host1")),
+    );
+    let changed = record(&project.fleet(&["--json", "pull"]).run());
+    assert_eq!(changed["copied"], 1, "{changed}");
+    assert_eq!(
+        std::fs::read_to_string(job.join("model/rank")).unwrap(),
+        "changed\n"
+    );
+    let leftovers: Vec<_> = walkdir::WalkDir::new(&job)
+        .into_iter()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".fleet-tmp."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Another host, one file, another folder.
+    let to = tempfile::tempdir().unwrap();
+    let to_arg = to.path().display().to_string();
+    project
+        .fleet(&["pull", "model/rank", "--from", "host2", "--to", &to_arg])
+        .run()
+        .assert_code(0);
+    assert_eq!(
+        std::fs::read_to_string(to.path().join("model/rank")).unwrap(),
+        "rank 1\n"
+    );
+
+    // Mistakes: named, and nothing written.
+    let missing = project.fleet(&["pull", "model", "outputs"]).run();
+    missing.assert_code(1);
+    assert!(
+        missing.stderr.contains(&format!(
+            "host1: not in {}: outputs (did the job write it there?)",
+            project.workdir("host1")
+        )),
+        "{}",
+        missing.stderr
+    );
+    for (args, says) in [
+        (
+            &["pull", "../other"][..],
+            "a path inside the host's workdir",
+        ),
+        (
+            &["pull", "/etc/passwd"][..],
+            "a path relative to the host's workdir",
+        ),
+        (
+            &["pull", "--from", "host9"][..],
+            "--from host9: no such host in the inventory (hosts: host1, host2, host3)",
+        ),
+    ] {
+        let refused = project.fleet(args).run();
+        refused.assert_code(2);
+        assert!(
+            refused.stderr.contains(says),
+            "{args:?}: {}",
+            refused.stderr
+        );
+    }
+}

@@ -911,6 +911,36 @@ fn fleet_run_trains_on_the_three_hosts_of_the_test_bed() {
         listing.split_whitespace().collect::<Vec<_>>(),
         ["config.json", "model.safetensors", "tokenizer.json"]
     );
+    // fleet pull brings the last job's model (its --output, model-tty) home, byte for byte.
+    let pull = project.fleet(&["pull"]).run();
+    pull.assert_code(0);
+    assert!(
+        pull.stderr.contains("pulled model-tty from host1 into "),
+        "{}",
+        pull.stderr
+    );
+    let hashes = |dir: &str, on: Option<&str>| {
+        let line = format!("cd {dir} && sha256sum config.json model.safetensors tokenizer.json");
+        match on {
+            Some(host) => project.tb.ssh(host, &line),
+            None => {
+                let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
+                String::from_utf8(out.stdout).unwrap()
+            }
+        }
+    };
+    let last_job = std::fs::read_dir(project.root().join("runs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap();
+    let here = hashes(&last_job.join("model-tty").display().to_string(), None);
+    let there = hashes(
+        &format!("{}/model-tty", project.workdir("host1")),
+        Some("host1"),
+    );
+    assert_eq!(here.lines().count(), 3, "{here}");
+    assert_eq!(here, there);
 }
 
 #[test]

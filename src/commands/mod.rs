@@ -8,6 +8,7 @@ mod init;
 mod inventory;
 mod jobs;
 mod net;
+mod pull;
 mod run;
 mod sync;
 mod table;
@@ -148,6 +149,7 @@ async fn dispatch(fleet: &Fleet, command: Command) -> Result<ExitCode> {
         Command::Stop(args) => jobs::stop(fleet, &args).await,
         Command::Run(args) => run::run(fleet, &args).await,
         Command::Sync(args) => sync::run(fleet, &args).await,
+        Command::Pull(args) => pull::run(fleet, &args).await,
         Command::Inventory => inventory::run(fleet),
         Command::Net(args) => net::run(fleet, &args).await,
     }

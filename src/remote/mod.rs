@@ -24,6 +24,7 @@ pub const SYNC_PEEK: &str = include_str!("sync_peek.sh");
 pub const SYNC_LOCK: &str = include_str!("sync_lock.sh");
 pub const SYNC_BATCH: &str = include_str!("sync_batch.sh");
 pub const SYNC_HASH: &str = include_str!("sync_hash.sh");
+pub const PULL_LIST: &str = include_str!("pull_list.sh");
 
 /// Functions that find a job's processes (`marked_pids`, `starttime`, `state`).
 pub const JOB_LIB: &str = include_str!("job_lib.sh");
