@@ -280,6 +280,7 @@ pub fn evaluate(
                 None => Finding::pass("activate", name, line.clone()),
             });
         }
+        findings.extend(wsl_networking(report));
         if host.device == Device::Cuda {
             let gpus: u32 = report
                 .get("gpu_count")
@@ -354,6 +355,35 @@ pub fn evaluate(
         }
     }
     findings
+}
+
+/// A host in WSL 2 is reachable from the other PCs only with mirrored networking: under the
+/// default NAT, Windows answers on the PC's address and the Linux side (its sshd, the master
+/// port, Gloo's and NCCL's ports) sits behind it on a private address.
+fn wsl_networking(report: &HostReport) -> Option<Finding> {
+    let mode = report.get("wsl_networking")?;
+    let name = Some(report.host.as_str());
+    let fix = "in %UserProfile%\\.wslconfig on that PC put `[wsl2]` and `networkingMode=mirrored`, \
+               run `wsl --shutdown`, and allow inbound connections in an administrator PowerShell: \
+               `Set-NetFirewallHyperVVMSetting -Name '{40E0AC32-46A5-438A-A0B2-2B479E8F2E90}' -DefaultInboundAction Allow` \
+               (README: Windows PCs)";
+    Some(match mode {
+        "mirrored" => Finding::pass("wsl", name, "WSL 2, mirrored networking"),
+        "nat" => Finding::fail(
+            "wsl",
+            name,
+            "WSL 2 with NAT networking: the other PCs cannot reach its ranks",
+            fix,
+        ),
+        other => Finding::fail(
+            "wsl",
+            name,
+            format!(
+                "WSL 2, networking mode {other} (wslinfo is missing: WSL older than 2.0, which has no mirrored mode)"
+            ),
+            format!("update WSL (`wsl --update` in PowerShell), then {fix}"),
+        ),
+    })
 }
 
 /// What the job needs that `report` says is missing on `host`, each with the fix.
@@ -669,6 +699,35 @@ mod tests {
         let answer = String::from_utf8_lossy(&out.stdout);
         assert!(matches!(answer.trim(), "refused" | "timeout"), "{answer}");
         assert!(!marker.exists(), "the address ran as a command");
+    }
+
+    /// A probe's answer from WSL 2 (its kernel's name, and what wslinfo says in each mode).
+    #[test]
+    fn a_wsl_host_needs_mirrored_networking() {
+        let recorded = "os=Ubuntu 24.04.1 LTS\narch=x86_64\nkernel=5.15.167.4-microsoft-standard-WSL2\n\
+                        hostname=DESKTOP-4060\nhostname_address=127.0.1.1\n";
+        let nat = report("pc2", &format!("{recorded}wsl_networking=nat\n"));
+        let finding = wsl_networking(&nat).unwrap();
+        assert!(!finding.ok);
+        assert_eq!(finding.host.as_deref(), Some("pc2"));
+        assert!(
+            finding.detail.contains("NAT networking"),
+            "{}",
+            finding.detail
+        );
+        assert!(finding.fix.unwrap().contains("networkingMode=mirrored"));
+        let mirrored = report("pc2", &format!("{recorded}wsl_networking=mirrored\n"));
+        assert!(wsl_networking(&mirrored).unwrap().ok);
+        let old = report("pc2", &format!("{recorded}wsl_networking=unknown\n"));
+        assert!(
+            wsl_networking(&old)
+                .unwrap()
+                .fix
+                .unwrap()
+                .starts_with("update WSL")
+        );
+        let linux = report("pc1", "kernel=6.8.0-49-generic\n");
+        assert_eq!(wsl_networking(&linux), None);
     }
 
     #[test]

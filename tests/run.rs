@@ -111,6 +111,26 @@ fn two_ranks_on_one_host_make_four() {
     );
 }
 
+/// accelerate launch divides its processes evenly across machines: uneven ranks are refused
+/// with the reason and the way out, before anything is synced or started.
+#[test]
+fn accelerate_refuses_uneven_ranks_with_the_reason() {
+    let job = job("run-accelerate-uneven").with_ranks_on_host2(2);
+    let run = job.fleet(&["run", "--accelerate", "--", "train.py"]).run();
+    run.assert_code(2);
+    assert!(
+        run.stderr
+            .contains("--accelerate needs the same ranks on every host (")
+            && run
+                .stderr
+                .contains("host1 1, host2 2, host3 1): accelerate launch divides")
+            && run.stderr.contains("use --torchrun"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("synced"), "{}", run.stderr);
+}
+
 #[test]
 fn the_first_failure_stops_every_rank_and_its_code_is_fleets() {
     let job = job("run-fail");

@@ -53,6 +53,11 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     } else {
         Mode::Ranks
     };
+    if mode == Mode::Accelerate {
+        if let Some(reason) = crate::launch::plan::uneven_for_accelerate(&inventory) {
+            return Err(UsageError(reason).into());
+        }
+    }
     if !args.no_sync {
         let code = match fleet
             .unless_interrupted(super::sync::before_run(fleet))

@@ -61,6 +61,28 @@ impl JobPlan {
     }
 }
 
+/// Why `--accelerate` cannot run this inventory, if it cannot: `accelerate launch` takes the
+/// world's `--num_processes` and divides it evenly across `--num_machines`, so hosts with
+/// different `ranks` would start the wrong number of processes on each.
+pub fn uneven_for_accelerate(inventory: &Inventory) -> Option<String> {
+    let first = inventory.hosts.first()?.ranks;
+    if inventory.hosts.iter().all(|h| h.ranks == first) {
+        return None;
+    }
+    let ranks: Vec<String> = inventory
+        .hosts
+        .iter()
+        .map(|h| format!("{} {}", h.name, h.ranks))
+        .collect();
+    Some(format!(
+        "--accelerate needs the same ranks on every host ({}: {}): accelerate launch divides \
+         --num_processes evenly across the machines; use --torchrun (each host gets its own \
+         --nproc-per-node) or give every host the same ranks",
+        inventory.path.display(),
+        ranks.join(", ")
+    ))
+}
+
 /// Plans a job. `addresses` are the hosts' addresses as dialled (rank 0's is MASTER_ADDR unless
 /// the inventory sets `master_addr`).
 pub fn plan(
@@ -333,7 +355,12 @@ mod tests {
 
     #[test]
     fn accelerate_mode_matches_the_fleet() {
-        let inv = inventory(&FLEET.replace("[fleet]\n", "[fleet]\ndevice = \"cpu\"\n"));
+        let uneven = inventory(FLEET);
+        let refusal = uneven_for_accelerate(&uneven).unwrap();
+        assert!(refusal.contains("(fleet.toml: a 1, b 2, c 1)"), "{refusal}");
+        let even = FLEET.replace("ranks = 2", "ranks = 1");
+        let inv = inventory(&even.replace("[fleet]\n", "[fleet]\ndevice = \"cpu\"\n"));
+        assert_eq!(uneven_for_accelerate(&inv), None);
         let job = plan(
             &inv,
             &addresses(),
@@ -343,7 +370,7 @@ mod tests {
         );
         assert_eq!(
             job.processes[2].argv.join(" "),
-            "accelerate launch --num_machines 3 --num_processes 4 --machine_rank 2 --main_process_ip 10.0.0.1 --main_process_port 29500 --cpu train.py"
+            "accelerate launch --num_machines 3 --num_processes 3 --machine_rank 2 --main_process_ip 10.0.0.1 --main_process_port 29500 --cpu train.py"
         );
     }
 

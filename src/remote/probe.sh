@@ -16,6 +16,14 @@ shift 3
 echo "os=$(. /etc/os-release 2>/dev/null; echo "${PRETTY_NAME:-$(uname -s)}")"
 echo "arch=$(uname -m)"
 echo "kernel=$(uname -r)"
+# WSL 2 (a kernel named "...microsoft-standard-WSL2"): its networking mode decides whether the
+# other PCs reach it at all. wslinfo (WSL 2.0 and later) names it; the kernel config tells older ones.
+case $(uname -r) in
+  *[Mm]icrosoft*)
+    mode=$(wslinfo --networking-mode 2>/dev/null | tr -d '\r')
+    echo "wsl_networking=${mode:-unknown}"
+    ;;
+esac
 echo "hostname=$(hostname)"
 echo "hostname_address=$(getent hosts "$(hostname)" | awk '{print $1; exit}')"
 d=$workdir
