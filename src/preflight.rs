@@ -280,6 +280,7 @@ pub fn evaluate(
                 None => Finding::pass("activate", name, line.clone()),
             });
         }
+        findings.extend(facts(report));
         findings.extend(wsl_networking(report));
         if host.device == Device::Cuda {
             let gpus: u32 = report
@@ -334,14 +335,17 @@ pub fn evaluate(
             .zip(laptop_ms.get(i))
             .map(|(t, l)| t - l)
         {
-            if offset.abs() > MAX_CLOCK_OFFSET_MS {
-                findings.push(Finding::fail(
+            let detail = format!("{:+.1} s from the laptop", offset as f64 / 1000.0);
+            findings.push(if offset.abs() > MAX_CLOCK_OFFSET_MS {
+                Finding::fail(
                     "clock",
                     name,
-                    format!("{:+.1} s from the laptop", offset as f64 / 1000.0),
+                    detail,
                     "enable time sync (timedatectl set-ntp true)",
-                ));
-            }
+                )
+            } else {
+                Finding::pass("clock", name, detail)
+            });
         }
         if report
             .get("hostname_address")
@@ -355,6 +359,31 @@ pub fn evaluate(
         }
     }
     findings
+}
+
+/// What the probe found that is shown, not judged: the system, the driver's CUDA, and the
+/// Python packages a script may use besides torch.
+fn facts(report: &HostReport) -> Vec<Finding> {
+    let name = Some(report.host.as_str());
+    let mut facts = Vec::new();
+    if let Some(os) = report.get("os") {
+        let arch = report.get("arch").unwrap_or("?");
+        let kernel = report.get("kernel").unwrap_or("?");
+        facts.push(Finding::pass(
+            "system",
+            name,
+            format!("{os}, {arch}, kernel {kernel}"),
+        ));
+    }
+    if let Some(cuda) = report.get("cuda_driver").filter(|c| !c.is_empty()) {
+        facts.push(Finding::pass("driver CUDA", name, cuda));
+    }
+    for package in ["transformers", "accelerate"] {
+        if let Some(version) = report.get(package) {
+            facts.push(Finding::pass(package, name, version));
+        }
+    }
+    facts
 }
 
 /// A host in WSL 2 is reachable from the other PCs only with mirrored networking: under the
@@ -699,6 +728,30 @@ mod tests {
         let answer = String::from_utf8_lossy(&out.stdout);
         assert!(matches!(answer.trim(), "refused" | "timeout"), "{answer}");
         assert!(!marker.exists(), "the address ran as a command");
+    }
+
+    #[test]
+    fn the_system_driver_and_packages_are_shown() {
+        let probed = report(
+            "pc1",
+            "os=Ubuntu 24.04.1 LTS\narch=x86_64\nkernel=6.8.0-49-generic\ncuda_driver=12.4\n\
+             transformers=4.57.1\naccelerate=not installed\n",
+        );
+        let shown: Vec<(String, String)> = facts(&probed)
+            .into_iter()
+            .map(|f| (f.check, f.detail))
+            .collect();
+        let expected = [
+            (
+                "system",
+                "Ubuntu 24.04.1 LTS, x86_64, kernel 6.8.0-49-generic",
+            ),
+            ("driver CUDA", "12.4"),
+            ("transformers", "4.57.1"),
+            ("accelerate", "not installed"),
+        ]
+        .map(|(c, d)| (c.to_string(), d.to_string()));
+        assert_eq!(shown, expected);
     }
 
     /// A probe's answer from WSL 2 (its kernel's name, and what wslinfo says in each mode).

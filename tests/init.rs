@@ -86,9 +86,22 @@ fn without_a_terminal_or_the_flag_no_key_is_recorded() {
     let init = Fleet::in_home(home.path())
         .arg("-i")
         .arg(&inventory)
-        .args(["init", "--hosts", &hosts(&tb), "--identity", &key])
+        .args(["--json", "init", "--hosts", &hosts(&tb), "--identity", &key])
         .run();
     init.assert_code(3);
+    let records: Vec<serde_json::Value> = init
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 3, "{}", init.stdout);
+    assert!(
+        records.iter().all(|r| r["type"] == "host"
+            && r["host_key"] == "unconfirmed"
+            && r["login"] == "host key"),
+        "{}",
+        init.stdout
+    );
     assert_eq!(
         init.stderr
             .matches("is not known. It offers ssh-ed25519 key SHA256:")

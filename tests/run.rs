@@ -383,11 +383,20 @@ fn detached_jobs_show_in_ps_and_stop_on_request() {
         ps.stdout
     );
 
-    let stop = job.fleet(&["stop", "--grace", "2", &job_id]).run();
+    let stop = job
+        .fleet(&["--json", "stop", "--grace", "2", &job_id])
+        .run();
     stop.assert_code(0);
-    assert_eq!(
-        stop.stdout.matches("exited 143").count(),
-        3,
+    let stopped: Vec<serde_json::Value> = stop
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(stopped.len(), 3, "{}", stop.stdout);
+    assert!(
+        stopped
+            .iter()
+            .all(|r| r["job"] == job_id.as_str() && r["state"] == "exited 143"),
         "{}",
         stop.stdout
     );

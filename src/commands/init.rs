@@ -95,27 +95,35 @@ pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
             .iter()
             .find(|l| l.host == target.name)
             .map_or("known", |_| "recorded");
-        match result {
+        let login = match result {
             Ok(session) => {
-                report.push_str(&format!(
-                    "{}\t{}\thost key {key}\tlogin as {} ok\n",
-                    target.name,
-                    target.endpoint(),
-                    target.user
-                ));
                 session.close().await;
+                Ok(())
             }
             Err(e) => {
                 code = ExitCode::Unreachable;
                 fleet.printer.error(&e.to_string());
-                report.push_str(&format!(
-                    "{}\t{}\t{}\n",
-                    target.name,
-                    target.endpoint(),
-                    e.kind().replace('_', " ")
-                ));
+                Err(e.kind().replace('_', " "))
             }
+        };
+        if fleet.printer.json() {
+            fleet.printer.record(&serde_json::json!({
+                "type": "host", "inventory": path, "host": target.name,
+                "address": target.endpoint(), "user": target.user,
+                "host_key": if login.is_ok() { key } else { "unconfirmed" },
+                "login": login.as_ref().map_or_else(|e| e.as_str(), |()| "ok"),
+            }));
+            continue;
         }
+        report.push_str(&match &login {
+            Ok(()) => format!(
+                "{}\t{}\thost key {key}\tlogin as {} ok\n",
+                target.name,
+                target.endpoint(),
+                target.user
+            ),
+            Err(kind) => format!("{}\t{}\t{kind}\n", target.name, target.endpoint()),
+        });
     }
     fleet.printer.write(Stream::Stdout, &report);
     if code == ExitCode::Success {

@@ -75,14 +75,6 @@ pub async fn ps(fleet: &Fleet) -> Result<ExitCode> {
             Some(Ok(jobs)) => {
                 for job in jobs {
                     for p in &job.processes {
-                        if fleet.printer.json() {
-                            fleet.printer.record(&PsRecord {
-                                job: &job.job_id,
-                                host: &host.name,
-                                process: &p.stem,
-                                state: &p.state,
-                            });
-                        }
                         rows.push(vec![
                             job.job_id.clone(),
                             host.name.clone(),
@@ -100,13 +92,27 @@ pub async fn ps(fleet: &Fleet) -> Result<ExitCode> {
         }
     }
     rows.sort();
+    print_processes(fleet, &rows);
+    close(sessions).await;
+    Ok(code)
+}
+
+/// Rows of job, host, process and state: a table, or with `--json` one record each.
+fn print_processes(fleet: &Fleet, rows: &[Vec<String>]) {
     if !fleet.printer.json() {
         fleet
             .printer
-            .data(&table::render(&["JOB", "HOST", "PROCESS", "STATE"], &rows));
+            .data(&table::render(&["JOB", "HOST", "PROCESS", "STATE"], rows));
+        return;
     }
-    close(sessions).await;
-    Ok(code)
+    for row in rows {
+        fleet.printer.record(&PsRecord {
+            job: &row[0],
+            host: &row[1],
+            process: &row[2],
+            state: &row[3],
+        });
+    }
 }
 
 /// A process `fleet stop` saw end: its job, its file stem and how it ended.
@@ -179,9 +185,7 @@ pub async fn stop(fleet: &Fleet, args: &StopArgs) -> Result<ExitCode> {
         }
     }
     if !rows.is_empty() {
-        fleet
-            .printer
-            .data(&table::render(&["JOB", "HOST", "PROCESS", "STATE"], &rows));
+        print_processes(fleet, &rows);
     }
     close(sessions).await;
     Ok(code)

@@ -108,6 +108,9 @@ pub struct Collective {
     pub buckets_overlapped: u64,
     /// Each rank's host, once [`Collective::exchange`] has been called.
     pub hosts: Vec<String>,
+    /// Rank 0's process serves the store (not torchrun's agent): a store that answers proves
+    /// rank 0 alive.
+    store_in_rank_zero: bool,
 }
 
 impl Collective {
@@ -132,6 +135,7 @@ impl Collective {
             buckets_reduced: 0,
             buckets_overlapped: 0,
             hosts: vec![rank.host.clone()],
+            store_in_rank_zero: false,
         };
         if rank.world_size == 1 {
             return Ok(collective);
@@ -140,6 +144,7 @@ impl Collective {
         // Under torchrun the agent already serves the store on MASTER_PORT, and each restart
         // attempt keeps its keys apart with a prefix, as torch.distributed does.
         let agent_store = std::env::var("TORCHELASTIC_USE_AGENT_STORE").is_ok_and(|v| v == "True");
+        collective.store_in_rank_zero = !agent_store;
         let attempt = std::env::var("TORCHELASTIC_RESTART_COUNT")
             .or_else(|_| std::env::var("FLEET_RESTART_COUNT"))
             .unwrap_or_else(|_| "0".into());
@@ -222,8 +227,12 @@ impl Collective {
                 self.who(0)
             );
         }
-        let deadline = Instant::now() + std::time::Duration::from_secs(5);
-        let mut silent: Vec<usize> = (0..self.world_size).collect();
+        // A peer notices the failure at its own next collective, which on a busy machine can
+        // come seconds later.
+        let deadline = Instant::now() + std::time::Duration::from_secs(8);
+        let mut silent: Vec<usize> = (0..self.world_size)
+            .filter(|&r| !(r == 0 && self.store_in_rank_zero))
+            .collect();
         while !silent.is_empty() && Instant::now() < deadline {
             silent.retain(|r| !store.has(&format!("alive/{r}")).unwrap_or(false));
             std::thread::sleep(std::time::Duration::from_millis(100));
