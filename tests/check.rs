@@ -40,11 +40,7 @@ fn healthy_hosts_pass_and_json_parses_line_by_line() {
 
     let json = f.fleet(&["--json", "check"]).run();
     json.assert_code(0);
-    let records: Vec<serde_json::Value> = json
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = json.records();
     assert_eq!(
         records.last().unwrap(),
         &serde_json::json!({"type": "verdict", "ok": true, "failed": 0})

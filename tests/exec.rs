@@ -153,11 +153,7 @@ fn json_lines_then_a_summary() {
         ])
         .run();
     run.assert_code(1);
-    let records: Vec<serde_json::Value> = run
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = run.records();
     assert_eq!(records.len(), 7, "{}", run.stdout);
     for host in ["host1", "host2", "host3"] {
         assert!(records.contains(&serde_json::json!({"type": "line", "host": host, "stream": "stdout", "line": "x \"y\""})));

@@ -84,11 +84,7 @@ fn check_names_a_stopped_host_and_checks_the_others() {
         .args(["--json", "check"])
         .run();
     run.assert_code(3);
-    let records: Vec<serde_json::Value> = run
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = run.records();
     let unreachable: Vec<&serde_json::Value> = records
         .iter()
         .filter(|r| r["check"] == "reachable")

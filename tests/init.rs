@@ -89,11 +89,7 @@ fn without_a_terminal_or_the_flag_no_key_is_recorded() {
         .args(["--json", "init", "--hosts", &hosts(&tb), "--identity", &key])
         .run();
     init.assert_code(3);
-    let records: Vec<serde_json::Value> = init
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = init.records();
     assert_eq!(records.len(), 3, "{}", init.stdout);
     assert!(
         records.iter().all(|r| r["type"] == "host"

@@ -85,11 +85,7 @@ fn the_example_is_the_seed_guides_three_pcs() {
         .args(["-i", "inventory/example.toml", "--json", "inventory"])
         .run();
     run.assert_code(0);
-    let hosts: Vec<serde_json::Value> = run
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let hosts = run.records();
     let addresses: Vec<&str> = hosts
         .iter()
         .map(|h| h["address"].as_str().unwrap())

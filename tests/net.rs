@@ -21,11 +21,7 @@ fn a_shaped_link_is_measured_near_its_rate_and_the_others_far_above() {
         .args(["--json", "net", "--seconds", "1", "--all-pairs"])
         .run();
     run.assert_code(0);
-    let records: Vec<Value> = run
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = run.records();
     let links: Vec<&Value> = records.iter().filter(|r| r["type"] == "link").collect();
     let pairs: Vec<(&str, &str)> = links
         .iter()
@@ -85,11 +81,7 @@ fn a_shaped_link_is_measured_near_its_rate_and_the_others_far_above() {
         .arg(tb.inventory())
         .args(["--json", "check", "--net", "--seconds", "1"])
         .run();
-    let records: Vec<Value> = check
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = check.records();
     assert!(
         records.iter().any(|r| r["type"] == "verdict"),
         "{}",

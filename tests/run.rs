@@ -332,11 +332,7 @@ fn training_events_stay_off_the_human_log() {
     );
     let json = job.fleet(&["--json", "logs", "--rank", "1"]).run();
     json.assert_code(0);
-    let lines: Vec<serde_json::Value> = json
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json.records();
     assert_eq!(lines.len(), 3, "{}", json.stdout);
     assert!(
         lines
@@ -371,10 +367,9 @@ fn detached_jobs_show_in_ps_and_stop_on_request() {
     let ps = job.fleet(&["--json", "ps"]).run();
     ps.assert_code(0);
     let states: Vec<serde_json::Value> = ps
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|r: &serde_json::Value| r["job"] == job_id.as_str())
+        .records()
+        .into_iter()
+        .filter(|r| r["job"] == job_id.as_str())
         .collect();
     assert_eq!(states.len(), 3, "{}", ps.stdout);
     assert!(
@@ -387,11 +382,7 @@ fn detached_jobs_show_in_ps_and_stop_on_request() {
         .fleet(&["--json", "stop", "--grace", "2", &job_id])
         .run();
     stop.assert_code(0);
-    let stopped: Vec<serde_json::Value> = stop
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let stopped = stop.records();
     assert_eq!(stopped.len(), 3, "{}", stop.stdout);
     assert!(
         stopped
@@ -726,11 +717,7 @@ fn json_lines_carry_rank_and_host() {
         .fleet(&["--json", "run", "--", "sh", "-c", "echo \"hi from $RANK\""])
         .run();
     run.assert_code(0);
-    let mut records: Vec<serde_json::Value> = run
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let mut records = run.records();
     records.sort_by_key(|r| r["rank"].as_str().unwrap().to_string());
     let expected: Vec<serde_json::Value> = (0..3)
         .map(|r| serde_json::json!({"type": "line", "rank": r.to_string(), "host": format!("host{}", r + 1), "line": format!("hi from {r}")}))

@@ -40,15 +40,7 @@ impl Project {
     /// `path -> sha256` of every file under the workdir on `host`, read by sha256sum there.
     fn remote_hashes(&self, host: &str) -> BTreeMap<String, String> {
         let out = self.tb.ssh(host, &format!("cd '{}' && find . -path ./.fleet -prune -o -type f -print0 | xargs -0 -r sha256sum -z", self.workdir(host)));
-        out.split('\0')
-            .filter(|r| !r.is_empty())
-            .map(|r| {
-                (
-                    r[66..].trim_start_matches("./").to_string(),
-                    r[..64].to_string(),
-                )
-            })
-            .collect()
+        sha256sums(&out)
     }
 
     /// `path -> inode` on `host`: a file rewritten gets a new inode (temporary file + rename).
@@ -671,9 +663,12 @@ fn local_hashes(dir: &Path) -> BTreeMap<String, String> {
         .current_dir(dir)
         .output()
         .unwrap();
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split('\0')
+    sha256sums(&String::from_utf8(out.stdout).unwrap())
+}
+
+/// `path -> sha256` from what `sha256sum -z` printed for `./`-relative names.
+fn sha256sums(out: &str) -> BTreeMap<String, String> {
+    out.split('\0')
         .filter(|r| !r.is_empty())
         .map(|r| {
             (
@@ -740,8 +735,7 @@ fn pull_brings_home_what_the_job_wrote_verified_and_incremental() {
     // Again: nothing to copy. Then one file changes on the host: only it comes.
     let record = |run: &common::Run| -> serde_json::Value {
         run.assert_code(0);
-        let last = run.stdout.lines().last().unwrap();
-        serde_json::from_str(last).unwrap()
+        run.records().pop().unwrap()
     };
     let again = record(&project.fleet(&["--json", "pull"]).run());
     assert_eq!(

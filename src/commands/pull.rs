@@ -23,7 +23,7 @@ use crate::launch::remote::{parse_status, status_script};
 use crate::remote::{self, Script};
 use crate::ssh::{ExitStatus, Session};
 use crate::sync::manifest::hash_file;
-use crate::sync::remote::TMP_PREFIX;
+use crate::sync::remote::{TMP_PREFIX, temporary_nonce};
 
 /// Bytes asked for by one SFTP read (OpenSSH's server answers up to 256 KiB).
 const CHUNK: u64 = 240 * 1024;
@@ -124,7 +124,7 @@ async fn pull_from(
     std::fs::create_dir_all(&request.to)
         .with_context(|| format!("cannot create {}", request.to.display()))?;
     let sftp = session.sftp().await?;
-    let nonce = format!("{:08x}", std::process::id() ^ rand_bits());
+    let nonce = temporary_nonce();
     let results: Vec<Copied> = futures::stream::iter(files.iter().enumerate())
         .map(|(n, file)| copy_one(&sftp, &request, file, format!("{nonce}.{n}")))
         .buffered(FILES_IN_FLIGHT)
@@ -132,13 +132,6 @@ async fn pull_from(
         .await?;
     report(fleet, &request, job.as_deref(), &paths, &files, &results);
     Ok(ExitCode::Success)
-}
-
-/// A few bits that differ between two pulls started in the same process id.
-fn rand_bits() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos())
 }
 
 /// What a pull of nothing but defaults brings: the `--output` folder of the job's fleet-train

@@ -15,6 +15,15 @@ pub const SAVED_MANIFEST: &str = ".fleet/manifest";
 /// Temporary files are named `.fleet-tmp.<nonce>.<n>` beside their destination.
 pub const TMP_PREFIX: &str = ".fleet-tmp.";
 
+/// The `<nonce>` of one transfer's temporary names: two transfers at once (or one right after
+/// another in the same process) never share it.
+pub fn temporary_nonce() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{:08x}", std::process::id() ^ nanos)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error(transparent)]

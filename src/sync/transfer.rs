@@ -113,13 +113,7 @@ pub async fn apply(
         tree.remove(&plan.extraneous).await?;
         applied.removed += plan.extraneous.len();
     }
-    let nonce = format!(
-        "{:08x}",
-        std::process::id()
-            ^ (std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos()))
-    );
+    let nonce = super::remote::temporary_nonce();
     let staging = Staging::new(&plan.mkdirs, &nonce);
     let folders: Vec<String> = plan
         .mkdirs

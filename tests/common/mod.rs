@@ -237,6 +237,15 @@ impl Run {
         lines
     }
 
+    /// stdout as JSON Lines (`--json`), one value per line.
+    #[track_caller]
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+            .collect()
+    }
+
     #[track_caller]
     pub fn assert_code(&self, code: i32) -> &Run {
         assert_eq!(
