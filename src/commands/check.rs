@@ -383,7 +383,8 @@ async fn master_port(
 }
 
 /// Checks down, hosts across: each cell ✓ or ✗ with what was read. A value that must match
-/// is marked ✗ on the hosts whose value differs from the most common one.
+/// is marked ✗ on the hosts whose value differs from the most common one, and `–` where it is
+/// "not installed" and the job does not need it (no tick for a thing that is not there).
 fn grid(printer: &Printer, hosts: &[String], findings: &[Finding]) -> String {
     let ok = printer
         .style(Stream::Stdout, console::Style::new().green())
@@ -392,6 +393,10 @@ fn grid(printer: &Printer, hosts: &[String], findings: &[Finding]) -> String {
     let bad = printer
         .style(Stream::Stdout, console::Style::new().red().bold())
         .apply_to("✗")
+        .to_string();
+    let absent = printer
+        .style(Stream::Stdout, console::Style::new().dim())
+        .apply_to("–")
         .to_string();
     let highlight = printer.style(Stream::Stdout, console::Style::new().red());
     let mut checks: Vec<&str> = Vec::new();
@@ -419,7 +424,9 @@ fn grid(printer: &Printer, hosts: &[String], findings: &[Finding]) -> String {
                     .unwrap_or_default();
                 for (host, value) in &f.values {
                     let value = printer.clean(value);
-                    let cell = if f.ok || *value == common {
+                    let cell = if f.ok && value == crate::preflight::NOT_INSTALLED {
+                        format!("{absent} {value}")
+                    } else if f.ok || *value == common {
                         format!("{ok} {value}")
                     } else {
                         format!("{bad} {}", highlight.apply_to(value))

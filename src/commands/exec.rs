@@ -48,7 +48,7 @@ struct HostSummary<'a> {
 pub async fn run(fleet: &Fleet, args: &ExecArgs) -> Result<ExitCode> {
     let inventory = fleet.inventory()?;
     let targets = fleet.targets(&inventory)?;
-    let options = fleet.connect_options(&inventory, &targets)?;
+    let options = fleet.connect_options(&inventory, &targets).await?;
     // One argument with spaces in it is a shell line, as `ssh host 'a && b'` takes it.
     let one_line = matches!(&args.command[..], [line] if line.contains(char::is_whitespace));
     let line = if args.shell || one_line {

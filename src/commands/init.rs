@@ -24,7 +24,8 @@ pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
         ))
         .into());
     }
-    let text = inventory_text(args, &project_source(path)?)?;
+    let source = project_source(path)?;
+    let text = inventory_text(args, &source, "cuda")?;
     // The text must read back: validate it before writing anything.
     Inventory::from_toml(path, &text).context("the generated inventory is not valid")?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -39,7 +40,7 @@ pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
 
     let inventory = fleet.inventory()?;
     let targets = fleet.targets(&inventory)?;
-    let mut options = fleet.connect_options(&inventory, &targets)?;
+    let mut options = fleet.connect_options(&inventory, &targets).await?;
     let mut results = join_all(targets.iter().map(|t| Session::connect(t, &options))).await;
 
     // New host keys: show the fingerprints and ask, when there is someone to ask.
@@ -90,6 +91,8 @@ pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
     let learned = options.host_keys.learned();
     let mut code = ExitCode::Success;
     let mut report = String::new();
+    // Hosts that logged in, and whether each has a GPU (None: could not tell).
+    let mut gpus: Vec<(String, Option<bool>)> = Vec::new();
     for (target, result) in targets.iter().zip(results) {
         let key = learned
             .iter()
@@ -97,6 +100,7 @@ pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
             .map_or("known", |_| "recorded");
         let login = match result {
             Ok(session) => {
+                gpus.push((target.name.clone(), has_gpu(&session).await));
                 session.close().await;
                 Ok(())
             }
@@ -126,12 +130,60 @@ pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
         });
     }
     fleet.printer.write(Stream::Stdout, &report);
+    settle_device(fleet, args, path, &source, &gpus)?;
     if code == ExitCode::Success {
         fleet
             .printer
             .info(&format!("next: fleet -i {} check", path.display()));
     }
     Ok(code)
+}
+
+/// Whether the host lists an NVIDIA GPU (None when the question failed).
+async fn has_gpu(session: &Session) -> Option<bool> {
+    let script = crate::remote::Script::new(crate::remote::GPU_COUNT);
+    match session.capture(&script).await {
+        Ok((status, out, _)) if status.success() => String::from_utf8_lossy(&out)
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .map(|n| n > 0),
+        _ => None,
+    }
+}
+
+/// `device = "cuda"` was written; hosts without a GPU would fail `fleet check`. When none of
+/// the hosts that answered has one, the inventory says `device = "cpu"`; when only some lack
+/// one, they are named.
+fn settle_device(
+    fleet: &Fleet,
+    args: &InitArgs,
+    path: &std::path::Path,
+    source: &str,
+    gpus: &[(String, Option<bool>)],
+) -> Result<()> {
+    let without: Vec<&str> = gpus
+        .iter()
+        .filter(|(_, gpu)| *gpu == Some(false))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if without.is_empty() {
+        return Ok(());
+    }
+    if without.len() == gpus.len() {
+        let text = inventory_text(args, source, "cpu")?;
+        std::fs::write(path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+        fleet.printer.info(&format!(
+            "no host has an NVIDIA GPU (nvidia-smi lists none): {} says device = \"cpu\"",
+            path.display()
+        ));
+    } else {
+        fleet.printer.warn(&format!(
+            "no NVIDIA GPU on {} (nvidia-smi lists none): set device = \"cpu\" in their [[host]] entries, or check the driver",
+            without.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// `[sync] source` for an inventory written to `inventory`: the folder `fleet init` runs in
@@ -170,7 +222,7 @@ fn lexically_normal(path: &std::path::Path) -> std::path::PathBuf {
 }
 
 /// The inventory for `args`, commented like inventory/example.toml, syncing `source`.
-fn inventory_text(args: &InitArgs, source: &str) -> Result<String> {
+fn inventory_text(args: &InitArgs, source: &str, device: &str) -> Result<String> {
     let mut text = String::from(
         "# Written by `fleet init`. Every field is described in README.md;\n\
          # `fleet inventory` shows how fleet reads this file.\n\n\
@@ -194,9 +246,14 @@ fn inventory_text(args: &InitArgs, source: &str) -> Result<String> {
     }
     text.push_str(
         "workdir = \"~/fleet/project\"         # where `fleet sync` puts the project on each host\n\
-         ranks = 1                           # processes per host: one per GPU\n\
-         device = \"cuda\"                     # \"cpu\" when a host has no GPU\n\
-         master_port = 29500                 # MASTER_PORT; MASTER_ADDR is the first host's address\n\n\
+         ranks = 1                           # processes per host: one per GPU\n",
+    );
+    text.push_str(&format!(
+        "device = {:<27}# \"cuda\": rank r uses GPU LOCAL_RANK; \"cpu\": no GPU expected\n",
+        toml_string(device)
+    ));
+    text.push_str(
+        "master_port = 29500                 # MASTER_PORT; MASTER_ADDR is the first host's address\n\n\
          [sync]\n",
     );
     text.push_str(&format!(

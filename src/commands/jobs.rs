@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::{Fleet, table};
 use crate::cli::{LogsArgs, StopArgs};
-use crate::exit_code::ExitCode;
+use crate::exit_code::{ExitCode, UsageError};
 use crate::inventory::Inventory;
 use crate::launch::follow::{Event, Followed, follow_host};
 use crate::launch::remote::{JobState, label_of, parse_status, signal_script, status_script};
@@ -272,12 +272,11 @@ pub async fn logs(fleet: &Fleet, args: &LogsArgs) -> Result<ExitCode> {
     }
     drop(events);
     if described.is_empty() {
-        anyhow::bail!(
-            "job {job}: no process found{}",
-            args.rank
-                .as_ref()
-                .map_or(String::new(), |r| format!(" with rank {r}"))
-        );
+        // A rank the job does not have is a mistake in the command line (exit 2).
+        if let Some(rank) = &args.rank {
+            return Err(UsageError(format!("job {job}: no process found with rank {rank}")).into());
+        }
+        anyhow::bail!("job {job}: no process found");
     }
     let labels = Labels::processes(&fleet.printer, &described);
     let mut splitters: Vec<LineSplitter> = described.iter().map(|_| LineSplitter::new()).collect();

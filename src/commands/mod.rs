@@ -31,7 +31,7 @@ pub struct Fleet {
     global: GlobalArgs,
     /// Client keys, read once per process: `fleet run` connects for its sync, its check and the
     /// job, and an encrypted key must ask for its passphrase once.
-    keyring: std::sync::OnceLock<Arc<Keyring>>,
+    keyring: tokio::sync::OnceCell<Arc<Keyring>>,
     /// Ctrl-C, SIGTERM and SIGHUP, counted since fleet started.
     pub interrupts: Interrupts,
 }
@@ -43,7 +43,7 @@ impl Fleet {
         Fleet {
             printer,
             global,
-            keyring: std::sync::OnceLock::new(),
+            keyring: tokio::sync::OnceCell::new(),
             interrupts: Interrupts::install(),
         }
     }
@@ -83,7 +83,7 @@ impl Fleet {
     }
 
     /// Connection settings for this run; reads the client keys (asking for passphrases now).
-    pub fn connect_options(
+    pub async fn connect_options(
         &self,
         inventory: &Inventory,
         targets: &[Target],
@@ -106,7 +106,8 @@ impl Fleet {
             )),
             keyring: self
                 .keyring
-                .get_or_init(|| Arc::new(Keyring::load(targets, interactive)))
+                .get_or_init(|| async { Arc::new(Keyring::load(targets, interactive).await) })
+                .await
                 .clone(),
         })
     }
@@ -119,7 +120,7 @@ impl Fleet {
         inventory: &Inventory,
     ) -> Result<(Vec<Target>, Vec<Result<Session, SshError>>)> {
         let targets = self.targets(inventory)?;
-        let options = self.connect_options(inventory, &targets)?;
+        let options = self.connect_options(inventory, &targets).await?;
         let sessions =
             futures::future::join_all(targets.iter().map(|t| Session::connect(t, &options))).await;
         Ok((targets, sessions))

@@ -56,7 +56,7 @@ pub async fn run(fleet: &Fleet, args: &PullArgs) -> Result<ExitCode> {
     }
     let targets = fleet.targets(&inventory)?;
     let target = &targets[index..=index];
-    let options = fleet.connect_options(&inventory, target)?;
+    let options = fleet.connect_options(&inventory, target).await?;
     let session = match Session::connect(&target[0], &options).await {
         Ok(session) => session,
         Err(e) => {

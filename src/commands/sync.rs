@@ -89,7 +89,7 @@ pub async fn before_run(fleet: &Fleet) -> Result<ExitCode> {
 async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCode> {
     let inventory = fleet.inventory()?;
     let targets = fleet.targets(&inventory)?;
-    let options = fleet.connect_options(&inventory, &targets)?;
+    let options = fleet.connect_options(&inventory, &targets).await?;
 
     // The local scan runs while the hosts connect and list their trees.
     let started = Instant::now();

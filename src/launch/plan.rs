@@ -178,12 +178,20 @@ pub fn plan(
                     ]
                     .map(String::from)
                     .to_vec();
-                    match host.device {
-                        crate::inventory::Device::Cpu => a.push("--cpu".into()),
-                        crate::inventory::Device::Cuda if world_size > 1 => {
-                            a.push("--multi_gpu".into())
+                    // More than one process: accelerate's torchrun launcher (`--multi_gpu`,
+                    // whatever the device). Its `--cpu` launcher sets no RANK and expects MPI,
+                    // so CPU ranks get ACCELERATE_USE_CPU instead, which makes accelerate pick
+                    // Gloo on the CPU (MULTI_CPU).
+                    let cpu = host.device == crate::inventory::Device::Cpu;
+                    if world_size > 1 {
+                        a.push("--multi_gpu".into());
+                        if cpu {
+                            common
+                                .entry("ACCELERATE_USE_CPU".to_string())
+                                .or_insert_with(|| "true".to_string());
                         }
-                        crate::inventory::Device::Cuda => {}
+                    } else if cpu {
+                        a.push("--cpu".into());
                     }
                     a
                 };
@@ -370,8 +378,9 @@ mod tests {
         );
         assert_eq!(
             job.processes[2].argv.join(" "),
-            "accelerate launch --num_machines 3 --num_processes 3 --machine_rank 2 --main_process_ip 10.0.0.1 --main_process_port 29500 --cpu train.py"
+            "accelerate launch --num_machines 3 --num_processes 3 --machine_rank 2 --main_process_ip 10.0.0.1 --main_process_port 29500 --multi_gpu train.py"
         );
+        assert_eq!(job.processes[2].env["ACCELERATE_USE_CPU"], "true");
     }
 
     #[test]

@@ -19,6 +19,13 @@ fi
 setsid -w sh -c '. "./$0.env" && rm -f -- "$0.env" || exit 126
 echo $$ >"$0.pid"
 if ! command -v "$1" >/dev/null 2>&1; then
+  case $1 in
+    */*) ;;
+    *) if [ -f "./$1" ]; then
+      printf "fleet: %s: not found on the PATH of this host, but the workdir has ./%s: start it as ./%s\n" "$1" "$1" "$1" >&2
+      exit 127
+    fi ;;
+  esac
   printf "fleet: %s: not found on this host (PATH=%s); set activate = \"...\" in the inventory to the line that provides it (a venv, conda, module load)\n" "$1" "$PATH" >&2
   exit 127
 fi

@@ -35,6 +35,7 @@ pub const JOB_STATUS: &str = include_str!("job_status.sh");
 pub const EXEC: &str = include_str!("exec.sh");
 pub const INTERFACE: &str = include_str!("interface.sh");
 pub const DISK_FREE: &str = include_str!("disk_free.sh");
+pub const GPU_COUNT: &str = include_str!("gpu_count.sh");
 pub const PROBE: &str = include_str!("probe.sh");
 pub const PROBE_PY: &str = include_str!("probe.py");
 pub const LISTENER: &str = include_str!("listener.sh");

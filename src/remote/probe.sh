@@ -8,7 +8,9 @@
 workdir_of "$1"
 errors=$(mktemp 2>/dev/null || echo "/tmp/fleet-probe.$$")
 if ! activate "$2" 2>"$errors"; then
-  printf 'activate_error=%s\n' "$(tr '\n' ' ' <"$errors")"
+  # What the line printed, without activate's own "failed (exit N)" unless that is all there is.
+  said=$(grep -v '^fleet: activate = ' "$errors" | tr '\n' ' ')
+  printf 'activate_error=%s\n' "${said:-$(tr '\n' ' ' <"$errors")}"
 fi
 rm -f -- "$errors"
 probe_py=$3
@@ -45,12 +47,19 @@ for tool in torchrun accelerate; do
   path=$(command -v "$tool" 2>/dev/null)
   echo "tool.$tool=${path:-not installed}"
 done
-if [ -x "$workdir/fleet-train" ]; then t=$workdir/fleet-train; else t=$(command -v fleet-train); fi
-if [ -n "$t" ]; then
-  echo "fleet_train=$("$t" --version 2>&1 | head -n 1)"
-else
-  echo "fleet_train=not installed"
-fi
+# fleet-train in the workdir (./fleet-train) and on PATH (fleet-train): its --version line, or
+# "fails: " and what it printed (its libtorch not found, say).
+fleet_train() { # KEY PROGRAM
+  if [ -z "$2" ] || [ ! -x "$2" ]; then
+    echo "$1=not installed"
+  elif out=$("$2" --version 2>&1); then
+    echo "$1=$(printf '%s\n' "$out" | head -n 1)"
+  else
+    echo "$1=fails: $(printf '%s\n' "$out" | tr '\n' ' ')"
+  fi
+}
+fleet_train fleet_train "$workdir/fleet-train"
+fleet_train fleet_train_on_path "$(command -v fleet-train 2>/dev/null)"
 while [ $# -ge 2 ]; do
   printf 'check.%s=%s\n' "$1" "$(cd -- "$workdir" 2>/dev/null || :; sh -c "$2" 2>&1 | head -n 1)"
   shift 2

@@ -29,14 +29,23 @@ pub struct Keyring {
 
 impl Keyring {
     /// Reads every identity the targets need. With `interactive`, an encrypted key asks for its
-    /// passphrase on the terminal when no agent could hold it instead.
-    pub fn load(targets: &[Target], interactive: bool) -> Keyring {
+    /// passphrase on the terminal unless ssh-agent holds it already (then the agent signs).
+    pub async fn load(targets: &[Target], interactive: bool) -> Keyring {
         let agent = std::env::var_os("SSH_AUTH_SOCK").is_some_and(|s| !s.is_empty());
-        let ask = interactive && !agent;
+        let held = if agent && interactive {
+            agent_keys().await
+        } else {
+            Vec::new()
+        };
+        let ask = |path: &Path| {
+            interactive
+                && !public_key_of(path)
+                    .is_some_and(|key| held.iter().any(|h| h.key_data() == key.key_data()))
+        };
         let mut named = HashMap::new();
         for path in targets.iter().flat_map(|t| &t.identities) {
             if !named.contains_key(path) {
-                named.insert(path.clone(), read_key(path, ask).map(Arc::new));
+                named.insert(path.clone(), read_key(path, ask(path)).map(Arc::new));
             }
         }
         let defaults = if targets.iter().any(|t| t.identities.is_empty()) {
@@ -44,7 +53,7 @@ impl Keyring {
                 .iter()
                 .map(|p| expand_tilde(p))
                 .filter(|p| p.is_file())
-                .filter_map(|p| read_key(&p, ask).ok().map(|k| (p, Arc::new(k))))
+                .filter_map(|p| read_key(&p, ask(&p)).ok().map(|k| (p, Arc::new(k))))
                 .collect()
         } else {
             Vec::new()
@@ -168,6 +177,33 @@ async fn try_agent<H: Handler>(
         ));
     }
     Ok(false)
+}
+
+/// The public keys ssh-agent holds (none when it cannot be asked).
+async fn agent_keys() -> Vec<keys::PublicKey> {
+    let Ok(mut agent) = AgentClient::connect_env().await else {
+        return Vec::new();
+    };
+    agent
+        .request_identities()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|identity| match identity {
+            AgentIdentity::PublicKey { key, .. } => Some(key),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The public half of a key file, without its passphrase: an OpenSSH key stores it in clear,
+/// and `KEY.pub` beside it has it too.
+fn public_key_of(path: &Path) -> Option<keys::PublicKey> {
+    let text = std::fs::read_to_string(path).ok()?;
+    PrivateKey::from_openssh(&text)
+        .ok()
+        .map(|key| key.public_key().clone())
+        .or_else(|| keys::load_public_key(format!("{}.pub", path.display())).ok())
 }
 
 /// Reads a private key, asking for its passphrase when `ask` and it is encrypted.

@@ -450,3 +450,53 @@ pub fn on_a_terminal(command: &str, home: &Path, answers: &[u8]) -> (Option<i32>
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
 }
+
+/// The text the README quotes in backticks that begins with `start` (the first such quote):
+/// `` `text` ``, or ``` `` text `` ``` for a text that holds a backtick itself.
+#[track_caller]
+pub fn readme_quote(start: &str) -> String {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let mut from = 0;
+    while let Some(i) = readme[from..].find(start).map(|i| from + i) {
+        let before = &readme[..i];
+        let after = &readme[i..];
+        let end = if before.ends_with("`` ") {
+            after.find(" ``")
+        } else if before.ends_with('`') {
+            after.find('`')
+        } else {
+            None
+        };
+        if let Some(end) = end {
+            return after[..end].to_string();
+        }
+        from = i + start.len();
+    }
+    panic!("the README no longer quotes `{start}...`")
+}
+
+/// Asserts that a line of `output` says what the README's `quote` says, once `substitute`
+/// turns the README's names and numbers into this run's: its pieces between `...` (or `…`)
+/// appear in that order on one line.
+#[track_caller]
+pub fn assert_says(output: &str, quote: &str, substitute: &[(&str, &str)]) {
+    let mut quote = quote.replace('…', "...");
+    for (from, to) in substitute {
+        quote = quote.replace(from, to);
+    }
+    let pieces: Vec<&str> = quote.split("...").map(str::trim).collect();
+    let says = |line: &str| {
+        let mut rest = line;
+        pieces.iter().all(|piece| match rest.find(piece) {
+            Some(i) => {
+                rest = &rest[i + piece.len()..];
+                true
+            }
+            None => false,
+        })
+    };
+    assert!(
+        output.lines().any(says),
+        "no line says what the README quotes, `{quote}`:\n{output}"
+    );
+}
