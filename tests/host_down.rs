@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::sync::Mutex;
 
 use common::{Fleet, Restore, Testbed};
@@ -352,4 +353,75 @@ fn a_host_whose_logs_cannot_be_followed_stops_the_job() {
     );
     assert!(run.stderr.contains("stopping the job"), "{}", run.stderr);
     assert_eq!(project.remaining("sleep 6170"), Vec::<String>::new());
+}
+
+/// A job whose every rank exited 0 has done its work: a host lost afterwards is reported, and
+/// the job is not started again however many restarts are allowed.
+#[test]
+fn a_job_whose_ranks_all_exit_zero_is_never_restarted() {
+    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    let project = common::Project::new("all-exit-zero");
+    project.write("README", "job\n");
+    // Rank 2 ends at once; ranks 0 and 1 end when the test writes `go` into their workdir.
+    let script = "if [ \"$RANK\" = 2 ]; then echo finished; exit 0; fi; \
+                  echo waiting; while [ ! -e go ]; do sleep 0.1; done; echo finished";
+    let (mut child, _home) = project
+        .fleet(&[
+            "run",
+            "--max-restarts",
+            "2",
+            "--restart-delay",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .spawn();
+    let jobs = std::path::PathBuf::from(project.workdir("host3")).join(".fleet/jobs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let rank2_exited = || {
+        std::fs::read_dir(&jobs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|job| job.path().join("rank-2.exit").exists())
+    };
+    // fleet has seen rank 2 end once it closes host3's SFTP session (its log follower's).
+    let netns = project.tb.hosts[2].netns.clone();
+    let following = || {
+        let pids = Command::new("ip")
+            .args(["netns", "pids", &netns])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&pids.stdout).lines().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{}/comm", pid.trim()))
+                .is_ok_and(|comm| comm.trim() == "sftp-server")
+        })
+    };
+    while !rank2_exited() || following() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rank 2 never exited, or fleet never saw it"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    project.tb.control(&["stop", "host3"]);
+    let _restore = Restore {
+        tb: &project.tb,
+        args: ["start", "host3"],
+    };
+    for host in ["host1", "host2"] {
+        std::fs::write(std::path::Path::new(&project.workdir(host)).join("go"), "").unwrap();
+    }
+    let code = common::wait_for(&mut child, std::time::Duration::from_secs(90));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    assert!(!stderr.contains("===== restart"), "{stderr}");
+    assert!(stderr.contains("after 0 restart(s)"), "{stderr}");
+    assert_eq!(stdout.matches("finished").count(), 3, "{stdout}\n{stderr}");
+    // Its work was done before host3 went: the job succeeded.
+    assert_eq!(code, Some(0), "{stderr}");
 }
