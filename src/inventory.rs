@@ -52,6 +52,94 @@ pub struct SshSettings {
     pub port: Option<u16>,
     pub user: Option<String>,
     pub identity: Option<PathBuf>,
+    /// `jump`: the hosts to go through, first dialled first; `Some(empty)` is `jump = "none"`.
+    pub jump: Option<Vec<Hop>>,
+}
+
+/// One hop of a `jump` chain or of ssh_config's `ProxyJump`: `[user@]host[:port]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hop {
+    pub user: Option<String>,
+    /// A name (looked up in ~/.ssh/config) or an address.
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl fmt::Display for Hop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(user) = &self.user {
+            write!(f, "{user}@")?;
+        }
+        match (self.host.contains(':'), self.port) {
+            (true, Some(port)) => write!(f, "[{}]:{port}", self.host),
+            (false, Some(port)) => write!(f, "{}:{port}", self.host),
+            _ => f.write_str(&self.host),
+        }
+    }
+}
+
+/// Parses a jump chain as OpenSSH's `ProxyJump` takes it: `[user@]host[:port]` (or
+/// `ssh://[user@]host[:port]`), comma-separated; `none` is no jump (an empty chain).
+pub fn parse_jump(text: &str) -> Result<Vec<Hop>, String> {
+    let text = text.trim();
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(Vec::new());
+    }
+    text.split(',').map(parse_hop).collect()
+}
+
+fn parse_hop(item: &str) -> Result<Hop, String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "{item:?} is not a jump host ([user@]host[:port]): {why}"
+        ))
+    };
+    let spec = item.trim();
+    let spec = spec.strip_prefix("ssh://").unwrap_or(spec);
+    if spec.is_empty() {
+        return bad("it is empty");
+    }
+    if spec
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '/')
+    {
+        return bad("it contains a space, a slash or a control character");
+    }
+    let (user, rest) = match spec.rsplit_once('@') {
+        Some((user, rest)) if !user.is_empty() => (Some(user.to_string()), rest),
+        Some(_) => return bad("the user before @ is empty"),
+        None => (None, spec),
+    };
+    let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+        match bracketed.split_once(']') {
+            Some((host, "")) => (host, None),
+            Some((host, port)) => match port.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return bad("expected :port after ]"),
+            },
+            None => return bad("no ] after ["),
+        }
+    } else if rest.matches(':').count() == 1 {
+        let (host, port) = rest.split_once(':').unwrap_or((rest, ""));
+        (host, Some(port))
+    } else {
+        (rest, None)
+    };
+    if host.is_empty() {
+        return bad("the host is empty");
+    }
+    let port = match port {
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => return bad("the port is not a number from 1 to 65535"),
+        },
+        None => None,
+    };
+    Ok(Hop {
+        user,
+        host: host.to_string(),
+        port,
+    })
 }
 
 /// One machine of the fleet, with the `[fleet]` defaults applied.
@@ -102,7 +190,9 @@ pub struct Inventory {
     pub hosts: Vec<Host>,
     /// SSH settings from `[fleet]`, below each host's own and `~/.ssh/config`.
     pub defaults: SshSettings,
-    pub known_hosts: PathBuf,
+    /// `known_hosts` when the inventory names one; otherwise ~/.ssh/config's
+    /// UserKnownHostsFile for each host, then ~/.ssh/known_hosts.
+    pub known_hosts: Option<PathBuf>,
     pub master_port: u16,
     /// Overrides rank 0's host address as MASTER_ADDR.
     pub master_addr: Option<String>,
@@ -245,6 +335,7 @@ struct RawDefaults {
     port: Option<Spanned<i64>>,
     user: Option<Spanned<String>>,
     identity: Option<Spanned<String>>,
+    jump: Option<Spanned<String>>,
     known_hosts: Option<Spanned<String>>,
     workdir: Option<Spanned<String>>,
     ranks: Option<Spanned<i64>>,
@@ -290,6 +381,7 @@ struct RawHost {
     port: Option<Spanned<i64>>,
     user: Option<Spanned<String>>,
     identity: Option<Spanned<String>>,
+    jump: Option<Spanned<String>>,
     workdir: Option<Spanned<String>>,
     ranks: Option<Spanned<i64>>,
     device: Option<Device>,
@@ -367,11 +459,13 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
             .as_ref()
             .map(|i| local_path(src, i, "identity"))
             .transpose()?,
+        jump: fleet.jump.as_ref().map(|j| jump(src, j)).transpose()?,
     };
-    let known_hosts = match &fleet.known_hosts {
-        Some(k) => local_path(src, k, "known_hosts")?,
-        None => expand_tilde("~/.ssh/known_hosts"),
-    };
+    let known_hosts = fleet
+        .known_hosts
+        .as_ref()
+        .map(|k| local_path(src, k, "known_hosts"))
+        .transpose()?;
     let workdir = match &fleet.workdir {
         Some(w) => checked_workdir(src, w)?,
         None => "~/fleet/project".to_string(),
@@ -435,6 +529,7 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
                 .as_ref()
                 .map(|i| local_path(src, i, "identity"))
                 .transpose()?,
+            jump: h.jump.as_ref().map(|j| jump(src, j)).transpose()?,
         };
         // Two entries for one sshd would start two node ranks on one machine by accident.
         let endpoint = (address.to_ascii_lowercase(), ssh.port.or(defaults.port));
@@ -578,6 +673,10 @@ fn rank_count(src: &Source, value: &Spanned<i64>) -> Result<u32, InventoryError>
         Ok(r) if r <= 1024 => Ok(r),
         _ => Err(src.error(value.span(), format!("ranks = {}: expected 1 to 1024 processes on a host", value.get_ref()))),
     }
+}
+
+fn jump(src: &Source, value: &Spanned<String>) -> Result<Vec<Hop>, InventoryError> {
+    parse_jump(value.get_ref()).map_err(|why| src.error(value.span(), format!("jump: {why}")))
 }
 
 fn non_empty(src: &Source, value: &Spanned<String>, what: &str) -> Result<String, InventoryError> {
@@ -730,6 +829,25 @@ mod tests {
 
     fn parse(text: &str) -> Result<Inventory, String> {
         Inventory::from_toml(Path::new("fleet.toml"), text).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn jump_chains_parse_as_proxy_jump_does_and_bad_ones_name_their_place() {
+        let hops = parse_jump("me@10.0.0.5:2222, ssh://ops@[fe80::1]:22,bastion").unwrap();
+        let shown: Vec<String> = hops.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["me@10.0.0.5:2222", "ops@[fe80::1]:22", "bastion"]);
+        assert_eq!(parse_jump("none").unwrap(), []);
+        let err =
+            parse("[fleet]\njump = \"me@host:99999\"\n[[host]]\naddress = \"a\"\n").unwrap_err();
+        assert!(
+            err.contains("fleet.toml:2:8: jump: \"me@host:99999\" is not a jump host ([user@]host[:port]): the port is not a number"),
+            "{err}"
+        );
+        let err = parse("[[host]]\naddress = \"a\"\njump = \"a,,b\"\n").unwrap_err();
+        assert!(
+            err.contains("fleet.toml:3:8: jump: \"\" is not a jump host"),
+            "{err}"
+        );
     }
 
     const THREE: &str = r#"

@@ -20,10 +20,12 @@ use anyhow::Result;
 
 use crate::cli::{Cli, Command, GlobalArgs};
 use crate::exit_code::{ExitCode, UsageError};
-use crate::inventory::{Inventory, InventoryError};
+use crate::inventory::{Inventory, InventoryError, expand_tilde};
 use crate::output::Printer;
 use crate::signals::Interrupts;
-use crate::ssh::{ConnectOptions, HostKeyPolicy, Keyring, Session, SshConfig, SshError, Target};
+use crate::ssh::{
+    ConnectOptions, HostKeyPolicy, Jumps, Keyring, Session, SshConfig, SshError, Target,
+};
 
 /// The global flags, resolved into what commands use.
 pub struct Fleet {
@@ -32,6 +34,8 @@ pub struct Fleet {
     /// Client keys, read once per process: `fleet run` connects for its sync, its check and the
     /// job, and an encrypted key must ask for its passphrase once.
     keyring: tokio::sync::OnceCell<Arc<Keyring>>,
+    /// ~/.ssh/config warnings already shown.
+    warned: std::sync::Mutex<Vec<String>>,
     /// Ctrl-C, SIGTERM and SIGHUP, counted since fleet started.
     pub interrupts: Interrupts,
 }
@@ -44,6 +48,7 @@ impl Fleet {
             printer,
             global,
             keyring: tokio::sync::OnceCell::new(),
+            warned: Default::default(),
             interrupts: Interrupts::install(),
         }
     }
@@ -72,14 +77,24 @@ impl Fleet {
         Inventory::load(&self.global.inventory)
     }
 
-    /// Where each host is reached, after `~/.ssh/config`.
+    /// Where each host is reached, after `~/.ssh/config`; says once per run what in it fleet
+    /// does not apply.
     pub fn targets(&self, inventory: &Inventory) -> Result<Vec<Target>> {
         let config = SshConfig::load_user()?;
-        Ok(inventory
+        let mut warnings = Vec::new();
+        let targets = inventory
             .hosts
             .iter()
-            .map(|h| Target::resolve(inventory, h, &config))
-            .collect())
+            .map(|h| Target::resolve(inventory, h, &config, &mut warnings))
+            .collect::<Result<Vec<Target>, _>>()?;
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        for warning in warnings {
+            if !warned.contains(&warning) {
+                self.printer.warn(&warning);
+                warned.push(warning);
+            }
+        }
+        Ok(targets)
     }
 
     /// Connection settings for this run; reads the client keys (asking for passphrases now).
@@ -101,14 +116,21 @@ impl Fleet {
             keepalive: Duration::from_secs(5),
             keepalive_max: 3,
             host_keys: Arc::new(HostKeyPolicy::new(
-                inventory.known_hosts.clone(),
+                inventory
+                    .known_hosts
+                    .clone()
+                    .unwrap_or_else(|| expand_tilde("~/.ssh/known_hosts")),
                 self.global.accept_new_host_keys,
             )),
             keyring: self
                 .keyring
-                .get_or_init(|| async { Arc::new(Keyring::load(targets, interactive).await) })
+                .get_or_init(|| async {
+                    let every: Vec<&Target> = targets.iter().flat_map(Target::all_hops).collect();
+                    Arc::new(Keyring::load(&every, interactive).await)
+                })
                 .await
                 .clone(),
+            jumps: Jumps::default(),
         })
     }
 }

@@ -30,7 +30,7 @@ pub struct Keyring {
 impl Keyring {
     /// Reads every identity the targets need. With `interactive`, an encrypted key asks for its
     /// passphrase on the terminal unless ssh-agent holds it already (then the agent signs).
-    pub async fn load(targets: &[Target], interactive: bool) -> Keyring {
+    pub async fn load(targets: &[&Target], interactive: bool) -> Keyring {
         let agent = std::env::var_os("SSH_AUTH_SOCK").is_some_and(|s| !s.is_empty());
         let held = if agent && interactive {
             agent_keys().await
@@ -99,7 +99,7 @@ impl Keyring {
                 None => tried.push(format!("{} (not loaded)", path.display())),
             }
         }
-        if self.agent {
+        if self.agent && !target.identities_only {
             match try_agent(handle, target, hash, &mut tried).await {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}

@@ -32,6 +32,15 @@ pub enum SshError {
     Protocol { host: String, source: russh::Error },
     #[error("{host}: connection lost ({reason})")]
     Lost { host: String, reason: String },
+    /// A jump host on the way failed; `kind` and `reason` are its own failure's.
+    #[error("{host}: via {hop} ({endpoint}): {reason}")]
+    Via {
+        host: String,
+        hop: String,
+        endpoint: String,
+        kind: &'static str,
+        reason: String,
+    },
 }
 
 impl SshError {
@@ -43,6 +52,7 @@ impl SshError {
             SshError::Auth { .. } => "auth",
             SshError::Protocol { .. } => "ssh",
             SshError::Lost { .. } => "lost",
+            SshError::Via { kind, .. } => kind,
         }
     }
 }

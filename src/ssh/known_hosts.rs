@@ -5,10 +5,12 @@
 //! `StrictHostKeyChecking=accept-new`), in which case the key is recorded. A host whose key
 //! differs from the recorded one is always refused and the file is never touched.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use russh::keys::{self, HashAlg, PublicKey};
+
+use super::Target;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostKeyError {
@@ -108,18 +110,23 @@ impl HostKeyPolicy {
         &self.known_hosts
     }
 
-    /// Decides whether `key`, offered by `addr:port` (inventory host `host`), is trusted.
+    /// The known_hosts files for `target`: its own (ssh_config's UserKnownHostsFile), else
+    /// this policy's. New keys are recorded in the first.
+    fn files<'a>(&'a self, target: &'a Target) -> &'a [PathBuf] {
+        if target.known_hosts.is_empty() {
+            std::slice::from_ref(&self.known_hosts)
+        } else {
+            &target.known_hosts
+        }
+    }
+
+    /// Decides whether `key`, offered by `target` (under its own name and address), is trusted.
     //
     // The refusal carries what the message shows (fingerprint, file, endpoint); it happens once
     // per host and connection, so its size costs nothing.
     #[allow(clippy::result_large_err)]
-    pub fn verify(
-        &self,
-        host: &str,
-        addr: &str,
-        port: u16,
-        key: &PublicKey,
-    ) -> Result<(), HostKeyError> {
+    pub fn verify(&self, target: &Target, key: &PublicKey) -> Result<(), HostKeyError> {
+        let (host, addr, port) = (target.name.as_str(), target.addr.as_str(), target.port);
         let endpoint = if port == 22 {
             addr.to_string()
         } else {
@@ -127,81 +134,85 @@ impl HostKeyPolicy {
         };
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
         let algorithm = key.algorithm().to_string();
-        if self.is_revoked(key) {
+        let files = self.files(target);
+        if let Some(file) = files.iter().find(|f| is_revoked(f, key)) {
             return Err(HostKeyError::Revoked {
                 host: host.to_string(),
                 endpoint,
                 fingerprint,
-                known_hosts: self.known_hosts.clone(),
+                known_hosts: file.clone(),
             });
         }
-        match keys::check_known_hosts_path(addr, port, key, &self.known_hosts) {
-            Ok(true) => Ok(()),
-            Ok(false) if self.accept_new || self.confirmed.get(&endpoint) == Some(&fingerprint) => {
-                let mut learned = self
-                    .learned
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                keys::known_hosts::learn_known_hosts_path(addr, port, key, &self.known_hosts)
-                    .map_err(|e| HostKeyError::Record {
+        for file in files {
+            match keys::check_known_hosts_path(addr, port, key, file) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(keys::Error::KeyChanged { .. }) => {
+                    return Err(HostKeyError::Changed {
                         host: host.to_string(),
-                        known_hosts: self.known_hosts.clone(),
+                        endpoint,
+                        algorithm,
+                        fingerprint,
+                        known_hosts: file.clone(),
+                    });
+                }
+                // A UserKnownHostsFile that does not exist yet holds no keys, as in OpenSSH.
+                Err(_) if !file.exists() => {}
+                Err(e) => {
+                    return Err(HostKeyError::Unreadable {
+                        host: host.to_string(),
+                        known_hosts: file.clone(),
                         message: e.to_string(),
-                    })?;
-                learned.push(Learned {
-                    host: host.to_string(),
-                    endpoint,
-                    fingerprint,
-                });
-                Ok(())
+                    });
+                }
             }
-            Ok(false) => Err(HostKeyError::Unknown {
-                host: host.to_string(),
-                short: algorithm
-                    .trim_start_matches("ssh-")
-                    .split('-')
-                    .next()
-                    .unwrap_or("ed25519")
-                    .to_string(),
-                endpoint,
-                algorithm,
-                fingerprint,
-                known_hosts: self.known_hosts.clone(),
-            }),
-            Err(keys::Error::KeyChanged { .. }) => Err(HostKeyError::Changed {
-                host: host.to_string(),
-                endpoint,
-                algorithm,
-                fingerprint,
-                known_hosts: self.known_hosts.clone(),
-            }),
-            Err(e) => Err(HostKeyError::Unreadable {
-                host: host.to_string(),
-                known_hosts: self.known_hosts.clone(),
-                message: e.to_string(),
-            }),
         }
-    }
-
-    /// Whether `key` is on a `@revoked` line (whatever hosts the line names: a revoked key is
-    /// never trusted).
-    fn is_revoked(&self, key: &PublicKey) -> bool {
-        let Ok(text) = std::fs::read_to_string(&self.known_hosts) else {
-            return false;
-        };
-        text.lines()
-            .filter_map(|line| line.trim_start().strip_prefix("@revoked"))
-            .filter_map(|rest| rest.split_whitespace().nth(2))
-            .filter_map(|blob| keys::parse_public_key_base64(blob).ok())
-            .any(|revoked| revoked.key_data() == key.key_data())
+        let first = &files[0];
+        if self.accept_new
+            || target.accept_new
+            || self.confirmed.get(&endpoint) == Some(&fingerprint)
+        {
+            let mut learned = self
+                .learned
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            keys::known_hosts::learn_known_hosts_path(addr, port, key, first).map_err(|e| {
+                HostKeyError::Record {
+                    host: host.to_string(),
+                    known_hosts: first.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+            learned.push(Learned {
+                host: host.to_string(),
+                endpoint,
+                fingerprint,
+            });
+            return Ok(());
+        }
+        Err(HostKeyError::Unknown {
+            host: host.to_string(),
+            short: algorithm
+                .trim_start_matches("ssh-")
+                .split('-')
+                .next()
+                .unwrap_or("ed25519")
+                .to_string(),
+            endpoint,
+            algorithm,
+            fingerprint,
+            known_hosts: first.clone(),
+        })
     }
 
     /// The host-key algorithms of the keys known for `addr:port`, to ask the host for those
     /// first: a host known only by its ECDSA or RSA key would otherwise offer its Ed25519 key,
     /// which is not known.
-    pub fn known_algorithms(&self, addr: &str, port: u16) -> Vec<keys::Algorithm> {
-        let known = keys::known_hosts::known_host_keys_path(addr, port, &self.known_hosts)
-            .unwrap_or_default();
+    pub fn known_algorithms(&self, target: &Target) -> Vec<keys::Algorithm> {
+        let known = self.files(target).iter().flat_map(|file| {
+            keys::known_hosts::known_host_keys_path(&target.addr, target.port, file)
+                .unwrap_or_default()
+        });
         let mut algorithms = Vec::new();
         for (_, key) in known {
             let offered = match key.algorithm() {
@@ -231,4 +242,17 @@ impl HostKeyPolicy {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
     }
+}
+
+/// Whether `key` is on a `@revoked` line of `file` (whatever hosts the line names: a revoked
+/// key is never trusted).
+fn is_revoked(file: &Path, key: &PublicKey) -> bool {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return false;
+    };
+    text.lines()
+        .filter_map(|line| line.trim_start().strip_prefix("@revoked"))
+        .filter_map(|rest| rest.split_whitespace().nth(2))
+        .filter_map(|blob| keys::parse_public_key_base64(blob).ok())
+        .any(|revoked| revoked.key_data() == key.key_data())
 }

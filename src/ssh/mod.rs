@@ -13,5 +13,5 @@ pub use auth::Keyring;
 pub use config::{HostParams, SshConfig};
 pub use error::SshError;
 pub use known_hosts::{HostKeyError, HostKeyPolicy, Learned};
-pub use session::{ConnectOptions, ExitStatus, RemoteProcess, Session};
-pub use target::Target;
+pub use session::{ConnectOptions, ExitStatus, Jumps, RemoteProcess, Session};
+pub use target::{Target, TargetError};

@@ -6,7 +6,7 @@ use std::time::Duration;
 use russh::client::Msg;
 use russh::client::{self, Handle};
 use russh::keys::PublicKeyOrCertificate;
-use russh::{Channel, ChannelMsg, Disconnect};
+use russh::{Channel, ChannelMsg, ChannelOpenFailure, ChannelStream, Disconnect};
 use russh_sftp::client::RawSftpSession;
 
 use super::known_hosts::HostKeyError;
@@ -25,6 +25,8 @@ pub struct ConnectOptions {
     pub keepalive_max: usize,
     pub host_keys: Arc<HostKeyPolicy>,
     pub keyring: Arc<Keyring>,
+    /// Jump-host connections, opened as the first host behind each needs them.
+    pub jumps: Jumps,
 }
 
 /// How a remote command ended.
@@ -92,8 +94,7 @@ impl client::Handler for Verifier {
             }
             .into());
         };
-        self.policy
-            .verify(&self.target.name, &self.target.addr, self.target.port, key)?;
+        self.policy.verify(&self.target, key)?;
         Ok(true)
     }
 }
@@ -102,68 +103,245 @@ impl client::Handler for Verifier {
 pub struct Session {
     target: Target,
     handle: Handle<Verifier>,
+    /// The last jump host this connection goes through, kept open while it lives.
+    _via: Option<Arc<Hop>>,
 }
 
-impl Session {
-    /// Dials, verifies the host key and authenticates, all within `options.timeout`.
-    pub async fn connect(target: &Target, options: &ConnectOptions) -> Result<Session, SshError> {
-        match tokio::time::timeout(options.timeout, Self::handshake(target, options)).await {
-            Ok(result) => result,
-            Err(_) => Err(SshError::Timeout {
-                host: target.name.clone(),
-                addr: target.endpoint(),
-                port: target.port,
-                after: options.timeout,
-            }),
+/// A connection to a jump host, and the one before it in the chain.
+pub struct Hop {
+    /// The jump host's name, as written.
+    name: String,
+    handle: Handle<Verifier>,
+    _before: Option<Arc<Hop>>,
+}
+
+/// Why a jump host could not be used, kept to tell every host behind it.
+#[derive(Clone, Debug)]
+struct HopFailure {
+    hop: String,
+    endpoint: String,
+    kind: &'static str,
+    reason: String,
+}
+
+impl HopFailure {
+    fn new(hop: &Target, error: &SshError) -> HopFailure {
+        let text = error.to_string();
+        let prefix = format!("{}: ", hop.name);
+        HopFailure {
+            hop: hop.name.clone(),
+            endpoint: hop.endpoint(),
+            kind: error.kind(),
+            reason: text.strip_prefix(&prefix).unwrap_or(&text).to_string(),
         }
     }
 
-    async fn handshake(target: &Target, options: &ConnectOptions) -> Result<Session, SshError> {
-        let mut preferred = preferred_algorithms();
-        let known = options
-            .host_keys
-            .known_algorithms(&target.addr, target.port);
-        if !known.is_empty() {
-            let rest = preferred.key.iter().filter(|a| !known.contains(a)).cloned();
-            let order: Vec<russh::keys::Algorithm> = known.iter().cloned().chain(rest).collect();
-            preferred.key = std::borrow::Cow::Owned(order);
+    fn for_host(&self, host: &str) -> SshError {
+        SshError::Via {
+            host: host.to_string(),
+            hop: self.hop.clone(),
+            endpoint: self.endpoint.clone(),
+            kind: self.kind,
+            reason: self.reason.clone(),
         }
-        let config = Arc::new(client::Config {
-            keepalive_interval: Some(options.keepalive),
-            keepalive_max: options.keepalive_max,
-            nodelay: true,
-            preferred,
-            ..Default::default()
-        });
-        let verifier = Verifier {
-            target: target.clone(),
-            policy: options.host_keys.clone(),
-        };
-        let stream = QuickAckStream::connect(&target.addr, target.port)
+    }
+}
+
+type HopCell = Arc<tokio::sync::OnceCell<Result<Arc<Hop>, HopFailure>>>;
+
+/// The jump connections of this run, one per chain: every host behind a hop shares it.
+#[derive(Default)]
+pub struct Jumps {
+    open: tokio::sync::Mutex<std::collections::HashMap<String, HopCell>>,
+}
+
+impl std::fmt::Debug for Jumps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Jumps")
+    }
+}
+
+impl Jumps {
+    /// The connection to the last hop of `via`, opening the chain where it is not open yet.
+    async fn through(
+        &self,
+        host: &str,
+        via: &[Target],
+        options: &ConnectOptions,
+    ) -> Result<Arc<Hop>, SshError> {
+        let mut before: Option<Arc<Hop>> = None;
+        let mut chain = String::new();
+        for hop in via {
+            chain.push_str(&format!("{}@{},", hop.user, hop.endpoint()));
+            let cell = self
+                .open
+                .lock()
+                .await
+                .entry(chain.clone())
+                .or_default()
+                .clone();
+            let opened = cell
+                .get_or_init(|| Hop::open(hop, before.clone(), options))
+                .await;
+            before = Some(opened.clone().map_err(|failure| failure.for_host(host))?);
+        }
+        before.ok_or_else(|| SshError::Lost {
+            host: host.to_string(),
+            reason: "an empty jump chain".into(),
+        })
+    }
+}
+
+impl Hop {
+    async fn open(
+        hop: &Target,
+        before: Option<Arc<Hop>>,
+        options: &ConnectOptions,
+    ) -> Result<Arc<Hop>, HopFailure> {
+        let deadline = hop.connect_timeout.unwrap_or(options.timeout);
+        let handle = within(hop, deadline, async {
+            match &before {
+                None => handshake(hop, dial(hop).await?, options).await,
+                Some(previous) => handshake(hop, previous.tunnel(hop).await?, options).await,
+            }
+        })
+        .await
+        .map_err(|e| HopFailure::new(hop, &e))?;
+        Ok(Arc::new(Hop {
+            name: hop.name.clone(),
+            handle,
+            _before: before,
+        }))
+    }
+
+    /// A `direct-tcpip` channel from this jump host to `target`'s SSH port.
+    async fn tunnel(&self, target: &Target) -> Result<ChannelStream<Msg>, SshError> {
+        let channel = self
+            .handle
+            .channel_open_direct_tcpip(target.addr.clone(), u32::from(target.port), "127.0.0.1", 0)
             .await
-            .map_err(|source| SshError::Connect {
+            .map_err(|e| {
+                let why = match e {
+                    russh::Error::ChannelOpenFailure(ChannelOpenFailure::ConnectFailed) => {
+                        "the jump host could not connect to it".to_string()
+                    }
+                    russh::Error::ChannelOpenFailure(ChannelOpenFailure::AdministrativelyProhibited) => {
+                        "the jump host does not forward connections (its sshd has AllowTcpForwarding no)".to_string()
+                    }
+                    other => other.to_string(),
+                };
+                SshError::Connect {
+                    host: target.name.clone(),
+                    addr: format!("{} via {}", target.endpoint(), self.name),
+                    source: std::io::Error::other(why),
+                }
+            })?;
+        Ok(channel.into_stream())
+    }
+}
+
+/// `work` within `deadline`, or the host's timeout error.
+#[allow(clippy::result_large_err)] // SshError carries what its message shows; made once per host
+async fn within<T>(
+    target: &Target,
+    deadline: Duration,
+    work: impl std::future::Future<Output = Result<T, SshError>>,
+) -> Result<T, SshError> {
+    tokio::time::timeout(deadline, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(SshError::Timeout {
+                host: target.name.clone(),
+                addr: target.endpoint(),
+                port: target.port,
+                after: deadline,
+            })
+        })
+}
+
+async fn dial(target: &Target) -> Result<QuickAckStream, SshError> {
+    QuickAckStream::connect(&target.addr, target.port)
+        .await
+        .map_err(|source| SshError::Connect {
+            host: target.name.clone(),
+            addr: target.endpoint(),
+            source,
+        })
+}
+
+/// Key exchange, the host-key check and authentication over `stream`.
+async fn handshake<S>(
+    target: &Target,
+    stream: S,
+    options: &ConnectOptions,
+) -> Result<Handle<Verifier>, SshError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut preferred = preferred_algorithms();
+    let known = options.host_keys.known_algorithms(target);
+    if !known.is_empty() {
+        let rest = preferred.key.iter().filter(|a| !known.contains(a)).cloned();
+        let order: Vec<russh::keys::Algorithm> = known.iter().cloned().chain(rest).collect();
+        preferred.key = std::borrow::Cow::Owned(order);
+    }
+    let config = Arc::new(client::Config {
+        keepalive_interval: Some(target.keepalive.unwrap_or(options.keepalive)),
+        keepalive_max: target.keepalive_max.unwrap_or(options.keepalive_max),
+        nodelay: true,
+        preferred,
+        ..Default::default()
+    });
+    let verifier = Verifier {
+        target: target.clone(),
+        policy: options.host_keys.clone(),
+    };
+    let mut handle = client::connect_stream(config, stream, verifier)
+        .await
+        .map_err(|e| match e {
+            HandshakeError::HostKey(e) => SshError::HostKey(e),
+            HandshakeError::Ssh(russh::Error::IO(source)) => SshError::Connect {
                 host: target.name.clone(),
                 addr: target.endpoint(),
                 source,
-            })?;
-        let mut handle = client::connect_stream(config, stream, verifier)
-            .await
-            .map_err(|e| match e {
-                HandshakeError::HostKey(e) => SshError::HostKey(e),
-                HandshakeError::Ssh(russh::Error::IO(source)) => SshError::Connect {
-                    host: target.name.clone(),
-                    addr: target.endpoint(),
-                    source,
-                },
-                HandshakeError::Ssh(source) => SshError::Protocol {
-                    host: target.name.clone(),
-                    source,
-                },
-            })?;
-        options.keyring.authenticate(&mut handle, target).await?;
+            },
+            HandshakeError::Ssh(source) => SshError::Protocol {
+                host: target.name.clone(),
+                source,
+            },
+        })?;
+    options.keyring.authenticate(&mut handle, target).await?;
+    Ok(handle)
+}
+
+impl Session {
+    /// Dials (through its jump hosts, if any), verifies the host key and authenticates, within
+    /// the host's connect timeout (each jump host within its own).
+    pub async fn connect(target: &Target, options: &ConnectOptions) -> Result<Session, SshError> {
+        let via = match target.via.is_empty() {
+            true => None,
+            false => Some(
+                options
+                    .jumps
+                    .through(&target.name, &target.via, options)
+                    .await?,
+            ),
+        };
+        let deadline = target.connect_timeout.unwrap_or(options.timeout);
+        let handle = within(target, deadline, async {
+            match &via {
+                None => handshake(target, dial(target).await?, options).await,
+                Some(hop) => {
+                    let stream = hop.tunnel(target).await?;
+                    handshake(target, stream, options).await
+                }
+            }
+        })
+        .await?;
         Ok(Session {
             target: target.clone(),
             handle,
+            _via: via,
         })
     }
 
