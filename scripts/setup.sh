@@ -3,7 +3,7 @@
 # what is present already is left alone, so a second run takes a second.
 #
 #   Debian packages: openssh-server and openssh-client (the test bed's hosts), iproute2 (network
-#   namespaces), iptables (firewall faults in tests), rsync (the benchmark's baseline), procps
+#   namespaces), iptables and nftables (firewall faults in tests), rsync (the benchmark's baseline), procps
 #   (pgrep), python3 and python3-venv (what training hosts have: fleet check listens on the master
 #   port with it); fish, zsh and tcsh (login shells the tests run fleet's remote scripts under:
 #   the test bed's user `train` logs in with fish), shellcheck (the lint of those scripts) and
@@ -21,7 +21,7 @@ set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-packages=(openssh-server openssh-client iproute2 iptables rsync procps python3 python3-venv fish zsh tcsh shellcheck strace)
+packages=(openssh-server openssh-client iproute2 iptables nftables rsync procps python3 python3-venv fish zsh tcsh shellcheck strace)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -8,6 +8,8 @@
 #   scripts/testbed.sh nosftp HOST | sftp HOST     restart a host with its SFTP subsystem off / on
 #   scripts/testbed.sh cut HOST | heal HOST        netns: drop / restore HOST's link silently
 #   scripts/testbed.sh shape HOST RATE | unshape HOST   netns: limit HOST's bandwidth both ways (e.g. 100mbit)
+#   scripts/testbed.sh wall on|off                 netns: hosts refuse SSH from this machine (only the bastion lets it in)
+#   scripts/testbed.sh firewall HOST | nofirewall HOST  netns: HOST accepts only ports 22 and 29500 (nft)
 #
 # Each host is an sshd that is PID 1 of its own PID, mount and UTS namespaces: stopping it kills
 # every process started on it, `hostname` prints hostN, /root and /home are private to it, and a
@@ -16,6 +18,11 @@
 # copy-on-write view of this machine's (overlayfs): what a host writes there stays on that host,
 # as on separate PCs. pip on the hosts is offline (no index; ~/.config/pip/pip.conf), as the
 # hosts cannot reach the internet.
+#
+# A fourth host, `bastion` (index TB_N+1), is a jump host: made like the others, in known_hosts
+# and ssh_config, but not in hosts.tsv or fleet.toml (bastion.tsv has its line). With `wall on`
+# the hosts refuse SSH from this machine's address, as a lab network does, and only the bastion
+# reaches them.
 #
 #   netns     host i is network namespace ${TB_NS_PREFIX}host$i with address $TB_SUBNET.(10+i), port 22,
 #             its eth0 on bridge $TB_BRIDGE ($TB_SUBNET.1/24). Hosts reach each other (ranks can meet
@@ -53,10 +60,16 @@ die() { log "error: $*"; exit 1; }
 
 variant() { cat "$TB_DIR/state" 2>/dev/null || echo none; }
 
+# Every host the bed runs: host1..hostN and the bastion.
+TB_ALL=$((TB_N + 1))
+
 host_index() {
+  if [[ ${1:-} == bastion ]]; then echo "$TB_ALL"; return; fi
   [[ ${1:-} =~ ^host([0-9]+)$ ]] && ((BASH_REMATCH[1] >= 1 && BASH_REMATCH[1] <= TB_N)) || die "no such host: ${1:-}"
   echo "${BASH_REMATCH[1]}"
 }
+
+host_name() { if (($1 <= TB_N)); then echo "host$1"; else echo bastion; fi; }
 
 host_addr() { # variant index
   case $1 in
@@ -72,7 +85,7 @@ host_port() { # variant index
   esac
 }
 
-host_ns() { [[ $1 == netns ]] && echo "${TB_NS_PREFIX}host$2" || true; }
+host_ns() { [[ $1 == netns ]] && echo "${TB_NS_PREFIX}$(host_name "$2")" || true; }
 
 # Refuses to go on unless addr is routed to loopback or to our own bridge.
 check_route() { # addr variant
@@ -111,7 +124,7 @@ net_up() {
     touch "$TB_DIR/iptables_rule"
   fi
   local i ns
-  for ((i = 1; i <= TB_N; i++)); do
+  for ((i = 1; i <= TB_ALL; i++)); do
     ns=$(host_ns netns "$i")
     ip netns add "$ns"
     ip link add "${TB_BRIDGE}v$i" type veth peer name eth0 netns "$ns"
@@ -124,7 +137,7 @@ net_up() {
 
 net_down() {
   local i ns pids
-  for ((i = 1; i <= TB_N; i++)); do
+  for ((i = 1; i <= TB_ALL; i++)); do
     ns=$(host_ns netns "$i")
     if [[ -e /run/netns/$ns ]]; then
       pids=$(ip netns pids "$ns" || true)
@@ -143,7 +156,9 @@ net_down() {
 
 # Host key, sshd_config, private passwd/group and the script that boots the host.
 write_host() { # variant index
-  local v=$1 i=$2 name="host$2" dir="$TB_DIR/host$2" addr port entry
+  local v=$1 i=$2 name dir addr port entry
+  name=$(host_name "$2")
+  dir="$TB_DIR/$name"
   addr=$(host_addr "$v" "$i")
   port=$(host_port "$v" "$i")
   rm -rf "$dir"
@@ -189,7 +204,9 @@ CONFIG
   echo "$entry $(cut -d' ' -f1,2 "$dir/ssh_host_ed25519_key.pub")" >>"$TB_DIR/known_hosts"
   echo "$entry $(cut -d' ' -f1,2 "$dir/ssh_host_ecdsa_key.pub")" >>"$TB_DIR/known_hosts_ecdsa"
   printf 'Host %s\n  HostName %s\n  Port %s\n' "$name" "$addr" "$port" >>"$TB_DIR/ssh_config"
-  printf '%s\t%s\t%s\t%s\n' "$name" "$addr" "$port" "$(host_ns "$v" "$i")" >>"$TB_DIR/hosts.tsv"
+  local tsv=$TB_DIR/hosts.tsv
+  ((i <= TB_N)) || tsv=$TB_DIR/bastion.tsv
+  printf '%s\t%s\t%s\t%s\n' "$name" "$addr" "$port" "$(host_ns "$v" "$i")" >>"$tsv"
   {
     echo "#!/bin/sh"
     echo "# Runs as PID 1 of the host's new pid, mount and uts namespaces."
@@ -234,12 +251,13 @@ write_inventory() { # variant
 }
 
 boot_host() { # variant index
-  local v=$1 i=$2 dir="$TB_DIR/host$2" ns addr port
+  local v=$1 i=$2 dir ns addr port
+  dir="$TB_DIR/$(host_name "$i")"
   ns=$(host_ns "$v" "$i")
   addr=$(host_addr "$v" "$i")
   port=$(host_port "$v" "$i")
   check_route "$addr" "$v"
-  ! listening "$ns" "$addr" "$port" || die "host$i: $addr:$port is already in use"
+  ! listening "$ns" "$addr" "$port" || die "$(host_name "$i"): $addr:$port is already in use"
   # --kill-child: if unshare dies, sshd (and with it the whole host) dies too.
   local -a enter=()
   [[ -z $ns ]] || enter=(ip netns exec "$ns")
@@ -250,7 +268,8 @@ boot_host() { # variant index
 
 # Polls until the host's sshd listens (5 s at most).
 await_host() { # variant index
-  local v=$1 i=$2 dir="$TB_DIR/host$2" ns addr port n parent sshd=""
+  local v=$1 i=$2 dir ns addr port n parent sshd=""
+  dir="$TB_DIR/$(host_name "$i")"
   ns=$(host_ns "$v" "$i")
   addr=$(host_addr "$v" "$i")
   port=$(host_port "$v" "$i")
@@ -262,12 +281,13 @@ await_host() { # variant index
     sleep 0.01
   done
   cat "$dir/unshare.log" "$dir/sshd.log" >&2 2>/dev/null || true
-  die "host$i: sshd is not listening on $addr:$port"
+  die "$(host_name "$i"): sshd is not listening on $addr:$port"
 }
 
 # SIGKILL to sshd, PID 1 of the host's pid namespace: the kernel kills every process of the host.
 halt_host() { # index
-  local dir="$TB_DIR/host$1" parent child n
+  local dir parent child n
+  dir="$TB_DIR/$(host_name "$1")"
   [[ -f $dir/unshare.pid ]] || return 0
   parent=$(cat "$dir/unshare.pid")
   if alive "$parent" unshare; then
@@ -291,6 +311,7 @@ cmd_up() {
   : >"$TB_DIR/known_hosts"
   : >"$TB_DIR/known_hosts_ecdsa"
   : >"$TB_DIR/hosts.tsv"
+  : >"$TB_DIR/bastion.tsv"
   rm -rf "$TB_DIR/work"
   rm -f "$TB_DIR/id_ed25519" "$TB_DIR/id_ed25519.pub"
   ssh-keygen -q -t ed25519 -N '' -C fleet-testbed-client -f "$TB_DIR/id_ed25519"
@@ -307,10 +328,10 @@ Host *
   LogLevel ERROR
 CONFIG
   [[ $v != netns ]] || net_up
-  for ((i = 1; i <= TB_N; i++)); do write_host "$v" "$i"; done
+  for ((i = 1; i <= TB_ALL; i++)); do write_host "$v" "$i"; done
   write_inventory "$v"
-  for ((i = 1; i <= TB_N; i++)); do boot_host "$v" "$i"; done
-  for ((i = 1; i <= TB_N; i++)); do await_host "$v" "$i"; done
+  for ((i = 1; i <= TB_ALL; i++)); do boot_host "$v" "$i"; done
+  for ((i = 1; i <= TB_ALL; i++)); do await_host "$v" "$i"; done
   trap - EXIT
   log "up ($v): $(tr '\t\n' ' ;' <"$TB_DIR/hosts.tsv")"
 }
@@ -318,7 +339,7 @@ CONFIG
 cmd_down() {
   local v i
   v=$(variant)
-  for ((i = 1; i <= TB_N; i++)); do halt_host "$i"; done
+  for ((i = 1; i <= TB_ALL; i++)); do halt_host "$i"; done
   # Also clean up the network of a crashed run whose state file is gone.
   if [[ $v == netns ]] || ip link show "$TB_BRIDGE" >/dev/null 2>&1 || ip netns list | grep -q "^${TB_NS_PREFIX}host"; then
     net_down
@@ -333,17 +354,17 @@ case ${1:-} in
   up) shift; cmd_up "$@" ;;
   down) cmd_down ;;
   status) variant; cat "$TB_DIR/hosts.tsv" 2>/dev/null || true; ip netns list ;;
-  stop) i=$(host_index "${2:-}"); halt_host "$i"; log "host$i stopped" ;;
+  stop) i=$(host_index "${2:-}"); halt_host "$i"; log "$2 stopped" ;;
   nosftp | sftp)
     # Restarts HOST with its SFTP subsystem off (nosftp) or back on (sftp): exec works, SFTP fails.
     i=$(host_index "${2:-}")
     server=/usr/lib/openssh/sftp-server
     [[ $1 == sftp ]] || server=/bin/false
-    sed -i "s|^Subsystem sftp .*|Subsystem sftp $server|" "$TB_DIR/host$i/sshd_config"
+    sed -i "s|^Subsystem sftp .*|Subsystem sftp $server|" "$TB_DIR/$2/sshd_config"
     halt_host "$i"; boot_host "$(variant)" "$i"; await_host "$(variant)" "$i"
-    log "host$i restarted with SFTP $([[ $1 == sftp ]] && echo on || echo off)"
+    log "$2 restarted with SFTP $([[ $1 == sftp ]] && echo on || echo off)"
     ;;
-  start) i=$(host_index "${2:-}"); boot_host "$(variant)" "$i"; await_host "$(variant)" "$i"; log "host$i started" ;;
+  start) i=$(host_index "${2:-}"); boot_host "$(variant)" "$i"; await_host "$(variant)" "$i"; log "$2 started" ;;
   cut) need_netns cut; i=$(host_index "${2:-}"); ip link set "${TB_BRIDGE}v$i" down ;;
   heal) need_netns heal; i=$(host_index "${2:-}"); ip link set "${TB_BRIDGE}v$i" up ;;
   shape)
@@ -359,5 +380,40 @@ case ${1:-} in
     tc qdisc del dev "${TB_BRIDGE}v$i" root 2>/dev/null || true
     tc -n "$(host_ns netns "$i")" qdisc del dev eth0 root 2>/dev/null || true
     ;;
-  *) sed -n '2,11p' "$0" >&2; exit 2 ;;
+  wall)
+    need_netns wall
+    case ${2:-} in on) action=-I ;; off) action=-D ;; *) die "wall on or wall off" ;; esac
+    for ((i = 1; i <= TB_N; i++)); do
+      rule=(INPUT -p tcp --dport 22 -s "$TB_SUBNET.1" -j REJECT --reject-with tcp-reset)
+      if [[ $action == -I ]] || ip netns exec "$(host_ns netns "$i")" iptables -C "${rule[@]}" 2>/dev/null; then
+        ip netns exec "$(host_ns netns "$i")" iptables "$action" "${rule[@]}"
+      fi
+    done
+    log "wall $2: SSH from $TB_SUBNET.1 $([[ $2 == on ]] && echo refused || echo allowed) by host1..host$TB_N"
+    ;;
+  firewall)
+    # As `ufw default deny incoming; ufw allow 22; ufw allow 29500` leaves a host: other
+    # packets are dropped, so a connection to any other port times out.
+    need_netns firewall
+    i=$(host_index "${2:-}")
+    ip netns exec "$(host_ns netns "$i")" nft -f - <<'RULES'
+table inet testbed_firewall {
+  chain input {
+    type filter hook input priority 0; policy drop;
+    ct state established,related accept
+    iif lo accept
+    ip protocol icmp accept
+    tcp dport { 22, 29500 } accept
+  }
+}
+RULES
+    log "$2: firewall on (only 22 and 29500 accepted)"
+    ;;
+  nofirewall)
+    need_netns nofirewall
+    i=$(host_index "${2:-}")
+    ip netns exec "$(host_ns netns "$i")" nft delete table inet testbed_firewall 2>/dev/null || true
+    log "$2: firewall off"
+    ;;
+  *) sed -n '2,13p' "$0" >&2; exit 2 ;;
 esac

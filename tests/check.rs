@@ -37,6 +37,9 @@ fn healthy_hosts_pass_and_json_parses_line_by_line() {
     assert!(run.stdout.contains("python"), "{}", run.stdout);
     assert!(run.stdout.contains("reaches"), "{}", run.stdout);
     assert!(run.stderr.contains("every check passed"), "{}", run.stderr);
+    // What a host does not have is never ticked (the hosts' python3 has no transformers).
+    assert!(run.stdout.contains("– not installed"), "{}", run.stdout);
+    assert!(!run.stdout.contains("✓ not installed"), "{}", run.stdout);
 
     let json = f.fleet(&["--json", "check"]).run();
     json.assert_code(0);

@@ -405,7 +405,11 @@ fn grid(printer: &Printer, hosts: &[String], findings: &[Finding]) -> String {
         if !checks.contains(&f.check.as_str()) {
             checks.push(&f.check);
         }
-        let mark = if f.ok { &ok } else { &bad };
+        let mark = match (f.ok, f.detail == crate::preflight::NOT_INSTALLED) {
+            (true, true) => &absent,
+            (true, false) => &ok,
+            (false, _) => &bad,
+        };
         match (&f.host, f.values.is_empty()) {
             (Some(host), _) => {
                 cells.insert(

@@ -18,6 +18,28 @@ pub struct TestHost {
     pub netns: String,
 }
 
+/// The hosts of a hosts.tsv of the test bed (name, address, port, netns).
+fn read_hosts(tsv: &Path) -> Vec<TestHost> {
+    let text = std::fs::read_to_string(tsv).unwrap_or_else(|e| {
+        panic!(
+            "the test bed is not up ({}: {e}); run the tests with scripts/test.sh",
+            tsv.display()
+        )
+    });
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            TestHost {
+                name: f[0].to_string(),
+                addr: f[1].to_string(),
+                port: f[2].parse().unwrap(),
+                netns: f.get(3).unwrap_or(&"").to_string(),
+            }
+        })
+        .collect()
+}
+
 /// The running test bed (`scripts/testbed.sh up`, done by `scripts/test.sh`).
 #[derive(Clone, Debug)]
 pub struct Testbed {
@@ -30,26 +52,13 @@ impl Testbed {
         let dir = PathBuf::from(
             std::env::var_os("TB_DIR").unwrap_or_else(|| "/tmp/fleet-testbed".into()),
         );
-        let tsv = std::fs::read_to_string(dir.join("hosts.tsv")).unwrap_or_else(|e| {
-            panic!(
-                "the test bed is not up ({}: {e}); run the tests with scripts/test.sh",
-                dir.join("hosts.tsv").display()
-            )
-        });
-        let hosts = tsv
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                let f: Vec<&str> = l.split('\t').collect();
-                TestHost {
-                    name: f[0].to_string(),
-                    addr: f[1].to_string(),
-                    port: f[2].parse().unwrap(),
-                    netns: f.get(3).unwrap_or(&"").to_string(),
-                }
-            })
-            .collect();
+        let hosts = read_hosts(&dir.join("hosts.tsv"));
         Testbed { dir, hosts }
+    }
+
+    /// The jump host: made like the others, but in neither hosts.tsv nor fleet.toml.
+    pub fn bastion(&self) -> TestHost {
+        read_hosts(&self.dir.join("bastion.tsv")).remove(0)
     }
 
     /// The inventory testbed.sh wrote for its hosts.
