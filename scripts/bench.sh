@@ -11,6 +11,9 @@
 #         the same command; merged-log throughput of 3 ranks x 200,000 lines vs `ssh host seq N`
 #   train: fleet-train's step vs a PyTorch eager step of the same BERT (scripts/bench-train.sh;
 #         BERT-base, batch 32, sequence 128, on the CPU here; DEVICE=cuda on a GPU)
+#   check: fleet check's check between hosts (every host listens on a port its kernel picks, every
+#         other host connects) vs the same 6 connections made by hand over OpenSSH (a listener
+#         per host, then every pair connecting, in parallel), and what it adds to fleet check
 #   net:  fleet-train's measured all-reduce vs `fleet net`'s estimate and PyTorch's own Gloo
 #         all-reduce on shaped links (scripts/bench-net.sh)
 #
@@ -19,7 +22,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-20}
 SYNC_ROUNDS=${SYNC_ROUNDS:-3}
-SECTIONS=" ${SECTIONS:-exec sync run train net} "
+CHECK_ROUNDS=${CHECK_ROUNDS:-10}
+SECTIONS=" ${SECTIONS:-exec sync run check train net} "
 want() { [[ $SECTIONS == *" $1 "* ]]; }
 
 scripts/setup.sh
@@ -201,6 +205,53 @@ o=$(printf '%s\n' "${log_ssh[@]}" | median)
 printf 'run  %-32s fleet %6s ms   ssh   %6s ms   fleet/ssh   %.2fx   (fleet %.0f lines/s)\n' "600,000 merged log lines" "$f" "$o" \
   "$(awk -v a="$f" -v b="$o" 'BEGIN { print a / b }')" "$(awk -v a="$f" 'BEGIN { print 600000 / (a / 1000) }')"
 fi
+
+# ---- check -----------------------------------------------------------------------------------
+if want check; then
+mkdir -p "$work/checked"
+echo job >"$work/checked/README"
+check_inv=$(sync_inventory "$work/checked" fleet-check)
+"$fleet" -i "$check_inv" sync >/dev/null 2>&1
+mapfile -t addrs < <(cut -f2 "$TB_DIR/hosts.tsv")
+n=${#hosts[@]}
+# The same test by hand: each host listens on a port its kernel picks (and takes n-1
+# connections), then every host connects to every other, all at once.
+listen_py="import socket; s = socket.socket(); s.bind((\"0.0.0.0\", 0)); s.listen(16); print(s.getsockname()[1], flush=True); [s.accept()[0].close() for _ in range($((n - 1)))]"
+connect_py='import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 3).close()'
+openssh_pairs() {
+  local i j pids=() listeners=() port
+  rm -rf "$work/ports" && mkdir -p "$work/ports"
+  for ((j = 0; j < n; j++)); do
+    ssh -F "$TB_DIR/ssh_config" "${hosts[j]}" "python3 -c '$listen_py'" >"$work/ports/$j" & listeners+=($!)
+  done
+  for ((j = 0; j < n; j++)); do
+    until [[ -s $work/ports/$j ]]; do sleep 0.001; done
+  done
+  for ((i = 0; i < n; i++)); do
+    for ((j = 0; j < n; j++)); do
+      ((i != j)) || continue
+      port=$(head -n 1 "$work/ports/$j")
+      ssh -F "$TB_DIR/ssh_config" "${hosts[i]}" "python3 -c '$connect_py' ${addrs[j]} $port" & pids+=($!)
+    done
+  done
+  for i in "${pids[@]}" "${listeners[@]}"; do wait "$i"; done
+}
+pairs_fleet=() pairs_ssh=() check_total=()
+for ((r = 0; r < CHECK_ROUNDS; r++)); do
+  start=$(date +%s%N)
+  line=$("$fleet" -v -i "$check_inv" check 2>&1 >/dev/null | grep 'between hosts: .* connections in') ||
+    { echo "bench: fleet check failed or printed no pairs timing" >&2; exit 1; }
+  check_total+=($((($(date +%s%N) - start) / 1000000)))
+  pairs_fleet+=("$(sed 's/.* connections in \([0-9]*\) ms.*/\1/' <<<"$line")")
+  pairs_ssh+=("$(once_ms openssh_pairs)")
+done
+f=$(printf '%s\n' "${pairs_fleet[@]}" | median)
+o=$(printf '%s\n' "${pairs_ssh[@]}" | median)
+t=$(printf '%s\n' "${check_total[@]}" | median)
+printf 'check %-31s fleet %6s ms   ssh   %6s ms   fleet/ssh   %.2fx   (median of %d; fleet check in all %s ms, the pairs beside the probe)\n' \
+  "$((n * (n - 1))) connections between hosts" "$f" "$o" "$(awk -v a="$f" -v b="$o" 'BEGIN { print a / b }')" "$CHECK_ROUNDS" "$t"
+fi
+
 rm -rf "$work"
 scripts/testbed.sh down
 trap - EXIT

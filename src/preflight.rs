@@ -550,14 +550,25 @@ fn gpu_memory(report: &HostReport, ranks: u32) -> Vec<Finding> {
     findings
 }
 
-/// A listener on the master for the port check: it prints `listening` once bound (or
-/// `in use <holder>`), accepts for `seconds`, and ends early when its stdin closes.
+/// A listener for the port checks (`port` 0: one the kernel picks): it prints `listening PORT`
+/// once bound (or `in use <holder>`), accepts for `seconds`, and ends early when its stdin
+/// closes.
 pub fn listener_script(port: u16, seconds: u32) -> Script {
     Script::new(remote::LISTENER).args([
         port.to_string(),
         seconds.to_string(),
         remote::LISTENER_PY.into(),
     ])
+}
+
+/// Connects from a host to every `(index, addr, port)` at once, within `seconds` each: prints
+/// `INDEX ok`, `INDEX refused`, `INDEX timeout` or `INDEX error WHY` per target.
+pub fn pairs_script(seconds: u32, targets: &[(usize, String, u16)]) -> Script {
+    let mut args = vec![seconds.to_string(), remote::PAIRS_PY.into()];
+    for (index, addr, port) in targets {
+        args.extend([index.to_string(), addr.clone(), port.to_string()]);
+    }
+    Script::new(remote::PAIRS).args(args)
 }
 
 /// Connects from a host to `addr:port` within `seconds`: prints `ok`, `refused` or `timeout`.

@@ -336,6 +336,11 @@ fn a_stopped_bastion_is_named_as_the_hop_that_failed() {
         );
         assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
     }
+    common::assert_says(
+        &run.stderr,
+        &common::readme_quote("gpu2: via bastion ("),
+        &[("gpu2", "host2"), ("10.0.0.5", &bastion)],
+    );
 }
 
 #[test]
@@ -344,22 +349,23 @@ fn ssh_config_keywords_fleet_does_not_apply_are_named_once_with_file_and_line() 
     let tb = Testbed::get();
     let home = tempfile::tempdir().unwrap();
     let ssh = home.path().join(".ssh");
-    std::fs::create_dir_all(&ssh).unwrap();
+    std::fs::create_dir_all(ssh.join("config.d")).unwrap();
     let marker = home.path().join("on-the-lab-network");
     std::fs::write(&marker, "").unwrap();
-    // Match exec is honoured (its command runs, as OpenSSH runs it): the user becomes `train`.
-    // ProxyUseFdpass in a matching block is named; ProxyCommand in a block that does not match
-    // is not.
-    let mut config = format!(
-        "Host nowhere\n  ProxyCommand nc %h %p\n\nMatch exec \"test -e {}\"\n  User train\n\nHost gpu*\n  ProxyUseFdpass yes\n  IdentityFile {}\n  UserKnownHostsFile {}\n",
-        marker.display(),
+    // ProxyCommand in a block that matches every host is named once (fleet connects directly,
+    // which the test bed allows); in a block that matches none it is not. Match exec is
+    // honoured (its command runs, as ssh runs it): the user becomes `train`.
+    let mut lab = format!(
+        "Host gpu*\n  IdentityFile {}\n  ProxyCommand nc %h %p\n  UserKnownHostsFile {}\n\nHost nowhere\n  ProxyCommand nc %h %p\n\nMatch exec \"test -e {}\"\n  User train\n",
         tb.key().display(),
-        tb.known_hosts().display()
+        tb.known_hosts().display(),
+        marker.display(),
     );
     for (i, h) in tb.hosts.iter().enumerate() {
-        config.push_str(&format!("\nHost gpu{}\n  HostName {}\n", i + 1, h.addr));
+        lab.push_str(&format!("\nHost gpu{}\n  HostName {}\n", i + 1, h.addr));
     }
-    std::fs::write(ssh.join("config"), config).unwrap();
+    std::fs::write(ssh.join("config"), "Include config.d/*.conf\n").unwrap();
+    std::fs::write(ssh.join("config.d/lab.conf"), lab).unwrap();
     let source = Source::new("unsupported-keyword");
     let dir = tempfile::tempdir().unwrap();
     let inventory = inventory(dir.path(), &source.name, &source.root, "", |i| {
@@ -375,7 +381,99 @@ fn ssh_config_keywords_fleet_does_not_apply_are_named_once_with_file_and_line() 
         run.sorted_stdout(),
         ["host1 | train", "host2 | train", "host3 | train"]
     );
-    let warning = "~/.ssh/config:8: ProxyUseFdpass is not supported; use ProxyJump, or jump = in the inventory, for a bastion";
-    assert_eq!(run.stderr.matches(warning).count(), 1, "{}", run.stderr);
-    assert!(!run.stderr.contains("ProxyCommand"), "{}", run.stderr);
+    let quote = common::readme_quote("~/.ssh/config.d/lab.conf:3: ProxyCommand");
+    assert_eq!(
+        run.stderr.matches(&quote).count(),
+        1,
+        "{quote}\n{}",
+        run.stderr
+    );
+    assert_eq!(
+        run.stderr.matches("ProxyCommand").count(),
+        1,
+        "{}",
+        run.stderr
+    );
+}
+
+/// Gloo and NCCL connect every pair of hosts on random ports: a host whose firewall lets in
+/// only SSH and the master port passes the master-port check, and `fleet check` still names it,
+/// with every pair that cannot connect and the fix.
+#[test]
+fn a_host_that_lets_in_only_ssh_and_the_master_port_fails_the_check_between_hosts() {
+    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    let tb = Testbed::get();
+    let source = Source::new("check-between-hosts");
+    let config = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "user = \"root\"\nidentity = \"{}\"\nknown_hosts = \"{}\"",
+        tb.key().display(),
+        tb.known_hosts().display(),
+    );
+    let inventory = inventory(config.path(), &source.name, &source.root, &extra, |i| {
+        tb.hosts[i].addr.clone()
+    });
+    let fleet = |args: &[&str]| Fleet::new().arg("-i").arg(&inventory).args(args).run();
+    fleet(&["sync"]).assert_code(0);
+    fleet(&["check"]).assert_code(0);
+
+    tb.control(&["firewall", "host2"]);
+    let firewall = Restore {
+        tb: &tb,
+        args: ["nofirewall", "host2"],
+    };
+    let check = fleet(&["check"]);
+    check.assert_code(1);
+    // The master port is open on the master, so that check passes: only the pairs fail.
+    assert!(!check.stderr.contains("master port"), "{}", check.stderr);
+    for from in ["host1", "host3"] {
+        let needle = format!("error: host2: between hosts: {from} cannot reach host2 on port ");
+        assert!(check.stderr.contains(&needle), "{needle}\n{}", check.stderr);
+    }
+    let lan = tb.hosts[0].addr.rsplit_once('.').unwrap().0;
+    let fix = format!(
+        "fix: Gloo/NCCL connect every pair of hosts on random ports: allow the LAN on host2, e.g. sudo ufw allow from {lan}.0/24"
+    );
+    assert_eq!(check.stderr.matches(&fix).count(), 2, "{}", check.stderr);
+    assert!(!check.stderr.contains("reach host1 on"), "{}", check.stderr);
+    assert!(!check.stderr.contains("reach host3 on"), "{}", check.stderr);
+    common::assert_says(
+        &check.stdout,
+        &common::readme_quote("between hosts ✗ "),
+        &[
+            ("between hosts ✗ ", "between hosts ... ✗ "),
+            ("node1", "host1"),
+            ("node2", "host2"),
+            ("41234", "..."),
+        ],
+    );
+    // --json: one record per pair that failed.
+    let json = Fleet::new()
+        .arg("-i")
+        .arg(&inventory)
+        .args(["--json", "check"])
+        .run();
+    json.assert_code(1);
+    let failed: Vec<String> = json
+        .records()
+        .iter()
+        .filter(|r| r["check"] == "between hosts" && r["ok"] == false)
+        .map(|r| r["detail"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(failed.len(), 2, "{}", json.stdout);
+    assert!(
+        failed[0].starts_with("host1 cannot reach host2 on port "),
+        "{failed:?}"
+    );
+    assert!(
+        failed[1].starts_with("host3 cannot reach host2 on port "),
+        "{failed:?}"
+    );
+    assert!(
+        failed.iter().all(|d| d.ends_with(": timed out")),
+        "{failed:?}"
+    );
+
+    drop(firewall);
+    fleet(&["check"]).assert_code(0);
 }

@@ -9,6 +9,8 @@ use anyhow::Result;
 use futures::future::join_all;
 use serde::Serialize;
 
+mod pairs;
+
 use super::{Fleet, table};
 use crate::cli::CheckArgs;
 use crate::exit_code::ExitCode;
@@ -139,10 +141,12 @@ async fn check(
             files_in_sync(inventory, &sessions).await
         }
     };
-    let (probes, files, port, interfaces) = tokio::join!(
+    let addrs: Vec<String> = targets.iter().map(|t| t.addr.clone()).collect();
+    let (probes, files, port, between, interfaces) = tokio::join!(
         probes,
         files,
         master_port(inventory, &sessions, &master_addr),
+        pairs::between_hosts(&fleet.printer, inventory, &sessions, &addrs),
         join_all(
             sessions
                 .iter()
@@ -164,6 +168,7 @@ async fn check(
     let mut findings = evaluate(inventory, &reports, &laptop_ms, needs);
     findings.extend(files);
     findings.extend(port);
+    findings.extend(between);
     for ((host, report), iface) in inventory.hosts.iter().zip(&reports).zip(&interfaces) {
         if let (None, Some(iface)) = (&report.error, iface) {
             findings.push(Finding {
@@ -313,7 +318,7 @@ async fn master_port(
             "stop what holds it (a previous job: fleet ps / fleet stop), or set master_port to a free port",
         )];
     }
-    if first != "listening" {
+    if first.split_whitespace().next() != Some("listening") {
         listener.finish().await;
         return vec![Finding {
             check: check.into(),
@@ -412,10 +417,15 @@ fn grid(printer: &Printer, hosts: &[String], findings: &[Finding]) -> String {
         };
         match (&f.host, f.values.is_empty()) {
             (Some(host), _) => {
-                cells.insert(
-                    (&f.check, host),
-                    format!("{mark} {}", printer.clean(&f.detail)),
-                );
+                // Several findings of one check on one host (pairs that fail) share its cell.
+                let detail = printer.clean(&f.detail);
+                cells
+                    .entry((&f.check, host))
+                    .and_modify(|cell| {
+                        cell.push_str("; ");
+                        cell.push_str(&detail);
+                    })
+                    .or_insert_with(|| format!("{mark} {detail}"));
             }
             (None, false) => {
                 let count = |v: &String| f.values.iter().filter(|(_, w)| w == v).count();

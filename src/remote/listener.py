@@ -1,5 +1,6 @@
-# listener.py PORT SECONDS: listens on PORT for fleet check's port check; prints "listening"
-# (or "in use ..."), accepts for SECONDS, and ends early when its stdin closes.
+# listener.py PORT SECONDS: listens on PORT (0: one the kernel picks) for fleet check's port
+# checks; prints "listening PORT" (or "in use ..."), accepts for SECONDS, and ends early when
+# its stdin closes.
 import select, socket, sys, time
 port, seconds = int(sys.argv[1]), float(sys.argv[2])
 s = socket.socket()
@@ -10,7 +11,7 @@ except OSError as e:
     print("in use", e, flush=True)
     sys.exit(0)
 s.listen(64)
-print("listening", flush=True)
+print("listening", s.getsockname()[1], flush=True)
 end = time.time() + seconds
 while time.time() < end:
     ready, _, _ = select.select([s, sys.stdin], [], [], max(0.0, end - time.time()))

@@ -42,6 +42,8 @@ pub const LISTENER: &str = include_str!("listener.sh");
 pub const LISTENER_PY: &str = include_str!("listener.py");
 pub const CONNECT: &str = include_str!("connect.sh");
 pub const CONNECT_PY: &str = include_str!("connect.py");
+pub const PAIRS: &str = include_str!("pairs.sh");
+pub const PAIRS_PY: &str = include_str!("pairs.py");
 pub const NETPERF: &str = include_str!("netperf.sh");
 pub const NETPERF_PY: &str = include_str!("netperf.py");
 
