@@ -7,4 +7,4 @@ if [ "$1" != 0 ] && ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; then
   exit 0
 fi
 command -v python3 >/dev/null 2>&1 || { echo 'no python3'; exit 0; }
-exec python3 -c "$3" "$1" "$2"
+exec python3 -S -c "$3" "$1" "$2"

@@ -5,4 +5,4 @@
 command -v python3 >/dev/null 2>&1 || { echo 'no python3'; exit 0; }
 seconds=$1 script=$2
 shift 2
-exec python3 -c "$script" "$seconds" "$@"
+exec python3 -S -c "$script" "$seconds" "$@"
