@@ -11,12 +11,19 @@
 # each rank one of two cores, where the floor is lower. scripts/bench.sh calls it; it also runs
 # alone. Prints the times and ratios; asserts nothing.
 #
-#   RATES="none 1gbit 100mbit" STEPS=3 RANKS=3 scripts/bench-net.sh
+# The powersgd part: fleet-train's step with --powersgd-rank 4 (from the first step) against the
+# same step with plain fp32 averaging, small preset with the same vocabulary, PSGD_STEPS steps
+# (6), and the bytes each rank put into the all-reduces per step.
+#
+#   RATES="none 1gbit 100mbit" STEPS=3 RANKS=3 PARTS="allreduce powersgd" scripts/bench-net.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATES=${RATES:-none 1gbit 100mbit}
 STEPS=${STEPS:-3}
 RANKS=${RANKS:-3}
+PSGD_STEPS=${PSGD_STEPS:-6}
+PARTS=" ${PARTS:-allreduce powersgd} "
+part() { [[ $PARTS == *" $1 "* ]]; }
 
 scripts/setup.sh
 source scripts/env.sh
@@ -69,10 +76,29 @@ pytorch() {
     rank_means allreduce_ms allreduce_ms
 }
 
+# small EXTRA...: the ranks' mean step_ms and comm_bytes_per_step, small preset, PSGD_STEPS steps.
+small() {
+  "$fleet" --json run -- ./fleet-train --data data.csv --preset small --vocab-size 30522 --max-len 16 \
+    --batch-size 1 --epochs 1 --max-steps "$PSGD_STEPS" --val-fraction 0 --dropout 0 \
+    --output model --checkpoint-dir checkpoints "$@" 2>/dev/null |
+    rank_means '"event":"summary"' step_ms comm_bytes_per_step
+}
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 floor32=0 floor16=0
 for rate in $RATES; do
   if [[ $rate != none ]]; then scripts/testbed.sh shape host2 "$rate"; fi
+  if part powersgd; then
+    read -r plain_ms plain_bytes < <(small)
+    read -r psgd_ms psgd_bytes < <(small --powersgd-rank 4 --powersgd-warmup-steps 0)
+    printf 'net %-7s small preset, %d ranks, %d steps: fp32 step %.0f ms (%.0f bytes per rank and step), PowerSGD rank 4 %.0f ms (%.0f bytes, %sx fewer), PowerSGD/fp32 step %sx\n' \
+      "$rate" "$RANKS" "$PSGD_STEPS" "$plain_ms" "$plain_bytes" "$psgd_ms" "$psgd_bytes" \
+      "$(ratio "$plain_bytes" "$psgd_bytes")" "$(ratio "$psgd_ms" "$plain_ms")"
+  fi
+  if ! part allreduce; then
+    if [[ $rate != none ]]; then scripts/testbed.sh unshape host2; fi
+    continue
+  fi
   read -r fp32 wait32 step32 params < <(train fp32 --no-overlap)
   read -r bf16 _ _ _ < <(train bf16 --no-overlap)
   read -r estimate_fp32 estimate_bf16 bottleneck < <("$fleet" --json net --seconds 2 --params "$params" |

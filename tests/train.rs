@@ -1364,3 +1364,155 @@ fn a_restart_never_continues_another_jobs_checkpoint() {
         );
     }
 }
+
+/// PowerSGD keeps what it carries between steps (each rank's error feedback, the warm-started
+/// Q) with the checkpoint, one file per rank, so a resumed run ends exactly as an
+/// uninterrupted one.
+#[test]
+fn powersgd_resumed_from_a_checkpoint_equals_an_uninterrupted_run() {
+    let _cores = cores();
+    let ws = Workspace::new(900);
+    let args = |out: &str, dir: &str, extra: &[&str]| {
+        strings(
+            &[
+                &[
+                    "--data",
+                    "data.csv",
+                    "--epochs",
+                    "2",
+                    "--batch-size",
+                    "16",
+                    "--powersgd-rank",
+                    "2",
+                    "--powersgd-warmup-steps",
+                    "3",
+                    "--output",
+                    out,
+                    "--checkpoint-dir",
+                    dir,
+                ][..],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let run = |a: Vec<String>| ws.same_ranks(3, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    let straight = run(args("straight", "c-straight", &[]));
+    let expected = summary(&straight[0]);
+    assert_eq!(expected["compression"], "powersgd");
+    assert_eq!(expected["powersgd_rank"], 2);
+    let first = run(args("resumed", "c-resumed", &["--max-steps", "17"]));
+    assert_eq!(summary(&first[0])["steps"], 17);
+    let second = run(args("resumed", "c-resumed", &["--resume"]));
+    assert_eq!(events(&second[0], "resume")[0]["step"], 17);
+    assert!(
+        !second[0].stderr.contains("PowerSGD starts afresh"),
+        "{}",
+        second[0].stderr
+    );
+    for r in &second {
+        let s = summary(r);
+        assert_eq!(s["steps"], 34);
+        assert_eq!(
+            s["params_sha256"], expected["params_sha256"],
+            "resumed run differs"
+        );
+    }
+    let mut files: Vec<String> = std::fs::read_dir(ws.path().join("c-resumed"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "latest.json",
+            "rank-0-step-34.safetensors",
+            "rank-1-step-34.safetensors",
+            "rank-2-step-34.safetensors",
+            "step-34.safetensors"
+        ]
+    );
+    // Without its state (the world changed), PowerSGD starts afresh and says so.
+    let fewer = ws.same_ranks(
+        2,
+        &args("fewer", "c-resumed", &["--resume"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        fewer[0]
+            .stderr
+            .contains("PowerSGD starts afresh at step 34"),
+        "{}",
+        fewer[0].stderr
+    );
+    summary(&fewer[0]);
+}
+
+/// The demo data, small preset, 3 ranks: PowerSGD at rank 4 learns it as well as plain fp32
+/// averaging over the same steps and seed, sending a fraction of the bytes.
+#[test]
+fn powersgd_rank_4_learns_as_well_as_fp32_with_a_fraction_of_the_bytes() {
+    let _cores = cores();
+    let ws = Workspace {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    ws.gen_data("data.csv", 3000, 7);
+    let mut results = Vec::new();
+    for (name, extra) in [
+        ("fp32", &[][..]),
+        ("powersgd", &["--powersgd-rank", "4"][..]),
+    ] {
+        let args = [
+            &[
+                "--data",
+                "data.csv",
+                "--preset",
+                "small",
+                "--epochs",
+                "2",
+                "--seed",
+                "7",
+                "--output",
+                name,
+                "--checkpoint-dir",
+                name,
+            ][..],
+            extra,
+        ]
+        .concat();
+        let runs = ws.same_ranks(3, &args);
+        let sums: Vec<Value> = runs.iter().map(summary).collect();
+        assert!(
+            sums.iter()
+                .all(|s| s["params_sha256"] == sums[0]["params_sha256"]),
+            "{name}: ranks disagree: {sums:?}"
+        );
+        results.push(sums[0].clone());
+    }
+    let (plain, compressed) = (&results[0], &results[1]);
+    let accuracy = |s: &Value| s["val_accuracy"].as_f64().unwrap();
+    let bytes = |s: &Value| s["comm_bytes_per_step"].as_f64().unwrap();
+    eprintln!(
+        "small preset, 3 ranks: val accuracy fp32 {:.3}, PowerSGD rank 4 {:.3}; bytes per step {} vs {} ({:.1}x fewer)",
+        accuracy(plain),
+        accuracy(compressed),
+        bytes(plain),
+        bytes(compressed),
+        bytes(plain) / bytes(compressed)
+    );
+    assert_eq!(plain["compression"], "none");
+    assert_eq!(compressed["compression"], "powersgd");
+    assert!(accuracy(compressed) >= 0.9, "{compressed}");
+    assert!(
+        (accuracy(compressed) - accuracy(plain)).abs() <= 0.02,
+        "fp32 {plain}\npowersgd {compressed}"
+    );
+    // Ten warm-up steps go whole; the rest as rank-4 factors.
+    assert!(
+        bytes(compressed) < bytes(plain) / 2.0,
+        "{plain}\n{compressed}"
+    );
+}

@@ -67,6 +67,46 @@ pub fn save(
     Ok(())
 }
 
+/// A rank's own state beside the checkpoint of `step` (PowerSGD's error feedback, which differs
+/// between ranks): `rank-<R>-step-<N>.safetensors` in `dir` on the rank's host, written whole
+/// or not at all; the rank's older ones are removed once it is in place.
+pub fn save_rank_state(
+    dir: &Path,
+    rank: usize,
+    step: u64,
+    tensors: &[(String, Tensor)],
+) -> Result<(), CheckpointError> {
+    fs::create_dir_all(dir).map_err(|e| file_error(dir, e))?;
+    let name = format!("rank-{rank}-step-{step}.safetensors");
+    let path = dir.join(&name);
+    let partial = dir.join(format!("{name}.partial"));
+    write_tensors(&partial, tensors)?;
+    sync_and_rename(&partial, &path)?;
+    let mine = format!("rank-{rank}-step-");
+    for entry in fs::read_dir(dir).map_err(|e| file_error(dir, e))?.flatten() {
+        let other = entry.file_name().to_string_lossy().into_owned();
+        if other.starts_with(&mine) && other.ends_with(".safetensors") && other != name {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// What [`save_rank_state`] wrote for `rank` at `step`, or None when it did not.
+pub fn load_rank_state(
+    dir: &Path,
+    rank: usize,
+    step: u64,
+) -> Result<Option<Vec<(String, Tensor)>>, CheckpointError> {
+    let path = dir.join(format!("rank-{rank}-step-{step}.safetensors"));
+    if !path.exists() {
+        return Ok(None);
+    }
+    Tensor::read_safetensors(&path)
+        .map(Some)
+        .map_err(|e| file_error(&path, e))
+}
+
 /// A checkpoint as read back: what `latest.json` says, and the named tensors.
 pub type Loaded = (Latest, Vec<(String, Tensor)>);
 

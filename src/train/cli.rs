@@ -159,6 +159,14 @@ pub struct TrainArgs {
     /// Compress gradients to this dtype for the all-reduce (halves the bytes on the network).
     #[arg(long, value_enum, default_value_t = WireDtype::Fp32)]
     pub allreduce_dtype: WireDtype,
+    /// Compress gradient matrices to rank-R factors with PowerSGD (error feedback, warm-started
+    /// power iteration; PyTorch's powerSGD_hook): 0 is off. Vectors and matrices the factors
+    /// would not shrink still travel whole.
+    #[arg(long, value_name = "R", default_value_t = 0)]
+    pub powersgd_rank: usize,
+    /// Optimizer steps averaged plainly before PowerSGD starts (PyTorch's start_powerSGD_iter).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub powersgd_warmup_steps: u64,
     /// Gradient bucket size for the all-reduce, in MiB (fractions allowed).
     #[arg(long, default_value_t = 25.0)]
     pub bucket_mb: f64,

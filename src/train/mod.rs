@@ -7,6 +7,7 @@
 //! - [`model`]: BERT with a classification head, Hugging Face parameter names.
 //! - [`optim`]: AdamW, the warm-up/decay schedule, gradient clipping.
 //! - [`ddp`]: the c10d shim (store, Gloo, NCCL); the trainer's only `unsafe`.
+//! - [`powersgd`]: low-rank gradient compression with error feedback (PowerSGD).
 //! - [`rank`]: the torchrun environment and the collectives the loop uses.
 //! - [`trainer`]: the loop, validation, checkpoints, export and the summary line.
 //! - [`checkpoint`]: atomic checkpoints and the exported model directory.
@@ -19,6 +20,7 @@ pub mod ddp;
 pub mod gendata;
 pub mod model;
 pub mod optim;
+pub mod powersgd;
 pub mod rank;
 pub mod tokenizer;
 pub mod trainer;

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use tch::{Device, Kind, Tensor};
 
 use super::ddp::{Backend, CommError, ProcessGroup, ReduceOp, Reducer, Store};
+use super::powersgd::PowerSgd;
 
 /// The torchrun environment of this rank.
 #[derive(Debug, Clone)]
@@ -91,6 +92,12 @@ pub struct Collective {
     // Field order: the reducer is dropped before the group it uses, the group (shut down)
     // before the store.
     reducer: Option<Reducer>,
+    /// PowerSGD, when the gradients are compressed to low-rank factors.
+    compressor: Option<PowerSgd>,
+    /// Bytes the gradient all-reduces of the steps so far put on the wire, per rank.
+    pub comm_bytes: u64,
+    /// Bytes of one step's plain all-reduce (every gradient whole, in the wire dtype).
+    plain_bytes: u64,
     /// Whether gradient all-reduces overlap the backward pass.
     overlap: bool,
     group: Option<ProcessGroup>,
@@ -124,6 +131,9 @@ impl Collective {
     ) -> anyhow::Result<Collective> {
         let mut collective = Collective {
             reducer: None,
+            compressor: None,
+            comm_bytes: 0,
+            plain_bytes: 0,
             overlap: false,
             group: None,
             store: None,
@@ -263,10 +273,14 @@ impl Collective {
         params: &[Tensor],
         wire: Option<Kind>,
         overlap: bool,
+        powersgd: Option<PowerSgd>,
     ) -> Result<usize, CommError> {
         let Some(group) = &self.group else {
             return Ok(0);
         };
+        self.compressor = powersgd;
+        let element = wire.map_or(4, |k| k.elt_size_in_bytes()) as u64;
+        self.plain_bytes = params.iter().map(|p| p.numel() as u64 * element).sum();
         self.reducer = None;
         let reducer = Reducer::new(
             group,
@@ -290,9 +304,45 @@ impl Collective {
     /// accumulation micro-batches): with overlap, that pass starts the all-reduces.
     pub fn before_last_backward(&self) -> Result<(), CommError> {
         match &self.reducer {
-            Some(reducer) if self.overlap => reducer.arm(),
+            Some(reducer) if self.overlap && !self.compressing() => reducer.arm(),
             _ => Ok(()),
         }
+    }
+
+    /// Whether this step's gradients go through PowerSGD (its warm-up is over).
+    fn compressing(&self) -> bool {
+        self.compressor.as_ref().is_some_and(PowerSgd::active)
+    }
+
+    /// PowerSGD's state on this rank, for a checkpoint (None without PowerSGD).
+    pub fn powersgd_state(&self) -> Option<Vec<(String, Tensor)>> {
+        self.compressor.as_ref().map(PowerSgd::state)
+    }
+
+    /// Continues PowerSGD from `saved` (this rank's state at the checkpoint) when every rank
+    /// has its own; otherwise every rank starts it afresh, so that all keep the same Q.
+    /// Returns whether it continued.
+    pub fn restore_powersgd(
+        &mut self,
+        saved: Option<Vec<(String, Tensor)>>,
+    ) -> Result<bool, CommError> {
+        let Some(compressor) = self.compressor.as_ref() else {
+            return Ok(false);
+        };
+        let matched = saved.and_then(|saved| compressor.matched(&saved));
+        let have = self.sum(&[if matched.is_some() { 1.0 } else { 0.0 }])?[0];
+        let everyone = have as usize == self.world_size;
+        if let (true, Some(matched), Some(compressor)) =
+            (everyone, matched, self.compressor.as_mut())
+        {
+            compressor.restore(matched);
+        }
+        Ok(everyone)
+    }
+
+    /// PowerSGD's rank, when it compresses the gradients.
+    pub fn powersgd_rank(&self) -> Option<usize> {
+        self.compressor.as_ref().map(PowerSgd::rank)
     }
 
     /// Completes the step's gradient averaging: every rank then holds the mean gradients.
@@ -308,9 +358,21 @@ impl Collective {
             self.wait_seconds += started.elapsed().as_secs_f64();
         }
         let reducing = Instant::now();
-        let early = reducer.finish()?;
-        self.buckets_reduced += reducer.buckets as u64;
-        self.buckets_overlapped += early as u64;
+        match self.compressor.as_mut() {
+            Some(compressor) if compressor.active() => {
+                compressor.reduce(group, self.world_size)?;
+                self.comm_bytes += compressor.bytes_per_step();
+            }
+            compressor => {
+                let early = reducer.finish()?;
+                self.buckets_reduced += reducer.buckets as u64;
+                self.buckets_overlapped += early as u64;
+                self.comm_bytes += self.plain_bytes;
+                if let Some(compressor) = compressor {
+                    compressor.skip();
+                }
+            }
+        }
         if let Device::Cuda(index) = self.device {
             tch::Cuda::synchronize(index as i64);
         }

@@ -16,6 +16,7 @@ use super::data::{self, Dataset, Split};
 use super::ddp::{self, Backend};
 use super::model::{self, BertClassifier, BertConfig, Preset};
 use super::optim::{self, AdamW};
+use super::powersgd::PowerSgd;
 use super::rank::{Collective, Rank};
 use super::tokenizer::TextEncoder;
 
@@ -54,6 +55,12 @@ pub struct Summary {
     pub overlapped: f64,
     /// How many buckets the gradients are all-reduced in.
     pub buckets: usize,
+    /// How the gradients travel: "none", "bf16"/"fp16" (the dtype alone), or "powersgd".
+    pub compression: &'static str,
+    /// PowerSGD's rank (0: off).
+    pub powersgd_rank: usize,
+    /// Mean bytes each rank put into the gradient all-reduces per optimizer step.
+    pub comm_bytes_per_step: u64,
     pub params_sha256: String,
     pub seconds: f64,
 }
@@ -165,9 +172,22 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
             .collect::<Vec<_>>(),
     )?;
     let trained: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let powersgd = (args.powersgd_rank > 0).then(|| {
+        let mut compressor = PowerSgd::new(
+            &trained,
+            args.powersgd_rank,
+            args.powersgd_warmup_steps,
+            wire,
+        );
+        compressor.steps = start_step;
+        compressor
+    });
     collective
-        .reduce_gradients_of(&trained, wire, !args.no_overlap)
+        .reduce_gradients_of(&trained, wire, !args.no_overlap, powersgd)
         .map_err(|e| anyhow::anyhow!("preparing the gradient all-reduce: {e}"))?;
+    if args.powersgd_rank > 0 && start_step > 0 {
+        resume_powersgd(args, rank, &mut collective, resume, start_step, saved_world)?;
+    }
 
     let ids = encoder.encode_all(&data.texts)?;
     let batches = Batches {
@@ -376,6 +396,14 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
         overlap: !args.no_overlap,
         overlapped: collective.buckets_overlapped as f64 / collective.buckets_reduced.max(1) as f64,
         buckets: collective.buckets(),
+        compression: match (collective.powersgd_rank(), args.allreduce_dtype) {
+            (Some(_), _) => "powersgd",
+            (None, WireDtype::Fp32) => "none",
+            (None, WireDtype::Bf16) => "bf16",
+            (None, WireDtype::Fp16) => "fp16",
+        },
+        powersgd_rank: collective.powersgd_rank().unwrap_or(0),
+        comm_bytes_per_step: collective.comm_bytes / timing.count.max(1),
         params_sha256,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -557,6 +585,33 @@ fn restore(
     Ok((step as u64, saved_world as usize, saved_loss))
 }
 
+/// Continues PowerSGD's error feedback and warm-started Q from the checkpoint at `step`, when
+/// every rank finds its own state there (the same world); otherwise it starts afresh, said once.
+fn resume_powersgd(
+    args: &TrainArgs,
+    rank: &Rank,
+    collective: &mut Collective,
+    resume: Resume,
+    step: u64,
+    saved_world: usize,
+) -> anyhow::Result<()> {
+    let saved = if saved_world == rank.world_size {
+        checkpoint::load_rank_state(resume.dir(args), rank.rank, step)?
+    } else {
+        None
+    };
+    let continued = collective
+        .restore_powersgd(saved)
+        .map_err(|e| collective.failure(rank, "restoring PowerSGD's state", e))?;
+    if !continued && rank.is_main() {
+        eprintln!(
+            "fleet-train: PowerSGD starts afresh at step {step}: not every rank has its state \
+             from the checkpoint (the world changed from {saved_world} ranks, or a rank's was not written)"
+        );
+    }
+    Ok(())
+}
+
 /// Whether, and why, a run continues from a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Resume {
@@ -602,6 +657,10 @@ fn save_checkpoint(
     data: &Dataset,
     train_loss: f64,
 ) -> anyhow::Result<()> {
+    // PowerSGD's error feedback differs between ranks: each keeps its own beside the checkpoint.
+    if let Some(state) = collective.powersgd_state() {
+        checkpoint::save_rank_state(&args.checkpoint_dir, rank.rank, step, &state)?;
+    }
     if !rank.is_main() {
         return Ok(());
     }
