@@ -3,11 +3,11 @@
 # what is present already is left alone, so a second run takes a second.
 #
 #   Debian packages: openssh-server and openssh-client (the test bed's hosts), iproute2 (network
-#   namespaces), iptables and nftables (firewall faults in tests), rsync (the benchmark's baseline), procps
-#   (pgrep), python3 and python3-venv (what training hosts have: fleet check listens on the master
-#   port with it); fish, zsh and tcsh (login shells the tests run fleet's remote scripts under:
-#   the test bed's user `train` logs in with fish), shellcheck (the lint of those scripts) and
-#   strace (a test watches a host write synced files to disk before renaming them).
+#   namespaces), iptables and nftables (firewall faults in tests), rsync (the benchmark's
+#   baseline), procps (pgrep), python3 and python3-venv (what training hosts have: fleet check
+#   listens on its ports with it); fish, zsh and tcsh (login shells the tests run fleet's remote
+#   scripts under: the test bed's user `train` logs in with fish), shellcheck (the lint of those
+#   scripts) and strace (a test watches a host write synced files to disk before renaming them).
 #   The torch environment: a venv with torch==2.11.0 (the libtorch fleet-train builds against) in
 #   $FLEET_TORCH_VENV (default /opt/fleet/torch-venv). It is made from Debian's /usr/bin/python3 and
 #   kept outside /root and /home so the test bed's hosts, whose /root and /home are private, can run
