@@ -18,8 +18,8 @@ const CHECK: &str = "between hosts";
 
 /// What one host's listener said.
 enum Listening {
-    /// Bound to this port, accepting until finished.
-    On(u16, RemoteProcess),
+    /// Bound to this port, accepting until its process is finished.
+    On(u16),
     /// Not tested, and why (no python3, the listener did not start).
     Untested(String),
     /// The host is not connected.
@@ -39,11 +39,15 @@ pub(super) async fn between_hosts(
         return Vec::new();
     }
     let started = Instant::now();
-    let listening = join_all(sessions.iter().map(|s| listen(s.as_ref()))).await;
+    let (listening, processes): (Vec<Listening>, Vec<Option<RemoteProcess>>) =
+        join_all(sessions.iter().map(|s| listen(s.as_ref())))
+            .await
+            .into_iter()
+            .unzip();
     let ports: Vec<Option<u16>> = listening
         .iter()
         .map(|l| match l {
-            Listening::On(port, _) => Some(*port),
+            Listening::On(port) => Some(*port),
             _ => None,
         })
         .collect();
@@ -58,15 +62,13 @@ pub(super) async fn between_hosts(
     }))
     .await;
     let connections: usize = answers.iter().map(Vec::len).sum();
+    join_all(processes.into_iter().flatten().map(RemoteProcess::finish)).await;
 
     let mut findings = Vec::new();
     for (to, listener) in listening.into_iter().enumerate() {
         let name = &inventory.hosts[to].name;
         let port = match listener {
-            Listening::On(port, process) => {
-                process.finish().await;
-                port
-            }
+            Listening::On(port) => port,
             Listening::Untested(why) => {
                 findings.push(pass(name, format!("not tested ({why})")));
                 continue;
@@ -85,9 +87,18 @@ pub(super) async fn between_hosts(
                 (from, result)
             })
             .collect();
-        let failed: Vec<&(usize, &str)> = from.iter().filter(|(_, r)| *r != "ok").collect();
-        if failed.is_empty() {
-            let count = from.len();
+        // A host that cannot test (no python3) is not a firewall's doing: noted, not failed.
+        let untested: Vec<&str> = from
+            .iter()
+            .filter(|(_, r)| r.starts_with("untested"))
+            .map(|(f, _)| inventory.hosts[*f].name.as_str())
+            .collect();
+        let failed: Vec<&(usize, &str)> = from
+            .iter()
+            .filter(|(_, r)| *r != "ok" && !r.starts_with("untested"))
+            .collect();
+        if failed.is_empty() && untested.len() < from.len() {
+            let count = from.len() - untested.len();
             let hosts = if count == 1 { "host" } else { "hosts" };
             findings.push(pass(
                 name,
@@ -110,6 +121,12 @@ pub(super) async fn between_hosts(
                 values: Vec::new(),
             });
         }
+        if !untested.is_empty() {
+            findings.push(pass(
+                name,
+                format!("not tested from {} (no python3)", untested.join(", ")),
+            ));
+        }
     }
     printer.debug(&format!(
         "{CHECK}: {connections} connections in {} ms",
@@ -118,18 +135,22 @@ pub(super) async fn between_hosts(
     findings
 }
 
-/// Starts a listener on a port the host's kernel picks.
-async fn listen(session: Option<&Session>) -> Listening {
+/// Starts a listener on a port the host's kernel picks: what it said, and its process while it
+/// accepts.
+async fn listen(session: Option<&Session>) -> (Listening, Option<RemoteProcess>) {
     let Some(session) = session else {
-        return Listening::Absent;
+        return (Listening::Absent, None);
     };
     let Ok(mut process) = session.start(&listener_script(0, 30)).await else {
-        return Listening::Untested("the listener did not start".into());
+        return (
+            Listening::Untested("the listener did not start".into()),
+            None,
+        );
     };
     let first = process.next_line().await.unwrap_or_default();
     let mut words = first.split_whitespace();
     match (words.next(), words.next().and_then(|p| p.parse().ok())) {
-        (Some("listening"), Some(port)) => Listening::On(port, process),
+        (Some("listening"), Some(port)) => (Listening::On(port), Some(process)),
         _ => {
             process.finish().await;
             let why = if first.is_empty() {
@@ -137,7 +158,7 @@ async fn listen(session: Option<&Session>) -> Listening {
             } else {
                 first
             };
-            Listening::Untested(why)
+            (Listening::Untested(why), None)
         }
     }
 }
@@ -177,9 +198,14 @@ async fn connect(
     if answers.is_empty() {
         // No python3, or the script failed: every target gets that answer.
         let why = text.trim().to_string();
+        let answer = if why == "no python3" {
+            "untested".to_string()
+        } else {
+            format!("error cannot test: {why}")
+        };
         return targets
             .into_iter()
-            .map(|(index, _, _)| (index, format!("error cannot test: {why}")))
+            .map(|(index, _, _)| (index, answer.clone()))
             .collect();
     }
     answers
