@@ -34,6 +34,15 @@ fn wall(tb: &Testbed) -> Restore<'_> {
     restore
 }
 
+/// The `[fleet]` lines that log in with the test bed's key and check host keys in `known_hosts`.
+fn login(tb: &Testbed, known_hosts: &Path) -> String {
+    format!(
+        "user = \"root\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\n",
+        tb.key().display(),
+        known_hosts.display()
+    )
+}
+
 /// An inventory of hosts 1-3 reached as `address` names them (`gpu1`, ...), each with its
 /// workdir under `/tmp/fleet-tests/<name>/`, syncing `source`; `fleet_extra` goes into [fleet].
 fn inventory(
@@ -203,9 +212,8 @@ fn jump_in_the_inventory_reaches_hosts_without_ssh_config() {
     let source = Source::new("via-jump");
     let config = tempfile::tempdir().unwrap();
     let extra = format!(
-        "user = \"root\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\njump = \"root@{}\"",
-        tb.key().display(),
-        tb.known_hosts().display(),
+        "{}jump = \"root@{}\"",
+        login(&tb, &tb.known_hosts()),
         tb.bastion().addr
     );
     let inventory = inventory(config.path(), &source.name, &source.root, &extra, |i| {
@@ -226,9 +234,8 @@ fn a_two_hop_chain_goes_through_both_hops() {
     let bastion = tb.bastion().addr;
     let host1 = &tb.hosts[0].addr;
     let extra = format!(
-        "user = \"root\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\njump = \"root@{bastion}:22,root@{host1}\"",
-        tb.key().display(),
-        tb.known_hosts().display(),
+        "{}jump = \"root@{bastion}:22,root@{host1}\"",
+        login(&tb, &tb.known_hosts())
     );
     let path = inventory(config.path(), &source.name, &source.root, &extra, |i| {
         tb.hosts[i].addr.clone()
@@ -274,9 +281,8 @@ fn an_unknown_key_on_the_bastion_is_refused_naming_the_bastion() {
     let known_hosts = config.path().join("known_hosts");
     std::fs::write(&known_hosts, known).unwrap();
     let extra = format!(
-        "user = \"root\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\njump = \"root@{}\"",
-        tb.key().display(),
-        known_hosts.display(),
+        "{}jump = \"root@{}\"",
+        login(&tb, &known_hosts),
         bastion.addr
     );
     let source = Source::new("unknown-bastion");
@@ -405,11 +411,7 @@ fn a_host_that_lets_in_only_ssh_and_the_master_port_fails_the_check_between_host
     let tb = Testbed::get();
     let source = Source::new("check-between-hosts");
     let config = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "user = \"root\"\nidentity = \"{}\"\nknown_hosts = \"{}\"",
-        tb.key().display(),
-        tb.known_hosts().display(),
-    );
+    let extra = login(&tb, &tb.known_hosts());
     let inventory = inventory(config.path(), &source.name, &source.root, &extra, |i| {
         tb.hosts[i].addr.clone()
     });

@@ -293,70 +293,57 @@ fn the_tiny_preset_learns_the_generated_data_on_three_ranks() {
     }
 }
 
-#[test]
-fn one_epoch_then_resume_equals_two_epochs_straight() {
-    let _cores = cores();
+/// Trains 2 epochs of 900 rows on 3 ranks straight, and again as 17 steps and a `--resume`,
+/// with `extra` arguments; asserts the resumed run ends with the straight run's parameters,
+/// and returns the workspace, the resumed run's checkpoint files (sorted) and the straight
+/// run's summary.
+fn resume_equals_straight(extra: &[&str]) -> (Workspace, Vec<String>, Value) {
     let ws = Workspace::new(900);
-    let args = |out: &str, dir: &str, extra: &[&str]| {
-        strings(
-            &[
-                &[
-                    "--data",
-                    "data.csv",
-                    "--epochs",
-                    "2",
-                    "--batch-size",
-                    "16",
-                    "--output",
-                    out,
-                    "--checkpoint-dir",
-                    dir,
-                ][..],
-                extra,
-            ]
-            .concat(),
-        )
+    let run = |out: &str, dir: &str, more: &[&str]| {
+        let fixed = [
+            "--data",
+            "data.csv",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--output",
+            out,
+            "--checkpoint-dir",
+            dir,
+        ];
+        let args = strings(&[&fixed[..], extra, more].concat());
+        ws.same_ranks(3, &args.iter().map(String::as_str).collect::<Vec<_>>())
     };
-    let straight = ws.same_ranks(
-        3,
-        &args("straight", "c-straight", &[])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let straight = run("straight", "c-straight", &[]);
     let expected = summary(&straight[0]);
     // 810 training rows: 270 per rank, 17 steps of 16 per epoch.
-    let first = ws.same_ranks(
-        3,
-        &args("resumed", "c-resumed", &["--max-steps", "17"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let first = run("resumed", "c-resumed", &["--max-steps", "17"]);
     assert_eq!(summary(&first[0])["steps"], 17);
-    let second = ws.same_ranks(
-        3,
-        &args("resumed", "c-resumed", &["--resume"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let second = run("resumed", "c-resumed", &["--resume"]);
     assert_eq!(events(&second[0], "resume")[0]["step"], 17);
     for run in &second {
         let s = summary(run);
         assert_eq!(s["steps"], 34);
         assert_eq!(
             s["params_sha256"], expected["params_sha256"],
-            "resumed run differs"
+            "resumed run differs: {}",
+            run.stderr
         );
     }
-    let checkpoints: Vec<String> = std::fs::read_dir(ws.path().join("c-resumed"))
+    let mut files: Vec<String> = std::fs::read_dir(ws.path().join("c-resumed"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    let mut checkpoints = checkpoints;
-    checkpoints.sort();
-    assert_eq!(checkpoints, ["latest.json", "step-34.safetensors"]);
+    files.sort();
+    (ws, files, expected)
+}
+
+#[test]
+fn one_epoch_then_resume_equals_two_epochs_straight() {
+    let _cores = cores();
+    let (_ws, files, _) = resume_equals_straight(&[]);
+    assert_eq!(files, ["latest.json", "step-34.safetensors"]);
 }
 
 #[test]
@@ -1371,58 +1358,10 @@ fn a_restart_never_continues_another_jobs_checkpoint() {
 #[test]
 fn powersgd_resumed_from_a_checkpoint_equals_an_uninterrupted_run() {
     let _cores = cores();
-    let ws = Workspace::new(900);
-    let args = |out: &str, dir: &str, extra: &[&str]| {
-        strings(
-            &[
-                &[
-                    "--data",
-                    "data.csv",
-                    "--epochs",
-                    "2",
-                    "--batch-size",
-                    "16",
-                    "--powersgd-rank",
-                    "2",
-                    "--powersgd-warmup-steps",
-                    "3",
-                    "--output",
-                    out,
-                    "--checkpoint-dir",
-                    dir,
-                ][..],
-                extra,
-            ]
-            .concat(),
-        )
-    };
-    let run = |a: Vec<String>| ws.same_ranks(3, &a.iter().map(String::as_str).collect::<Vec<_>>());
-    let straight = run(args("straight", "c-straight", &[]));
-    let expected = summary(&straight[0]);
-    assert_eq!(expected["compression"], "powersgd");
-    assert_eq!(expected["powersgd_rank"], 2);
-    let first = run(args("resumed", "c-resumed", &["--max-steps", "17"]));
-    assert_eq!(summary(&first[0])["steps"], 17);
-    let second = run(args("resumed", "c-resumed", &["--resume"]));
-    assert_eq!(events(&second[0], "resume")[0]["step"], 17);
-    assert!(
-        !second[0].stderr.contains("PowerSGD starts afresh"),
-        "{}",
-        second[0].stderr
-    );
-    for r in &second {
-        let s = summary(r);
-        assert_eq!(s["steps"], 34);
-        assert_eq!(
-            s["params_sha256"], expected["params_sha256"],
-            "resumed run differs"
-        );
-    }
-    let mut files: Vec<String> = std::fs::read_dir(ws.path().join("c-resumed"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    files.sort();
+    let powersgd = ["--powersgd-rank", "2", "--powersgd-warmup-steps", "3"];
+    let (ws, files, straight) = resume_equals_straight(&powersgd);
+    assert_eq!(straight["compression"], "powersgd");
+    assert_eq!(straight["powersgd_rank"], 2);
     assert_eq!(
         files,
         [
@@ -1436,10 +1375,18 @@ fn powersgd_resumed_from_a_checkpoint_equals_an_uninterrupted_run() {
     // Without its state (the world changed), PowerSGD starts afresh and says so.
     let fewer = ws.same_ranks(
         2,
-        &args("fewer", "c-resumed", &["--resume"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+        &[
+            &["--data", "data.csv", "--epochs", "2", "--batch-size", "16"][..],
+            &powersgd,
+            &[
+                "--output",
+                "fewer",
+                "--checkpoint-dir",
+                "c-resumed",
+                "--resume",
+            ],
+        ]
+        .concat(),
     );
     assert!(
         fewer[0]

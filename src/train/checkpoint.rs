@@ -58,9 +58,14 @@ pub fn save(
     sync_and_rename(&partial_pointer, &pointer)?;
 
     // Older checkpoints are removed only once the new one is in place.
+    remove_older(dir, "step-", &latest.file)
+}
+
+/// Removes the `<prefix>*.safetensors` files in `dir` other than `keep`.
+fn remove_older(dir: &Path, prefix: &str, keep: &str) -> Result<(), CheckpointError> {
     for entry in fs::read_dir(dir).map_err(|e| file_error(dir, e))?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("step-") && name.ends_with(".safetensors") && name != latest.file {
+        if name.starts_with(prefix) && name.ends_with(".safetensors") && name != keep {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -82,14 +87,7 @@ pub fn save_rank_state(
     let partial = dir.join(format!("{name}.partial"));
     write_tensors(&partial, tensors)?;
     sync_and_rename(&partial, &path)?;
-    let mine = format!("rank-{rank}-step-");
-    for entry in fs::read_dir(dir).map_err(|e| file_error(dir, e))?.flatten() {
-        let other = entry.file_name().to_string_lossy().into_owned();
-        if other.starts_with(&mine) && other.ends_with(".safetensors") && other != name {
-            let _ = fs::remove_file(entry.path());
-        }
-    }
-    Ok(())
+    remove_older(dir, &format!("rank-{rank}-step-"), &name)
 }
 
 /// What [`save_rank_state`] wrote for `rank` at `step`, or None when it did not.
