@@ -389,6 +389,29 @@ char* fleet_autocast_end(int cuda) {
   });
 }
 
+// One AdamW step for n parameters at once with ATen's fused kernel (what
+// torch.optim.AdamW(fused=True) calls): one pass over each parameter, its gradient and its two
+// moments instead of one per operation. `step` is the step count as a float tensor on the
+// parameters' device, already counted for this step; parameters without a gradient are the
+// caller's to leave out.
+char* fleet_fused_adamw(at::Tensor** params, at::Tensor** first, at::Tensor** second, size_t n,
+                        at::Tensor* step, double lr, double beta1, double beta2,
+                        double weight_decay, double eps) {
+  return guarded([&] {
+    std::vector<at::Tensor> p, grads, m, v, steps;
+    for (size_t i = 0; i < n; ++i) {
+      p.push_back(*params[i]);
+      grads.push_back(params[i]->grad());
+      m.push_back(*first[i]);
+      v.push_back(*second[i]);
+      steps.push_back(*step);
+    }
+    at::NoGradGuard no_grad;
+    at::_fused_adamw_(p, grads, m, v, /*max_exp_avg_sqs=*/{}, steps, lr, beta1, beta2,
+                      weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+  });
+}
+
 // Rank 0 (is_server != 0) listens on host:port and waits for world_size participants; the
 // others connect, retrying until timeout_ms.
 char* fleet_c10d_store_new(const char* host, uint16_t port, int world_size, int is_server,

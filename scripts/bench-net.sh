@@ -13,7 +13,10 @@
 #
 # The powersgd part: fleet-train's step with --powersgd-rank 4 (from the first step) against the
 # same step with plain fp32 averaging, small preset with the same vocabulary, PSGD_STEPS steps
-# (6), and the bytes each rank put into the all-reduces per step.
+# (6), and the bytes each rank put into the all-reduces per step. Beside them, in the same run,
+# PyTorch DDP with its own powerSGD_hook at rank 4 on the same model (scripts/bench_powersgd.py,
+# started by `fleet run`): the mean step once both compress (steps 4 on; PyTorch compresses from
+# its third step), and fleet-train's PowerSGD all-reduce time against `fleet net`'s estimate.
 #
 #   RATES="none 1gbit 100mbit" STEPS=3 RANKS=3 PARTS="allreduce powersgd" scripts/bench-net.sh
 set -euo pipefail
@@ -45,6 +48,11 @@ cp "$trainer" "$work/fleet-train"
 cp scripts/bench_allreduce.py "$work/"
 sed "s|^master_port = 29500|master_port = 29500\n\n[sync]\nsource = \"$work\"|" "$TB_DIR/fleet.toml" >"$work/fleet.toml"
 export FLEET_INVENTORY=$work/fleet.toml
+# The small preset's config.json, for PyTorch's side and fleet net's --model (one local step).
+(cd "$work" && "$trainer" --data data.csv --preset small --vocab-size 30522 --max-len 16 \
+  --batch-size 1 --epochs 1 --max-steps 1 --val-fraction 0 --output small-model \
+  --checkpoint-dir "$work/local-checkpoints" >/dev/null)
+cp scripts/bench_powersgd.py "$work/"
 "$fleet" sync >/dev/null 2>&1
 
 # rank_means MARKER FIELD...: from `fleet --json run`'s records, the ranks' JSON lines holding
@@ -76,12 +84,28 @@ pytorch() {
     rank_means allreduce_ms allreduce_ms
 }
 
-# small EXTRA...: the ranks' mean step_ms and comm_bytes_per_step, small preset, PSGD_STEPS steps.
+# small EXTRA...: `fleet --json run`'s records of fleet-train, small preset, PSGD_STEPS steps, a
+# progress event after every step.
 small() {
   "$fleet" --json run -- ./fleet-train --data data.csv --preset small --vocab-size 30522 --max-len 16 \
     --batch-size 1 --epochs 1 --max-steps "$PSGD_STEPS" --val-fraction 0 --dropout 0 \
-    --output model --checkpoint-dir checkpoints "$@" 2>/dev/null |
-    rank_means '"event":"summary"' step_ms comm_bytes_per_step
+    --output model --checkpoint-dir checkpoints --log-every 1 "$@" 2>/dev/null
+}
+
+# steady: from small's records, the ranks' mean step_ms (every step), the mean step_ms of rank
+# 0's progress events after step 3, and the ranks' mean comm_ms and comm_bytes_per_step.
+steady() {
+  "$python" -c '
+import json, sys
+lines = [r["line"] for r in map(json.loads, sys.stdin) if r.get("type") == "line"]
+events = [json.loads(l) for l in lines if l.startswith("{")]
+steps = [e["step_ms"] for e in events if e.get("event") == "progress" and e["step"] > 3]
+summaries = [e for e in events if e.get("event") == "summary"]
+if not steps or len(summaries) != int(sys.argv[1]):
+    sys.exit("bench-net: no steps after the third, or not one summary per rank")
+mean = lambda xs: sum(xs) / len(xs)
+print(*(mean([s[f] for s in summaries]) for f in ["step_ms"]), mean(steps),
+      *(mean([s[f] for s in summaries]) for f in ["comm_ms", "comm_bytes_per_step"]))' "$RANKS"
 }
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
@@ -89,11 +113,21 @@ floor32=0 floor16=0
 for rate in $RATES; do
   if [[ $rate != none ]]; then scripts/testbed.sh shape host2 "$rate"; fi
   if part powersgd; then
-    read -r plain_ms plain_bytes < <(small)
-    read -r psgd_ms psgd_bytes < <(small --powersgd-rank 4 --powersgd-warmup-steps 0)
+    read -r plain_ms _ _ plain_bytes < <(small | steady)
+    read -r psgd_ms ours_ms ours_comm psgd_bytes < <(small --powersgd-rank 4 --powersgd-warmup-steps 0 | steady)
     printf 'net %-7s small preset, %d ranks, %d steps: fp32 step %.0f ms (%.0f bytes per rank and step), PowerSGD rank 4 %.0f ms (%.0f bytes, %sx fewer), PowerSGD/fp32 step %sx\n' \
       "$rate" "$RANKS" "$PSGD_STEPS" "$plain_ms" "$plain_bytes" "$psgd_ms" "$psgd_bytes" \
       "$(ratio "$plain_bytes" "$psgd_bytes")" "$(ratio "$psgd_ms" "$plain_ms")"
+    read -r theirs_ms theirs_bytes < <("$fleet" --json run -- "$python" bench_powersgd.py --model small-model \
+      --rank 4 --seq 16 --steps "$PSGD_STEPS" 2>/dev/null |
+      rank_means powersgd_step_ms powersgd_step_ms powersgd_bytes_per_step)
+    estimate=$("$fleet" --json net --seconds 2 --model "$work/small-model" | "$python" -c '
+import json, sys
+e = next(r for r in map(json.loads, sys.stdin) if r["type"] == "estimate")
+print(next(p["allreduce_ms"] for p in e["powersgd"] if p["rank"] == 4))')
+    printf 'net %-7s PowerSGD rank 4, steps 4-%d: fleet-train %.0f ms/step (%.0f bytes), PyTorch powerSGD_hook %.0f ms/step (%.0f bytes), fleet-train/PyTorch %sx; fleet-train all-reduce %.0f ms/step, estimate %.0f ms (%sx)\n' \
+      "$rate" "$PSGD_STEPS" "$ours_ms" "$psgd_bytes" "$theirs_ms" "$theirs_bytes" "$(ratio "$ours_ms" "$theirs_ms")" \
+      "$ours_comm" "$estimate" "$(ratio "$ours_comm" "$estimate")"
   fi
   if ! part allreduce; then
     if [[ $rate != none ]]; then scripts/testbed.sh unshape host2; fi

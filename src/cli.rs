@@ -90,11 +90,11 @@ pub struct NetArgs {
     /// Seconds each direction of each link is measured
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     pub seconds: f64,
-    /// The model's parameter count (default: that of the model directory the inventory's
-    /// [run].command names with --model, else BERT-base's 109.5 M)
+    /// The model's parameter count alone, which prices everything but PowerSGD (default: the
+    /// model directory the inventory's [run].command names with --model, else BERT-base)
     #[arg(long, value_name = "N")]
     pub params: Option<u64>,
-    /// Read the model size from a Hugging Face directory's config.json
+    /// Read the model's shapes from a Hugging Face BERT directory's config.json
     #[arg(long, value_name = "DIR", conflicts_with = "params")]
     pub model: Option<std::path::PathBuf>,
     /// Milliseconds one GPU takes for one training step (default: an RTX 4060 Ti's BERT-base

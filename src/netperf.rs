@@ -29,27 +29,96 @@ pub struct Link {
     pub rtt_ms: f64,
 }
 
-/// Parameters of a BERT classifier with these sizes (embeddings, encoder, pooler, head).
-pub fn bert_parameters(
-    vocab: u64,
-    hidden: u64,
-    layers: u64,
-    intermediate: u64,
-    positions: u64,
-    labels: u64,
-) -> u64 {
-    let embeddings = (vocab + positions + 2) * hidden + 2 * hidden;
-    let attention = 4 * (hidden * hidden + hidden) + 2 * hidden;
-    let feed_forward =
-        hidden * intermediate + intermediate + intermediate * hidden + hidden + 2 * hidden;
-    let pooler = hidden * hidden + hidden;
-    let head = hidden * labels + labels;
-    embeddings + layers * (attention + feed_forward) + pooler + head
+/// A model as the estimate sees it: each parameter as rows × the rest of its values, the way
+/// PowerSGD views it (a vector of n values is n × 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Model {
+    pub shapes: Vec<(u64, u64)>,
 }
 
-/// BERT-base with two labels: about 109.5 M parameters.
-pub fn bert_base_parameters() -> u64 {
-    bert_parameters(30522, 768, 12, 3072, 512, 2)
+impl Model {
+    /// All its parameters.
+    pub fn parameters(&self) -> u64 {
+        self.shapes.iter().map(|(rows, cols)| rows * cols).sum()
+    }
+
+    /// A BERT classifier with these sizes, parameter by parameter as transformers'
+    /// `BertForSequenceClassification` and fleet-train have them: embeddings (words, positions,
+    /// two token types, LayerNorm), per layer the query, key, value and output projections, their
+    /// LayerNorm, the feed-forward pair and its LayerNorm, then the pooler and the head.
+    pub fn bert(
+        vocab: u64,
+        hidden: u64,
+        layers: u64,
+        intermediate: u64,
+        positions: u64,
+        labels: u64,
+    ) -> Model {
+        let (h, i) = (hidden, intermediate);
+        let layer_norm = [(h, 1), (h, 1)];
+        let linear = |out: u64, inp: u64| [(out, inp), (out, 1)];
+        let mut shapes = vec![(vocab, h), (positions, h), (2, h)];
+        shapes.extend(layer_norm);
+        for _ in 0..layers {
+            for _ in 0..4 {
+                shapes.extend(linear(h, h));
+            }
+            shapes.extend(layer_norm);
+            shapes.extend(linear(i, h));
+            shapes.extend(linear(h, i));
+            shapes.extend(layer_norm);
+        }
+        shapes.extend(linear(h, h));
+        shapes.extend(linear(labels, h));
+        Model { shapes }
+    }
+
+    /// BERT-base with two labels: about 109.5 M parameters.
+    pub fn bert_base() -> Model {
+        Model::bert(30522, 768, 12, 3072, 512, 2)
+    }
+
+    /// Values each rank all-reduces per step with PowerSGD at `rank`, in its two all-reduces:
+    /// first P (rows × r) of every matrix its factors make smaller with every other parameter
+    /// whole, then Q (cols × r). The same rule as fleet-train's `--powersgd-rank`.
+    pub fn powersgd_values(&self, rank: u64) -> (u64, u64) {
+        let (mut first, mut second) = (0, 0);
+        for &(rows, cols) in &self.shapes {
+            let r = rank.max(1).min(rows).min(cols);
+            if r * (rows + cols) < rows * cols {
+                first += rows * r;
+                second += cols * r;
+            } else {
+                first += rows * cols;
+            }
+        }
+        (first, second)
+    }
+}
+
+/// What the estimate knows of a model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSize {
+    /// Every parameter's shape: PowerSGD can be priced.
+    Shapes(Model),
+    /// Only how many parameters it has (`fleet net --params`).
+    Parameters(u64),
+}
+
+impl ModelSize {
+    pub fn parameters(&self) -> u64 {
+        match self {
+            ModelSize::Shapes(model) => model.parameters(),
+            ModelSize::Parameters(n) => *n,
+        }
+    }
+
+    fn shapes(&self) -> Option<&Model> {
+        match self {
+            ModelSize::Shapes(model) => Some(model),
+            ModelSize::Parameters(_) => None,
+        }
+    }
 }
 
 /// Milliseconds for a ring all-reduce of `bytes` per rank over `ranks` ranks whose slowest link
@@ -71,11 +140,26 @@ pub fn speedup(ranks: usize, accum: u32, step_ms: f64, allreduce_ms: f64) -> f64
     ranks as f64 * work / (work + allreduce_ms)
 }
 
+/// The micro-batches per all-reduce the estimate prices.
+const GRAD_ACCUM: [u32; 3] = [1, 4, 16];
+/// The PowerSGD ranks it prices, least compressed first.
+const POWERSGD_RANKS: [u64; 3] = [16, 4, 1];
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Setting {
     pub grad_accum: u32,
     pub speedup_fp32: f64,
     pub speedup_bf16: f64,
+}
+
+/// PowerSGD at one rank (fp32 factors), without gradient accumulation.
+#[derive(Debug, Clone, Serialize)]
+pub struct PowerSgdRow {
+    pub rank: u64,
+    /// What each rank puts into the all-reduces of one step.
+    pub bytes_per_step: u64,
+    pub allreduce_ms: f64,
+    pub speedup: f64,
 }
 
 /// The cost of a data-parallel step on the measured network.
@@ -89,19 +173,45 @@ pub struct Estimate {
     pub allreduce_fp32_ms: f64,
     pub allreduce_bf16_ms: f64,
     pub settings: Vec<Setting>,
+    /// Empty when only the parameter count is known (`fleet net --params`).
+    pub powersgd: Vec<PowerSgdRow>,
     pub recommendation: String,
 }
 
+/// One way to train, as the recommendation weighs it.
+struct Candidate {
+    grad_accum: u32,
+    /// Its fleet-train flags besides --grad-accum.
+    flags: String,
+    speedup: f64,
+}
+
+impl Candidate {
+    fn describe(&self) -> String {
+        let accum = (self.grad_accum > 1).then(|| format!("--grad-accum {}", self.grad_accum));
+        let flags = (!self.flags.is_empty()).then(|| self.flags.clone());
+        [accum, flags]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// The estimate for `model` on `ranks` ranks.
 pub fn estimate(
-    params: u64,
+    model: &ModelSize,
     ranks: usize,
     bottleneck_mbit: f64,
     rtt_ms: f64,
     step_ms: f64,
 ) -> Estimate {
-    let fp32 = ring_allreduce_ms(params as f64 * 4.0, ranks, bottleneck_mbit, rtt_ms);
-    let bf16 = ring_allreduce_ms(params as f64 * 2.0, ranks, bottleneck_mbit, rtt_ms);
-    let settings: Vec<Setting> = [1, 4, 16]
+    let params = model.parameters();
+    let allreduce = |values: u64, bytes: u64| {
+        ring_allreduce_ms((values * bytes) as f64, ranks, bottleneck_mbit, rtt_ms)
+    };
+    let (fp32, bf16) = (allreduce(params, 4), allreduce(params, 2));
+    let settings: Vec<Setting> = GRAD_ACCUM
         .into_iter()
         .map(|k| Setting {
             grad_accum: k,
@@ -109,34 +219,63 @@ pub fn estimate(
             speedup_bf16: speedup(ranks, k, step_ms, bf16),
         })
         .collect();
+    // Two all-reduces per step: P with the uncompressed parameters, then Q.
+    let powersgd_ms = |model: &Model, rank| {
+        let (first, second) = model.powersgd_values(rank);
+        (first + second, allreduce(first, 4) + allreduce(second, 4))
+    };
+    let powersgd: Vec<PowerSgdRow> = model
+        .shapes()
+        .into_iter()
+        .flat_map(|model| POWERSGD_RANKS.map(|rank| (model, rank)))
+        .map(|(model, rank)| {
+            let (values, ms) = powersgd_ms(model, rank);
+            PowerSgdRow {
+                rank,
+                bytes_per_step: values * 4,
+                allreduce_ms: ms,
+                speedup: speedup(ranks, 1, step_ms, ms),
+            }
+        })
+        .collect();
+
+    // Least change first: fewer micro-batches per all-reduce (the optimizer sees the batch it
+    // was given), then the exact fp32 sum, bf16, and PowerSGD from the highest rank down.
+    let mut candidates = Vec::new();
+    for k in GRAD_ACCUM {
+        let mut add = |flags: String, ms: f64| {
+            candidates.push(Candidate {
+                grad_accum: k,
+                flags,
+                speedup: speedup(ranks, k, step_ms, ms),
+            })
+        };
+        add(String::new(), fp32);
+        add("--allreduce-dtype bf16".into(), bf16);
+        for row in &powersgd {
+            add(format!("--powersgd-rank {}", row.rank), row.allreduce_ms);
+        }
+    }
     let goal = 0.8 * ranks as f64;
-    let fp32_pick = settings.iter().find(|s| s.speedup_fp32 >= goal);
-    let bf16_pick = settings.iter().find(|s| s.speedup_bf16 >= goal);
-    let recommendation = match (fp32_pick, bf16_pick) {
+    let recommendation = match candidates.iter().find(|c| c.speedup >= goal) {
         _ if ranks < 2 => "one rank: nothing to all-reduce".to_string(),
-        (Some(s), _) if s.grad_accum == 1 => {
+        Some(c) if c.grad_accum == 1 && c.flags.is_empty() => {
             format!(
                 "the network keeps up: {:.2}x of {ranks}x as it is",
-                s.speedup_fp32
+                c.speedup
             )
         }
-        (Some(f), Some(b)) if b.grad_accum < f.grad_accum => format!(
-            "--grad-accum {} --allreduce-dtype bf16 ({:.2}x of {ranks}x)",
-            b.grad_accum, b.speedup_bf16
-        ),
-        (Some(f), _) => format!(
-            "--grad-accum {} ({:.2}x of {ranks}x)",
-            f.grad_accum, f.speedup_fp32
-        ),
-        (None, Some(b)) => format!(
-            "--grad-accum {} --allreduce-dtype bf16 ({:.2}x of {ranks}x)",
-            b.grad_accum, b.speedup_bf16
-        ),
-        (None, None) => {
-            let best = settings.last().map_or(0.0, |s| s.speedup_bf16);
+        Some(c) => format!("{} ({:.2}x of {ranks}x)", c.describe(), c.speedup),
+        None => {
+            let best = candidates
+                .iter()
+                .max_by(|a, b| a.speedup.total_cmp(&b.speedup))
+                .expect("the estimate weighs some settings");
             format!(
-                "the network is too slow for 80% of {ranks}x: even --grad-accum 16 --allreduce-dtype bf16 \
-                 gives {best:.2}x; a faster link (wired Gigabit or better) is the fix"
+                "the network is too slow for 80% of {ranks}x: even {} gives {:.2}x; a faster \
+                 link (wired Gigabit or better) is the fix",
+                best.describe(),
+                best.speedup
             )
         }
     };
@@ -149,6 +288,7 @@ pub fn estimate(
         allreduce_fp32_ms: fp32,
         allreduce_bf16_ms: bf16,
         settings,
+        powersgd,
         recommendation,
     }
 }
@@ -159,29 +299,62 @@ mod tests {
 
     #[test]
     fn bert_base_has_its_known_size() {
-        let params = bert_base_parameters();
+        let params = Model::bert_base().parameters();
         assert!((109_000_000..110_000_000).contains(&params), "{params}");
     }
 
     #[test]
-    fn the_seeds_three_pcs_on_gigabit() {
-        // 110 M fp32 parameters, 3 ranks, 1 Gbit/s: 2·2/3 · 440 MB ≈ 4.7 s per step.
-        let e = estimate(110_000_000, 3, 1000.0, 0.0, 300.0);
+    fn powersgd_sends_two_factors_of_each_matrix_they_make_smaller() {
+        // 100 × 50 at rank 4: P 100 × 4, Q 50 × 4; the vector and the 3 × 50 matrix (whose
+        // factors, 3 × 3 and 50 × 3, are larger) go whole.
+        let model = Model {
+            shapes: vec![(100, 50), (100, 1), (3, 50)],
+        };
+        assert_eq!(model.powersgd_values(4), (400 + 100 + 150, 200));
+        // BERT-base at rank 4: over a hundred times fewer values than the whole gradient.
+        let base = Model::bert_base();
+        let (first, second) = base.powersgd_values(4);
         assert!(
-            (e.allreduce_fp32_ms - 4693.3).abs() < 1.0,
+            base.parameters() / (first + second) > 100,
+            "{first} + {second}"
+        );
+    }
+
+    #[test]
+    fn the_seeds_three_pcs_on_gigabit() {
+        // BERT-base fp32 over 3 ranks at 1 Gbit/s: 2·2/3 · 438 MB ≈ 4.7 s per step.
+        let base = ModelSize::Shapes(Model::bert_base());
+        let count_only = ModelSize::Parameters(base.parameters());
+        let e = estimate(&base, 3, 1000.0, 0.0, 300.0);
+        assert!(
+            (e.allreduce_fp32_ms - 4672.0).abs() < 10.0,
             "{}",
             e.allreduce_fp32_ms
         );
         assert!((e.allreduce_bf16_ms * 2.0 - e.allreduce_fp32_ms).abs() < 1e-6);
-        // Plain data parallel is slower than one GPU; 16 micro-batches in bf16 are not enough.
+        // Plain data parallel is slower than one GPU; PowerSGD at rank 4 is the least change
+        // that reaches 80% of 3x, rank 16 is not enough.
         assert!(e.settings[0].speedup_fp32 < 1.0);
+        let rank = |r| e.powersgd.iter().find(|row| row.rank == r).unwrap();
+        assert!(rank(16).speedup < 2.4 && rank(4).speedup >= 2.4, "{e:?}");
         assert!(
-            e.recommendation.starts_with("the network is too slow"),
+            e.recommendation.starts_with("--powersgd-rank 4 ("),
             "{}",
             e.recommendation
         );
+        // Knowing only the parameter count, there are no PowerSGD rows, and 16 micro-batches in
+        // bf16 are not enough.
+        let count = estimate(&count_only, 3, 1000.0, 0.0, 300.0);
+        assert!(count.powersgd.is_empty());
+        assert!(
+            count.recommendation.starts_with(
+                "the network is too slow for 80% of 3x: even --grad-accum 16 --allreduce-dtype bf16"
+            ),
+            "{}",
+            count.recommendation
+        );
         // On 10 Gbit/s, bf16 and four micro-batches reach 80% of 3x.
-        let fast = estimate(110_000_000, 3, 10_000.0, 0.1, 300.0);
+        let fast = estimate(&count_only, 3, 10_000.0, 0.1, 300.0);
         assert!(
             fast.recommendation
                 .starts_with("--grad-accum 4 --allreduce-dtype bf16"),
@@ -189,7 +362,7 @@ mod tests {
             fast.recommendation
         );
         assert_eq!(
-            estimate(110_000_000, 1, 1000.0, 0.0, 300.0).allreduce_fp32_ms,
+            estimate(&base, 1, 1000.0, 0.0, 300.0).allreduce_fp32_ms,
             0.0
         );
     }

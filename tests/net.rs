@@ -5,6 +5,7 @@
 mod common;
 
 use common::{Fleet, Restore, Testbed};
+use fleet::netperf::{Model, ModelSize};
 use serde_json::Value;
 
 #[test]
@@ -74,6 +75,66 @@ fn a_shaped_link_is_measured_near_its_rate_and_the_others_far_above() {
     let bf16 = estimate["allreduce_bf16_ms"].as_f64().unwrap();
     let latency = (3.0 - 1.0) * estimate["rtt_ms"].as_f64().unwrap();
     assert!((bf16 * 2.0 - fp32 - latency).abs() < 1.0, "{estimate}");
+    // PowerSGD at ranks 16, 4 and 1 (BERT-base's shapes): fewer bytes and less time at each
+    // lower rank, rank 4 over a hundred times fewer bytes than fp32; and the advice is the
+    // estimate's for BERT-base on the measured link (on ~90 Mbit/s with 300 ms steps, four
+    // micro-batches at rank 1).
+    let rows = estimate["powersgd"].as_array().expect("PowerSGD rows");
+    let field = |i: usize, name: &str| rows[i][name].as_f64().unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["rank"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [16, 4, 1]
+    );
+    for i in 1..3 {
+        assert!(
+            field(i, "bytes_per_step") < field(i - 1, "bytes_per_step"),
+            "{estimate}"
+        );
+        assert!(
+            field(i, "allreduce_ms") < field(i - 1, "allreduce_ms"),
+            "{estimate}"
+        );
+    }
+    let params = estimate["params"].as_f64().unwrap();
+    assert!(
+        params * 4.0 / field(1, "bytes_per_step") > 100.0,
+        "{estimate}"
+    );
+    assert!(field(1, "allreduce_ms") < fp32 / 50.0, "{estimate}");
+    let expected = fleet::netperf::estimate(
+        &ModelSize::Shapes(Model::bert_base()),
+        3,
+        slowest,
+        estimate["rtt_ms"].as_f64().unwrap(),
+        300.0,
+    );
+    assert_eq!(estimate["recommendation"], expected.recommendation.as_str());
+    assert!(
+        expected.recommendation.contains("--powersgd-rank"),
+        "{estimate}"
+    );
+
+    // The table says the same.
+    let table = Fleet::new()
+        .arg("-i")
+        .arg(tb.inventory())
+        .args(["net", "--seconds", "1"])
+        .run();
+    table.assert_code(0);
+    for expected in [
+        "POWERSGD-RANK",
+        "MB/STEP",
+        "recommended: ",
+        "--powersgd-rank",
+    ] {
+        assert!(
+            table.stdout.contains(expected),
+            "{expected}: {}",
+            table.stdout
+        );
+    }
 
     // `fleet check --net` ends with the same measurement and estimate.
     let check = Fleet::new()

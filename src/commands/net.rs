@@ -9,7 +9,7 @@ use super::{Fleet, table};
 use crate::cli::NetArgs;
 use crate::exit_code::{ExitCode, UsageError};
 use crate::inventory::Inventory;
-use crate::netperf::{self, Link, Measured};
+use crate::netperf::{self, Link, Measured, Model, ModelSize};
 use crate::output::Stream;
 use crate::remote::{self, Script};
 use crate::ssh::ExitStatus;
@@ -23,7 +23,7 @@ pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
         ))
         .into());
     }
-    let params = parameters(args, &inventory)?;
+    let model = model_size(args, &inventory)?;
     let (targets, connected) = fleet.connect_all(&inventory).await?;
     let mut sessions = Vec::with_capacity(connected.len());
     for result in connected {
@@ -67,7 +67,7 @@ pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
         .context("no link was measured")?;
     let rtt = links.iter().map(|l| l.rtt_ms).fold(0.0, f64::max);
     let estimate = netperf::estimate(
-        params,
+        &model,
         inventory.world_size() as usize,
         slowest.both_ways_mbit_per_s,
         rtt,
@@ -101,7 +101,7 @@ pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
     text.push_str(&format!(
         "\nall-reduce of {:.1} M parameters over {} ranks, slowest link {:.0} Mbit/s both ways ({} -> {}):\n\
          \x20 fp32 {:.0} ms, bf16 {:.0} ms per step; one step computes in {:.0} ms (--step-ms)\n",
-        params as f64 / 1e6,
+        estimate.params as f64 / 1e6,
         estimate.ranks,
         slowest.both_ways_mbit_per_s,
         slowest.from,
@@ -125,6 +125,28 @@ pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
         &["GRAD-ACCUM", "SPEED-UP FP32", "SPEED-UP BF16"],
         &settings,
     ));
+    if estimate.powersgd.is_empty() {
+        text.push_str(
+            "PowerSGD: not priced without the model's shapes (--model DIR, not --params)\n",
+        );
+    } else {
+        let rows: Vec<Vec<String>> = estimate
+            .powersgd
+            .iter()
+            .map(|row| {
+                vec![
+                    format!("{}", row.rank),
+                    format!("{:.2}", row.bytes_per_step as f64 / 1e6),
+                    format!("{:.0}", row.allreduce_ms),
+                    format!("{:.2}x", row.speedup),
+                ]
+            })
+            .collect();
+        text.push_str(&table::render(
+            &["POWERSGD-RANK", "MB/STEP", "ALL-REDUCE MS", "SPEED-UP"],
+            &rows,
+        ));
+    }
     text.push_str(&format!("recommended: {}\n", estimate.recommendation));
     fleet.printer.write(Stream::Stdout, &text);
     Ok(ExitCode::Success)
@@ -206,19 +228,18 @@ async fn measure_from(
     Ok(links)
 }
 
-/// The model size: --params, --model's config.json, the config.json of the model directory the
-/// job's `[run].command` names with `--model` (in the project folder), or BERT-base.
-fn parameters(args: &NetArgs, inventory: &Inventory) -> Result<u64> {
+/// The model: --params (a count alone), --model's config.json, the config.json of the model
+/// directory the job's `[run].command` names with `--model` (in the project folder), or BERT-base.
+fn model_size(args: &NetArgs, inventory: &Inventory) -> Result<ModelSize> {
     if let Some(params) = args.params {
-        return Ok(params);
+        return Ok(ModelSize::Parameters(params));
     }
-    if let Some(dir) = &args.model {
-        return model_parameters(dir);
-    }
-    match job_model(inventory) {
-        Some(dir) if dir.join("config.json").is_file() => model_parameters(&dir),
-        _ => Ok(netperf::bert_base_parameters()),
-    }
+    let model = match (&args.model, job_model(inventory)) {
+        (Some(dir), _) => model_from_config(dir)?,
+        (None, Some(dir)) if dir.join("config.json").is_file() => model_from_config(&dir)?,
+        _ => Model::bert_base(),
+    };
+    Ok(ModelSize::Shapes(model))
 }
 
 /// The `--model DIR` (or `--model=DIR`) of the inventory's `[run].command`, in the project folder.
@@ -234,8 +255,8 @@ fn job_model(inventory: &Inventory) -> Option<std::path::PathBuf> {
     Some(inventory.sync.source.join(dir))
 }
 
-/// Parameters of the Hugging Face model in `dir`, from its config.json.
-fn model_parameters(dir: &std::path::Path) -> Result<u64> {
+/// The Hugging Face BERT model in `dir`, from its config.json.
+fn model_from_config(dir: &std::path::Path) -> Result<Model> {
     let path = dir.join("config.json");
     let text = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let config: serde_json::Value =
@@ -247,7 +268,7 @@ fn model_parameters(dir: &std::path::Path) -> Result<u64> {
             .or(default)
             .with_context(|| format!("{}: no {name}", path.display()))
     };
-    Ok(netperf::bert_parameters(
+    Ok(Model::bert(
         field("vocab_size", None)?,
         field("hidden_size", None)?,
         field("num_hidden_layers", None)?,
@@ -282,7 +303,7 @@ mod tests {
             r#"{"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "intermediate_size": 1536}"#,
         )
         .unwrap();
-        let mini = netperf::bert_parameters(30522, 384, 6, 1536, 512, 2);
+        let mini = ModelSize::Shapes(Model::bert(30522, 384, 6, 1536, 512, 2));
         let inventory = |command: &str| {
             let text = format!(
                 "[sync]\nsource = \"{}\"\n[run]\ncommand = {command}\n[[host]]\naddress = \"a\"\n",
@@ -295,23 +316,23 @@ mod tests {
             r#"["python3", "train.py", "--model=models/mini"]"#,
         ] {
             assert_eq!(
-                parameters(&args(), &inventory(command)).unwrap(),
+                model_size(&args(), &inventory(command)).unwrap(),
                 mini,
                 "{command}"
             );
         }
-        let base = netperf::bert_base_parameters();
+        let base = ModelSize::Shapes(Model::bert_base());
         let no_model = inventory(r#"["./fleet-train", "--data", "d.csv"]"#);
-        assert_eq!(parameters(&args(), &no_model).unwrap(), base);
+        assert_eq!(model_size(&args(), &no_model).unwrap(), base);
         let elsewhere = inventory(r#"["./fleet-train", "--model", "not/here"]"#);
-        assert_eq!(parameters(&args(), &elsewhere).unwrap(), base);
+        assert_eq!(model_size(&args(), &elsewhere).unwrap(), base);
         let given = NetArgs {
             params: Some(7),
             ..args()
         };
         assert_eq!(
-            parameters(&given, &inventory(r#"["x", "--model", "models/mini"]"#)).unwrap(),
-            7
+            model_size(&given, &inventory(r#"["x", "--model", "models/mini"]"#)).unwrap(),
+            ModelSize::Parameters(7)
         );
     }
 }

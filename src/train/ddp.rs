@@ -1,5 +1,6 @@
 //! PyTorch's c10d from Rust: the TCP store and the Gloo and NCCL process groups, through the C
-//! shim in `csrc/c10d_shim.cpp`. This is the trainer's only module with `unsafe` code.
+//! shim in `csrc/c10d_shim.cpp`, with the two ATen calls tch lacks (autocast to bf16, the fused
+//! AdamW kernel). This is the trainer's only module with `unsafe` code.
 //!
 //! Every shim call returns either nothing (success) or a message it allocated, which
 //! [`ShimResult::check`] turns into a [`CommError`] and frees. Handles are owned by [`Store`] and
@@ -25,6 +26,18 @@ mod shim {
         pub fn fleet_cuda_device_names(names: *mut *mut c_char) -> *mut c_char;
         pub fn fleet_autocast_begin(cuda: c_int, half: c_int) -> *mut c_char;
         pub fn fleet_autocast_end(cuda: c_int) -> *mut c_char;
+        pub fn fleet_fused_adamw(
+            params: *const *mut c_void,
+            first: *const *mut c_void,
+            second: *const *mut c_void,
+            n: usize,
+            step: *mut c_void,
+            lr: f64,
+            beta1: f64,
+            beta2: f64,
+            weight_decay: f64,
+            eps: f64,
+        ) -> *mut c_char;
         pub fn fleet_c10d_nccl_version(version: *mut *mut c_char) -> *mut c_char;
         pub fn fleet_c10d_store_new(
             host: *const c_char,
@@ -196,6 +209,56 @@ pub fn autocast<T>(
     // SAFETY: as above; pairs with the begin call just made on this thread.
     ShimResult(unsafe { shim::fleet_autocast_end(cuda) }).check()?;
     Ok(result)
+}
+
+/// Hyper-parameters of one AdamW step.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWStep {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// One AdamW step (decoupled weight decay, bias-corrected moments, as `torch.optim.AdamW`) of
+/// `params` with their gradients and moment estimates `first` and `second` (same lengths, all
+/// defined, on one device), through ATen's fused kernel. `step` is the step count this update
+/// makes, as a one-element float tensor on the parameters' device.
+pub fn fused_adamw(
+    params: &[&Tensor],
+    first: &[&Tensor],
+    second: &[&Tensor],
+    step: &Tensor,
+    hyper: AdamWStep,
+) -> Result<(), CommError> {
+    if params.len() != first.len() || params.len() != second.len() {
+        return Err(CommError(
+            "AdamW: one moment of each kind per parameter".into(),
+        ));
+    }
+    let (p, m, v) = (
+        tensor_pointers(params),
+        tensor_pointers(first),
+        tensor_pointers(second),
+    );
+    // SAFETY: the three arrays hold `p.len()` live at::Tensor pointers borrowed for the call, and
+    // `step` is live; the shim reads the arrays and updates the tensors in place.
+    ShimResult(unsafe {
+        shim::fleet_fused_adamw(
+            p.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            p.len(),
+            step.as_ptr() as *mut c_void,
+            hyper.lr,
+            hyper.beta1,
+            hyper.beta2,
+            hyper.weight_decay,
+            hyper.eps,
+        )
+    })
+    .check()
 }
 
 /// Reduction applied by an all-reduce. The values are the shim's codes.

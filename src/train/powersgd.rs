@@ -160,12 +160,14 @@ impl PowerSgd {
             .iter()
             .map(|&i| grads[i].to_kind(self.kind).reshape([-1]) / world)
             .collect();
-        let p_flat = self.send(&ps, group)?;
-        let plain_flat = self.send(&plain, group)?;
+        let p_values: i64 = ps.iter().map(|p| p.numel() as i64).sum();
+        let both: Vec<Tensor> = ps.iter().chain(&plain).map(Tensor::shallow_clone).collect();
+        let sent = self.send(&both, group)?;
+        let plain_flat = sent.narrow(0, p_values, sent.size()[0] - p_values);
         write_back(&plain_flat, self.plain.iter().map(|&i| &grads[i]));
 
         // P orthogonalised, Q = Mᵀ P, averaged.
-        let ps: Vec<Tensor> = split(&p_flat, ps.iter().map(Tensor::size))
+        let ps: Vec<Tensor> = split(&sent, ps.iter().map(Tensor::size))
             .iter()
             .map(orthogonal)
             .collect();
@@ -456,5 +458,32 @@ mod tests {
         let psgd = PowerSgd::new(&params, 1, 0, Some(Kind::BFloat16));
         // (6+5) + (4+9) + (3+8) factor values at rank 1, 7 plain, two bytes each.
         assert_eq!(psgd.bytes_per_step(), (11 + 13 + 11 + 7) * 2);
+    }
+
+    #[test]
+    fn its_bytes_are_what_fleet_net_prices_for_the_same_model() {
+        use crate::train::model::{BertClassifier, BertConfig, Preset, named_parameters};
+        let config = BertConfig::preset(Preset::Small, 8000, 128);
+        let vars = tch::nn::VarStore::new(Device::Cpu);
+        let _model = BertClassifier::new(&vars.root(), config.clone(), 2);
+        let params: Vec<Tensor> = named_parameters(&vars)
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect();
+        let priced = fleet::netperf::Model::bert(
+            config.vocab_size as u64,
+            config.hidden_size as u64,
+            config.num_hidden_layers as u64,
+            config.intermediate_size as u64,
+            config.max_position_embeddings as u64,
+            2,
+        );
+        let total: i64 = params.iter().map(Tensor::numel).map(|n| n as i64).sum();
+        assert_eq!(total as u64, priced.parameters());
+        for rank in [1, 4, 16] {
+            let (first, second) = priced.powersgd_values(rank);
+            let psgd = PowerSgd::new(&params, rank as usize, 0, None);
+            assert_eq!(psgd.bytes_per_step(), (first + second) * 4, "rank {rank}");
+        }
     }
 }

@@ -272,7 +272,9 @@ pub fn run(args: &TrainArgs, rank: &Rank) -> anyhow::Result<Summary> {
             let grads = optimizer.grads();
             if scaler.unscale(&grads) {
                 optim::clip_grad_norm(&grads, args.max_grad_norm);
-                optimizer.step(optim::linear_schedule(step, warmup, scheduled, peak_lr));
+                optimizer
+                    .step(optim::linear_schedule(step, warmup, scheduled, peak_lr))
+                    .map_err(|e| anyhow::anyhow!("optimizer step {}: {e}", step + 1))?;
             }
             optimizer.zero_grad();
             step += 1;
