@@ -460,11 +460,28 @@ pub fn on_a_terminal(command: &str, home: &Path, answers: &[u8]) -> (Option<i32>
     )
 }
 
-/// The text the README quotes in backticks that begins with `start` (the first such quote):
-/// `` `text` ``, or ``` `` text `` ``` for a text that holds a backtick itself.
+/// The README, then every page of `docs/` (in name order), as one text.
+pub fn documentation() -> String {
+    let mut pages: Vec<PathBuf> = std::fs::read_dir(repo().join("docs"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "md"))
+        .collect();
+    pages.sort();
+    let mut text = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    for page in pages {
+        text.push_str("\n\n");
+        text.push_str(&std::fs::read_to_string(page).unwrap());
+    }
+    text
+}
+
+/// The text the documentation (README or docs/) quotes in backticks that begins with `start`
+/// (the first such quote): `` `text` ``, or ``` `` text `` ``` for a text that holds a
+/// backtick itself.
 #[track_caller]
 pub fn readme_quote(start: &str) -> String {
-    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let readme = documentation();
     let mut from = 0;
     while let Some(i) = readme[from..].find(start).map(|i| from + i) {
         let before = &readme[..i];
@@ -481,7 +498,7 @@ pub fn readme_quote(start: &str) -> String {
         }
         from = i + start.len();
     }
-    panic!("the README no longer quotes `{start}...`")
+    panic!("neither the README nor docs/ quotes `{start}...` any longer")
 }
 
 /// Asserts that a line of `output` says what the README's `quote` says, once `substitute`
