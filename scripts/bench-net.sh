@@ -30,7 +30,7 @@ part() { [[ $PARTS == *" $1 "* ]]; }
 
 scripts/setup.sh
 source scripts/env.sh
-cargo build --release --locked --quiet --features train
+cargo build --release --locked --quiet --workspace
 fleet=$PWD/target/release/fleet
 trainer=$PWD/target/release/fleet-train
 python=$FLEET_TORCH_VENV/bin/python

@@ -20,7 +20,7 @@ TRAINER=${TRAINER:-}
 if [[ -z $TRAINER ]]; then
   scripts/setup.sh
   source scripts/env.sh
-  cargo build --release --locked --quiet --features train --bin fleet-train
+  cargo build --release --locked --quiet -p fleet-train
   TRAINER=$PWD/target/release/fleet-train
 fi
 python=${FLEET_TORCH_VENV:-/opt/fleet/torch-venv}/bin/python

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 source scripts/env.sh
 echo "demo: building fleet and fleet-train (release; about 5 minutes the first time)" >&2
-cargo build --release --locked --quiet --features train
+cargo build --release --locked --quiet --workspace
 fleet=$PWD/target/release/fleet
 trainer=$PWD/target/release/fleet-train
 

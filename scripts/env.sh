@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# env.sh: `source scripts/env.sh` exports what `cargo build --release --features train` needs:
+# env.sh: `source scripts/env.sh` exports what `cargo build --release --workspace` needs:
 # torch-sys finds libtorch inside the torch venv that scripts/setup.sh installs
 # ($FLEET_TORCH_VENV, default /opt/fleet/torch-venv). fleet-train is linked with a run path into
 # that venv, so running it needs no environment of its own.

@@ -1,0 +1,565 @@
+//! The harness shared by the integration tests of fleet and fleet-train: the test bed's hosts,
+//! and a builder that runs the real `fleet` binary in a clean environment (its own HOME, no
+//! agent, no inherited inventory), so a test sees only what it set up.
+//!
+//! The binaries are the workspace's own, next to the test executable (`target/<profile>/`):
+//! `cargo test --workspace` builds both, since both packages have integration tests.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// One host of the test bed, as `scripts/testbed.sh` wrote it to hosts.tsv.
+#[derive(Clone, Debug)]
+pub struct TestHost {
+    pub name: String,
+    pub addr: String,
+    pub port: u16,
+    /// Its network namespace (netns variant).
+    pub netns: String,
+}
+
+/// The hosts of a hosts.tsv of the test bed (name, address, port, netns).
+fn read_hosts(tsv: &Path) -> Vec<TestHost> {
+    let text = std::fs::read_to_string(tsv).unwrap_or_else(|e| {
+        panic!(
+            "the test bed is not up ({}: {e}); run the tests with scripts/test.sh",
+            tsv.display()
+        )
+    });
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            TestHost {
+                name: f[0].to_string(),
+                addr: f[1].to_string(),
+                port: f[2].parse().unwrap(),
+                netns: f.get(3).unwrap_or(&"").to_string(),
+            }
+        })
+        .collect()
+}
+
+/// The running test bed (`scripts/testbed.sh up`, done by `scripts/test.sh`).
+#[derive(Clone, Debug)]
+pub struct Testbed {
+    pub dir: PathBuf,
+    pub hosts: Vec<TestHost>,
+}
+
+impl Testbed {
+    pub fn get() -> Testbed {
+        let dir = PathBuf::from(
+            std::env::var_os("TB_DIR").unwrap_or_else(|| "/tmp/fleet-testbed".into()),
+        );
+        let hosts = read_hosts(&dir.join("hosts.tsv"));
+        Testbed { dir, hosts }
+    }
+
+    /// The jump host: made like the others, but in neither hosts.tsv nor fleet.toml.
+    pub fn bastion(&self) -> TestHost {
+        read_hosts(&self.dir.join("bastion.tsv")).remove(0)
+    }
+
+    /// The inventory testbed.sh wrote for its hosts.
+    pub fn inventory(&self) -> PathBuf {
+        self.dir.join("fleet.toml")
+    }
+
+    pub fn key(&self) -> PathBuf {
+        self.dir.join("id_ed25519")
+    }
+
+    pub fn known_hosts(&self) -> PathBuf {
+        self.dir.join("known_hosts")
+    }
+
+    /// An inventory for every test-bed host, with `fleet_extra` lines added to `[fleet]`
+    /// (which holds no identity or known_hosts unless given there).
+    pub fn inventory_with(&self, dir: &Path, fleet_extra: &str) -> PathBuf {
+        let mut text = format!("[fleet]\nuser = \"root\"\ndevice = \"cpu\"\n{fleet_extra}\n");
+        for h in &self.hosts {
+            text.push_str(&format!(
+                "\n[[host]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\n",
+                h.name, h.addr, h.port
+            ));
+        }
+        let path = dir.join("fleet.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// An inventory whose hosts each get their own workdir under `/tmp/fleet-tests/<name>/`
+    /// (emptied first), syncing `source`.
+    pub fn sync_inventory(&self, dir: &Path, name: &str, source: &Path) -> PathBuf {
+        let root = PathBuf::from("/tmp/fleet-tests").join(name);
+        let _ = std::fs::remove_dir_all(&root);
+        let mut text = format!(
+            "[fleet]\nuser = \"root\"\ndevice = \"cpu\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\n\n[sync]\nsource = \"{}\"\nexclude = [\"target/\"]\n",
+            self.key().display(),
+            self.known_hosts().display(),
+            source.display()
+        );
+        for h in &self.hosts {
+            text.push_str(&format!(
+                "\n[[host]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\nworkdir = \"{}\"\n",
+                h.name,
+                h.addr,
+                h.port,
+                root.join(&h.name).display()
+            ));
+        }
+        let path = dir.join("fleet.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Runs a shell command on a host with OpenSSH's own client, independent of fleet.
+    pub fn ssh(&self, host: &str, command: &str) -> String {
+        let out = Command::new("ssh")
+            .arg("-F")
+            .arg(self.dir.join("ssh_config"))
+            .arg(host)
+            .arg(command)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ssh {host} {command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a script of the test bed (`stop host3`, `cut host2`, ...).
+    pub fn control(&self, args: &[&str]) {
+        let status = Command::new(repo().join("scripts/testbed.sh"))
+            .args(args)
+            .env("TB_DIR", &self.dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "testbed.sh {args:?} failed");
+    }
+}
+
+/// The workspace's root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A binary of the workspace, built beside the running test: `target/<profile>/<name>`.
+#[track_caller]
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let test = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test>-<hash>
+    let profile = test.parent().and_then(Path::parent).unwrap();
+    let binary = profile.join(name);
+    assert!(
+        binary.is_file(),
+        "{} is not built: run the tests with `cargo test --workspace` (scripts/test.sh does)",
+        binary.display()
+    );
+    binary
+}
+
+/// The `fleet` binary under test.
+pub fn fleet_binary() -> PathBuf {
+    workspace_binary("fleet")
+}
+
+/// The `fleet-train` binary under test.
+pub fn trainer_binary() -> PathBuf {
+    workspace_binary("fleet-train")
+}
+
+/// A `fleet` invocation with an isolated environment.
+pub struct Fleet {
+    command: Command,
+    home: tempfile::TempDir,
+}
+
+impl Default for Fleet {
+    fn default() -> Fleet {
+        Fleet::new()
+    }
+}
+
+impl Fleet {
+    pub fn new() -> Fleet {
+        let home = tempfile::tempdir().unwrap();
+        let mut command = Command::new(fleet_binary());
+        // In the package's folder, as cargo runs its tests: paths like tests/fixtures/... hold.
+        command
+            .current_dir(std::env::current_dir().unwrap())
+            .env("HOME", home.path())
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("FLEET_INVENTORY")
+            .env_remove("NO_COLOR")
+            .env_remove("CLICOLOR_FORCE");
+        Fleet { command, home }
+    }
+
+    /// Runs with `home` as HOME, for tests that need two commands to share one.
+    pub fn in_home(home: &Path) -> Fleet {
+        let mut fleet = Fleet::new();
+        fleet.command.env("HOME", home);
+        fleet
+    }
+
+    /// Runs it in `dir` instead of the repository.
+    pub fn current_dir(mut self, dir: &Path) -> Fleet {
+        self.command.current_dir(dir);
+        self
+    }
+
+    /// The HOME the command sees (to place `~/.ssh/config` in).
+    pub fn home(&self) -> &Path {
+        self.home.path()
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Fleet {
+        self.command.arg(arg);
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Fleet
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.command.args(args);
+        self
+    }
+
+    pub fn run_with_env(mut self, key: &str, value: &str) -> Run {
+        self.command.env(key, value);
+        self.run()
+    }
+
+    /// Starts it with stdout and stderr piped, for tests that act while it runs.
+    pub fn spawn(mut self) -> (std::process::Child, tempfile::TempDir) {
+        let child = self
+            .command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child, self.home)
+    }
+
+    pub fn run(mut self) -> Run {
+        let output = self.command.output().unwrap();
+        Run::from(output)
+    }
+}
+
+/// What a finished `fleet` printed and how it exited.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Run {
+    /// stdout lines, sorted (hosts answer in any order).
+    pub fn sorted_stdout(&self) -> Vec<&str> {
+        let mut lines: Vec<&str> = self.stdout.lines().collect();
+        lines.sort();
+        lines
+    }
+
+    /// stdout as JSON Lines (`--json`), one value per line.
+    #[track_caller]
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+            .collect()
+    }
+
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) -> &Run {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// A fresh ed25519 key pair in `dir`, with an optional passphrase.
+pub fn keygen(dir: &Path, name: &str, passphrase: &str) -> PathBuf {
+    let path = dir.join(name);
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", passphrase, "-C", name, "-f"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    path
+}
+
+/// A project folder for one test, and an inventory that syncs it to per-test workdirs
+/// (`/tmp/fleet-tests/<name>/<host>`).
+pub struct Project {
+    pub tb: Testbed,
+    pub source: tempfile::TempDir,
+    /// Holds the inventory, and serves as HOME where a test needs one that outlives a run.
+    pub config: tempfile::TempDir,
+    pub inventory: PathBuf,
+    pub name: String,
+}
+
+impl Project {
+    pub fn new(name: &str) -> Project {
+        let tb = Testbed::get();
+        let source = tempfile::tempdir().unwrap();
+        let config = tempfile::tempdir().unwrap();
+        let inventory = tb.sync_inventory(config.path(), name, source.path());
+        Project {
+            tb,
+            source,
+            config,
+            inventory,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.source.path()
+    }
+
+    /// Writes a file of the project, creating its folders.
+    pub fn write(&self, path: &str, content: impl AsRef<[u8]>) {
+        let full = self.root().join(path);
+        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+        std::fs::write(full, content).unwrap();
+    }
+
+    pub fn workdir(&self, host: &str) -> String {
+        format!("/tmp/fleet-tests/{}/{host}", self.name)
+    }
+
+    /// Rewrites the inventory's text.
+    pub fn edit_inventory(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.inventory).unwrap();
+        std::fs::write(&self.inventory, edit(text)).unwrap();
+    }
+
+    /// Processes on `host` whose command line contains `pattern`, as `pgrep -a` lists them.
+    pub fn remaining_on(&self, host: &str, pattern: &str) -> String {
+        // The [x] trick keeps pgrep from finding the shell that runs it.
+        let pattern = format!("[{}]{}", &pattern[..1], &pattern[1..]);
+        self.tb
+            .ssh(host, &format!("pgrep -a -f '{pattern}' || true"))
+    }
+
+    /// Processes on any test-bed host whose command line contains `pattern`.
+    pub fn remaining(&self, pattern: &str) -> Vec<String> {
+        self.tb
+            .hosts
+            .iter()
+            .flat_map(|h| {
+                self.remaining_on(&h.name, pattern)
+                    .lines()
+                    .map(|l| format!("{}: {l}", h.name))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// `fleet -i <inventory> ARGS`.
+    pub fn fleet(&self, args: &[&str]) -> Fleet {
+        Fleet::new().arg("-i").arg(&self.inventory).args(args)
+    }
+
+    /// Like [`Project::fleet`], with `home` as HOME: runs that share it share fleet's caches.
+    pub fn fleet_in(&self, home: &Path, args: &[&str]) -> Fleet {
+        Fleet::in_home(home)
+            .arg("-i")
+            .arg(&self.inventory)
+            .args(args)
+    }
+
+    /// `fleet run --grace 2` of ranks that print "ready" and then `sleep <tag>` (a number other
+    /// tests do not use, so `remaining` finds exactly these), returned once every rank is ready:
+    /// the running fleet, its HOME, and the rest of its stdout.
+    pub fn start_sleepers(
+        &self,
+        tag: u32,
+    ) -> (
+        std::process::Child,
+        tempfile::TempDir,
+        std::io::BufReader<std::process::ChildStdout>,
+    ) {
+        let script = format!("echo ready; exec sleep {tag}");
+        let (mut child, home) = self
+            .fleet(&["run", "--grace", "2", "--", "sh", "-c", &script])
+            .spawn();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        await_lines(&mut stdout, "ready", self.tb.hosts.len());
+        (child, home, stdout)
+    }
+}
+
+/// Reads a child's stdout until `count` lines contain `needle`, within a deadline.
+pub fn await_lines(out: &mut impl std::io::BufRead, needle: &str, count: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = 0;
+    let mut line = String::new();
+    while seen < count {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {seen} of {count} lines with {needle:?}"
+        );
+        line.clear();
+        assert_ne!(out.read_line(&mut line).unwrap(), 0, "fleet ended early");
+        seen += usize::from(line.contains(needle));
+    }
+}
+
+/// Waits for a child with a deadline that only catches hangs.
+pub fn wait(child: &mut std::process::Child) -> Option<i32> {
+    wait_for(child, std::time::Duration::from_secs(60))
+}
+
+/// Waits for a child up to `limit`; a child still running then is killed and the test fails.
+pub fn wait_for(child: &mut std::process::Child, limit: std::time::Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("fleet did not end within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Undoes a test-bed change (`["start", "host3"]`, `["heal", "host2"]`) however the test ends.
+pub struct Restore<'a> {
+    pub tb: &'a Testbed,
+    pub args: [&'static str; 2],
+}
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        self.tb.control(&self.args);
+    }
+}
+
+/// Sends SIGINT (Ctrl-C) to a child.
+pub fn interrupt(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -INT failed");
+}
+
+/// Runs the shell line `command` on a terminal of its own (`script`), with `home` as HOME and
+/// no agent, typing `answers` into it; returns the exit code and everything the terminal showed.
+pub fn on_a_terminal(command: &str, home: &Path, answers: &[u8]) -> (Option<i32>, String) {
+    use std::io::Write;
+    let mut child = Command::new("script")
+        .args(["-qec", command, "/dev/null"])
+        .env("HOME", home)
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(answers).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The README, then every page of `docs/` (in name order), as one text.
+pub fn documentation() -> String {
+    let mut pages: Vec<PathBuf> = std::fs::read_dir(repo().join("docs"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "md"))
+        .collect();
+    pages.sort();
+    let mut text = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    for page in pages {
+        text.push_str("\n\n");
+        text.push_str(&std::fs::read_to_string(page).unwrap());
+    }
+    text
+}
+
+/// The text the documentation (README or docs/) quotes in backticks that begins with `start`
+/// (the first such quote): `` `text` ``, or ``` `` text `` ``` for a text that holds a
+/// backtick itself.
+#[track_caller]
+pub fn readme_quote(start: &str) -> String {
+    let readme = documentation();
+    let mut from = 0;
+    while let Some(i) = readme[from..].find(start).map(|i| from + i) {
+        let before = &readme[..i];
+        let after = &readme[i..];
+        let end = if before.ends_with("`` ") {
+            after.find(" ``")
+        } else if before.ends_with('`') {
+            after.find('`')
+        } else {
+            None
+        };
+        if let Some(end) = end {
+            return after[..end].to_string();
+        }
+        from = i + start.len();
+    }
+    panic!("neither the README nor docs/ quotes `{start}...` any longer")
+}
+
+/// Asserts that a line of `output` says what the README's `quote` says, once `substitute`
+/// turns the README's names and numbers into this run's: its pieces between `...` (or `…`)
+/// appear in that order on one line.
+#[track_caller]
+pub fn assert_says(output: &str, quote: &str, substitute: &[(&str, &str)]) {
+    let mut quote = quote.replace('…', "...");
+    for (from, to) in substitute {
+        quote = quote.replace(from, to);
+    }
+    let pieces: Vec<&str> = quote.split("...").map(str::trim).collect();
+    let says = |line: &str| {
+        let mut rest = line;
+        pieces.iter().all(|piece| match rest.find(piece) {
+            Some(i) => {
+                rest = &rest[i + piece.len()..];
+                true
+            }
+            None => false,
+        })
+    };
+    assert!(
+        output.lines().any(says),
+        "no line says what the README quotes, `{quote}`:\n{output}"
+    );
+}
