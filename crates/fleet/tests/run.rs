@@ -802,16 +802,24 @@ fn run_on_a_terminal_answering_passphrases(
         let text = seen();
         let asked = String::from_utf8_lossy(&text).matches(prompt).count();
         if asked > answered {
-            let len = text.len();
+            let mut len = text.len();
             for _ in 0..5 {
                 std::io::Write::write_all(&mut stdin, b"open sesame\n").unwrap();
                 let until = Instant::now() + Duration::from_secs(2);
                 while Instant::now() < until && seen().len() == len {
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                if seen().len() > len {
-                    break;
+                let now = seen();
+                if now.len() == len {
+                    continue;
                 }
+                // The answer shown back means the terminal still echoed when it arrived: it
+                // came before echo went off, and going off discarded it. Type it again.
+                if String::from_utf8_lossy(&now[len..]).trim() == "open sesame" {
+                    len = now.len();
+                    continue;
+                }
+                break;
             }
             answered = asked;
         }
