@@ -283,12 +283,20 @@ impl Run {
         lines
     }
 
-    /// stdout as JSON Lines (`--json`), one value per line.
+    /// stdout as JSON Lines (`--json`), one value per line; every record names its `type`.
     #[track_caller]
     pub fn records(&self) -> Vec<serde_json::Value> {
         self.stdout
             .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+            .map(|l| {
+                let record: serde_json::Value =
+                    serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}"));
+                assert!(
+                    record["type"].is_string(),
+                    "a --json record without a type: {l}"
+                );
+                record
+            })
             .collect()
     }
 

@@ -1130,9 +1130,8 @@ fn a_process_that_escaped_its_group_keeps_the_job_running_until_stopped() {
     let ps = job.fleet(&["--json", "ps"]).run();
     ps.assert_code(0);
     let states: Vec<String> = ps
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .records()
+        .into_iter()
         .filter(|r| r["job"] == job_id.as_str())
         .map(|r| r["state"].as_str().unwrap().to_string())
         .collect();

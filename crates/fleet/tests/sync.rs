@@ -43,9 +43,8 @@ impl SyncSteps for Project {
         };
         let run = fleet.run();
         let records = run
-            .stdout
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .records()
+            .into_iter()
             .map(|r| (r["host"].as_str().unwrap().to_string(), r))
             .collect();
         (run, records)
