@@ -129,7 +129,8 @@ pub struct Checkpoint {
     pub dir: String,
 }
 
-/// How a rank's run went, its last line. fleet needs `rank`; the rest is shown when present.
+/// How a rank's run went, its last line. Every field may be left out (`rank` is then 0); fleet
+/// shows what is there.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Summary {
