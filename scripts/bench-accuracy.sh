@@ -8,13 +8,15 @@
 #   minilm: all-MiniLM-L6-v2 fine-tuned (the weights scripts/setup.sh installs), DEMO_ROWS
 #           (2,000) rows of the same data, 2 epochs, batch 8, learning rate 1e-4, sequences of
 #           32 tokens.
-# Prints one line per model; asserts nothing.
+# PSGD ("--powersgd-rank 4") is what the compressed run adds. Prints one line per model; asserts
+# nothing.
 #
-#   MODELS="demo minilm" scripts/bench-accuracy.sh
+#   MODELS="demo minilm" PSGD="--powersgd-rank 4 --powersgd-warmup-steps 10" scripts/bench-accuracy.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODELS=" ${MODELS:-demo minilm} "
 DEMO_ROWS=${DEMO_ROWS:-2000}
+read -r -a psgd_flags <<<"${PSGD:---powersgd-rank 4}"
 
 scripts/setup.sh
 source scripts/env.sh
@@ -55,9 +57,9 @@ compare() {
   local name=$1
   shift
   read -r plain plain_bytes < <(summary "$@" --output "model-$name-fp32" --checkpoint-dir "ck-$name-fp32")
-  read -r psgd psgd_bytes < <(summary "$@" --powersgd-rank 4 --output "model-$name-psgd" --checkpoint-dir "ck-$name-psgd")
-  printf 'accuracy %-6s 3 ranks: val accuracy fp32 %.3f, PowerSGD rank 4 %.3f (%+.3f); bytes per rank and step %.0f vs %.0f (%.1fx fewer)\n' \
-    "$name" "$plain" "$psgd" "$(awk -v a="$psgd" -v b="$plain" 'BEGIN { print a - b }')" \
+  read -r psgd psgd_bytes < <(summary "$@" "${psgd_flags[@]}" --output "model-$name-psgd" --checkpoint-dir "ck-$name-psgd")
+  printf 'accuracy %-6s 3 ranks: val accuracy fp32 %.3f, %s %.3f (%+.3f); bytes per rank and step %.0f vs %.0f (%.1fx fewer)\n' \
+    "$name" "$plain" "${psgd_flags[*]}" "$psgd" "$(awk -v a="$psgd" -v b="$plain" 'BEGIN { print a - b }')" \
     "$plain_bytes" "$psgd_bytes" "$(awk -v a="$plain_bytes" -v b="$psgd_bytes" 'BEGIN { print a / b }')"
 }
 
