@@ -13,7 +13,9 @@ use crate::cli::{LogsArgs, StopArgs};
 use crate::exit_code::{ExitCode, UsageError};
 use crate::inventory::Inventory;
 use crate::launch::follow::{Event, Followed, follow_host};
-use crate::launch::remote::{JobState, label_of, parse_status, signal_script, status_script};
+use crate::launch::remote::{
+    JobState, ProcState, Signal, label_of, parse_status, signal_script, status_script,
+};
 use crate::output::{Labels, LineSplitter, Stream};
 use crate::ssh::{Session, SshError};
 
@@ -81,7 +83,7 @@ pub async fn ps(fleet: &Fleet) -> Result<ExitCode> {
                             job.job_id.clone(),
                             host.name.clone(),
                             p.stem.clone(),
-                            p.state.clone(),
+                            p.state.to_string(),
                         ]);
                     }
                 }
@@ -136,7 +138,7 @@ pub async fn stop(fleet: &Fleet, args: &StopArgs) -> Result<ExitCode> {
             // SIGTERM once, SIGKILL once after the grace period, polling in between: a program
             // that handles SIGTERM (torchrun forwards it) must not get a second one.
             let deadline = Instant::now() + grace;
-            let mut sent: Option<&str> = None;
+            let mut sent: Option<Signal> = None;
             loop {
                 let jobs = status(session, &host.workdir, job, false).await?;
                 let Some(state) = jobs.into_iter().next() else {
@@ -145,19 +147,19 @@ pub async fn stop(fleet: &Fleet, args: &StopArgs) -> Result<ExitCode> {
                 let running: Vec<String> = state
                     .processes
                     .iter()
-                    .filter(|p| p.state == "running")
+                    .filter(|p| p.state == ProcState::Running)
                     .map(|p| p.stem.clone())
                     .collect();
                 if running.is_empty() {
                     return Ok(state
                         .processes
                         .into_iter()
-                        .map(|p| (state.job_id.clone(), p.stem, p.state))
+                        .map(|p| (state.job_id.clone(), p.stem, p.state.to_string()))
                         .collect());
                 }
                 let signal = match sent {
-                    None => Some("TERM"),
-                    Some("TERM") if Instant::now() >= deadline => Some("KILL"),
+                    None => Some(Signal::Term),
+                    Some(Signal::Term) if Instant::now() >= deadline => Some(Signal::Kill),
                     _ => None,
                 };
                 if let Some(signal) = signal {
@@ -248,7 +250,7 @@ pub async fn logs(fleet: &Fleet, args: &LogsArgs) -> Result<ExitCode> {
             }
             // A process gone without an exit status will never write one: its log is shown to
             // the end, not waited on.
-            let vanished = p.state == "lost";
+            let vanished = p.state == ProcState::Lost;
             if vanished && args.follow {
                 fleet.printer.warn(&format!(
                     "{}: rank {label} is gone without an exit status (killed with its wrapper?)",

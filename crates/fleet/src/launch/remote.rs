@@ -103,22 +103,78 @@ fn process_file(
     file
 }
 
+/// What fleet sends a job's processes to stop them: TERM first, KILL after the grace period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    Term,
+    Kill,
+}
+
+impl Signal {
+    /// Its name for `kill -NAME`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Term => "TERM",
+            Signal::Kill => "KILL",
+        }
+    }
+}
+
 /// Sends `signal` to every process of the job on this host that has not ended, wherever it
 /// went (`kill -SIG PID` of each marked process).
-pub fn signal_script(workdir: &str, job_id: &str, stems: &[String], signal: &str) -> Script {
+pub fn signal_script(workdir: &str, job_id: &str, stems: &[String], signal: Signal) -> Script {
     Script::new(remote::JOB_SIGNAL)
         .using(remote::JOB_LIB)
-        .args([workdir, job_id, signal])
+        .args([workdir, job_id, signal.name()])
         .args(stems.iter().cloned())
+}
+
+/// How a process of a job stands on its host, as job_lib.sh's `state` says it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcState {
+    /// It, its wrapper or anything it started still lives.
+    Running,
+    /// It ended with this exit status, as its wrapper recorded it.
+    Exited(i32),
+    /// No exit recorded, and neither its wrapper nor any process of it lives.
+    Lost,
+}
+
+impl ProcState {
+    /// `running`, `exited N` or `lost`; None for anything else.
+    pub fn parse(reply: &str) -> Option<ProcState> {
+        match reply.trim() {
+            "running" => Some(ProcState::Running),
+            "lost" => Some(ProcState::Lost),
+            other => other
+                .strip_prefix("exited ")
+                .and_then(|code| code.trim().parse().ok())
+                .map(ProcState::Exited),
+        }
+    }
+}
+
+impl std::fmt::Display for ProcState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProcState::Running => f.write_str("running"),
+            ProcState::Exited(code) => write!(f, "exited {code}"),
+            ProcState::Lost => f.write_str("lost"),
+        }
+    }
+}
+
+impl serde::Serialize for ProcState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 /// How a process of a job stands on its host.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ProcessState {
     pub stem: String,
-    /// "running", "exited N", or "lost" (no exit recorded, and neither its wrapper nor any
-    /// process of it lives).
-    pub state: String,
+    pub state: ProcState,
 }
 
 /// A job as one host knows it.
@@ -154,11 +210,14 @@ pub fn parse_status(text: &str) -> Vec<JobState> {
                 dir: dir.to_string(),
                 processes: Vec::new(),
             });
-        } else if let (Some(job), Some((stem, state))) = (jobs.last_mut(), line.split_once(' ')) {
-            job.processes.push(ProcessState {
-                stem: stem.to_string(),
-                state: state.to_string(),
-            });
+        } else if let (Some(job), Some((stem, reply))) = (jobs.last_mut(), line.split_once(' ')) {
+            // The script says nothing else; a line it did not write is not a process.
+            if let Some(state) = ProcState::parse(reply) {
+                job.processes.push(ProcessState {
+                    stem: stem.to_string(),
+                    state,
+                });
+            }
         }
     }
     jobs
@@ -213,6 +272,36 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_process_state_is_read_once_into_its_type() {
+        for (reply, state) in [
+            ("running", ProcState::Running),
+            ("exited 0", ProcState::Exited(0)),
+            ("exited 143\n", ProcState::Exited(143)),
+            ("lost", ProcState::Lost),
+        ] {
+            assert_eq!(ProcState::parse(reply), Some(state), "{reply:?}");
+            assert_eq!(state.to_string(), reply.trim());
+        }
+        for reply in ["", "exited", "exited x", "Running", "gone"] {
+            assert_eq!(ProcState::parse(reply), None, "{reply:?}");
+        }
+        // A line the script did not write is not taken for a process.
+        let jobs = parse_status("job J1 /w\nrank-0 running\nrank-1 confused\nrank-2 exited 1\n");
+        let states: Vec<_> = jobs[0]
+            .processes
+            .iter()
+            .map(|p| (p.stem.as_str(), p.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("rank-0", ProcState::Running),
+                ("rank-2", ProcState::Exited(1))
+            ]
+        );
+    }
+
     /// Runs `script` with `input` under `sh` in `dir`; returns stdout.
     fn run(dir: &std::path::Path, script: &Script, input: &[u8]) -> String {
         let out = crate::remote::run_here("sh", dir, script, input);
@@ -238,7 +327,7 @@ mod tests {
         parse_status(&out)
             .into_iter()
             .flat_map(|j| j.processes)
-            .map(|p| (p.stem, p.state))
+            .map(|p| (p.stem, p.state.to_string()))
             .collect()
     }
 
@@ -336,7 +425,7 @@ mod tests {
         let workdir = dir.path().to_str().unwrap();
         run(
             dir.path(),
-            &signal_script(workdir, "J4", &["rank-0".to_string()], "KILL"),
+            &signal_script(workdir, "J4", &["rank-0".to_string()], Signal::Kill),
             b"",
         );
         wait_for("J4 did not end", || {
@@ -423,13 +512,13 @@ mod tests {
         let stems = ["rank-0".to_string()];
         run(
             dir.path(),
-            &signal_script(workdir, "J2", &stems, "TERM"),
+            &signal_script(workdir, "J2", &stems, Signal::Term),
             b"",
         );
         assert!(alive(), "the worker ignores TERM");
         run(
             dir.path(),
-            &signal_script(workdir, "J2", &stems, "KILL"),
+            &signal_script(workdir, "J2", &stems, Signal::Kill),
             b"",
         );
         wait_for("the worker survived KILL", || !alive());
@@ -468,7 +557,7 @@ mod tests {
         let workdir = dir.path().to_str().unwrap();
         run(
             dir.path(),
-            &signal_script(workdir, "J3", &["rank-0".to_string()], "KILL"),
+            &signal_script(workdir, "J3", &["rank-0".to_string()], Signal::Kill),
             b"",
         );
         assert!(

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::follow::Event;
 use super::plan::JobPlan;
-use super::remote::{parse_status, signal_script, status_script, stem};
+use super::remote::{ProcState, Signal, parse_status, signal_script, status_script, stem};
 use super::training::Training;
 use crate::output::{Labels, LineSplitter, Printer, Stream, sanitize};
 use crate::remote::{self, Script};
@@ -260,7 +260,7 @@ impl Supervisor<'_> {
                     } else if !killed {
                         killed = true;
                         self.printer.warn("killing every process now (Ctrl-C again to leave without waiting)");
-                        stopping.push(Box::pin(self.signal_all("KILL")));
+                        stopping.push(Box::pin(self.signal_all(Signal::Kill)));
                     } else {
                         self.printer.warn("leaving without waiting: processes may still be running; see fleet ps");
                         break;
@@ -291,7 +291,7 @@ impl Supervisor<'_> {
                 () = sleep_until(kill_at), if kill_at.is_some() && !killed => {
                     killed = true;
                     self.printer.warn(&format!("processes still running after {}s: killing them", self.grace.as_secs()));
-                    stopping.push(Box::pin(self.signal_all("KILL")));
+                    stopping.push(Box::pin(self.signal_all(Signal::Kill)));
                 }
                 Some(()) = stopping.next(), if !stopping.is_empty() => {}
             }
@@ -342,7 +342,7 @@ impl Supervisor<'_> {
         if kill_at.is_some() {
             return false;
         }
-        stopping.push(Box::pin(self.signal_all("TERM")));
+        stopping.push(Box::pin(self.signal_all(Signal::Term)));
         *kill_at = Some(tokio::time::Instant::now() + self.grace);
         true
     }
@@ -451,7 +451,7 @@ impl Supervisor<'_> {
                         states
                             .iter()
                             .flat_map(|j| &j.processes)
-                            .any(|s| s.stem == stem && s.state == "lost")
+                            .any(|s| s.stem == stem && s.state == ProcState::Lost)
                     })
                     .map(|p| p.index)
                     .collect()
@@ -464,7 +464,7 @@ impl Supervisor<'_> {
     }
 
     /// Sends `signal` to every process group of the job on every host still connected.
-    async fn signal_all(&self, signal: &'static str) {
+    async fn signal_all(&self, signal: Signal) {
         let signals = self
             .sessions
             .iter()
@@ -474,8 +474,9 @@ impl Supervisor<'_> {
                 let script = signal_script(&self.workdirs[host], &self.job.job_id, &stems, signal);
                 if let Err(e) = session.capture(&script).await {
                     self.printer.warn(&format!(
-                        "{}: could not send SIG{signal}: {e}",
-                        self.host_names[host]
+                        "{}: could not send SIG{}: {e}",
+                        self.host_names[host],
+                        signal.name()
                     ));
                 }
             });
