@@ -27,9 +27,15 @@ pub async fn run(fleet: &Fleet, args: &NetArgs) -> Result<ExitCode> {
     let (targets, connected) = fleet.connect_all(&inventory).await?;
     // Every host must answer: one that does not is reported, and the sessions opened to the
     // others are closed before fleet says so.
-    let (sessions, unreachable): (Vec<_>, Vec<_>) = connected.into_iter().partition(Result::is_ok);
-    let sessions: Vec<crate::ssh::Session> = sessions.into_iter().filter_map(Result::ok).collect();
-    if let Some(Err(e)) = unreachable.into_iter().next() {
+    let mut sessions = Vec::with_capacity(connected.len());
+    let mut unreachable = None;
+    for result in connected {
+        match result {
+            Ok(session) => sessions.push(session),
+            Err(e) => unreachable = unreachable.or(Some(e)),
+        }
+    }
+    if let Some(e) = unreachable {
         for session in sessions {
             session.close().await;
         }

@@ -164,21 +164,15 @@ impl std::fmt::Display for ProcState {
     }
 }
 
-impl serde::Serialize for ProcState {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
 /// How a process of a job stands on its host.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProcessState {
     pub stem: String,
     pub state: ProcState,
 }
 
 /// A job as one host knows it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobState {
     pub job_id: String,
     /// The job folder's absolute path on the host.
