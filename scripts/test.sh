@@ -2,7 +2,7 @@
 # test.sh: the one test command. Installs what is missing (scripts/setup.sh), checks formatting,
 # clippy (warnings are errors) and shellcheck, brings up a test bed of three OpenSSH hosts of its
 # own, runs every test, and always takes the test bed down again.
-# Extra arguments go to `cargo test` (e.g. scripts/test.sh --test exec).
+# Extra arguments go to `cargo test` (e.g. scripts/test.sh --test it exec:: runs one topic).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

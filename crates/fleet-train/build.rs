@@ -70,7 +70,7 @@ fn build_shim() -> Result<(), String> {
     build.compile("c10d_shim");
 
     let out = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?);
-    // The shim's symbol test (tests/train_shim.rs) inspects these two files.
+    // The shim's symbol test (tests/it/train_shim.rs) inspects these two files.
     println!(
         "cargo:rustc-env=FLEET_SHIM_ARCHIVE={}",
         out.join("libc10d_shim.a").display()

@@ -5,9 +5,12 @@
 //! The binaries are the workspace's own, next to the test executable (`target/<profile>/`):
 //! `cargo test --workspace` builds both, since both packages have integration tests.
 
+use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// One host of the test bed, as `scripts/testbed.sh` wrote it to hosts.tsv.
 #[derive(Clone, Debug)]
@@ -48,8 +51,58 @@ pub struct Testbed {
     pub hosts: Vec<TestHost>,
 }
 
+/// The test bed's lock: tests that only use it share it, a test that changes it for everyone has
+/// it alone.
+static BED: RwLock<()> = RwLock::new(());
+
+/// What the current test holds of the test bed. libtest runs every test on a thread of its own,
+/// so the hold ends with the test, passed or failed.
+enum Hold {
+    Shared(#[allow(dead_code)] RwLockReadGuard<'static, ()>),
+    Alone(#[allow(dead_code)] RwLockWriteGuard<'static, ()>),
+}
+
+thread_local! {
+    static HOLD: RefCell<Option<Hold>> = const { RefCell::new(None) };
+}
+
 impl Testbed {
+    /// The test bed, shared with the tests running beside this one.
     pub fn get() -> Testbed {
+        HOLD.with(|hold| {
+            let mut hold = hold.borrow_mut();
+            if hold.is_none() {
+                *hold = Some(Hold::Shared(
+                    BED.read().unwrap_or_else(PoisonError::into_inner),
+                ));
+            }
+        });
+        Testbed::read()
+    }
+
+    /// The test bed for this test alone, for a test that changes it for everyone (stops a host,
+    /// cuts, shapes or walls a link, counts sshd processes): waits until no other test uses it
+    /// and keeps them out until this test ends. It must come before any other use of the bed.
+    pub fn alone() -> Testbed {
+        HOLD.with(|hold| {
+            let mut hold = hold.borrow_mut();
+            match *hold {
+                Some(Hold::Alone(_)) => {}
+                Some(Hold::Shared(_)) => {
+                    panic!("Testbed::alone() must come before the test's first Testbed::get()")
+                }
+                None => {
+                    *hold = Some(Hold::Alone(
+                        BED.write().unwrap_or_else(PoisonError::into_inner),
+                    ))
+                }
+            }
+        });
+        Testbed::read()
+    }
+
+    /// The test bed as scripts/testbed.sh described it in `$TB_DIR`.
+    fn read() -> Testbed {
         let dir = PathBuf::from(
             std::env::var_os("TB_DIR").unwrap_or_else(|| "/tmp/fleet-testbed".into()),
         );
@@ -141,6 +194,42 @@ impl Testbed {
             .unwrap();
         assert!(status.success(), "testbed.sh {args:?} failed");
     }
+}
+
+/// A master port for one test's job, used by no other test of this run (29600 and up), so jobs
+/// can run side by side: `fleet check` and rank 0 listen on it.
+pub fn own_master_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(29600);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A turn with the inventory's default master port, 29500, for the tests whose inventory
+/// keeps it (as the README's does) or that hold it on a host: they take turns.
+pub fn default_master_port() -> MutexGuard<'static, ()> {
+    static PORT_29500: Mutex<()> = Mutex::new(());
+    PORT_29500.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// insta settings for snapshots of what fleet printed on the test bed: the hosts' addresses, key
+/// fingerprints, master ports, job ids, temporary folders and times become placeholders, so
+/// that a snapshot holds only what reads the same in every run. Bind them around
+/// `insta::assert_snapshot!`.
+pub fn redactions(tb: &Testbed) -> insta::Settings {
+    let mut settings = insta::Settings::clone_current();
+    // Every test's job has a master port of its own (own_master_port). First, as the addresses
+    // become words with a space.
+    settings.add_filter(r"(MASTER_ADDR \S+):\d+", "$1:[port]");
+    for host in &tb.hosts {
+        settings.add_filter(
+            &format!(r"\b{}\b", host.addr.replace('.', r"\.")),
+            format!("[{} address]", host.name),
+        );
+    }
+    settings.add_filter(r"SHA256:[A-Za-z0-9+/]+", "SHA256:[fingerprint]");
+    settings.add_filter(r"\b\d{8}-\d{6}-[0-9a-z]+\b", "[job id]");
+    settings.add_filter(r"/tmp/\.tmp[0-9A-Za-z]+", "[temporary folder]");
+    settings.add_filter(r"\b\d+(\.\d+)? ?(ms|s)\b", "[time]");
+    settings
 }
 
 /// The workspace's root.
@@ -298,6 +387,28 @@ impl Run {
                 record
             })
             .collect()
+    }
+
+    /// Fails the test, showing all of stderr, unless stderr contains `needle`.
+    #[track_caller]
+    pub fn assert_stderr_contains(&self, needle: &str) -> &Run {
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}\n--- stderr\n{}",
+            self.stderr
+        );
+        self
+    }
+
+    /// Fails the test, showing all of stdout, unless stdout contains `needle`.
+    #[track_caller]
+    pub fn assert_stdout_contains(&self, needle: &str) -> &Run {
+        assert!(
+            self.stdout.contains(needle),
+            "stdout lacks {needle:?}\n--- stdout\n{}",
+            self.stdout
+        );
+        self
     }
 
     #[track_caller]

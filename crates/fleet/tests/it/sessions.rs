@@ -1,12 +1,14 @@
 //! Runs back to back leak no SSH session (sshd allows 10 per connection) and no process.
-//! Alone in its test binary: it counts sshd processes, which tests running beside it would add.
+//! It has the test bed alone (`Testbed::alone`): it counts sshd processes, which tests running
+//! beside it would add.
 
 use fleet_testkit as common;
 
-use common::Project;
+use common::{Project, Testbed};
 
 #[test]
 fn runs_back_to_back_leave_no_session_behind() {
+    Testbed::alone();
     let job = Project::new("run-repeat");
     job.write("README", "a job\n");
     let sessions = |job: &Project| -> Vec<usize> {

@@ -1,6 +1,6 @@
 //! `fleet net` against the test bed with one host's link shaped to 100 Mbit/s (tbf on both
 //! ends of its veth): every pair of hosts, and the master with each other host. It shapes the
-//! test bed, so it lives in a test binary of its own.
+//! test bed, so it has the bed alone (`Testbed::alone`).
 
 use fleet_testkit as common;
 
@@ -10,7 +10,7 @@ use serde_json::Value;
 
 #[test]
 fn a_shaped_link_is_measured_near_its_rate_and_the_others_far_above() {
-    let tb = Testbed::get();
+    let tb = Testbed::alone();
     tb.control(&["shape", "host2", "100mbit"]);
     let _restore = Restore {
         tb: &tb,

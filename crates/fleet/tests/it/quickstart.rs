@@ -44,6 +44,8 @@ dist.destroy_process_group()
 
 #[test]
 fn the_readme_quick_start_works_on_the_test_bed_as_printed() {
+    // The README's inventory keeps the default master port.
+    let _turn = common::default_master_port();
     let laptop = Laptop::new();
     laptop.write("02_finetune_distributed.py", SCRIPT);
     let mut done = Vec::new();
@@ -253,13 +255,9 @@ impl Laptop {
         let run = self.shell(command);
         run.assert_code(0);
         for node in ["node1", "node2", "node3"] {
-            assert!(
-                run.stdout.contains(&format!(
-                    "{node} | Requirement already satisfied: torch==2.11.0 in /opt/fleet/torch-venv/"
-                )),
-                "{}",
-                run.stdout
-            );
+            run.assert_stdout_contains(&format!(
+                "{node} | Requirement already satisfied: torch==2.11.0 in /opt/fleet/torch-venv/"
+            ));
         }
         "torch"
     }
@@ -329,11 +327,7 @@ impl Laptop {
                 "a raw event was shown:\n{text}"
             );
         }
-        assert!(
-            run.stderr.contains("training: epoch 3/3  step "),
-            "{}",
-            run.stderr
-        );
+        run.assert_stderr_contains("training: epoch 3/3  step ");
         let accuracy: f64 = run
             .stderr
             .split("training: final validation accuracy ")
@@ -343,7 +337,7 @@ impl Laptop {
             .unwrap_or_else(|| panic!("no final accuracy:\n{}", run.stderr));
         assert!(accuracy > 0.9, "{accuracy}");
         // "fleet run starts every rank at once (start skew is printed)".
-        assert!(run.stderr.contains(", start skew "), "{}", run.stderr);
+        run.assert_stderr_contains(", start skew ");
         let job = self.last_job();
         for file in ["summary.json", "training.svg", "merged.log"] {
             assert!(
@@ -360,11 +354,7 @@ impl Laptop {
             .filter(|l| l.contains("\"event\":\"summary\"") && l.contains("\"comm_fraction\":"))
             .count();
         assert_eq!(summaries, 3, "{log}");
-        assert!(
-            run.stderr.contains("samples/s   step ms   comm"),
-            "{}",
-            run.stderr
-        );
+        run.assert_stderr_contains("samples/s   step ms   comm");
         "train"
     }
 

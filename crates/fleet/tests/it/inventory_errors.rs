@@ -1,5 +1,5 @@
 //! Every inventory mistake gets one clear message naming the file, line and column.
-//! The messages are snapshots (tests/snapshots/): a change to any of them shows up in review.
+//! The messages are snapshots (tests/it/snapshots/): a change to any of them shows up in review.
 
 use fleet_testkit as common;
 
@@ -132,10 +132,5 @@ fn huge_and_deeply_nested_inventories_get_an_error_not_a_crash() {
     std::fs::write(&huge, format!("[fleet]\n{}", "# padding\n".repeat(200_000))).unwrap();
     let run = Fleet::new().arg("-i").arg(&huge).arg("inventory").run();
     run.assert_code(2);
-    assert!(
-        run.stderr
-            .contains("is 2000008 bytes; an inventory is at most 1048576 bytes"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("is 2000008 bytes; an inventory is at most 1048576 bytes");
 }

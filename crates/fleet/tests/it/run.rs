@@ -4,7 +4,6 @@
 use fleet_testkit as common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{Project, await_lines, interrupt, wait};
@@ -12,10 +11,9 @@ use common::{Project, await_lines, interrupt, wait};
 /// A project with one file and a master port of its own: tests run side by side, and
 /// `fleet check` listens on the master port.
 fn job(name: &str) -> Project {
-    static NEXT_PORT: AtomicU16 = AtomicU16::new(29600);
     let project = Project::new(name);
     project.write("README", "a job\n");
-    let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+    let port = common::own_master_port();
     project.edit_inventory(|text| {
         text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1)
     });
@@ -145,18 +143,9 @@ fn the_first_failure_stops_every_rank_and_its_code_is_fleets() {
         .fleet(&["run", "--grace", "2", "--", "sh", "-c", script])
         .run();
     run.assert_code(3);
-    assert!(
-        run.stderr
-            .contains("rank 1 on host2 exited with 3; stopping the other processes"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr
-            .contains("last 1 lines of rank 1:\n  about to fail"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("rank 1 on host2 exited with 3; stopping the other processes");
+    run.assert_stderr_contains("last 1 lines of rank 1:\n  about to fail");
+    common::redactions(&job.tb).bind(|| insta::assert_snapshot!("failed_rank", run.stderr));
     assert_eq!(job.remaining("sleep 6001"), Vec::<String>::new());
 }
 
@@ -198,7 +187,8 @@ fn a_second_job_in_the_same_workdir_is_refused_by_name() {
     await_lines(&mut stdout, "ready", 3);
     let second = job.fleet(&["run", "--no-sync", "--", "true"]).run();
     second.assert_code(1);
-    assert!(second.stderr.contains("host1: job 20"), "{}", second.stderr);
+    second.assert_stderr_contains("host1: job 20");
+    common::redactions(&job.tb).bind(|| insta::assert_snapshot!("busy_workdir", second.stderr));
     assert!(
         second
             .stderr
@@ -286,11 +276,7 @@ fn a_killed_laptop_loses_nothing_and_logs_reattach() {
     // A rank the job does not have is a usage mistake.
     let none = job.fleet(&["logs", "--rank", "99"]).run();
     none.assert_code(2);
-    assert!(
-        none.stderr.contains("no process found with rank 99"),
-        "{}",
-        none.stderr
-    );
+    none.assert_stderr_contains("no process found with rank 99");
 }
 
 /// fleet-train's JSON events are for machines: `fleet run` and `fleet logs` show them as
@@ -498,11 +484,7 @@ fn sixteen_ranks_on_three_hosts_start_and_stop_cleanly() {
         ])
         .run();
     stopped.assert_code(4);
-    assert!(
-        stopped.stderr.contains("rank 9 on host2 exited with 4"),
-        "{}",
-        stopped.stderr
-    );
+    stopped.assert_stderr_contains("rank 9 on host2 exited with 4");
     assert_eq!(job.remaining("sleep 6020"), Vec::<String>::new());
 }
 
@@ -898,12 +880,7 @@ fn a_rank_killed_with_its_wrapper_is_noticed_and_the_job_stops() {
     assert_eq!(job.remaining("sleep 6031"), Vec::<String>::new());
     // fleet logs -f shows what there is and does not wait for an exit status that cannot come.
     let logs = job.fleet(&["logs", "-f"]).run();
-    assert!(
-        logs.stderr
-            .contains("host2: rank 1 is gone without an exit status"),
-        "{}",
-        logs.stderr
-    );
+    logs.assert_stderr_contains("host2: rank 1 is gone without an exit status");
     assert_eq!(logs.stdout.matches("ready").count(), 3, "{}", logs.stdout);
 }
 
@@ -1347,11 +1324,7 @@ fn a_start_failure_on_one_host_stops_the_job_and_names_the_host() {
         ])
         .run();
     run.assert_code(1);
-    assert!(
-        run.stderr.contains("host3: could not start the job"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("host3: could not start the job");
     assert!(
         !run.stderr.contains("host1: could not start"),
         "{}",
@@ -1422,11 +1395,7 @@ fn a_stale_pid_is_lost_and_never_signalled() {
     );
     let ps = job.fleet(&["--json", "ps"]).run();
     ps.assert_code(0);
-    assert!(
-        ps.stdout.contains("\"job\":\"20260101-000000-dead\",\"host\":\"host1\",\"process\":\"rank-0\",\"state\":\"lost\""),
-        "{}",
-        ps.stdout
-    );
+    ps.assert_stdout_contains("\"job\":\"20260101-000000-dead\",\"host\":\"host1\",\"process\":\"rank-0\",\"state\":\"lost\"");
     let stop = job
         .fleet(&["stop", "--grace", "1", "20260101-000000-dead"])
         .run();
@@ -1565,7 +1534,7 @@ fn a_failing_activate_line_is_named_per_host_and_nothing_starts() {
             &[("node2", host), ("/opt/venv/", "/nonexistent/venv/")],
         );
     }
-    assert!(run.stderr.contains("nothing was started"), "{}", run.stderr);
+    run.assert_stderr_contains("nothing was started");
     assert!(!run.stdout.contains("started"), "{}", run.stdout);
     assert_eq!(job.remaining("sleep 6160"), Vec::<String>::new());
 }
@@ -1599,12 +1568,7 @@ fn a_missing_program_names_itself_the_host_and_the_activate_fix() {
         "{}",
         run.stderr
     );
-    assert!(
-        run.stderr
-            .contains("set activate = \"...\" in the inventory"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("set activate = \"...\" in the inventory");
     common::assert_says(
         &run.stderr,
         &common::readme_quote("fleet: torchrun: not found on this host"),
@@ -1619,13 +1583,7 @@ fn a_missing_program_names_itself_the_host_and_the_activate_fix() {
     .unwrap();
     let run = job.fleet(&["run", "--no-check", "--", "my-trainer"]).run();
     run.assert_code(127);
-    assert!(
-        run.stderr.contains(
-            "fleet: my-trainer: not found on the PATH of this host, but the workdir has ./my-trainer: start it as ./my-trainer"
-        ),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("fleet: my-trainer: not found on the PATH of this host, but the workdir has ./my-trainer: start it as ./my-trainer");
     job.fleet(&["run", "--no-check", "--", "./my-trainer"])
         .run()
         .assert_code(0);

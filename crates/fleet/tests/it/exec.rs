@@ -116,24 +116,11 @@ fn failed_hosts_are_named_and_the_exit_is_non_zero() {
         ],
     );
     run.assert_code(1);
-    assert!(run.stdout.contains("host1 | ok"));
-    assert!(run.stdout.contains("host2 | bad"));
-    assert!(
-        run.stderr.contains("host2: exited with 3"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains("host3: killed by SIGTERM"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr
-            .contains("2 of 3 hosts failed: host2 (exit 3), host3 (killed by SIGTERM)"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stdout_contains("host1 | ok");
+    run.assert_stdout_contains("host2 | bad");
+    run.assert_stderr_contains("host2: exited with 3");
+    run.assert_stderr_contains("host3: killed by SIGTERM");
+    run.assert_stderr_contains("2 of 3 hosts failed: host2 (exit 3), host3 (killed by SIGTERM)");
     assert!(!run.stderr.contains("host1:"), "{}", run.stderr);
 }
 
@@ -216,9 +203,10 @@ fn unknown_host_key_is_refused_and_nothing_runs() {
             "{}: host key of {} is not known. It offers ssh-ed25519 key SHA256:",
             h.name, h.addr
         );
-        assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
+        run.assert_stderr_contains(&needle);
     }
-    assert!(run.stderr.contains("--accept-new-host-keys"));
+    run.assert_stderr_contains("--accept-new-host-keys");
+    common::redactions(&tb).bind(|| insta::assert_snapshot!("unknown_host_key", run.stderr));
     assert!(
         !std::path::Path::new(&marker).exists(),
         "a command ran on a host with an unknown key"
@@ -303,13 +291,8 @@ fn changed_host_key_is_refused_loudly_and_never_overwritten() {
         .args(["--accept-new-host-keys", "exec", "--", "hostname"])
         .run();
     run.assert_code(3);
-    assert!(
-        run.stderr
-            .contains(&format!("host1: HOST KEY CHANGED for {}!", host1.addr)),
-        "{}",
-        run.stderr
-    );
-    assert!(run.stderr.contains("ssh-keygen -R"), "{}", run.stderr);
+    run.assert_stderr_contains(&format!("host1: HOST KEY CHANGED for {}!", host1.addr));
+    run.assert_stderr_contains("ssh-keygen -R");
     assert_eq!(run.sorted_stdout(), ["host2 | host2", "host3 | host3"]);
     assert_eq!(
         std::fs::read_to_string(&known_hosts).unwrap(),
@@ -342,7 +325,7 @@ fn wrong_client_key_is_refused_with_each_host_named() {
             h.name,
             stranger.display()
         );
-        assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
+        run.assert_stderr_contains(&needle);
     }
 }
 
@@ -363,12 +346,7 @@ fn encrypted_key_without_a_terminal_says_what_to_do() {
         .args(["exec", "--", "hostname"])
         .run();
     run.assert_code(3);
-    assert!(
-        run.stderr
-            .contains("encrypted; add it to ssh-agent with `ssh-add"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("encrypted; add it to ssh-agent with `ssh-add");
     assert!(!run.stderr.contains("correct horse"));
 }
 
@@ -667,16 +645,8 @@ fn a_revoked_host_key_is_refused() {
         ])
         .run();
     run.assert_code(3);
-    assert!(
-        run.stderr.contains("host2: host key SHA256:"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains("is marked @revoked in"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("host2: host key SHA256:");
+    run.assert_stderr_contains("is marked @revoked in");
     assert!(!std::path::Path::new(&format!("{marker}-host2")).exists());
     assert!(std::path::Path::new(&format!("{marker}-host1")).exists());
     let _ = std::fs::remove_file(format!("{marker}-host1"));
@@ -695,16 +665,8 @@ fn one_argument_with_spaces_is_a_shell_line() {
         .run();
     run.assert_code(0);
     for host in ["host1", "host2", "host3"] {
-        assert!(
-            run.stdout.contains(&format!("{host} | one\n")),
-            "{}",
-            run.stdout
-        );
-        assert!(
-            run.stdout.contains(&format!("{host} | TWO\n")),
-            "{}",
-            run.stdout
-        );
+        run.assert_stdout_contains(&format!("{host} | one\n"));
+        run.assert_stdout_contains(&format!("{host} | TWO\n"));
     }
     let words = Fleet::new()
         .arg("-i")
@@ -727,12 +689,7 @@ fn usage_mistakes_exit_2() {
     let fleet = || Fleet::new().arg("-i").arg(tb.inventory());
     let run = fleet().args(["run"]).run();
     run.assert_code(2);
-    assert!(
-        run.stderr
-            .contains("no command to run: give one after `--`"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("no command to run: give one after `--`");
     let timeout = fleet()
         .args(["--connect-timeout", "0", "exec", "--", "true"])
         .run();
@@ -787,13 +744,8 @@ fn exec_runs_inside_activate_unless_told_not_to() {
         .run();
     run.assert_code(1);
     assert!(!run.stdout.contains("ran"), "{}", run.stdout);
-    assert!(
-        run.stderr
-            .contains("fleet: activate = \". /nonexistent/venv/bin/activate\" failed"),
-        "{}",
-        run.stderr
-    );
-    assert!(run.stderr.contains("exited with 126"), "{}", run.stderr);
+    run.assert_stderr_contains("fleet: activate = \". /nonexistent/venv/bin/activate\" failed");
+    run.assert_stderr_contains("exited with 126");
     let run = Fleet::new()
         .arg("-i")
         .arg(&bad)

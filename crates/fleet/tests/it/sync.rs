@@ -307,21 +307,9 @@ fn dry_run_changes_nothing_and_verify_finds_differences() {
 
     let dry = p.fleet(&["sync", "--dry-run"]).run();
     dry.assert_code(0);
-    assert!(
-        dry.stdout.contains("host1\tsend\tnew.txt\tnew 4 B"),
-        "{}",
-        dry.stdout
-    );
-    assert!(
-        dry.stdout.contains("host3\tsend\tdata.csv\tdrift"),
-        "{}",
-        dry.stdout
-    );
-    assert!(
-        dry.stdout.contains("host3\textraneous\tstray.txt"),
-        "{}",
-        dry.stdout
-    );
+    dry.assert_stdout_contains("host1\tsend\tnew.txt\tnew 4 B");
+    dry.assert_stdout_contains("host3\tsend\tdata.csv\tdrift");
+    dry.assert_stdout_contains("host3\textraneous\tstray.txt");
     assert!(
         !Path::new(&p.workdir("host1")).join("new.txt").exists(),
         "dry run wrote a file"
@@ -344,26 +332,18 @@ fn dry_run_changes_nothing_and_verify_finds_differences() {
 
     let run = p.fleet(&["sync"]).run();
     run.assert_code(0);
-    assert!(run.stderr.contains("host3: 1 path(s) on the host are not in the project (kept; --delete removes those an earlier sync put there): stray.txt"), "{}", run.stderr);
+    run.assert_stderr_contains("host3: 1 path(s) on the host are not in the project (kept; --delete removes those an earlier sync put there): stray.txt");
     // stray.txt was never fleet's: --delete keeps it, and removes what a sync put there.
     std::fs::remove_file(p.root().join("keep.txt")).unwrap();
     let delete = p.fleet(&["sync", "--delete"]).run();
     delete.assert_code(0);
     for host in ["host1", "host2", "host3"] {
-        assert!(
-            delete.stderr.contains(&format!(
-                "{host}: --delete removes 1 path(s) an earlier sync put there: keep.txt"
-            )),
-            "{}",
-            delete.stderr
-        );
+        delete.assert_stderr_contains(&format!(
+            "{host}: --delete removes 1 path(s) an earlier sync put there: keep.txt"
+        ));
         assert!(!Path::new(&p.workdir(host)).join("keep.txt").exists());
     }
-    assert!(
-        delete.stderr.contains("host3: 1 path(s) on the host are not in the project and no sync put them there (kept): stray.txt"),
-        "{}",
-        delete.stderr
-    );
+    delete.assert_stderr_contains("host3: 1 path(s) on the host are not in the project and no sync put them there (kept): stray.txt");
     assert!(Path::new(&p.workdir("host3")).join("stray.txt").exists());
     let verify = p.fleet(&["sync", "--verify"]).run();
     verify.assert_code(1);
@@ -386,12 +366,7 @@ fn a_home_directory_is_never_a_workdir() {
     std::fs::write(&p.inventory, &home).unwrap();
     let run = p.fleet(&["sync", "--delete", "--yes"]).run();
     run.assert_code(2);
-    assert!(
-        run.stderr
-            .contains("fleet.toml:7:11: workdir \"~\" is the home directory"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("fleet.toml:7:11: workdir \"~\" is the home directory");
     // A link to the home directory, given as the workdir of host1.
     let link = format!("/tmp/fleet-tests/home-workdir-link-{}", std::process::id());
     p.tb.ssh("host1", &format!("ln -sfn /root {link}"));
@@ -403,11 +378,9 @@ fn a_home_directory_is_never_a_workdir() {
     std::fs::write(&p.inventory, linked).unwrap();
     let run = p.fleet(&["sync", "--delete", "--yes"]).run();
     run.assert_code(1);
-    assert!(
-        run.stderr.contains(&format!("host1: workdir {link} is /root: the root folder, the home directory or a folder above it")),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains(&format!(
+        "host1: workdir {link} is /root: the root folder, the home directory or a folder above it"
+    ));
     assert_eq!(p.tb.ssh("host1", "cat ~/precious/thesis.txt"), "mine\n");
     p.tb.ssh("host1", &format!("rm -f {link}; rm -rf ~/precious"));
 }
@@ -423,11 +396,7 @@ fn a_folder_that_was_never_fleets_is_adopted_only_when_asked() {
     std::fs::write(Path::new(&host1).join("notes.txt"), "mine\n").unwrap();
     let run = p.fleet(&["sync"]).run();
     run.assert_code(1);
-    assert!(
-        run.stderr.contains(&format!("host1: workdir {host1} holds files but was never synced by fleet (it has no .fleet folder): refused")),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains(&format!("host1: workdir {host1} holds files but was never synced by fleet (it has no .fleet folder): refused"));
     assert!(
         !Path::new(&host1).join("a.txt").exists(),
         "the refused host was changed"
@@ -479,11 +448,7 @@ fn a_running_jobs_checkpoint_is_never_deleted() {
     }
     let run = p.fleet(&["sync", "--delete", "--yes"]).run();
     run.assert_code(1);
-    assert!(
-        run.stderr.contains(&format!("host1: job {job} is still running in {} and --delete could remove what it writes: nothing was changed", p.workdir("host1"))),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains(&format!("host1: job {job} is still running in {} and --delete could remove what it writes: nothing was changed", p.workdir("host1")));
     p.fleet(&["stop", "--grace", "1", &job])
         .run()
         .assert_code(0);
@@ -496,12 +461,7 @@ fn a_running_jobs_checkpoint_is_never_deleted() {
             "{host}"
         );
     }
-    assert!(
-        run.stderr
-            .contains("no sync put them there (kept): checkpoints"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("no sync put them there (kept): checkpoints");
 }
 
 /// A name holding a newline (or a backslash) is hashed on the host by a tool that writes it as
@@ -537,11 +497,8 @@ fn a_missing_source_or_a_link_out_of_the_tree_is_refused_by_name() {
     symlink("/etc/passwd", p.root().join("passwd")).unwrap();
     let run = p.fleet(&["sync"]).run();
     run.assert_code(2);
-    assert!(
-        run.stderr
-            .contains("passwd: symlink to \"/etc/passwd\" points outside the synced folder"),
-        "{}",
-        run.stderr
+    run.assert_stderr_contains(
+        "passwd: symlink to \"/etc/passwd\" points outside the synced folder",
     );
 
     let gone = p.root().join("gone");
@@ -552,14 +509,10 @@ fn a_missing_source_or_a_link_out_of_the_tree_is_refused_by_name() {
     std::fs::write(&p.inventory, text).unwrap();
     let run = p.fleet(&["sync"]).run();
     run.assert_code(2);
-    assert!(
-        run.stderr.contains(&format!(
-            "sync source {} does not exist or is not a folder",
-            gone.display()
-        )),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains(&format!(
+        "sync source {} does not exist or is not a folder",
+        gone.display()
+    ));
 }
 
 /// On a terminal `--delete` lists what it would remove and asks; "n" removes nothing. A name
@@ -739,11 +692,7 @@ fn sha256sums(out: &str) -> BTreeMap<String, String> {
 #[test]
 fn pull_brings_home_what_the_job_wrote_verified_and_incremental() {
     let project = Project::new("pull");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::own_master_port();
     project.edit_inventory(|text| {
         text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1)
     });
@@ -828,14 +777,10 @@ fn pull_brings_home_what_the_job_wrote_verified_and_incremental() {
     // Mistakes: named, and nothing written.
     let missing = project.fleet(&["pull", "model", "outputs"]).run();
     missing.assert_code(1);
-    assert!(
-        missing.stderr.contains(&format!(
-            "host1: not in {}: outputs (did the job write it there?)",
-            project.workdir("host1")
-        )),
-        "{}",
-        missing.stderr
-    );
+    missing.assert_stderr_contains(&format!(
+        "host1: not in {}: outputs (did the job write it there?)",
+        project.workdir("host1")
+    ));
     for (args, says) in [
         (
             &["pull", "../other"][..],

@@ -70,11 +70,7 @@ fn init_writes_a_working_inventory_and_records_new_keys() {
         .args(["init", "--hosts", &hosts(&tb)])
         .run();
     again.assert_code(2);
-    assert!(
-        again.stderr.contains("exists already; pass --force"),
-        "{}",
-        again.stderr
-    );
+    again.assert_stderr_contains("exists already; pass --force");
 }
 
 #[test]
@@ -181,16 +177,8 @@ fn init_beside_the_project_syncs_the_project_and_keys_are_never_sent() {
         .args(["-i", "fleet.toml", "sync", "--dry-run"])
         .run();
     dry.assert_code(0);
-    assert!(
-        dry.stdout.contains("node1\tsend\ttrain.py"),
-        "{}",
-        dry.stdout
-    );
-    assert!(
-        dry.stdout.contains("node1\tsend\tfleet.toml"),
-        "{}",
-        dry.stdout
-    );
+    dry.assert_stdout_contains("node1\tsend\ttrain.py");
+    dry.assert_stdout_contains("node1\tsend\tfleet.toml");
     assert!(!dry.stdout.contains(".ssh"), "{}", dry.stdout);
 
     // The folder above, the home directory, is refused as a source.
@@ -204,12 +192,7 @@ fn init_beside_the_project_syncs_the_project_and_keys_are_never_sent() {
         .args(["-i", "fleet.toml", "sync", "--dry-run"])
         .run();
     wide.assert_code(2);
-    assert!(
-        wide.stderr
-            .contains("is your home directory: fleet would send everything in it"),
-        "{}",
-        wide.stderr
-    );
+    wide.assert_stderr_contains("is your home directory: fleet would send everything in it");
 
     // A project with keys in it is refused, naming them, until they are excluded.
     std::fs::create_dir_all(project.join(".ssh")).unwrap();
@@ -221,12 +204,8 @@ fn init_beside_the_project_syncs_the_project_and_keys_are_never_sent() {
         .args(["-i", "fleet.toml", "sync", "--dry-run"])
         .run();
     keys.assert_code(2);
-    assert!(
-        keys.stderr.contains(
-            "holds what looks like secrets: .ssh/, id_ed25519; add them to [sync] exclude"
-        ),
-        "{}",
-        keys.stderr
+    keys.assert_stderr_contains(
+        "holds what looks like secrets: .ssh/, id_ed25519; add them to [sync] exclude",
     );
     let excluded = text.replace("exclude = [", "exclude = [\".ssh/\", \"id_ed25519\", ");
     std::fs::write(project.join("fleet.toml"), excluded).unwrap();

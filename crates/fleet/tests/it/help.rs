@@ -1,5 +1,5 @@
 //! Every `--help` as the user reads it, snapshotted: a change to a flag or its text shows up in
-//! review as a change to `tests/snapshots/help__*.snap`.
+//! review as a change to `tests/it/snapshots/it__help__*.snap`.
 
 use std::process::Command;
 

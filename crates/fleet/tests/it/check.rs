@@ -1,16 +1,13 @@
 //! `fleet check` on the test bed: hosts have private home directories, so per-host differences
-//! are planted there; firewall rules go into a host's own network namespace. The tests share
-//! the master port of host1, so they take turns.
+//! are planted there; firewall rules go into a host's own network namespace. The tests that keep
+//! the default master port take turns with it (`common::default_master_port`).
 
 use fleet_testkit as common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 
 use common::Project;
-
-static MASTER_PORT: Mutex<()> = Mutex::new(());
 
 /// A synced project with a `[[check]]` that reads /root/marker on each host, no marker planted.
 fn fixture(name: &str) -> Project {
@@ -30,15 +27,15 @@ fn fixture(name: &str) -> Project {
 
 #[test]
 fn healthy_hosts_pass_and_json_parses_line_by_line() {
-    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = common::default_master_port();
     let f = fixture("check-healthy");
     let run = f.fleet(&["check"]).run();
     run.assert_code(0);
-    assert!(run.stdout.contains("python"), "{}", run.stdout);
-    assert!(run.stdout.contains("reaches"), "{}", run.stdout);
-    assert!(run.stderr.contains("every check passed"), "{}", run.stderr);
+    run.assert_stdout_contains("python");
+    run.assert_stdout_contains("reaches");
+    run.assert_stderr_contains("every check passed");
     // What a host does not have is never ticked (the hosts' python3 has no transformers).
-    assert!(run.stdout.contains("– not installed"), "{}", run.stdout);
+    run.assert_stdout_contains("– not installed");
     assert!(!run.stdout.contains("✓ not installed"), "{}", run.stdout);
 
     let json = f.fleet(&["--json", "check"]).run();
@@ -61,22 +58,17 @@ fn healthy_hosts_pass_and_json_parses_line_by_line() {
 
 #[test]
 fn a_differing_probe_shows_every_hosts_value() {
-    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = common::default_master_port();
     let f = fixture("check-probe");
     f.tb.ssh("host2", "echo v2 > /root/marker");
     let run = f.fleet(&["check"]).run();
     run.assert_code(1);
-    assert!(
-        run.stderr
-            .contains("marker: differs: host1 none, host2 v2, host3 none"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("marker: differs: host1 none, host2 v2, host3 none");
 }
 
 #[test]
 fn a_different_python_first_on_path_is_named() {
-    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = common::default_master_port();
     let f = fixture("check-python");
     // host3's login shell puts another python3 first on PATH.
     f.tb.ssh("host3", "mkdir -p /root/bin && printf '#!/bin/sh\\necho python=3.9.18\\n' > /root/bin/python3 && chmod +x /root/bin/python3 && \
@@ -84,22 +76,20 @@ fn a_different_python_first_on_path_is_named() {
     let run = f.fleet(&["check"]).run();
     f.tb.ssh("host3", "rm -f /root/bin/python3");
     run.assert_code(1);
-    assert!(
-        run.stderr.contains("python: differs: host1 3."),
-        "{}",
-        run.stderr
-    );
-    assert!(run.stderr.contains("host3 3.9"), "{}", run.stderr);
+    run.assert_stderr_contains("python: differs: host1 3.");
+    run.assert_stderr_contains("host3 3.9");
 }
 
 #[test]
 fn a_firewall_on_one_host_is_named_with_the_port() {
-    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
     let f = fixture("check-firewall");
     // A master port of the inventory's own: the fix names that one.
-    f.edit_inventory(|text| text.replacen("[fleet]\n", "[fleet]\nmaster_port = 29612\n", 1));
+    let port = common::own_master_port().to_string();
+    f.edit_inventory(|text| {
+        text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1)
+    });
     let host3 = &f.tb.hosts[2];
-    let rule = ["-p", "tcp", "--dport", "29612", "-j", "DROP"];
+    let rule = ["-p", "tcp", "--dport", &port, "-j", "DROP"];
     let iptables = |action: &str| {
         let status = Command::new("ip")
             .args(["netns", "exec", &host3.netns, "iptables", action, "OUTPUT"])
@@ -113,10 +103,10 @@ fn a_firewall_on_one_host_is_named_with_the_port() {
     iptables("-D");
     run.assert_code(1);
     let needle = format!(
-        "host3 cannot reach {}:29612 (timed out: firewall?)",
+        "host3 cannot reach {}:{port} (timed out: firewall?)",
         f.tb.hosts[0].addr
     );
-    assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
+    run.assert_stderr_contains(&needle);
     common::assert_says(
         &run.stdout,
         &common::readme_quote("master port ✗ node2 cannot reach "),
@@ -124,26 +114,18 @@ fn a_firewall_on_one_host_is_named_with_the_port() {
             ("master port ✗ ", "master port ... ✗ "),
             ("node2", "host3"),
             ("192.168.1.100", &f.tb.hosts[0].addr),
-            ("29500", "29612"),
+            ("29500", &port),
         ],
     );
-    assert!(
-        run.stderr.contains("sudo ufw allow 29612/tcp"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains("-LocalPort 29612 -Action Allow"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains(&format!("sudo ufw allow {port}/tcp"));
+    run.assert_stderr_contains(&format!("-LocalPort {port} -Action Allow"));
     assert!(!run.stderr.contains("29500"), "{}", run.stderr);
     assert!(!run.stderr.contains("host2 cannot reach"), "{}", run.stderr);
 }
 
 #[test]
 fn a_taken_master_port_is_in_use() {
-    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = common::default_master_port();
     let f = fixture("check-in-use");
     // Something else listens on host1:29500 until its stdin closes.
     let holder_script = "import socket, sys; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 29500)); s.listen(); print('held', flush=True); sys.stdin.read()";
@@ -165,12 +147,7 @@ fn a_taken_master_port_is_in_use() {
     drop(holder.stdin.take());
     holder.wait().unwrap();
     run.assert_code(1);
-    assert!(
-        run.stderr
-            .contains("port 29500 is in use by python3 on host1"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("port 29500 is in use by python3 on host1");
     common::assert_says(
         &run.stdout,
         &common::readme_quote("master port ✗ port 29500 is in use"),
@@ -181,7 +158,7 @@ fn a_taken_master_port_is_in_use() {
 /// The README's troubleshooting row quotes `files ✗ 3 files to send`: that is what fleet says.
 #[test]
 fn files_not_yet_synced_are_counted_as_the_readme_quotes() {
-    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = common::default_master_port();
     let f = fixture("check-files-to-send");
     for name in ["one.csv", "two.csv", "three.csv"] {
         f.write(name, "x\n");
@@ -193,19 +170,15 @@ fn files_not_yet_synced_are_counted_as_the_readme_quotes() {
         readme.contains("`files ✗ 3 files to send`"),
         "the README no longer quotes it"
     );
-    assert!(run.stdout.contains("✗ 3 files to send"), "{}", run.stdout);
-    assert!(
-        run.stderr.contains("host1: files: 3 files to send"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stdout_contains("✗ 3 files to send");
+    run.assert_stderr_contains("host1: files: 3 files to send");
 }
 
 /// A job that runs Python needs torch on every host: on hosts whose login environment lacks it,
 /// fleet check fails on each with the fix; with `activate` reaching the venv, it passes.
 #[test]
 fn a_torch_job_fails_the_check_until_activate_reaches_torch() {
-    let _turn = MASTER_PORT.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = common::default_master_port();
     let f = fixture("check-needs-torch");
     f.edit_inventory(|text| {
         text.replacen(
@@ -224,11 +197,7 @@ fn a_torch_job_fails_the_check_until_activate_reaches_torch() {
             run.stderr
         );
     }
-    assert!(
-        run.stderr.contains("set activate = \"...\""),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("set activate = \"...\"");
     let venv = std::env::var("FLEET_TORCH_VENV").unwrap_or_else(|_| "/opt/fleet/torch-venv".into());
     f.edit_inventory(|text| {
         text.replacen(
@@ -239,5 +208,5 @@ fn a_torch_job_fails_the_check_until_activate_reaches_torch() {
     });
     let run = f.fleet(&["check"]).run();
     run.assert_code(0);
-    assert!(run.stdout.contains("2.11.0"), "{}", run.stdout);
+    run.assert_stdout_contains("2.11.0");
 }

@@ -74,12 +74,8 @@ fn a_full_disk_names_host_and_file_and_keeps_the_previous_version() {
     p.write("new/deeper/part.txt", "new\n");
     let run = p.sync();
     run.assert_code(1);
-    assert!(
-        run.stderr.contains("host1: model.bin: writing failed"),
-        "{}",
-        run.stderr
-    );
-    assert!(run.stderr.contains("disk full"), "{}", run.stderr);
+    run.assert_stderr_contains("host1: model.bin: writing failed");
+    run.assert_stderr_contains("disk full");
     assert!(
         !run.stderr.contains("host2:") && !run.stderr.contains("host3:"),
         "{}",
@@ -208,11 +204,8 @@ fn a_file_written_while_it_is_sent_is_named_and_never_lands() {
     let run = p.sync();
     assert!(watcher.join().unwrap(), "no upload was seen on host1");
     assert_eq!(run.code, Some(1), "{}", run.stderr);
-    assert!(
-        run.stderr
-            .contains("big.bin: changed while it was being sent; sync again once it is written"),
-        "{}",
-        run.stderr
+    run.assert_stderr_contains(
+        "big.bin: changed while it was being sent; sync again once it is written",
     );
     for h in ["host1", "host2", "host3"] {
         assert_eq!(p.leftovers(h), "", "{h}");
@@ -255,8 +248,8 @@ fn a_file_written_during_the_sync_is_named_and_not_half_sent() {
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
     assert_ne!(run.code, Some(0), "{}", run.stderr);
-    assert!(run.stderr.contains("growing.log"), "{}", run.stderr);
-    assert!(run.stderr.contains("chang"), "{}", run.stderr);
+    run.assert_stderr_contains("growing.log");
+    run.assert_stderr_contains("chang");
     for h in ["host1", "host2", "host3"] {
         let workdir = p.workdir(h);
         if std::path::Path::new(&workdir).exists() {
@@ -352,7 +345,7 @@ fn a_full_disk_during_a_run_stops_the_job_and_names_the_host() {
     );
     let _unmount = Unmount(&p, "host1");
     p.write("README", "job\n");
-    let port = 29690u16;
+    let port = common::own_master_port();
     p.edit_inventory(|text| {
         text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1)
     });
@@ -369,13 +362,9 @@ fn a_full_disk_during_a_run_stops_the_job_and_names_the_host() {
         .run();
     // Not even the exit status fits on that disk: the rank is seen gone (exit 255), and why.
     assert_eq!(run.code, Some(255), "{}", run.stderr);
-    assert!(
-        run.stderr.contains("rank 0 on host1 vanished"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains("rank 0 on host1 vanished");
     let expected = format!("host1: the disk holding {} is full", p.workdir("host1"));
-    assert!(run.stderr.contains(&expected), "{}", run.stderr);
+    run.assert_stderr_contains(&expected);
     // The other ranks, which would have slept on, were stopped.
     assert_eq!(p.remaining("sleep 6140"), Vec::<String>::new());
 }

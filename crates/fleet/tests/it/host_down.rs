@@ -1,20 +1,15 @@
 //! A host that is down or cut off is named with what went wrong, and the others still run.
-//! These tests stop and cut test-bed hosts, so they live in their own test binary (cargo runs
-//! test binaries one after another) and take a lock against each other.
+//! These tests stop and cut test-bed hosts, so each has the test bed alone (`Testbed::alone`).
 
 use fleet_testkit as common;
 
 use std::process::Command;
-use std::sync::Mutex;
 
 use common::{Fleet, Restore, Testbed};
 
-static TESTBED: Mutex<()> = Mutex::new(());
-
 #[test]
 fn stopped_host_is_named_and_the_others_still_run() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
-    let tb = Testbed::get();
+    let tb = Testbed::alone();
     tb.control(&["stop", "host3"]);
     let _restore = Restore {
         tb: &tb,
@@ -32,19 +27,14 @@ fn stopped_host_is_named_and_the_others_still_run() {
         "host3: cannot connect to {}:{}: Connection refused",
         host3.addr, host3.port
     );
-    assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
-    assert!(
-        run.stderr
-            .contains("1 of 3 hosts failed: host3 (unreachable)"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_contains(&needle);
+    run.assert_stderr_contains("1 of 3 hosts failed: host3 (unreachable)");
+    common::redactions(&tb).bind(|| insta::assert_snapshot!("host_down", run.stderr));
 }
 
 #[test]
 fn silent_host_times_out_at_the_deadline() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
-    let tb = Testbed::get();
+    let tb = Testbed::alone();
     tb.control(&["cut", "host2"]);
     let _restore = Restore {
         tb: &tb,
@@ -67,7 +57,7 @@ fn silent_host_times_out_at_the_deadline() {
         "gave up after {elapsed:?}"
     );
     let needle = format!("host2: no answer from {}:22 within 2s", tb.hosts[1].addr);
-    assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
+    run.assert_stderr_contains(&needle);
     common::assert_says(
         &run.stderr,
         &common::readme_quote("node2: no answer from "),
@@ -81,8 +71,7 @@ fn silent_host_times_out_at_the_deadline() {
 
 #[test]
 fn check_names_a_stopped_host_and_checks_the_others() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
-    let tb = Testbed::get();
+    let tb = Testbed::alone();
     tb.control(&["stop", "host2"]);
     let _restore = Restore {
         tb: &tb,
@@ -116,7 +105,7 @@ fn check_names_a_stopped_host_and_checks_the_others() {
 
 #[test]
 fn a_host_crashing_during_a_run_stops_the_others_and_is_named() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    Testbed::alone();
     let project = common::Project::new("crash-during-run");
     project.write("README", "job\n");
     let (mut child, _home, _stdout) = project.start_sleepers(6010);
@@ -141,7 +130,7 @@ fn a_host_crashing_during_a_run_stops_the_others_and_is_named() {
 
 #[test]
 fn a_host_crashing_during_a_sync_is_named_and_a_rerun_completes() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    Testbed::alone();
     let project = common::Project::new("crash-during-sync");
     let mut big = vec![0u8; 300 << 20];
     big.iter_mut()
@@ -214,7 +203,7 @@ fn a_host_crashing_during_a_sync_is_named_and_a_rerun_completes() {
 
 #[test]
 fn a_link_cut_shorter_than_the_keepalive_budget_loses_nothing() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    Testbed::alone();
     let project = common::Project::new("cut-short");
     project.write("README", "job\n");
     // 40 lines over 8 s on every rank; host2's link is down for 4 s of them (the budget is
@@ -274,7 +263,7 @@ fn a_link_cut_shorter_than_the_keepalive_budget_loses_nothing() {
 
 #[test]
 fn a_link_cut_longer_than_the_keepalive_budget_loses_the_host_and_stop_cleans_up_after_heal() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    Testbed::alone();
     let project = common::Project::new("cut-long");
     project.write("README", "job\n");
     let (mut child, home, _stdout) = project.start_sleepers(6020);
@@ -323,7 +312,7 @@ fn a_link_cut_longer_than_the_keepalive_budget_loses_the_host_and_stop_cleans_up
 /// is named, and the whole job is stopped rather than left running unsupervised.
 #[test]
 fn a_host_whose_logs_cannot_be_followed_stops_the_job() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    Testbed::alone();
     let project = common::Project::new("no-sftp-run");
     project.write("README", "job\n");
     project.fleet(&["sync"]).run().assert_code(0);
@@ -351,7 +340,7 @@ fn a_host_whose_logs_cannot_be_followed_stops_the_job() {
         "{}",
         run.stderr
     );
-    assert!(run.stderr.contains("stopping the job"), "{}", run.stderr);
+    run.assert_stderr_contains("stopping the job");
     assert_eq!(project.remaining("sleep 6170"), Vec::<String>::new());
 }
 
@@ -359,7 +348,7 @@ fn a_host_whose_logs_cannot_be_followed_stops_the_job() {
 /// the job is not started again however many restarts are allowed.
 #[test]
 fn a_job_whose_ranks_all_exit_zero_is_never_restarted() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
+    Testbed::alone();
     let project = common::Project::new("all-exit-zero");
     project.write("README", "job\n");
     // Rank 2 ends at once; ranks 0 and 1 end when the test writes `go` into their workdir.

@@ -1,16 +1,13 @@
 //! The networks users really have: GPU hosts reachable only through a bastion, described in
 //! `~/.ssh/config` (Include, ProxyJump, per-host HostName) or by `jump =` in the inventory.
 //! The test bed's wall makes hosts 1-3 refuse SSH from this machine, as a lab network does, so
-//! these tests live in their own binary and take a lock against each other.
+//! each of these tests has the test bed alone (`Testbed::alone`).
 
 use fleet_testkit as common;
 
 use std::path::Path;
-use std::sync::Mutex;
 
 use common::{Fleet, Restore, Testbed};
-
-static TESTBED: Mutex<()> = Mutex::new(());
 
 /// Raises the wall (hosts 1-3 refuse SSH from this machine) until dropped, after proving it
 /// stands: a direct connection is refused.
@@ -26,11 +23,7 @@ fn wall(tb: &Testbed) -> Restore<'_> {
         .args(["exec", "--", "true"])
         .run();
     direct.assert_code(3);
-    assert!(
-        direct.stderr.contains("Connection refused"),
-        "{}",
-        direct.stderr
-    );
+    direct.assert_stderr_contains("Connection refused");
     restore
 }
 
@@ -139,11 +132,7 @@ fn everything_works_through(home: &Path, inventory: &Path, project: &Source, via
     }
     let check = fleet(&["check"]).run();
     check.assert_code(0);
-    assert!(
-        check.stderr.contains("every check passed"),
-        "{}",
-        check.stderr
-    );
+    check.assert_stderr_contains("every check passed");
 
     let run = fleet(&[
         "run",
@@ -190,8 +179,7 @@ impl Source {
 
 #[test]
 fn ssh_config_with_include_and_proxyjump_reaches_hosts_behind_a_bastion() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
-    let tb = Testbed::get();
+    let tb = Testbed::alone();
     let _wall = wall(&tb);
     let home = tempfile::tempdir().unwrap();
     lab_ssh_config(home.path(), &tb);
@@ -205,8 +193,7 @@ fn ssh_config_with_include_and_proxyjump_reaches_hosts_behind_a_bastion() {
 
 #[test]
 fn jump_in_the_inventory_reaches_hosts_without_ssh_config() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
-    let tb = Testbed::get();
+    let tb = Testbed::alone();
     let _wall = wall(&tb);
     let home = tempfile::tempdir().unwrap();
     let source = Source::new("via-jump");
@@ -224,8 +211,7 @@ fn jump_in_the_inventory_reaches_hosts_without_ssh_config() {
 
 #[test]
 fn a_two_hop_chain_goes_through_both_hops() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
-    let tb = Testbed::get();
+    let tb = Testbed::alone();
     let _wall = wall(&tb);
     let home = tempfile::tempdir().unwrap();
     let source = Source::new("via-two-hops");
@@ -266,8 +252,7 @@ fn a_two_hop_chain_goes_through_both_hops() {
 
 #[test]
 fn an_unknown_key_on_the_bastion_is_refused_naming_the_bastion() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
-    let tb = Testbed::get();
+    let tb = Testbed::alone();
     let _wall = wall(&tb);
     let bastion = tb.bastion();
     let config = tempfile::tempdir().unwrap();
@@ -306,15 +291,14 @@ fn an_unknown_key_on_the_bastion_is_refused_naming_the_bastion() {
             h.name,
             addr = bastion.addr
         );
-        assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
+        run.assert_stderr_contains(&needle);
     }
     assert!(!Path::new("/tmp/fleet-tests/unknown-bastion-ran").exists());
 }
 
 #[test]
 fn a_stopped_bastion_is_named_as_the_hop_that_failed() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
-    let tb = Testbed::get();
+    let tb = Testbed::alone();
     let _wall = wall(&tb);
     tb.control(&["stop", "bastion"]);
     let _restore = Restore {
@@ -340,7 +324,7 @@ fn a_stopped_bastion_is_named_as_the_hop_that_failed() {
             "{}: via bastion ({bastion}:22): cannot connect to {bastion}:22: Connection refused",
             h.name
         );
-        assert!(run.stderr.contains(&needle), "{needle}\n{}", run.stderr);
+        run.assert_stderr_contains(&needle);
     }
     common::assert_says(
         &run.stderr,
@@ -351,8 +335,7 @@ fn a_stopped_bastion_is_named_as_the_hop_that_failed() {
 
 #[test]
 fn ssh_config_keywords_fleet_does_not_apply_are_named_once_with_file_and_line() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
-    let tb = Testbed::get();
+    let tb = Testbed::alone();
     let home = tempfile::tempdir().unwrap();
     let ssh = home.path().join(".ssh");
     std::fs::create_dir_all(ssh.join("config.d")).unwrap();
@@ -407,8 +390,7 @@ fn ssh_config_keywords_fleet_does_not_apply_are_named_once_with_file_and_line() 
 /// with every pair that cannot connect and the fix.
 #[test]
 fn a_host_that_lets_in_only_ssh_and_the_master_port_fails_the_check_between_hosts() {
-    let _lock = TESTBED.lock().unwrap_or_else(|p| p.into_inner());
-    let tb = Testbed::get();
+    let tb = Testbed::alone();
     let source = Source::new("check-between-hosts");
     let config = tempfile::tempdir().unwrap();
     let extra = login(&tb, &tb.known_hosts());
@@ -430,7 +412,7 @@ fn a_host_that_lets_in_only_ssh_and_the_master_port_fails_the_check_between_host
     assert!(!check.stderr.contains("master port"), "{}", check.stderr);
     for from in ["host1", "host3"] {
         let needle = format!("error: host2: between hosts: {from} cannot reach host2 on port ");
-        assert!(check.stderr.contains(&needle), "{needle}\n{}", check.stderr);
+        check.assert_stderr_contains(&needle);
     }
     let lan = tb.hosts[0].addr.rsplit_once('.').unwrap().0;
     let fix = format!(
