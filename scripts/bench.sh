@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # bench.sh: fleet against the tools a user would use instead, side by side in the same run, on a
-# test bed of three OpenSSH hosts of its own. Prints medians and ratios; asserts nothing.
+# test bed of three OpenSSH hosts of its own. Prints medians and ratios, then compares each
+# exec, sync and run ratio with the one docs/benchmarks.md last recorded: a ratio more than
+# NOISE (default 1.25, as this shared machine moves 10-20% between runs) times the recorded one
+# is called a regression, and the script then exits 1.
 #
 #   exec: `fleet exec -- true` on 3 hosts vs 3 parallel OpenSSH `ssh HOST true` (connect, auth, run)
 #   sync: `fleet sync` vs `rsync -a` over OpenSSH to the same 3 hosts in parallel, same tree:
@@ -25,6 +28,19 @@ SYNC_ROUNDS=${SYNC_ROUNDS:-3}
 CHECK_ROUNDS=${CHECK_ROUNDS:-10}
 SECTIONS=" ${SECTIONS:-exec sync run check train net} "
 want() { [[ $SECTIONS == *" $1 "* ]]; }
+NOISE=${NOISE:-1.25}
+compared=()
+
+# against_docs ROW RATIO: RATIO (fleet / alternative, this run) beside the ratio of the row of
+# docs/benchmarks.md's table that begins with ROW.
+against_docs() {
+  local recorded verdict
+  recorded=$(grep -F -- "| $1" docs/benchmarks.md | head -n 1 | awk -F'|' '{ gsub(/[ x]/, "", $5); print $5 }')
+  [[ -n $recorded ]] || { echo "bench: no row '$1' in docs/benchmarks.md" >&2; exit 1; }
+  verdict=$(awk -v now="$2" -v was="$recorded" -v noise="$NOISE" 'BEGIN { print (now > was * noise) ? "REGRESSION" : "ok" }')
+  compared+=("$(printf '%-52s recorded %5.2fx   now %5.2fx   %s' "$1" "$recorded" "$2" "$verdict")")
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
 scripts/setup.sh
 cargo build --release --locked --quiet
@@ -60,6 +76,7 @@ if want exec; then
   ssh_ms=$(median_ms openssh_exec)
   printf 'exec on %d hosts (median of %d): fleet %s ms, OpenSSH ssh in parallel %s ms, ratio ssh/fleet %.1fx\n' \
     "${#hosts[@]}" "$ROUNDS" "$fleet_ms" "$ssh_ms" "$(awk -v a="$ssh_ms" -v b="$fleet_ms" 'BEGIN { print a / b }')"
+  against_docs '`fleet exec -- true` on 3 hosts' "$(ratio "$fleet_ms" "$ssh_ms")"
 fi
 
 # ---- sync ------------------------------------------------------------------------------------
@@ -107,8 +124,9 @@ once_ms() {
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
-report() { # CASE FLEET_MS RSYNC_MS
+report() { # CASE FLEET_MS RSYNC_MS DOCS_ROW
   printf 'sync %-32s fleet %6s ms   rsync %6s ms   fleet/rsync %.2fx\n' "$1" "$2" "$3" "$(awk -v a="$2" -v b="$3" 'BEGIN { print a / b }')"
+  against_docs "$4" "$(ratio "$2" "$3")"
 }
 
 if want sync; then
@@ -132,14 +150,14 @@ for ((r = 0; r < SYNC_ROUNDS; r++)); do
     cold_fleet+=("$(once_ms "$fleet" -i "$small_inv" sync)")
   fi
 done
-report "(a) cold, 2000 files + 200 MB" "$(printf '%s\n' "${cold_fleet[@]}" | median)" "$(printf '%s\n' "${cold_rsync[@]}" | median)"
+report "(a) cold, 2000 files + 200 MB" "$(printf '%s\n' "${cold_fleet[@]}" | median)" "$(printf '%s\n' "${cold_rsync[@]}" | median)" "sync, cold"
 
 warm_fleet=() warm_rsync=()
 for ((r = 0; r < SYNC_ROUNDS; r++)); do
   warm_fleet+=("$(once_ms "$fleet" -i "$small_inv" sync)")
   warm_rsync+=("$(once_ms rsync_all "$work/small" "rsync-small-$((SYNC_ROUNDS - 1))")")
 done
-report "(b) warm, nothing changed" "$(printf '%s\n' "${warm_fleet[@]}" | median)" "$(printf '%s\n' "${warm_rsync[@]}" | median)"
+report "(b) warm, nothing changed" "$(printf '%s\n' "${warm_fleet[@]}" | median)" "$(printf '%s\n' "${warm_rsync[@]}" | median)" "sync, warm"
 
 many_inv=$(sync_inventory "$work/many" fleet-many)
 "$fleet" -i "$many_inv" sync >/dev/null 2>&1
@@ -150,7 +168,7 @@ for ((r = 0; r < SYNC_ROUNDS; r++)); do
   one_fleet+=("$(once_ms "$fleet" -i "$many_inv" sync)")
   one_rsync+=("$(once_ms rsync_all "$work/many" rsync-many)")
 done
-report "(c) 1 changed among 10,000" "$(printf '%s\n' "${one_fleet[@]}" | median)" "$(printf '%s\n' "${one_rsync[@]}" | median)"
+report "(c) 1 changed among 10,000" "$(printf '%s\n' "${one_fleet[@]}" | median)" "$(printf '%s\n' "${one_rsync[@]}" | median)" "sync, 1 file changed"
 fi
 
 # ---- run -------------------------------------------------------------------------------------
@@ -186,9 +204,10 @@ for ((r = 0; r < SYNC_ROUNDS; r++)); do
   start_fleet+=("$(started_ms fleet_start)")
   start_ssh+=("$(started_ms openssh_start)")
 done
-printf 'run  %-32s fleet %6s ms   ssh   %6s ms   fleet/ssh   %.2fx\n' "all 3 ranks started" \
-  "$(printf '%s\n' "${start_fleet[@]}" | median)" "$(printf '%s\n' "${start_ssh[@]}" | median)" \
-  "$(awk -v a="$(printf '%s\n' "${start_fleet[@]}" | median)" -v b="$(printf '%s\n' "${start_ssh[@]}" | median)" 'BEGIN { print a / b }')"
+f=$(printf '%s\n' "${start_fleet[@]}" | median)
+o=$(printf '%s\n' "${start_ssh[@]}" | median)
+printf 'run  %-32s fleet %6s ms   ssh   %6s ms   fleet/ssh   %.2fx\n' "all 3 ranks started" "$f" "$o" "$(ratio "$f" "$o")"
+against_docs "run: all 3 ranks started" "$(ratio "$f" "$o")"
 
 lines_fleet() { [ "$("$fleet" -i "$job_inv" run --no-sync --no-check -- seq 200000 2>/dev/null | wc -l)" = 600000 ]; }
 lines_ssh() {
@@ -204,6 +223,7 @@ f=$(printf '%s\n' "${log_fleet[@]}" | median)
 o=$(printf '%s\n' "${log_ssh[@]}" | median)
 printf 'run  %-32s fleet %6s ms   ssh   %6s ms   fleet/ssh   %.2fx   (fleet %.0f lines/s)\n' "600,000 merged log lines" "$f" "$o" \
   "$(awk -v a="$f" -v b="$o" 'BEGIN { print a / b }')" "$(awk -v a="$f" 'BEGIN { print 600000 / (a / 1000) }')"
+against_docs "run: 3 x 200,000 lines merged" "$(ratio "$f" "$o")"
 fi
 
 # ---- check -----------------------------------------------------------------------------------
@@ -256,6 +276,12 @@ rm -rf "$work"
 scripts/testbed.sh down
 trap - EXIT
 
+if ((${#compared[@]})); then
+  echo "against docs/benchmarks.md (fleet / alternative; a regression is over ${NOISE}x the recorded ratio):"
+  printf '  %s\n' "${compared[@]}"
+fi
+
 # ---- train and net ---------------------------------------------------------------------------
 if want train; then scripts/bench-train.sh; fi
 if want net; then scripts/bench-net.sh; fi
+if printf '%s\n' "${compared[@]}" | grep -q REGRESSION; then exit 1; fi

@@ -128,44 +128,38 @@ impl Testbed {
         self.dir.join("known_hosts")
     }
 
-    /// An inventory for every test-bed host, with `fleet_extra` lines added to `[fleet]`
-    /// (which holds no identity or known_hosts unless given there).
-    pub fn inventory_with(&self, dir: &Path, fleet_extra: &str) -> PathBuf {
-        let mut text = format!("[fleet]\nuser = \"root\"\ndevice = \"cpu\"\n{fleet_extra}\n");
+    /// An inventory of every test-bed host (root, cpu, no identity or known_hosts), as data.
+    pub fn inventory_builder(&self) -> Inventory {
+        let mut inventory = Inventory::new()
+            .fleet("user", "root")
+            .fleet("device", "cpu");
         for h in &self.hosts {
-            text.push_str(&format!(
-                "\n[[host]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\n",
-                h.name, h.addr, h.port
-            ));
+            inventory =
+                inventory
+                    .add_host(&h.name, &h.addr)
+                    .host(&h.name, "port", u32::from(h.port));
         }
-        let path = dir.join("fleet.toml");
-        std::fs::write(&path, text).unwrap();
-        path
+        inventory
     }
 
-    /// An inventory whose hosts each get their own workdir under `/tmp/fleet-tests/<name>/`
-    /// (emptied first), syncing `source`.
-    pub fn sync_inventory(&self, dir: &Path, name: &str, source: &Path) -> PathBuf {
+    /// An inventory of every test-bed host that logs in with `identity` and checks host keys
+    /// against `known_hosts`.
+    pub fn login_inventory(&self, identity: &Path, known_hosts: &Path) -> Inventory {
+        self.inventory_builder()
+            .fleet("identity", path_value(identity))
+            .fleet("known_hosts", path_value(known_hosts))
+    }
+
+    /// An inventory that logs in with the test bed's key and knows its host keys, whose hosts
+    /// each get their own workdir under `/tmp/fleet-tests/<name>/` (emptied first), syncing
+    /// `source`.
+    pub fn sync_inventory(&self, name: &str, source: &Path) -> Inventory {
         let root = PathBuf::from("/tmp/fleet-tests").join(name);
         let _ = std::fs::remove_dir_all(&root);
-        let mut text = format!(
-            "[fleet]\nuser = \"root\"\ndevice = \"cpu\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\n\n[sync]\nsource = \"{}\"\nexclude = [\"target/\"]\n",
-            self.key().display(),
-            self.known_hosts().display(),
-            source.display()
-        );
-        for h in &self.hosts {
-            text.push_str(&format!(
-                "\n[[host]]\nname = \"{}\"\naddress = \"{}\"\nport = {}\nworkdir = \"{}\"\n",
-                h.name,
-                h.addr,
-                h.port,
-                root.join(&h.name).display()
-            ));
-        }
-        let path = dir.join("fleet.toml");
-        std::fs::write(&path, text).unwrap();
-        path
+        self.login_inventory(&self.key(), &self.known_hosts())
+            .section("sync", "source", path_value(source))
+            .section("sync", "exclude", vec!["target/"])
+            .every_host("workdir", |host| path_value(&root.join(host)))
     }
 
     /// Runs a shell command on a host with OpenSSH's own client, independent of fleet.
@@ -193,6 +187,134 @@ impl Testbed {
             .status()
             .unwrap();
         assert!(status.success(), "testbed.sh {args:?} failed");
+    }
+}
+
+/// An inventory built as data and written as TOML by the toml crate, so that no test quotes a
+/// value by hand: `[fleet]` keys, other sections' keys, `[[check]]`s and `[[host]]`s in order.
+#[derive(Clone, Debug, Default)]
+pub struct Inventory {
+    tables: toml::Table,
+}
+
+/// A path as a TOML string.
+pub fn path_value(path: &Path) -> toml::Value {
+    toml::Value::String(path.display().to_string())
+}
+
+impl Inventory {
+    pub fn new() -> Inventory {
+        Inventory::default()
+    }
+
+    /// Sets `key` of `[fleet]`.
+    pub fn fleet(self, key: &str, value: impl Into<toml::Value>) -> Inventory {
+        self.section("fleet", key, value)
+    }
+
+    /// Sets `key` of the table `[section]`.
+    pub fn section(mut self, section: &str, key: &str, value: impl Into<toml::Value>) -> Inventory {
+        let table = self
+            .tables
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table
+            .as_table_mut()
+            .unwrap_or_else(|| panic!("[{section}] is not a table"))
+            .insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Removes `key` from the table `[section]`.
+    pub fn remove(mut self, section: &str, key: &str) -> Inventory {
+        if let Some(table) = self
+            .tables
+            .get_mut(section)
+            .and_then(toml::Value::as_table_mut)
+        {
+            table.remove(key);
+        }
+        self
+    }
+
+    /// Sets `name` in `[fleet]`'s `env`, the environment of every rank.
+    pub fn env(self, name: &str, value: &str) -> Inventory {
+        let mut env = self
+            .tables
+            .get("fleet")
+            .and_then(|fleet| fleet.get("env"))
+            .and_then(toml::Value::as_table)
+            .cloned()
+            .unwrap_or_default();
+        env.insert(name.to_string(), value.into());
+        self.fleet("env", env)
+    }
+
+    /// Adds a `[[check]]` running `command` on every host.
+    pub fn check(mut self, name: &str, command: &str) -> Inventory {
+        let mut check = toml::Table::new();
+        check.insert("name".into(), name.into());
+        check.insert("command".into(), command.into());
+        self.array("check").push(toml::Value::Table(check));
+        self
+    }
+
+    /// Adds a `[[host]]` after the others.
+    pub fn add_host(mut self, name: &str, address: &str) -> Inventory {
+        let mut host = toml::Table::new();
+        host.insert("name".into(), name.into());
+        host.insert("address".into(), address.into());
+        self.array("host").push(toml::Value::Table(host));
+        self
+    }
+
+    /// Sets `key` of the host named `name`.
+    pub fn host(mut self, name: &str, key: &str, value: impl Into<toml::Value>) -> Inventory {
+        let host = self
+            .array("host")
+            .iter_mut()
+            .filter_map(toml::Value::as_table_mut)
+            .find(|h| h.get("name").and_then(toml::Value::as_str) == Some(name))
+            .unwrap_or_else(|| panic!("no host {name} in the inventory"));
+        host.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Sets `key` of every host to what `value_of` gives for its name.
+    pub fn every_host<V: Into<toml::Value>>(
+        mut self,
+        key: &str,
+        value_of: impl Fn(&str) -> V,
+    ) -> Inventory {
+        for host in self
+            .array("host")
+            .iter_mut()
+            .filter_map(toml::Value::as_table_mut)
+        {
+            let name = host["name"].as_str().unwrap_or_default().to_string();
+            host.insert(key.to_string(), value_of(&name).into());
+        }
+        self
+    }
+
+    fn array(&mut self, name: &str) -> &mut Vec<toml::Value> {
+        self.tables
+            .entry(name)
+            .or_insert_with(|| toml::Value::Array(Vec::new()))
+            .as_array_mut()
+            .unwrap_or_else(|| panic!("{name} is not an array of tables"))
+    }
+
+    /// The inventory as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.tables).unwrap()
+    }
+
+    /// Writes it to `dir/fleet.toml` and returns that path.
+    pub fn write_in(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("fleet.toml");
+        std::fs::write(&path, self.to_toml()).unwrap();
+        path
     }
 }
 
@@ -445,6 +567,8 @@ pub struct Project {
     pub config: tempfile::TempDir,
     pub inventory: PathBuf,
     pub name: String,
+    /// What `inventory` holds, as data (`Project::configure` changes both).
+    spec: std::cell::RefCell<Inventory>,
 }
 
 impl Project {
@@ -452,14 +576,23 @@ impl Project {
         let tb = Testbed::get();
         let source = tempfile::tempdir().unwrap();
         let config = tempfile::tempdir().unwrap();
-        let inventory = tb.sync_inventory(config.path(), name, source.path());
+        let spec = tb.sync_inventory(name, source.path());
+        let inventory = spec.write_in(config.path());
         Project {
             tb,
             source,
             config,
             inventory,
             name: name.to_string(),
+            spec: spec.into(),
         }
+    }
+
+    /// Changes the inventory (`[fleet]` keys, hosts, sections) and writes it again.
+    pub fn configure(&self, change: impl FnOnce(Inventory) -> Inventory) {
+        let changed = change(self.spec.take());
+        changed.write_in(self.config.path());
+        self.spec.replace(changed);
     }
 
     pub fn root(&self) -> &Path {
@@ -475,12 +608,6 @@ impl Project {
 
     pub fn workdir(&self, host: &str) -> String {
         format!("/tmp/fleet-tests/{}/{host}", self.name)
-    }
-
-    /// Rewrites the inventory's text.
-    pub fn edit_inventory(&self, edit: impl FnOnce(String) -> String) {
-        let text = std::fs::read_to_string(&self.inventory).unwrap();
-        std::fs::write(&self.inventory, edit(text)).unwrap();
     }
 
     /// Processes on `host` whose command line contains `pattern`, as `pgrep -a` lists them.

@@ -787,9 +787,7 @@ fn trainer_project(name: &str) -> common::Project {
         .into();
     generated.assert_code(0);
     let port = free_port();
-    project.edit_inventory(|text| {
-        text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1)
-    });
+    project.configure(|i| i.fleet("master_port", u32::from(port)));
     project
 }
 

@@ -13,9 +13,7 @@ use common::Project;
 fn fixture(name: &str) -> Project {
     let project = Project::new(name);
     project.write("data.csv", "a,b\n");
-    project.edit_inventory(|text| {
-        text.replacen("\n[sync]", "\n[[check]]\nname = \"marker\"\ncommand = \"cat /root/marker 2>/dev/null || echo none\"\n\n[sync]", 1)
-    });
+    project.configure(|i| i.check("marker", "cat /root/marker 2>/dev/null || echo none"));
     project.fleet(&["sync"]).run().assert_code(0);
     for h in &project.tb.hosts {
         project
@@ -84,10 +82,9 @@ fn a_different_python_first_on_path_is_named() {
 fn a_firewall_on_one_host_is_named_with_the_port() {
     let f = fixture("check-firewall");
     // A master port of the inventory's own: the fix names that one.
-    let port = common::own_master_port().to_string();
-    f.edit_inventory(|text| {
-        text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1)
-    });
+    let port = common::own_master_port();
+    f.configure(|i| i.fleet("master_port", u32::from(port)));
+    let port = port.to_string();
     let host3 = &f.tb.hosts[2];
     let rule = ["-p", "tcp", "--dport", &port, "-j", "DROP"];
     let iptables = |action: &str| {
@@ -180,13 +177,7 @@ fn files_not_yet_synced_are_counted_as_the_readme_quotes() {
 fn a_torch_job_fails_the_check_until_activate_reaches_torch() {
     let _turn = common::default_master_port();
     let f = fixture("check-needs-torch");
-    f.edit_inventory(|text| {
-        text.replacen(
-            "\n[sync]",
-            "\n[run]\ncommand = [\"python3\", \"train.py\"]\n\n[sync]",
-            1,
-        )
-    });
+    f.configure(|i| i.section("run", "command", vec!["python3", "train.py"]));
     let run = f.fleet(&["check"]).run();
     run.assert_code(1);
     for host in ["host1", "host2", "host3"] {
@@ -199,13 +190,7 @@ fn a_torch_job_fails_the_check_until_activate_reaches_torch() {
     }
     run.assert_stderr_contains("set activate = \"...\"");
     let venv = std::env::var("FLEET_TORCH_VENV").unwrap_or_else(|_| "/opt/fleet/torch-venv".into());
-    f.edit_inventory(|text| {
-        text.replacen(
-            "[fleet]\n",
-            &format!("[fleet]\nactivate = \". {venv}/bin/activate\"\n"),
-            1,
-        )
-    });
+    f.configure(|i| i.fleet("activate", format!(". {venv}/bin/activate")));
     let run = f.fleet(&["check"]).run();
     run.assert_code(0);
     run.assert_stdout_contains("2.11.0");

@@ -2,7 +2,7 @@
 
 use fleet_testkit as common;
 
-use common::{Fleet, Testbed, keygen};
+use common::{Fleet, Inventory, Testbed, keygen, path_value};
 
 fn exec(tb: &Testbed, args: &[&str]) -> common::Run {
     Fleet::new()
@@ -185,12 +185,9 @@ fn unknown_host_key_is_refused_and_nothing_runs() {
     let dir = tempfile::tempdir().unwrap();
     let known_hosts = dir.path().join("known_hosts");
     std::fs::write(&known_hosts, "").unwrap();
-    let extra = format!(
-        "identity = \"{}\"\nknown_hosts = \"{}\"",
-        tb.key().display(),
-        known_hosts.display()
-    );
-    let inventory = tb.inventory_with(dir.path(), &extra);
+    let inventory = tb
+        .login_inventory(&tb.key(), &known_hosts)
+        .write_in(dir.path());
     let marker = format!("/tmp/fleet-unknown-key-{}", std::process::id());
     let run = Fleet::new()
         .arg("-i")
@@ -223,12 +220,9 @@ fn accept_new_host_keys_records_them_once() {
     let tb = Testbed::get();
     let dir = tempfile::tempdir().unwrap();
     let known_hosts = dir.path().join("ssh/known_hosts");
-    let extra = format!(
-        "identity = \"{}\"\nknown_hosts = \"{}\"",
-        tb.key().display(),
-        known_hosts.display()
-    );
-    let inventory = tb.inventory_with(dir.path(), &extra);
+    let inventory = tb
+        .login_inventory(&tb.key(), &known_hosts)
+        .write_in(dir.path());
     let run = Fleet::new()
         .arg("-i")
         .arg(&inventory)
@@ -279,12 +273,9 @@ fn changed_host_key_is_refused_loudly_and_never_overwritten() {
     assert_ne!(tampered, real);
     let known_hosts = dir.path().join("known_hosts");
     std::fs::write(&known_hosts, &tampered).unwrap();
-    let extra = format!(
-        "identity = \"{}\"\nknown_hosts = \"{}\"",
-        tb.key().display(),
-        known_hosts.display()
-    );
-    let inventory = tb.inventory_with(dir.path(), &extra);
+    let inventory = tb
+        .login_inventory(&tb.key(), &known_hosts)
+        .write_in(dir.path());
     let run = Fleet::new()
         .arg("-i")
         .arg(&inventory)
@@ -306,12 +297,9 @@ fn wrong_client_key_is_refused_with_each_host_named() {
     let tb = Testbed::get();
     let dir = tempfile::tempdir().unwrap();
     let stranger = keygen(dir.path(), "stranger", "");
-    let extra = format!(
-        "identity = \"{}\"\nknown_hosts = \"{}\"",
-        stranger.display(),
-        tb.known_hosts().display()
-    );
-    let inventory = tb.inventory_with(dir.path(), &extra);
+    let inventory = tb
+        .login_inventory(&stranger, &tb.known_hosts())
+        .write_in(dir.path());
     let run = Fleet::new()
         .arg("-i")
         .arg(&inventory)
@@ -334,12 +322,9 @@ fn encrypted_key_without_a_terminal_says_what_to_do() {
     let tb = Testbed::get();
     let dir = tempfile::tempdir().unwrap();
     let locked = keygen(dir.path(), "locked", "correct horse");
-    let extra = format!(
-        "identity = \"{}\"\nknown_hosts = \"{}\"",
-        locked.display(),
-        tb.known_hosts().display()
-    );
-    let inventory = tb.inventory_with(dir.path(), &extra);
+    let inventory = tb
+        .login_inventory(&locked, &tb.known_hosts())
+        .write_in(dir.path());
     let run = Fleet::new()
         .arg("-i")
         .arg(&inventory)
@@ -357,10 +342,7 @@ fn ssh_config_alias_supplies_address_port_user_and_key() {
     let ssh_dir = fleet.home().join(".ssh");
     std::fs::create_dir_all(&ssh_dir).unwrap();
     let mut config = String::new();
-    let mut inventory = format!(
-        "[fleet]\nknown_hosts = \"{}\"\n",
-        tb.known_hosts().display()
-    );
+    let mut inventory = Inventory::new().fleet("known_hosts", path_value(&tb.known_hosts()));
     for h in &tb.hosts {
         config.push_str(&format!(
             "Host gpu-{}\n  HostName {}\n  Port {}\n  User train\n  IdentityFile {}\n\n",
@@ -369,15 +351,11 @@ fn ssh_config_alias_supplies_address_port_user_and_key() {
             h.port,
             tb.key().display()
         ));
-        inventory.push_str(&format!(
-            "\n[[host]]\nname = \"{}\"\naddress = \"gpu-{}\"\n",
-            h.name, h.name
-        ));
+        inventory = inventory.add_host(&h.name, &format!("gpu-{}", h.name));
     }
     std::fs::write(ssh_dir.join("config"), config).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fleet.toml");
-    std::fs::write(&path, inventory).unwrap();
+    let path = inventory.write_in(dir.path());
     let run = fleet
         .arg("-i")
         .arg(&path)
@@ -486,11 +464,10 @@ fn a_gigabyte_of_output_streams_through_in_bounded_memory() {
 
 /// An inventory of the test bed's hosts as the login `train`, whose login shell is fish.
 fn as_fish_user(tb: &Testbed, dir: &std::path::Path) -> std::path::PathBuf {
-    let inventory = with_known_hosts(tb, dir, &tb.known_hosts());
-    let text = std::fs::read_to_string(&inventory)
-        .unwrap()
-        .replace("user = \"root\"", "user = \"train\"");
-    std::fs::write(&inventory, text).unwrap();
+    let inventory = tb
+        .login_inventory(&tb.key(), &tb.known_hosts())
+        .fleet("user", "train")
+        .write_in(dir);
     let shells = Fleet::new()
         .arg("-i")
         .arg(&inventory)
@@ -589,12 +566,7 @@ fn with_known_hosts(
     dir: &std::path::Path,
     known_hosts: &std::path::Path,
 ) -> std::path::PathBuf {
-    let extra = format!(
-        "identity = \"{}\"\nknown_hosts = \"{}\"",
-        tb.key().display(),
-        known_hosts.display()
-    );
-    tb.inventory_with(dir, &extra)
+    tb.login_inventory(&tb.key(), known_hosts).write_in(dir)
 }
 
 /// Hosts known only by their ECDSA keys are asked for those: they do not look unknown.
@@ -716,12 +688,10 @@ fn exec_runs_inside_activate_unless_told_not_to() {
     let dir = tempfile::tempdir().unwrap();
     let hook = dir.path().join("hook.sh");
     std::fs::write(&hook, "GREETING=activated; export GREETING\n").unwrap();
-    let inventory = with_known_hosts(&tb, dir.path(), &tb.known_hosts());
     let with_activate = |line: &str| {
-        let text = std::fs::read_to_string(&inventory).unwrap();
-        let text = text.replacen("[fleet]\n", &format!("[fleet]\nactivate = \"{line}\"\n"), 1);
-        std::fs::write(dir.path().join("activated.toml"), text).unwrap();
-        dir.path().join("activated.toml")
+        tb.login_inventory(&tb.key(), &tb.known_hosts())
+            .fleet("activate", line)
+            .write_in(dir.path())
     };
     let good = with_activate(&format!(". {}", hook.display()));
     let run = Fleet::new()

@@ -7,7 +7,7 @@ use fleet_testkit as common;
 
 use std::path::Path;
 
-use common::{Fleet, Restore, Testbed};
+use common::{Fleet, Inventory, Restore, Testbed, path_value};
 
 /// Raises the wall (hosts 1-3 refuse SSH from this machine) until dropped, after proving it
 /// stands: a direct connection is refused.
@@ -27,42 +27,32 @@ fn wall(tb: &Testbed) -> Restore<'_> {
     restore
 }
 
-/// The `[fleet]` lines that log in with the test bed's key and check host keys in `known_hosts`.
-fn login(tb: &Testbed, known_hosts: &Path) -> String {
-    format!(
-        "user = \"root\"\nidentity = \"{}\"\nknown_hosts = \"{}\"\n",
-        tb.key().display(),
-        known_hosts.display()
-    )
+/// Logs in as root with the test bed's key and checks host keys in `known_hosts`.
+fn login(inventory: Inventory, tb: &Testbed, known_hosts: &Path) -> Inventory {
+    inventory
+        .fleet("user", "root")
+        .fleet("identity", path_value(&tb.key()))
+        .fleet("known_hosts", path_value(known_hosts))
 }
 
 /// An inventory of hosts 1-3 reached as `address` names them (`gpu1`, ...), each with its
-/// workdir under `/tmp/fleet-tests/<name>/`, syncing `source`; `fleet_extra` goes into [fleet].
-fn inventory(
-    dir: &Path,
-    name: &str,
-    source: &Path,
-    fleet_extra: &str,
-    address: impl Fn(usize) -> String,
-) -> std::path::PathBuf {
+/// workdir under `/tmp/fleet-tests/<name>/`, syncing `source`.
+fn inventory(source: &Source, address: impl Fn(usize) -> String) -> Inventory {
     let tb = Testbed::get();
-    let root = Path::new("/tmp/fleet-tests").join(name);
+    let root = Path::new("/tmp/fleet-tests").join(&source.name);
     let _ = std::fs::remove_dir_all(&root);
-    let mut text = format!(
-        "[fleet]\ndevice = \"cpu\"\n{fleet_extra}\n\n[sync]\nsource = \"{}\"\n",
-        source.display()
-    );
+    let mut inventory =
+        Inventory::new()
+            .fleet("device", "cpu")
+            .section("sync", "source", path_value(&source.root));
     for (i, h) in tb.hosts.iter().enumerate() {
-        text.push_str(&format!(
-            "\n[[host]]\nname = \"{}\"\naddress = \"{}\"\nworkdir = \"{}\"\n",
-            h.name,
-            address(i),
-            root.join(&h.name).display()
-        ));
+        inventory = inventory.add_host(&h.name, &address(i)).host(
+            &h.name,
+            "workdir",
+            path_value(&root.join(&h.name)),
+        );
     }
-    let path = dir.join("fleet.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    inventory
 }
 
 /// `~/.ssh/config` as a lab's users write it: an Include of config.d/*.conf (relative to
@@ -185,9 +175,7 @@ fn ssh_config_with_include_and_proxyjump_reaches_hosts_behind_a_bastion() {
     lab_ssh_config(home.path(), &tb);
     let source = Source::new("via-ssh-config");
     let config = tempfile::tempdir().unwrap();
-    let inventory = inventory(config.path(), &source.name, &source.root, "", |i| {
-        format!("gpu{}", i + 1)
-    });
+    let inventory = inventory(&source, |i| format!("gpu{}", i + 1)).write_in(config.path());
     everything_works_through(home.path(), &inventory, &source, &tb.bastion().addr);
 }
 
@@ -198,14 +186,13 @@ fn jump_in_the_inventory_reaches_hosts_without_ssh_config() {
     let home = tempfile::tempdir().unwrap();
     let source = Source::new("via-jump");
     let config = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "{}jump = \"root@{}\"",
-        login(&tb, &tb.known_hosts()),
-        tb.bastion().addr
-    );
-    let inventory = inventory(config.path(), &source.name, &source.root, &extra, |i| {
-        tb.hosts[i].addr.clone()
-    });
+    let inventory = login(
+        inventory(&source, |i| tb.hosts[i].addr.clone()),
+        &tb,
+        &tb.known_hosts(),
+    )
+    .fleet("jump", format!("root@{}", tb.bastion().addr))
+    .write_in(config.path());
     everything_works_through(home.path(), &inventory, &source, &tb.bastion().addr);
 }
 
@@ -219,19 +206,14 @@ fn a_two_hop_chain_goes_through_both_hops() {
     // host1 through the bastion; hosts 2 and 3 through the bastion and then host1.
     let bastion = tb.bastion().addr;
     let host1 = &tb.hosts[0].addr;
-    let extra = format!(
-        "{}jump = \"root@{bastion}:22,root@{host1}\"",
-        login(&tb, &tb.known_hosts())
-    );
-    let path = inventory(config.path(), &source.name, &source.root, &extra, |i| {
-        tb.hosts[i].addr.clone()
-    });
-    let text = std::fs::read_to_string(&path).unwrap().replacen(
-        "name = \"host1\"\n",
-        &format!("name = \"host1\"\njump = \"{bastion}\"\n"),
-        1,
-    );
-    std::fs::write(&path, text).unwrap();
+    let path = login(
+        inventory(&source, |i| tb.hosts[i].addr.clone()),
+        &tb,
+        &tb.known_hosts(),
+    )
+    .fleet("jump", format!("root@{bastion}:22,root@{host1}"))
+    .host("host1", "jump", bastion.as_str())
+    .write_in(config.path());
     assert_eq!(
         client_addresses(home.path(), &path),
         [
@@ -265,15 +247,14 @@ fn an_unknown_key_on_the_bastion_is_refused_naming_the_bastion() {
         .collect();
     let known_hosts = config.path().join("known_hosts");
     std::fs::write(&known_hosts, known).unwrap();
-    let extra = format!(
-        "{}jump = \"root@{}\"",
-        login(&tb, &known_hosts),
-        bastion.addr
-    );
     let source = Source::new("unknown-bastion");
-    let inventory = inventory(config.path(), &source.name, &source.root, &extra, |i| {
-        tb.hosts[i].addr.clone()
-    });
+    let inventory = login(
+        inventory(&source, |i| tb.hosts[i].addr.clone()),
+        &tb,
+        &known_hosts,
+    )
+    .fleet("jump", format!("root@{}", bastion.addr))
+    .write_in(config.path());
     let run = Fleet::new()
         .arg("-i")
         .arg(&inventory)
@@ -309,9 +290,7 @@ fn a_stopped_bastion_is_named_as_the_hop_that_failed() {
     lab_ssh_config(home.path(), &tb);
     let source = Source::new("stopped-bastion");
     let config = tempfile::tempdir().unwrap();
-    let inventory = inventory(config.path(), &source.name, &source.root, "", |i| {
-        format!("gpu{}", i + 1)
-    });
+    let inventory = inventory(&source, |i| format!("gpu{}", i + 1)).write_in(config.path());
     let run = Fleet::in_home(home.path())
         .arg("-i")
         .arg(&inventory)
@@ -357,9 +336,7 @@ fn ssh_config_keywords_fleet_does_not_apply_are_named_once_with_file_and_line() 
     std::fs::write(ssh.join("config.d/lab.conf"), lab).unwrap();
     let source = Source::new("unsupported-keyword");
     let dir = tempfile::tempdir().unwrap();
-    let inventory = inventory(dir.path(), &source.name, &source.root, "", |i| {
-        format!("gpu{}", i + 1)
-    });
+    let inventory = inventory(&source, |i| format!("gpu{}", i + 1)).write_in(dir.path());
     let run = Fleet::in_home(home.path())
         .arg("-i")
         .arg(&inventory)
@@ -393,10 +370,12 @@ fn a_host_that_lets_in_only_ssh_and_the_master_port_fails_the_check_between_host
     let tb = Testbed::alone();
     let source = Source::new("check-between-hosts");
     let config = tempfile::tempdir().unwrap();
-    let extra = login(&tb, &tb.known_hosts());
-    let inventory = inventory(config.path(), &source.name, &source.root, &extra, |i| {
-        tb.hosts[i].addr.clone()
-    });
+    let inventory = login(
+        inventory(&source, |i| tb.hosts[i].addr.clone()),
+        &tb,
+        &tb.known_hosts(),
+    )
+    .write_in(config.path());
     let fleet = |args: &[&str]| Fleet::new().arg("-i").arg(&inventory).args(args).run();
     fleet(&["sync"]).assert_code(0);
     fleet(&["check"]).assert_code(0);

@@ -6,7 +6,7 @@ use fleet_testkit as common;
 use std::io::{BufRead, BufReader, Read};
 use std::time::{Duration, Instant};
 
-use common::{Project, await_lines, interrupt, wait};
+use common::{Project, await_lines, interrupt, path_value, wait};
 
 /// A project with one file and a master port of its own: tests run side by side, and
 /// `fleet check` listens on the master port.
@@ -14,9 +14,7 @@ fn job(name: &str) -> Project {
     let project = Project::new(name);
     project.write("README", "a job\n");
     let port = common::own_master_port();
-    project.edit_inventory(|text| {
-        text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1)
-    });
+    project.configure(|i| i.fleet("master_port", u32::from(port)));
     project
 }
 
@@ -28,13 +26,7 @@ trait RunSteps {
 
 impl RunSteps for Project {
     fn with_ranks_on_host2(self, ranks: u32) -> Project {
-        self.edit_inventory(|text| {
-            text.replacen(
-                "name = \"host2\"\n",
-                &format!("name = \"host2\"\nranks = {ranks}\n"),
-                1,
-            )
-        });
+        self.configure(|i| i.host("host2", "ranks", ranks));
         self
     }
 
@@ -398,14 +390,8 @@ fn detached_jobs_show_in_ps_and_stop_on_request() {
 fn metacharacters_in_workdir_env_and_arguments_are_never_executed() {
     let job = job("meta it's $(x)");
     let marker = format!("/tmp/fleet-meta-{}", std::process::id());
-    let weird = format!("$(touch {marker}); `touch {marker}` it's \\\"q\\\"");
-    job.edit_inventory(|text| {
-        text.replacen(
-            "[fleet]\n",
-            &format!("[fleet]\nenv = {{ WEIRD = \"{weird}\" }}\n"),
-            1,
-        )
-    });
+    let weird = format!("$(touch {marker}); `touch {marker}` it's \"q\"");
+    job.configure(|i| i.env("WEIRD", &weird));
     let run = job
         .fleet(&[
             "run",
@@ -418,10 +404,9 @@ fn metacharacters_in_workdir_env_and_arguments_are_never_executed() {
         ])
         .run();
     run.assert_code(0);
-    let expected_env = format!("$(touch {marker}); `touch {marker}` it's \"q\"");
     for (rank, host) in ["host1", "host2", "host3"].iter().enumerate() {
         let line = format!(
-            "[{rank} {host}] {expected_env}|$(touch {marker})|{}",
+            "[{rank} {host}] {weird}|$(touch {marker})|{}",
             job.workdir(host)
         );
         assert!(
@@ -439,10 +424,7 @@ fn metacharacters_in_workdir_env_and_arguments_are_never_executed() {
 #[test]
 fn sixteen_ranks_on_three_hosts_start_and_stop_cleanly() {
     let job = job("run-sixteen");
-    job.edit_inventory(|text| {
-        text.replacen("[fleet]\n", "[fleet]\nranks = 5\n", 1)
-            .replacen("name = \"host1\"\n", "name = \"host1\"\nranks = 6\n", 1)
-    });
+    job.configure(|i| i.fleet("ranks", 5).host("host1", "ranks", 6));
     let run = job
         .fleet(&[
             "run",
@@ -514,13 +496,7 @@ fn a_torch_distributed_script_all_reduces_across_the_hosts_with_torchrun() {
         bin.display()
     );
     // As a user reaches torch on a host: the venv's activate script, not a PATH of the test's.
-    job.edit_inventory(|text| {
-        text.replacen(
-            "[fleet]\n",
-            &format!("[fleet]\nactivate = \". {}/activate\"\n", bin.display()),
-            1,
-        )
-    });
+    job.configure(|i| i.fleet("activate", format!(". {}/activate", bin.display())));
     let run = job
         .fleet(&["run", "--torchrun", "--", "allreduce.py"])
         .run();
@@ -650,12 +626,7 @@ fn locked_key(job: &Project) -> std::path::PathBuf {
         .status()
         .unwrap();
     assert!(status.success());
-    job.edit_inventory(|text| {
-        text.replace(
-            &job.tb.key().display().to_string(),
-            &key.display().to_string(),
-        )
-    });
+    job.configure(|i| i.fleet("identity", path_value(&key)));
     key
 }
 
@@ -906,12 +877,7 @@ fn no_secret_reaches_the_output_or_the_run_folder_and_it_is_private() {
     run.assert_code(0);
     // A failed login, with the agent variable set, says nothing of the key either.
     let stranger = common::keygen(home.path(), "stranger", "");
-    job.edit_inventory(|text| {
-        text.replace(
-            &format!("identity = \"{}\"", job.tb.key().display()),
-            &format!("identity = \"{}\"", stranger.display()),
-        )
-    });
+    job.configure(|i| i.fleet("identity", path_value(&stranger)));
     let refused = job
         .fleet_in(home.path(), &["exec", "--", "true"])
         .run_with_env("SSH_AUTH_SOCK", "/tmp/agent-socket-that-must-not-leak");
@@ -1000,13 +966,7 @@ fn stubborn_torchrun(
     );
     let bin = torch_venv().join("bin");
     // As a user reaches torch on a host: the venv's activate script, not a PATH of the test's.
-    job.edit_inventory(|text| {
-        text.replacen(
-            "[fleet]\n",
-            &format!("[fleet]\nactivate = \". {}/activate\"\n", bin.display()),
-            1,
-        )
-    });
+    job.configure(|i| i.fleet("activate", format!(". {}/activate", bin.display())));
     let script = format!("stubborn_{tag}.py");
     let mut args = vec!["run", "--grace", "2", "--torchrun"];
     args.extend(extra);
@@ -1182,13 +1142,7 @@ fn a_hangup_stops_the_job() {
 fn a_secret_in_env_is_absent_from_every_command_line_and_from_runs() {
     let job = job("run-env-secret");
     let secret = "hf_do_not_show_me_4242";
-    job.edit_inventory(|text| {
-        text.replacen(
-            "[fleet]\n",
-            &format!("[fleet]\nenv = {{ HF_TOKEN = \"{secret}\" }}\n"),
-            1,
-        )
-    });
+    job.configure(|i| i.env("HF_TOKEN", secret));
     let (mut child, _home) = job
         .fleet(&[
             "run",
@@ -1263,18 +1217,9 @@ fn a_secret_in_env_is_absent_from_every_command_line_and_from_runs() {
 fn a_fish_login_shell_syncs_and_runs() {
     let job = job("run-fish");
     job.write("data/it's a file.txt", "x\n");
-    job.edit_inventory(|text| {
-        let text = text.replace("user = \"root\"", "user = \"train\"");
-        text.lines()
-            .map(|l| {
-                if l.starts_with("workdir = ") {
-                    "workdir = \"~/fish project\"".to_string()
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+    job.configure(|i| {
+        i.fleet("user", "train")
+            .every_host("workdir", |_| "~/fish project")
     });
     let sync = job.fleet(&["sync"]).run();
     sync.assert_code(0);
@@ -1449,13 +1394,7 @@ fn a_conda_style_activate_line_reaches_torch_everywhere() {
         ),
     )
     .unwrap();
-    job.edit_inventory(|text| {
-        text.replacen(
-            "[fleet]\n",
-            &format!("[fleet]\nactivate = \". {hook} && use_torch\"\n"),
-            1,
-        )
-    });
+    job.configure(|i| i.fleet("activate", format!(". {hook} && use_torch")));
     let exec = job
         .fleet(&[
             "exec",
@@ -1510,13 +1449,7 @@ fn a_conda_style_activate_line_reaches_torch_everywhere() {
 #[test]
 fn a_failing_activate_line_is_named_per_host_and_nothing_starts() {
     let job = job("run-activate-fails");
-    job.edit_inventory(|text| {
-        text.replacen(
-            "[fleet]\n",
-            "[fleet]\nactivate = \". /nonexistent/venv/bin/activate\"\n",
-            1,
-        )
-    });
+    job.configure(|i| i.fleet("activate", ". /nonexistent/venv/bin/activate"));
     let run = job
         .fleet(&["run", "--", "sh", "-c", "echo started; exec sleep 6160"])
         .run();

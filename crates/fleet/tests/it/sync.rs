@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 
-use common::Project;
+use common::{Project, path_value};
 
 /// Steps these tests take with a project.
 trait SyncSteps {
@@ -361,21 +361,21 @@ fn a_home_directory_is_never_a_workdir() {
         "host1",
         "mkdir -p ~/precious && echo mine > ~/precious/thesis.txt",
     );
+    p.configure(|i| i.fleet("workdir", "~"));
     let text = std::fs::read_to_string(&p.inventory).unwrap();
-    let home = text.replacen("[sync]", "workdir = \"~\"\n[sync]", 1);
-    std::fs::write(&p.inventory, &home).unwrap();
+    let line = 1 + text.lines().position(|l| l == "workdir = \"~\"").unwrap();
     let run = p.fleet(&["sync", "--delete", "--yes"]).run();
     run.assert_code(2);
-    run.assert_stderr_contains("fleet.toml:7:11: workdir \"~\" is the home directory");
+    run.assert_stderr_contains(&format!(
+        "fleet.toml:{line}:11: workdir \"~\" is the home directory"
+    ));
     // A link to the home directory, given as the workdir of host1.
     let link = format!("/tmp/fleet-tests/home-workdir-link-{}", std::process::id());
     p.tb.ssh("host1", &format!("ln -sfn /root {link}"));
-    let linked = text.replacen(
-        &format!("workdir = \"{}\"", p.workdir("host1")),
-        &format!("workdir = \"{link}\""),
-        1,
-    );
-    std::fs::write(&p.inventory, linked).unwrap();
+    p.configure(|i| {
+        i.remove("fleet", "workdir")
+            .host("host1", "workdir", link.as_str())
+    });
     let run = p.fleet(&["sync", "--delete", "--yes"]).run();
     run.assert_code(1);
     run.assert_stderr_contains(&format!(
@@ -502,11 +502,7 @@ fn a_missing_source_or_a_link_out_of_the_tree_is_refused_by_name() {
     );
 
     let gone = p.root().join("gone");
-    let text = std::fs::read_to_string(&p.inventory).unwrap().replace(
-        &format!("source = \"{}\"", p.root().display()),
-        &format!("source = \"{}\"", gone.display()),
-    );
-    std::fs::write(&p.inventory, text).unwrap();
+    p.configure(|i| i.section("sync", "source", path_value(&gone)));
     let run = p.fleet(&["sync"]).run();
     run.assert_code(2);
     run.assert_stderr_contains(&format!(
@@ -564,12 +560,7 @@ fn host_text_on_a_terminal_is_shown_not_obeyed() {
     let host1 = Path::new(&p.workdir("host1")).to_path_buf();
     std::fs::write(host1.join(evil), "theirs\n").unwrap();
     std::fs::write(host1.join("a.txt"), "edited on the host\n").unwrap();
-    p.edit_inventory(|text| {
-        text.replace(
-            "[sync]",
-            "[[check]]\nname = \"banner\"\ncommand = \"printf 'v1\\\\033]0;owned\\\\007'\"\n\n[sync]",
-        )
-    });
+    p.configure(|i| i.check("banner", "printf 'v1\\033]0;owned\\007'"));
     let home = tempfile::tempdir().unwrap();
     let fleet = |args: &str| {
         let command = format!(
@@ -693,9 +684,7 @@ fn sha256sums(out: &str) -> BTreeMap<String, String> {
 fn pull_brings_home_what_the_job_wrote_verified_and_incremental() {
     let project = Project::new("pull");
     let port = common::own_master_port();
-    project.edit_inventory(|text| {
-        text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1)
-    });
+    project.configure(|i| i.fleet("master_port", u32::from(port)));
     project.write("train.sh", "echo training");
     let script = "mkdir -p model/sub && echo \"rank $RANK\" > model/rank \
                   && head -c 3000000 /dev/urandom > model/weights.bin \

@@ -346,9 +346,7 @@ fn a_full_disk_during_a_run_stops_the_job_and_names_the_host() {
     let _unmount = Unmount(&p, "host1");
     p.write("README", "job\n");
     let port = common::own_master_port();
-    p.edit_inventory(|text| {
-        text.replacen("[fleet]\n", &format!("[fleet]\nmaster_port = {port}\n"), 1)
-    });
+    p.configure(|i| i.fleet("master_port", u32::from(port)));
     // fleet check would refuse a host with under 1 GB free: this is the disk filling up later.
     let run = p
         .fleet(&[
