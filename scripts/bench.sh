@@ -43,8 +43,9 @@ against_docs() {
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
 scripts/setup.sh
-cargo build --release --locked --quiet
-fleet=$PWD/target/release/fleet
+# FLEET=path/to/fleet measures another build (an older commit's, to find a regression).
+if [[ -z ${FLEET:-} ]]; then cargo build --release --locked --quiet; fi
+fleet=${FLEET:-$PWD/target/release/fleet}
 
 export TB_DIR=/tmp/fleet-testbed-bench TB_NS_PREFIX=fb- TB_BRIDGE=fbbr0 TB_SUBNET=10.213.2
 scripts/testbed.sh down 2>/dev/null || true

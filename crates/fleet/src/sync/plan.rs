@@ -94,59 +94,13 @@ pub fn plan(local: &Manifest, last: Option<&Manifest>, listing: &Listing) -> Pla
     for (path, entry) in &local.entries {
         let there = listing.get(path);
         match entry {
-            Entry::Dir => match there {
-                Some(RemoteEntry::Dir) => {}
-                Some(_) => {
-                    plan.conflicts.push(path.clone());
-                    plan.mkdirs.push(path.clone());
-                }
-                None => plan.mkdirs.push(path.clone()),
-            },
-            Entry::Link { target } => match there {
-                Some(RemoteEntry::Link { target: t }) if t == target => {}
-                Some(RemoteEntry::Dir) => {
-                    plan.conflicts.push(path.clone());
-                    plan.links.push((path.clone(), target.clone()));
-                }
-                _ => plan.links.push((path.clone(), target.clone())),
-            },
+            Entry::Dir => plan.dir(path, there),
+            Entry::Link { target } => plan.link(path, target, there),
             Entry::File {
-                size,
-                mtime: _,
-                mode,
-                sha256,
+                size, mode, sha256, ..
             } => {
-                let reason = match there {
-                    None => Some(Reason::New),
-                    Some(RemoteEntry::File {
-                        size: now_size,
-                        mtime: now_mtime,
-                        mode: now_mode,
-                    }) => match last.and_then(|m| m.entries.get(path)) {
-                        Some(Entry::File {
-                            size: saved_size,
-                            mtime: saved_mtime,
-                            sha256: saved_sha,
-                            ..
-                        }) if saved_size == now_size && saved_mtime == now_mtime => {
-                            if saved_sha != sha256 {
-                                Some(Reason::Changed)
-                            } else {
-                                if now_mode != mode {
-                                    plan.chmods.push((path.clone(), *mode));
-                                }
-                                None
-                            }
-                        }
-                        _ => Some(Reason::Drift),
-                    },
-                    Some(RemoteEntry::Dir) => {
-                        plan.conflicts.push(path.clone());
-                        Some(Reason::Drift)
-                    }
-                    Some(_) => Some(Reason::Drift),
-                };
-                match reason {
+                let saved = last.and_then(|m| m.entries.get(path));
+                match plan.file_reason(path, *mode, sha256, there, saved) {
                     Some(reason) => plan.uploads.push(Upload {
                         path: path.clone(),
                         size: *size,
@@ -157,28 +111,103 @@ pub fn plan(local: &Manifest, last: Option<&Manifest>, listing: &Listing) -> Pla
             }
         }
     }
-    // Reverse order puts children before their parents, so a folder is judged after all it
-    // holds: one that holds anything not fleet's is not fleet's to remove either.
-    let mut foreign: BTreeSet<&String> = BTreeSet::new();
-    for path in listing
-        .keys()
-        .rev()
-        .filter(|p| !local.entries.contains_key(*p))
-    {
-        let recorded = last.is_some_and(|m| m.entries.contains_key(path));
-        let prefix = format!("{path}/");
-        let holds_foreign = foreign
-            .range::<String, _>(&prefix..)
-            .next()
-            .is_some_and(|f| f.starts_with(&prefix));
-        if recorded && !holds_foreign {
-            plan.extraneous.push(path.clone());
-        } else {
-            foreign.insert(path);
+    plan.judge_the_rest(local, last, listing);
+    plan
+}
+
+impl Plan {
+    /// A folder of the project: made unless the host has one there.
+    fn dir(&mut self, path: &str, there: Option<&RemoteEntry>) {
+        match there {
+            Some(RemoteEntry::Dir) => {}
+            Some(_) => {
+                self.conflicts.push(path.to_string());
+                self.mkdirs.push(path.to_string());
+            }
+            None => self.mkdirs.push(path.to_string()),
         }
     }
-    plan.foreign = foreign.into_iter().cloned().collect();
-    plan
+
+    /// A symbolic link of the project: made unless the host has the same one there.
+    fn link(&mut self, path: &str, target: &str, there: Option<&RemoteEntry>) {
+        match there {
+            Some(RemoteEntry::Link { target: t }) if t == target => {}
+            Some(RemoteEntry::Dir) => {
+                self.conflicts.push(path.to_string());
+                self.links.push((path.to_string(), target.to_string()));
+            }
+            _ => self.links.push((path.to_string(), target.to_string())),
+        }
+    }
+
+    /// Why a file of the project is sent (None: the host's copy is the same, at most its mode
+    /// to set). A copy counts as the same only when the last verified manifest recorded this
+    /// content at the size and time the host shows now.
+    fn file_reason(
+        &mut self,
+        path: &str,
+        mode: u32,
+        sha256: &str,
+        there: Option<&RemoteEntry>,
+        saved: Option<&Entry>,
+    ) -> Option<Reason> {
+        match there {
+            None => Some(Reason::New),
+            Some(RemoteEntry::File {
+                size: now_size,
+                mtime: now_mtime,
+                mode: now_mode,
+            }) => match saved {
+                Some(Entry::File {
+                    size: saved_size,
+                    mtime: saved_mtime,
+                    sha256: saved_sha,
+                    ..
+                }) if saved_size == now_size && saved_mtime == now_mtime => {
+                    if saved_sha != sha256 {
+                        Some(Reason::Changed)
+                    } else {
+                        if *now_mode != mode {
+                            self.chmods.push((path.to_string(), mode));
+                        }
+                        None
+                    }
+                }
+                _ => Some(Reason::Drift),
+            },
+            Some(RemoteEntry::Dir) => {
+                self.conflicts.push(path.to_string());
+                Some(Reason::Drift)
+            }
+            Some(_) => Some(Reason::Drift),
+        }
+    }
+
+    /// What the host holds beyond the project: extraneous if an earlier verified manifest
+    /// recorded it (fleet's to remove), foreign otherwise. Reverse order puts children before
+    /// their parents, so a folder is judged after all it holds: one that holds anything not
+    /// fleet's is not fleet's to remove either.
+    fn judge_the_rest(&mut self, local: &Manifest, last: Option<&Manifest>, listing: &Listing) {
+        let mut foreign: BTreeSet<&String> = BTreeSet::new();
+        for path in listing
+            .keys()
+            .rev()
+            .filter(|p| !local.entries.contains_key(*p))
+        {
+            let recorded = last.is_some_and(|m| m.entries.contains_key(path));
+            let prefix = format!("{path}/");
+            let holds_foreign = foreign
+                .range::<String, _>(&prefix..)
+                .next()
+                .is_some_and(|f| f.starts_with(&prefix));
+            if recorded && !holds_foreign {
+                self.extraneous.push(path.clone());
+            } else {
+                foreign.insert(path);
+            }
+        }
+        self.foreign = foreign.into_iter().cloned().collect();
+    }
 }
 
 #[cfg(test)]

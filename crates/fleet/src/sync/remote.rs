@@ -121,6 +121,63 @@ pub async fn peek(session: &Session, workdir: &str) -> Result<HostState, SyncErr
     }
 }
 
+/// Why sync_lock.sh refused a workdir (its `foreign` and `unsafe` replies), as the user reads it.
+fn refusal(line: &str, workdir: &str) -> Option<String> {
+    if line == "foreign" {
+        return Some(format!(
+            "workdir {workdir} holds files but was never synced by fleet (it has no .fleet folder): refused, so nothing in it is replaced or deleted; `fleet sync --adopt` takes it over, or choose an empty workdir"
+        ));
+    }
+    let what = line.strip_prefix("unsafe ")?;
+    Some(format!(
+        "workdir {workdir} is {what}: the root folder, the home directory or a folder above it, which fleet sync --delete could empty: refused; set workdir to a folder of its own, such as ~/fleet/project"
+    ))
+}
+
+/// What to say when the lock script ended without locking: it timed out waiting if it said
+/// nothing, or failed with `why`.
+fn lock_failed(workdir: &str, why: &str) -> String {
+    if why.is_empty() {
+        format!("cannot lock workdir {workdir}: another sync held it for 10 minutes")
+    } else {
+        format!("cannot prepare workdir {workdir}: {why}")
+    }
+}
+
+/// The host's state that follows `locked`: the job running in the workdir, the saved manifest
+/// (or `same` as the one `known` holds) and the listing of the tree, each behind its length.
+async fn read_state(
+    lock: &mut RemoteProcess,
+    host: &str,
+    workdir: &str,
+    known: Option<Arc<Manifest>>,
+) -> Result<HostState, SyncError> {
+    let running_job = lock
+        .next_line()
+        .await
+        .and_then(|l| l.strip_prefix("job ").map(str::to_string))
+        .filter(|j| !j.is_empty());
+    let saved = match lock.next_line().await {
+        Some(line) if line == "same" => Some(None),
+        Some(line) => match line.trim().parse() {
+            Ok(length) => lock.next_bytes(length).await.map(Some),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let listing = read_sized(lock).await;
+    let (Some(saved), Some(listing)) = (saved, listing) else {
+        let message = format!("listing workdir {workdir} failed: {}", lock.stderr());
+        return Err(SyncError::Host {
+            host: host.to_string(),
+            message,
+        });
+    };
+    let mut state = parse_state(host, saved, known, listing).await?;
+    state.running_job = running_job;
+    Ok(state)
+}
+
 /// A decimal length on its own line, then that many bytes.
 async fn read_sized(process: &mut RemoteProcess) -> Option<Vec<u8>> {
     let length: usize = process.next_line().await?.trim().parse().ok()?;
@@ -161,71 +218,28 @@ impl<'a> HostTree<'a> {
         let mut lock = session.start(&script).await?;
         let mut waiting = Some(waiting);
         loop {
-            match lock.next_line().await {
-                Some(line) if line == "busy" => {
-                    if let Some(f) = waiting.take() {
-                        f();
-                    }
+            let Some(line) = lock.next_line().await else {
+                let message = lock_failed(workdir, &lock.stderr());
+                return Err(SyncError::Host { host, message });
+            };
+            if line == "busy" {
+                if let Some(f) = waiting.take() {
+                    f();
                 }
-                Some(line) if line == "foreign" => {
-                    let message = format!(
-                        "workdir {workdir} holds files but was never synced by fleet (it has no .fleet folder): refused, so nothing in it is replaced or deleted; `fleet sync --adopt` takes it over, or choose an empty workdir"
-                    );
-                    return Err(SyncError::Host { host, message });
-                }
-                Some(line) if line.starts_with("unsafe ") => {
-                    let message = format!(
-                        "workdir {workdir} is {}: the root folder, the home directory or a folder above it, which fleet sync --delete could empty: refused; set workdir to a folder of its own, such as ~/fleet/project",
-                        &line["unsafe ".len()..]
-                    );
-                    return Err(SyncError::Host { host, message });
-                }
-                Some(line) => {
-                    if let Some(root) = line.strip_prefix("locked ") {
-                        let root = root.to_string();
-                        let running_job = lock
-                            .next_line()
-                            .await
-                            .and_then(|l| l.strip_prefix("job ").map(str::to_string))
-                            .filter(|j| !j.is_empty());
-                        let saved = match lock.next_line().await {
-                            Some(line) if line == "same" => Some(None),
-                            Some(line) => match line.trim().parse() {
-                                Ok(length) => lock.next_bytes(length).await.map(Some),
-                                Err(_) => None,
-                            },
-                            None => None,
-                        };
-                        let listing = read_sized(&mut lock).await;
-                        let (Some(saved), Some(listing)) = (saved, listing) else {
-                            let message =
-                                format!("listing workdir {workdir} failed: {}", lock.stderr());
-                            return Err(SyncError::Host { host, message });
-                        };
-                        let known = known.map(|(_, manifest)| manifest);
-                        let mut state = parse_state(&host, saved, known, listing).await?;
-                        state.running_job = running_job;
-                        return Ok((
-                            HostTree {
-                                session,
-                                root,
-                                lock,
-                            },
-                            state,
-                        ));
-                    }
-                }
-                None => {
-                    let why = lock.stderr();
-                    let message = if why.is_empty() {
-                        format!(
-                            "cannot lock workdir {workdir}: another sync held it for 10 minutes"
-                        )
-                    } else {
-                        format!("cannot prepare workdir {workdir}: {why}")
-                    };
-                    return Err(SyncError::Host { host, message });
-                }
+            } else if let Some(message) = refusal(&line, workdir) {
+                return Err(SyncError::Host { host, message });
+            } else if let Some(root) = line.strip_prefix("locked ") {
+                let root = root.to_string();
+                let known = known.map(|(_, manifest)| manifest);
+                let state = read_state(&mut lock, &host, workdir, known).await?;
+                return Ok((
+                    HostTree {
+                        session,
+                        root,
+                        lock,
+                    },
+                    state,
+                ));
             }
         }
     }
