@@ -95,7 +95,7 @@ pub struct Finding {
 }
 
 impl Finding {
-    fn pass(check: &str, host: Option<&str>, detail: impl Into<String>) -> Finding {
+    pub(crate) fn pass(check: &str, host: Option<&str>, detail: impl Into<String>) -> Finding {
         Finding {
             check: check.to_string(),
             host: host.map(str::to_string),
@@ -106,7 +106,7 @@ impl Finding {
         }
     }
 
-    fn fail(
+    pub(crate) fn fail(
         check: &str,
         host: Option<&str>,
         detail: impl Into<String>,

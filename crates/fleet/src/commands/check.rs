@@ -22,7 +22,8 @@ use crate::preflight::{
     Finding, HostReport, Needs, connect_script, evaluate, listener_script, parse_probe,
     probe_script,
 };
-use crate::ssh::{ExitStatus, Session};
+use crate::remote::Script;
+use crate::ssh::{ExitStatus, RemoteProcess, Session};
 use crate::sync::remote::{HostState, peek};
 use crate::sync::{Filter, plan, scan_project, split_listing};
 
@@ -283,25 +284,51 @@ async fn master_port(
     master_addr: &str,
 ) -> Vec<Finding> {
     let port = inventory.master_port;
-    let check = "master port";
     let Some(master) = sessions[0].as_ref() else {
         return Vec::new();
     };
-    let master_name = inventory.hosts[0].name.clone();
-    let fail = |host: &str, detail: String, fix: &str| Finding {
-        check: check.into(),
-        host: Some(host.to_string()),
-        ok: false,
-        detail,
-        fix: Some(fix.into()),
-        values: Vec::new(),
+    let master_name = &inventory.hosts[0].name;
+    let listener = match listen_on_master(master, master_name, port).await {
+        Ok(listener) => listener,
+        Err(finding) => return vec![*finding],
     };
+    let script = connect_script(master_addr, port, CONNECT_SECONDS);
+    let attempts = sessions
+        .iter()
+        .zip(&inventory.hosts)
+        .skip(1)
+        .map(|(session, host)| {
+            let script = &script;
+            async move {
+                let answer = connect_answer(session.as_ref()?, script).await;
+                Some(reach_finding(&host.name, &answer, master_addr, port))
+            }
+        });
+    let mut findings: Vec<Finding> = join_all(attempts).await.into_iter().flatten().collect();
+    listener.finish().await;
+    let listens = Finding::pass(MASTER_PORT, Some(master_name), format!("listens on {port}"));
+    findings.insert(0, listens);
+    findings
+}
+
+/// The name of the master port's findings.
+const MASTER_PORT: &str = "master port";
+
+/// Starts the listener on the master's port, or says why the port cannot be tested: in use
+/// (failed), or no python3 to listen with (not tested, which passes).
+async fn listen_on_master(
+    master: &Session,
+    master_name: &str,
+    port: u16,
+) -> Result<RemoteProcess, Box<Finding>> {
     let Ok(mut listener) = master.start(&listener_script(port, 30)).await else {
-        return vec![fail(
-            &master_name,
-            "could not start a listener".into(),
+        let finding = Finding::fail(
+            MASTER_PORT,
+            Some(master_name),
+            "could not start a listener",
             "check the host",
-        )];
+        );
+        return Err(Box::new(finding));
     };
     let first = listener.next_line().await.unwrap_or_default();
     if let Some(holder) = first.strip_prefix("in use") {
@@ -312,79 +339,59 @@ async fn master_port(
         } else {
             format!(" by {holder}")
         };
-        return vec![fail(
-            &master_name,
+        return Err(Box::new(Finding::fail(
+            MASTER_PORT,
+            Some(master_name),
             format!("port {port} is in use{held} on {master_name}"),
             "stop what holds it (a previous job: fleet ps / fleet stop), or set master_port to a free port",
-        )];
+        )));
     }
     if first.split_whitespace().next() != Some("listening") {
         listener.finish().await;
-        return vec![Finding {
-            check: check.into(),
-            host: Some(master_name),
-            ok: true,
-            detail: format!("not tested ({first}: python3 is needed on the master to listen)"),
-            fix: None,
-            values: Vec::new(),
-        }];
+        let detail = format!("not tested ({first}: python3 is needed on the master to listen)");
+        return Err(Box::new(Finding::pass(
+            MASTER_PORT,
+            Some(master_name),
+            detail,
+        )));
     }
-    let script = connect_script(master_addr, port, CONNECT_SECONDS);
-    let attempts = sessions
-        .iter()
-        .zip(&inventory.hosts)
-        .skip(1)
-        .map(|(session, host)| {
-            let script = &script;
-            async move {
-                let session = session.as_ref()?;
-                let answer = match session.capture(script).await {
-                    Ok((ExitStatus::Code(0), out, _)) => {
-                        String::from_utf8_lossy(&out).trim().to_string()
-                    }
-                    Ok((_, _, err)) => format!("error {}", String::from_utf8_lossy(&err).trim()),
-                    Err(e) => format!("error {e}"),
-                };
-                let target = format!("{master_addr}:{port}");
-                Some(match answer.as_str() {
-                    "ok" => Finding {
-                        check: check.into(),
-                        host: Some(host.name.clone()),
-                        ok: true,
-                        detail: format!("reaches {target}"),
-                        fix: None,
-                        values: Vec::new(),
-                    },
-                    "timeout" => fail(
-                        &host.name,
-                        format!("{} cannot reach {target} (timed out: firewall?)", host.name),
-                        &firewall_fix(port),
-                    ),
-                    "refused" => fail(
-                        &host.name,
-                        format!("{} cannot reach {target} (connection refused)", host.name),
-                        &firewall_fix(port),
-                    ),
-                    other => fail(
-                        &host.name,
-                        format!("{} cannot test {target}: {other}", host.name),
-                        "install python3 or bash on the host",
-                    ),
-                })
-            }
-        });
-    let mut findings: Vec<Finding> = join_all(attempts).await.into_iter().flatten().collect();
-    listener.finish().await;
-    let master = Finding {
-        check: check.into(),
-        host: Some(master_name),
-        ok: true,
-        detail: format!("listens on {port}"),
-        fix: None,
-        values: Vec::new(),
-    };
-    findings.insert(0, master);
-    findings
+    Ok(listener)
+}
+
+/// What connect.sh answered on a host: `ok`, `timeout`, `refused`, or `error ...`.
+async fn connect_answer(session: &Session, script: &Script) -> String {
+    match session.capture(script).await {
+        Ok((ExitStatus::Code(0), out, _)) => String::from_utf8_lossy(&out).trim().to_string(),
+        Ok((_, _, err)) => format!("error {}", String::from_utf8_lossy(&err).trim()),
+        Err(e) => format!("error {e}"),
+    }
+}
+
+/// The finding for `host` reaching the master port from its connect answer (pure).
+fn reach_finding(host: &str, answer: &str, master_addr: &str, port: u16) -> Finding {
+    let target = format!("{master_addr}:{port}");
+    let cannot = |why: &str| format!("{host} cannot reach {target} ({why})");
+    match answer {
+        "ok" => Finding::pass(MASTER_PORT, Some(host), format!("reaches {target}")),
+        "timeout" => Finding::fail(
+            MASTER_PORT,
+            Some(host),
+            cannot("timed out: firewall?"),
+            firewall_fix(port),
+        ),
+        "refused" => Finding::fail(
+            MASTER_PORT,
+            Some(host),
+            cannot("connection refused"),
+            firewall_fix(port),
+        ),
+        other => Finding::fail(
+            MASTER_PORT,
+            Some(host),
+            format!("{host} cannot test {target}: {other}"),
+            "install python3 or bash on the host",
+        ),
+    }
 }
 
 /// Checks down, hosts across: each cell ✓ or ✗ with what was read. A value that must match
