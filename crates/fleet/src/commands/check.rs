@@ -14,7 +14,7 @@ mod pairs;
 use super::{Fleet, table};
 use crate::cli::CheckArgs;
 use crate::exit_code::ExitCode;
-use crate::inventory::Inventory;
+use crate::inventory::{Check, Host, Inventory};
 use crate::launch::Mode;
 use crate::launch::remote::interface_to;
 use crate::output::{Printer, Stream, count};
@@ -23,7 +23,7 @@ use crate::preflight::{
     probe_script,
 };
 use crate::remote::Script;
-use crate::ssh::{ExitStatus, RemoteProcess, Session};
+use crate::ssh::{ExitStatus, RemoteProcess, Session, SshError};
 use crate::sync::remote::{HostState, peek};
 use crate::sync::{Filter, plan, scan_project, split_listing};
 
@@ -75,63 +75,18 @@ async fn check(
     needs: Needs,
 ) -> Result<ExitCode> {
     let (targets, connected) = fleet.connect_all(inventory).await?;
-    let mut sessions: Vec<Option<Session>> = Vec::with_capacity(connected.len());
-    let mut reports: Vec<HostReport> = Vec::with_capacity(connected.len());
-    for (result, host) in connected.into_iter().zip(&inventory.hosts) {
-        let host = host.name.clone();
-        match result {
-            Ok(session) => {
-                sessions.push(Some(session));
-                reports.push(HostReport {
-                    host,
-                    ..HostReport::default()
-                });
-            }
-            Err(e) => {
-                sessions.push(None);
-                reports.push(HostReport {
-                    host,
-                    error: Some(e.to_string()),
-                    ..HostReport::default()
-                });
-            }
-        }
-    }
+    let (sessions, mut reports) = sessions_and_reports(connected, inventory);
     let master_addr = inventory
         .master_addr
         .clone()
         .unwrap_or_else(|| targets[0].addr.clone());
 
     // Probes, the file comparison and the port check run on all hosts at once.
-    let checks = &inventory.checks;
     let probes = join_all(sessions.iter().zip(&inventory.hosts).map(
         |(session, host)| async move {
-            let session = session.as_ref()?;
-            let script = probe_script(&host.workdir, host.activate.as_deref(), checks);
-            let result = tokio::time::timeout(PROBE_DEADLINE, session.capture(&script)).await;
-            // The host reads its clock as the probe's last act: the answer arrives a one-way
-            // trip later, however long the probe took.
-            let laptop = now_ms();
-            Some(match result {
-                Ok(Ok((_, out, err))) => {
-                    let report = parse_probe(&host.name, &String::from_utf8_lossy(&out));
-                    if report.get("probe_complete").is_some() {
-                        Ok((report, laptop))
-                    } else {
-                        Err(format!(
-                            "{}: the probe stopped before its end: {}",
-                            host.name,
-                            String::from_utf8_lossy(&err).trim()
-                        ))
-                    }
-                }
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!(
-                    "{}: no answer to the probe within {}s",
-                    host.name,
-                    PROBE_DEADLINE.as_secs()
-                )),
-            })
+            probe(session.as_ref()?, host, &inventory.checks)
+                .await
+                .into()
         },
     ));
     // Before a run the sync has just happened (or was declined with --no-sync).
@@ -154,35 +109,13 @@ async fn check(
                 .map(|s| async { interface_to(s.as_ref()?, &master_addr).await })
         )
     );
-    let mut laptop_ms = vec![0; reports.len()];
-    for (i, probe) in probes.into_iter().enumerate() {
-        match probe {
-            Some(Ok((report, laptop))) => {
-                reports[i] = report;
-                laptop_ms[i] = laptop;
-            }
-            Some(Err(error)) => reports[i].error = Some(error),
-            None => {}
-        }
-    }
+    let laptop_ms = take_probes(&mut reports, probes);
 
     let mut findings = evaluate(inventory, &reports, &laptop_ms, needs);
     findings.extend(files);
     findings.extend(port);
     findings.extend(between);
-    for ((host, report), iface) in inventory.hosts.iter().zip(&reports).zip(&interfaces) {
-        if let (None, Some(iface)) = (&report.error, iface) {
-            findings.push(Finding {
-                check: "route to master".into(),
-                host: Some(host.name.clone()),
-                ok: true,
-                // fleet run sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to it.
-                detail: iface.clone(),
-                fix: None,
-                values: Vec::new(),
-            });
-        }
-    }
+    findings.extend(routes_to_master(inventory, &reports, &interfaces));
     for session in sessions.into_iter().flatten() {
         session.close().await;
     }
@@ -194,6 +127,106 @@ async fn check(
         reports.iter().any(|r| r.error.is_some()),
         before_run,
     ))
+}
+
+/// Each host's session (None where it could not connect) and its report, which holds the
+/// connection error until a probe fills it.
+fn sessions_and_reports(
+    connected: Vec<Result<Session, SshError>>,
+    inventory: &Inventory,
+) -> (Vec<Option<Session>>, Vec<HostReport>) {
+    connected
+        .into_iter()
+        .zip(&inventory.hosts)
+        .map(|(result, host)| {
+            let (session, error) = match result {
+                Ok(session) => (Some(session), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            let report = HostReport {
+                host: host.name.clone(),
+                error,
+                ..HostReport::default()
+            };
+            (session, report)
+        })
+        .unzip()
+}
+
+/// Runs the probe on a host: its report and the laptop's clock when the answer came, or what
+/// went wrong.
+async fn probe(
+    session: &Session,
+    host: &Host,
+    checks: &[Check],
+) -> Result<(HostReport, i64), String> {
+    let script = probe_script(&host.workdir, host.activate.as_deref(), checks);
+    let result = tokio::time::timeout(PROBE_DEADLINE, session.capture(&script)).await;
+    // The host reads its clock as the probe's last act: the answer arrives a one-way
+    // trip later, however long the probe took.
+    let laptop = now_ms();
+    match result {
+        Ok(Ok((_, out, err))) => {
+            let report = parse_probe(&host.name, &String::from_utf8_lossy(&out));
+            if report.get("probe_complete").is_some() {
+                Ok((report, laptop))
+            } else {
+                Err(format!(
+                    "{}: the probe stopped before its end: {}",
+                    host.name,
+                    String::from_utf8_lossy(&err).trim()
+                ))
+            }
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "{}: no answer to the probe within {}s",
+            host.name,
+            PROBE_DEADLINE.as_secs()
+        )),
+    }
+}
+
+/// Puts each host's probe answer into its report; returns the laptop's clock at each answer.
+fn take_probes(
+    reports: &mut [HostReport],
+    probes: Vec<Option<Result<(HostReport, i64), String>>>,
+) -> Vec<i64> {
+    let mut laptop_ms = vec![0; reports.len()];
+    for (i, probe) in probes.into_iter().enumerate() {
+        match probe {
+            Some(Ok((report, laptop))) => {
+                reports[i] = report;
+                laptop_ms[i] = laptop;
+            }
+            Some(Err(error)) => reports[i].error = Some(error),
+            None => {}
+        }
+    }
+    laptop_ms
+}
+
+/// The interface each probed host reaches the master through (fleet run sets
+/// GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to it).
+fn routes_to_master(
+    inventory: &Inventory,
+    reports: &[HostReport],
+    interfaces: &[Option<String>],
+) -> Vec<Finding> {
+    inventory
+        .hosts
+        .iter()
+        .zip(reports)
+        .zip(interfaces)
+        .filter_map(|((host, report), iface)| match (&report.error, iface) {
+            (None, Some(iface)) => Some(Finding::pass(
+                "route to master",
+                Some(&host.name),
+                iface.clone(),
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 fn now_ms() -> i64 {
