@@ -93,43 +93,13 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
 
     // The local scan runs while the hosts connect and list their trees.
     let started = Instant::now();
-    let source = inventory.sync.source.clone();
-    let filter = Arc::new(Filter::new(&source, &inventory.sync.exclude)?);
-    let scan_filter = filter.clone();
-    let scanning =
-        tokio::task::spawn_blocking(move || scan_project(&source, &scan_filter, KEPT_BYTES));
-    let scanned: SharedScan = async move {
-        Arc::new(scanning.await.unwrap_or_else(|e| {
-            Err(ManifestError::Unreadable {
-                path: PathBuf::from("(scan)"),
-                error: std::io::Error::other(e.to_string()),
-            })
-        }))
-    }
-    .boxed()
-    .shared();
-
-    let copies: Vec<SavedCopy> = inventory
-        .hosts
-        .iter()
-        .zip(&targets)
-        .map(|(host, target)| {
-            SavedCopy::for_host(
-                &format!("{}@{}:{}", target.user, target.addr, target.port),
-                &host.workdir,
-            )
-        })
-        .collect();
-    let reading = copies.clone();
-    let known: SharedCopies = async move {
-        Arc::new(
-            tokio::task::spawn_blocking(move || SavedCopy::read_all(&reading))
-                .await
-                .unwrap_or_default(),
-        )
-    }
-    .boxed()
-    .shared();
+    let filter = Arc::new(Filter::new(
+        &inventory.sync.source,
+        &inventory.sync.exclude,
+    )?);
+    let scanned = start_scan(inventory.sync.source.clone(), filter.clone());
+    let copies = saved_copies(&inventory, &targets);
+    let known = read_copies(copies.clone());
 
     let context = HostContext {
         printer: &fleet.printer,
@@ -159,6 +129,67 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
     )
     .await;
     drop(context);
+    describe_scan(fleet, &inventory, scanned, started).await?;
+    Ok(report(
+        &fleet.printer,
+        &inventory,
+        &results,
+        args,
+        before_run,
+    ))
+}
+
+/// Starts the scan of the project on a thread of its own, to be awaited by every host.
+fn start_scan(source: PathBuf, filter: Arc<Filter>) -> SharedScan {
+    let scanning = tokio::task::spawn_blocking(move || scan_project(&source, &filter, KEPT_BYTES));
+    async move {
+        Arc::new(scanning.await.unwrap_or_else(|e| {
+            Err(ManifestError::Unreadable {
+                path: PathBuf::from("(scan)"),
+                error: std::io::Error::other(e.to_string()),
+            })
+        }))
+    }
+    .boxed()
+    .shared()
+}
+
+/// Where the local copy of each host's manifest is kept, in inventory order.
+fn saved_copies(inventory: &Inventory, targets: &[Target]) -> Vec<SavedCopy> {
+    inventory
+        .hosts
+        .iter()
+        .zip(targets)
+        .map(|(host, target)| {
+            SavedCopy::for_host(
+                &format!("{}@{}:{}", target.user, target.addr, target.port),
+                &host.workdir,
+            )
+        })
+        .collect()
+}
+
+/// Reads the local copies of the hosts' manifests on a thread of its own.
+fn read_copies(copies: Vec<SavedCopy>) -> SharedCopies {
+    async move {
+        Arc::new(
+            tokio::task::spawn_blocking(move || SavedCopy::read_all(&copies))
+                .await
+                .unwrap_or_default(),
+        )
+    }
+    .boxed()
+    .shared()
+}
+
+/// Says what the scan found (files, bytes, hashed, time) once the hosts are done with it, or
+/// returns its error with its type intact.
+async fn describe_scan(
+    fleet: &Fleet,
+    inventory: &Inventory,
+    scanned: SharedScan,
+    started: Instant,
+) -> Result<()> {
     let describe = |local: &Scan| {
         fleet.printer.info(&format!(
             "{}: {}, {} ({} hashed) in {:.2}s",
@@ -169,7 +200,6 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
             started.elapsed().as_secs_f64()
         ))
     };
-    // The hosts are done with the scan: it is ours again, with its error's type intact.
     match Arc::try_unwrap(scanned.await) {
         Ok(Ok(local)) => describe(&local),
         Ok(Err(e)) => return Err(e.into()),
@@ -179,13 +209,7 @@ async fn sync(fleet: &Fleet, args: &SyncArgs, before_run: bool) -> Result<ExitCo
             Err(e) => return Err(crate::exit_code::UsageError(e.to_string()).into()),
         },
     }
-    Ok(report(
-        &fleet.printer,
-        &inventory,
-        &results,
-        args,
-        before_run,
-    ))
+    Ok(())
 }
 
 /// The local scan, awaited by every host.

@@ -44,6 +44,41 @@ pub(super) async fn between_hosts(
             .await
             .into_iter()
             .unzip();
+    let answers = connect_pairs(sessions, &listening, addrs).await;
+    let connections: usize = answers.iter().map(Vec::len).sum();
+    join_all(processes.into_iter().flatten().map(RemoteProcess::finish)).await;
+
+    let mut findings = Vec::new();
+    for (to, listener) in listening.into_iter().enumerate() {
+        let name = &inventory.hosts[to].name;
+        match listener {
+            Listening::On(port) => {
+                let pairs = Pairs {
+                    inventory,
+                    sessions,
+                    addrs,
+                    answers: &answers,
+                };
+                findings.extend(pairs.findings_for(to, port));
+            }
+            Listening::Untested(why) => findings.push(pass(name, format!("not tested ({why})"))),
+            Listening::Absent => {}
+        }
+    }
+    printer.debug(&format!(
+        "{CHECK}: {connections} connections in {} ms",
+        started.elapsed().as_millis()
+    ));
+    findings
+}
+
+/// Has every connected host connect to every listening one, all at once: for each host, the
+/// index of each host it tried and what happened.
+async fn connect_pairs(
+    sessions: &[Option<Session>],
+    listening: &[Listening],
+    addrs: &[String],
+) -> Vec<Vec<(usize, String)>> {
     let ports: Vec<Option<u16>> = listening
         .iter()
         .map(|l| match l {
@@ -51,7 +86,7 @@ pub(super) async fn between_hosts(
             _ => None,
         })
         .collect();
-    let answers = join_all(sessions.iter().enumerate().map(|(from, session)| {
+    join_all(sessions.iter().enumerate().map(|(from, session)| {
         let targets: Vec<(usize, String, u16)> = ports
             .iter()
             .enumerate()
@@ -60,43 +95,34 @@ pub(super) async fn between_hosts(
             .collect();
         connect(session.as_ref(), targets)
     }))
-    .await;
-    let connections: usize = answers.iter().map(Vec::len).sum();
-    join_all(processes.into_iter().flatten().map(RemoteProcess::finish)).await;
+    .await
+}
 
-    let mut findings = Vec::new();
-    for (to, listener) in listening.into_iter().enumerate() {
-        let name = &inventory.hosts[to].name;
-        let port = match listener {
-            Listening::On(port) => port,
-            Listening::Untested(why) => {
-                findings.push(pass(name, format!("not tested ({why})")));
-                continue;
-            }
-            Listening::Absent => continue,
-        };
-        let from: Vec<(usize, &str)> = answers
-            .iter()
-            .enumerate()
-            .filter(|(from, _)| *from != to && sessions[*from].is_some())
-            .map(|(from, answer)| {
-                let result = answer
-                    .iter()
-                    .find(|(index, _)| *index == to)
-                    .map_or("no answer", |(_, result)| result.as_str());
-                (from, result)
-            })
-            .collect();
+/// What the pairs' connections found, to be judged one listening host at a time.
+struct Pairs<'a> {
+    inventory: &'a Inventory,
+    sessions: &'a [Option<Session>],
+    addrs: &'a [String],
+    answers: &'a [Vec<(usize, String)>],
+}
+
+impl Pairs<'_> {
+    /// The findings for host `to`, listening on `port`: reached from all the others, or one
+    /// failure per host that could not reach it; hosts that could not test are noted.
+    fn findings_for(&self, to: usize, port: u16) -> Vec<Finding> {
+        let name = &self.inventory.hosts[to].name;
+        let from = self.answers_about(to);
         // A host that cannot test (no python3) is not a firewall's doing: noted, not failed.
         let untested: Vec<&str> = from
             .iter()
             .filter(|(_, r)| r.starts_with("untested"))
-            .map(|(f, _)| inventory.hosts[*f].name.as_str())
+            .map(|(f, _)| self.inventory.hosts[*f].name.as_str())
             .collect();
         let failed: Vec<&(usize, &str)> = from
             .iter()
             .filter(|(_, r)| *r != "ok" && !r.starts_with("untested"))
             .collect();
+        let mut findings = Vec::new();
         if failed.is_empty() && untested.len() < from.len() {
             let count = from.len() - untested.len();
             let hosts = if count == 1 { "host" } else { "hosts" };
@@ -106,20 +132,7 @@ pub(super) async fn between_hosts(
             ));
         }
         for &&(from, result) in &failed {
-            let from_name = &inventory.hosts[from].name;
-            let why = match result {
-                "timeout" => "timed out".to_string(),
-                "refused" => "connection refused".to_string(),
-                other => other.strip_prefix("error ").unwrap_or(other).to_string(),
-            };
-            findings.push(Finding {
-                check: CHECK.into(),
-                host: Some(name.clone()),
-                ok: false,
-                detail: format!("{from_name} cannot reach {name} on port {port}: {why}"),
-                fix: Some(fix(name, &addrs[from])),
-                values: Vec::new(),
-            });
+            findings.push(self.failure(to, port, from, result));
         }
         if !untested.is_empty() {
             findings.push(pass(
@@ -127,12 +140,44 @@ pub(super) async fn between_hosts(
                 format!("not tested from {} (no python3)", untested.join(", ")),
             ));
         }
+        findings
     }
-    printer.debug(&format!(
-        "{CHECK}: {connections} connections in {} ms",
-        started.elapsed().as_millis()
-    ));
-    findings
+
+    /// What each other connected host found when it tried to reach host `to`.
+    fn answers_about(&self, to: usize) -> Vec<(usize, &str)> {
+        self.answers
+            .iter()
+            .enumerate()
+            .filter(|(from, _)| *from != to && self.sessions[*from].is_some())
+            .map(|(from, answer)| {
+                let result = answer
+                    .iter()
+                    .find(|(index, _)| *index == to)
+                    .map_or("no answer", |(_, result)| result.as_str());
+                (from, result)
+            })
+            .collect()
+    }
+
+    /// Host `from` could not reach host `to` on `port`: filed under `to`, whose firewall is the
+    /// one to open.
+    fn failure(&self, to: usize, port: u16, from: usize, result: &str) -> Finding {
+        let name = &self.inventory.hosts[to].name;
+        let from_name = &self.inventory.hosts[from].name;
+        let why = match result {
+            "timeout" => "timed out".to_string(),
+            "refused" => "connection refused".to_string(),
+            other => other.strip_prefix("error ").unwrap_or(other).to_string(),
+        };
+        Finding {
+            check: CHECK.into(),
+            host: Some(name.clone()),
+            ok: false,
+            detail: format!("{from_name} cannot reach {name} on port {port}: {why}"),
+            fix: Some(fix(name, &self.addrs[from])),
+            values: Vec::new(),
+        }
+    }
 }
 
 /// Starts a listener on a port the host's kernel picks: what it said, and its process while it
