@@ -46,6 +46,7 @@ fn over_steps<'a, 'b>(
     Ok(chart)
 }
 
+/// Draws the three panels of `training` into an SVG at `path`.
 pub fn draw(path: &Path, training: &Training) -> Result<(), String> {
     let root = SVGBackend::new(path, (1200, 400)).into_drawing_area();
     root.fill(&WHITE).map_err(failed)?;
@@ -58,8 +59,15 @@ pub fn draw(path: &Path, training: &Training) -> Result<(), String> {
         .max()
         .unwrap_or(1)
         .max(1) as f64;
+    draw_loss(&panels[0], training, last_step)?;
+    draw_accuracy(&panels[1], training, last_step)?;
+    draw_step_times(&panels[2], training)?;
+    root.present().map_err(failed)?;
+    Ok(())
+}
 
-    // Loss: training (rank 0's reports, over all ranks) and validation.
+/// Loss: training (rank 0's reports, over all ranks) and validation.
+fn draw_loss(area: &Area, training: &Training, last_step: f64) -> Result<(), String> {
     let losses = training
         .progress
         .iter()
@@ -67,7 +75,7 @@ pub fn draw(path: &Path, training: &Training) -> Result<(), String> {
         .chain(training.validations.iter().map(|v| v.val_loss))
         .filter(|l| l.is_finite());
     let top = losses.fold(0.0f64, f64::max).max(1e-3) * 1.05;
-    let mut chart = over_steps(&panels[0], "loss", last_step, top)?;
+    let mut chart = over_steps(area, "loss", last_step, top)?;
     chart
         .draw_series(LineSeries::new(
             training.progress.iter().map(|p| (p.step as f64, p.loss)),
@@ -102,9 +110,12 @@ pub fn draw(path: &Path, training: &Training) -> Result<(), String> {
         .border_style(BLACK)
         .draw()
         .map_err(failed)?;
+    Ok(())
+}
 
-    // Validation accuracy after each epoch.
-    let mut chart = over_steps(&panels[1], "validation accuracy", last_step, 1.0)?;
+/// Validation accuracy after each epoch.
+fn draw_accuracy(area: &Area, training: &Training, last_step: f64) -> Result<(), String> {
+    let mut chart = over_steps(area, "validation accuracy", last_step, 1.0)?;
     let accuracy: Vec<(f64, f64)> = training
         .validations
         .iter()
@@ -123,8 +134,11 @@ pub fn draw(path: &Path, training: &Training) -> Result<(), String> {
                 .map(|&point| Circle::new(point, 4, VALIDATION.filled())),
         )
         .map_err(failed)?;
+    Ok(())
+}
 
-    // Each rank's mean step time, the all-reduce share in orange.
+/// Each rank's mean step time, the all-reduce share in orange.
+fn draw_step_times(area: &Area, training: &Training) -> Result<(), String> {
     let ranks = training.summaries.len().max(1) as f64;
     let slowest = training
         .summaries
@@ -133,7 +147,7 @@ pub fn draw(path: &Path, training: &Training) -> Result<(), String> {
         .fold(0.0f64, f64::max)
         .max(1e-3)
         * 1.1;
-    let mut chart = ChartBuilder::on(&panels[2])
+    let mut chart = ChartBuilder::on(area)
         .caption("step time per rank (ms)", ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(32)
@@ -159,6 +173,5 @@ pub fn draw(path: &Path, training: &Training) -> Result<(), String> {
             ])
             .map_err(failed)?;
     }
-    root.present().map_err(failed)?;
     Ok(())
 }
