@@ -47,7 +47,7 @@ struct Difference {
     problem: &'static str,
 }
 
-#[derive(Serialize)]
+#[derive(Default, Serialize)]
 struct HostRecord<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
@@ -212,6 +212,33 @@ async fn describe_scan(
     Ok(())
 }
 
+/// Awaits `applying` while redrawing the host's bar (if any) from the counters every 100 ms;
+/// clears the bar at the end.
+async fn with_bar<T>(
+    applying: impl std::future::Future<Output = T>,
+    bar: Option<ProgressBar>,
+    progress: &Progress,
+    files: usize,
+) -> T {
+    tokio::pin!(applying);
+    let result = loop {
+        tokio::select! {
+            result = &mut applying => break result,
+            // Redraw the bar from the counters; nothing waits on this.
+            () = tokio::time::sleep(Duration::from_millis(100)), if bar.is_some() => {
+                if let Some(bar) = &bar {
+                    bar.set_position(progress.bytes.load(Ordering::Relaxed));
+                    bar.set_message(format!("{}/{files} files", progress.files.load(Ordering::Relaxed)));
+                }
+            }
+        }
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    result
+}
+
 /// The local scan, awaited by every host.
 type SharedScan = Shared<BoxFuture<'static, Arc<Result<Scan, ManifestError>>>>;
 /// The local copies of the hosts' manifests ([`SavedCopy::read_all`]), in inventory order.
@@ -360,11 +387,7 @@ impl HostContext<'_> {
         started: Instant,
     ) -> Result<HostResult, SyncError> {
         let scanned = self.scanned.clone().await;
-        self.printer.debug(&format!(
-            "{}: local scan ready after {:.0} ms",
-            tree.host(),
-            started.elapsed().as_secs_f64() * 1e3
-        ));
+        self.after(tree, "local scan ready", started);
         let Ok(scan) = scanned.as_ref() else {
             // The scan's own error is reported once, for all hosts.
             return Err(SyncError::Host {
@@ -379,24 +402,10 @@ impl HostContext<'_> {
             confirmed,
             running_job,
         } = state;
-        if let Some(job) = &running_job {
-            if self.before_run || (self.args.delete && !self.args.dry_run) {
-                let why = if self.before_run {
-                    "(fleet stop, or wait for it); nothing was changed".to_string()
-                } else {
-                    "and --delete could remove what it writes: nothing was changed (wait for it, or fleet stop)".to_string()
-                };
-                return Err(SyncError::Host {
-                    host: tree.host().to_string(),
-                    message: format!("job {job} is still running in {} {why}", self.workdir(tree)),
-                });
-            }
+        if let Some(refused) = self.running_job_refusal(tree, running_job.as_deref()) {
+            return Err(refused);
         }
-        self.printer.debug(&format!(
-            "{}: locked and listed after {:.0} ms",
-            tree.host(),
-            started.elapsed().as_secs_f64() * 1e3
-        ));
+        self.after(tree, "locked and listed", started);
         let (listing, stale) = split_listing(listing, self.filter, local);
         if self.args.verify {
             return verify(tree, local, &listing)
@@ -413,11 +422,7 @@ impl HostContext<'_> {
         if self.args.dry_run {
             return Ok(HostResult::Planned(plan));
         }
-        self.printer.debug(&format!(
-            "{}: planned after {:.0} ms",
-            tree.host(),
-            started.elapsed().as_secs_f64() * 1e3
-        ));
+        self.after(tree, "planned", started);
         tree.remove(&stale).await?;
         let delete = self.args.delete && self.confirm_removal(tree.host(), &plan).await;
         let progress = Progress::default();
@@ -425,44 +430,52 @@ impl HostContext<'_> {
             .bars
             .as_ref()
             .map(|bars| host_bar(bars, tree.host(), &plan));
-        let applied = {
-            let applying = transfer::apply(
-                tree,
-                sftp,
-                &self.source,
-                scan,
-                &state,
-                &plan,
-                delete,
-                &progress,
-            );
-            tokio::pin!(applying);
-            loop {
-                tokio::select! {
-                    result = &mut applying => break result,
-                    // Redraw the bar from the counters; nothing waits on this.
-                    () = tokio::time::sleep(Duration::from_millis(100)), if bar.is_some() => {
-                        if let Some(bar) = &bar {
-                            bar.set_position(progress.bytes.load(Ordering::Relaxed));
-                            bar.set_message(format!("{}/{} files", progress.files.load(Ordering::Relaxed), plan.uploads.len()));
-                        }
-                    }
-                }
-            }
-        };
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
-        let applied = applied?;
-        self.printer.debug(&format!(
-            "{}: applied after {:.0} ms",
-            tree.host(),
-            started.elapsed().as_secs_f64() * 1e3
-        ));
+        let applying = transfer::apply(
+            tree,
+            sftp,
+            &self.source,
+            scan,
+            &state,
+            &plan,
+            delete,
+            &progress,
+        );
+        let applied = with_bar(applying, bar, &progress, plan.uploads.len()).await?;
+        self.after(tree, "applied", started);
         Ok(HostResult::Synced {
             plan,
             applied,
             seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// A debug line: how long after `started` the host got to `what`.
+    fn after(&self, tree: &HostTree<'_>, what: &str, started: Instant) {
+        self.printer.debug(&format!(
+            "{}: {what} after {:.0} ms",
+            tree.host(),
+            started.elapsed().as_secs_f64() * 1e3
+        ));
+    }
+
+    /// The refusal to change a workdir a job runs in before a run, or to --delete in it.
+    fn running_job_refusal(
+        &self,
+        tree: &HostTree<'_>,
+        running_job: Option<&str>,
+    ) -> Option<SyncError> {
+        let job = running_job?;
+        if !(self.before_run || (self.args.delete && !self.args.dry_run)) {
+            return None;
+        }
+        let why = if self.before_run {
+            "(fleet stop, or wait for it); nothing was changed"
+        } else {
+            "and --delete could remove what it writes: nothing was changed (wait for it, or fleet stop)"
+        };
+        Some(SyncError::Host {
+            host: tree.host().to_string(),
+            message: format!("job {job} is still running in {} {why}", self.workdir(tree)),
         })
     }
 }
@@ -512,6 +525,8 @@ async fn verify(
     Ok(differences)
 }
 
+/// Reports each host's sync (a record each with --json, a table otherwise; a line before a
+/// run) and returns the exit code they make together.
 fn report(
     printer: &Printer,
     inventory: &Inventory,
@@ -527,55 +542,21 @@ fn report(
             kind: "host",
             host: name,
             ok: true,
-            files_sent: None,
-            bytes_sent: None,
-            unchanged: None,
-            removed: None,
-            extraneous: None,
-            kept: None,
-            seconds: None,
-            plan: None,
-            differences: None,
-            error: None,
+            ..HostRecord::default()
         };
         match result {
             Ok(HostResult::Synced {
                 plan,
                 applied,
                 seconds,
-            }) => {
-                record.files_sent = Some(applied.files_sent);
-                record.bytes_sent = Some(applied.bytes_sent);
-                record.unchanged = Some(plan.unchanged);
-                record.removed = Some(applied.removed);
-                record.seconds = Some(*seconds);
-                if !args.delete {
-                    let extra = not_in_project(plan);
-                    if !extra.is_empty() {
-                        printer.warn(&format!(
-                            "{name}: {} path(s) on the host are not in the project (kept; --delete removes those an earlier sync put there): {}",
-                            extra.len(),
-                            preview(&extra)
-                        ));
-                    }
-                    record.extraneous = Some(extra);
-                } else if !plan.foreign.is_empty() {
-                    printer.warn(&format!(
-                        "{name}: {} path(s) on the host are not in the project and no sync put them there (kept): {}",
-                        plan.foreign.len(),
-                        preview(&plan.foreign)
-                    ));
-                    record.kept = Some(&plan.foreign);
-                }
-                rows.push(vec![
-                    name.to_string(),
-                    applied.files_sent.to_string(),
-                    human_bytes(applied.bytes_sent),
-                    plan.unchanged.to_string(),
-                    applied.removed.to_string(),
-                    format!("{seconds:.2}"),
-                ]);
-            }
+            }) => rows.push(synced(
+                printer,
+                &mut record,
+                plan,
+                applied,
+                *seconds,
+                args.delete,
+            )),
             Ok(HostResult::Planned(plan)) => {
                 record.plan = Some(plan);
                 if !printer.json() {
@@ -583,35 +564,101 @@ fn report(
                 }
             }
             Ok(HostResult::Verified(differences)) => {
-                record.ok = differences.is_empty();
-                record.differences = Some(differences);
-                if !differences.is_empty() {
-                    code = code.max_with(ExitCode::Failure);
-                }
-                if !printer.json() {
-                    for d in differences {
-                        printer.data(&format!("{name}\t{}\t{}\n", d.problem, d.path));
-                    }
-                    if differences.is_empty() {
-                        printer.info(&format!("{name}: every file matches"));
-                    }
-                }
+                code = code.max_with(verified(printer, &mut record, differences));
             }
-            Err(e) => {
-                record.ok = false;
-                record.error = Some(e.to_string());
-                printer.error(&e.to_string());
-                code = code.max_with(if matches!(e, SyncError::Ssh(_)) {
-                    ExitCode::Unreachable
-                } else {
-                    ExitCode::Failure
-                });
-            }
+            Err(e) => code = code.max_with(failed(printer, &mut record, e)),
         }
         if printer.json() && !before_run {
             printer.record(&record);
         }
     }
+    print_totals(printer, &rows, before_run);
+    code
+}
+
+/// A host that was synced: its record filled in, a warning for what the host holds beyond the
+/// project, and its row of the table.
+fn synced<'a>(
+    printer: &Printer,
+    record: &mut HostRecord<'a>,
+    plan: &'a Plan,
+    applied: &Applied,
+    seconds: f64,
+    delete: bool,
+) -> Vec<String> {
+    let name = record.host;
+    record.files_sent = Some(applied.files_sent);
+    record.bytes_sent = Some(applied.bytes_sent);
+    record.unchanged = Some(plan.unchanged);
+    record.removed = Some(applied.removed);
+    record.seconds = Some(seconds);
+    if !delete {
+        let extra = not_in_project(plan);
+        if !extra.is_empty() {
+            printer.warn(&format!(
+                "{name}: {} path(s) on the host are not in the project (kept; --delete removes those an earlier sync put there): {}",
+                extra.len(),
+                preview(&extra)
+            ));
+        }
+        record.extraneous = Some(extra);
+    } else if !plan.foreign.is_empty() {
+        printer.warn(&format!(
+            "{name}: {} path(s) on the host are not in the project and no sync put them there (kept): {}",
+            plan.foreign.len(),
+            preview(&plan.foreign)
+        ));
+        record.kept = Some(&plan.foreign);
+    }
+    vec![
+        name.to_string(),
+        applied.files_sent.to_string(),
+        human_bytes(applied.bytes_sent),
+        plan.unchanged.to_string(),
+        applied.removed.to_string(),
+        format!("{seconds:.2}"),
+    ]
+}
+
+/// A host that was verified (`--verify`): each difference, or that every file matches;
+/// failure if any differs.
+fn verified<'a>(
+    printer: &Printer,
+    record: &mut HostRecord<'a>,
+    differences: &'a [Difference],
+) -> ExitCode {
+    let name = record.host;
+    record.ok = differences.is_empty();
+    record.differences = Some(differences);
+    if !printer.json() {
+        for d in differences {
+            printer.data(&format!("{name}\t{}\t{}\n", d.problem, d.path));
+        }
+        if differences.is_empty() {
+            printer.info(&format!("{name}: every file matches"));
+        }
+    }
+    if differences.is_empty() {
+        ExitCode::Success
+    } else {
+        ExitCode::Failure
+    }
+}
+
+/// A host whose sync failed: named, exit 3 when it could not be reached.
+fn failed(printer: &Printer, record: &mut HostRecord<'_>, e: &SyncError) -> ExitCode {
+    record.ok = false;
+    record.error = Some(e.to_string());
+    printer.error(&e.to_string());
+    if matches!(e, SyncError::Ssh(_)) {
+        ExitCode::Unreachable
+    } else {
+        ExitCode::Failure
+    }
+}
+
+/// The table of synced hosts, or before a run one line of what was sent.
+fn print_totals(printer: &Printer, rows: &[Vec<String>], before_run: bool) {
     if before_run {
         let sent: usize = rows.iter().filter_map(|r| r[1].parse::<usize>().ok()).sum();
         printer.info(&format!(
@@ -621,9 +668,8 @@ fn report(
         ));
     } else if !rows.is_empty() && !printer.json() {
         let header = ["HOST", "SENT", "BYTES", "UNCHANGED", "REMOVED", "SECONDS"];
-        printer.data(&table::render(&header, &rows));
+        printer.data(&table::render(&header, rows));
     }
-    code
 }
 
 /// Everything on the host that is not in the project, sorted: what an earlier sync put there
