@@ -3,6 +3,7 @@
 //! `--accept-new-host-keys`), then says whether logging in works.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -13,10 +14,31 @@ use crate::cli::InitArgs;
 use crate::exit_code::{ExitCode, UsageError};
 use crate::inventory::Inventory;
 use crate::output::Stream;
-use crate::ssh::{HostKeyError, HostKeyPolicy, Session, SshError};
+use crate::ssh::{ConnectOptions, HostKeyError, HostKeyPolicy, Session, SshError, Target};
 
 pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
     let path = fleet.inventory_path();
+    let source = write_inventory(fleet, args, path)?;
+    let inventory = fleet.inventory()?;
+    let targets = fleet.targets(&inventory)?;
+    let mut options = fleet.connect_options(&inventory, &targets).await?;
+    let mut results = join_all(targets.iter().map(|t| Session::connect(t, &options))).await;
+    if fleet.printer.can_prompt() {
+        confirm_new_keys(fleet, &targets, &mut options, &mut results).await;
+    }
+    let (code, gpus) = report_logins(fleet, path, &targets, &options, results).await;
+    settle_device(fleet, args, path, &source, &gpus)?;
+    if code == ExitCode::Success {
+        fleet
+            .printer
+            .info(&format!("next: fleet -i {} check", path.display()));
+    }
+    Ok(code)
+}
+
+/// Writes the commented inventory for the hosts (validated first), unless one is there and
+/// not --force; returns the project's source folder it names.
+fn write_inventory(fleet: &Fleet, args: &InitArgs, path: &Path) -> Result<String> {
     if path.exists() && !args.force {
         return Err(UsageError(format!(
             "{} exists already; pass --force to replace it, or -i another path",
@@ -37,13 +59,17 @@ pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
         path.display(),
         args.hosts.len()
     ));
+    Ok(source)
+}
 
-    let inventory = fleet.inventory()?;
-    let targets = fleet.targets(&inventory)?;
-    let mut options = fleet.connect_options(&inventory, &targets).await?;
-    let mut results = join_all(targets.iter().map(|t| Session::connect(t, &options))).await;
-
-    // New host keys: show the fingerprints and ask, when there is someone to ask.
+/// New host keys: shows their fingerprints and asks; if the user trusts them, connects to
+/// those hosts again with the keys confirmed (recorded once logged in).
+async fn confirm_new_keys(
+    fleet: &Fleet,
+    targets: &[Target],
+    options: &mut ConnectOptions,
+    results: &mut [Result<Session, SshError>],
+) {
     let unknown: Vec<(usize, String, String)> = results
         .iter()
         .enumerate()
@@ -56,42 +82,52 @@ pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
             _ => None,
         })
         .collect();
-    let interactive = fleet.printer.can_prompt();
-    if !unknown.is_empty() && interactive {
-        let mut question = String::from("These hosts are not in known_hosts yet:\n");
-        for (i, endpoint, fingerprint) in &unknown {
-            question.push_str(&format!(
-                "  {:<12} {endpoint:<24} {fingerprint}\n",
-                targets[*i].name
-            ));
-        }
-        question.push_str("Compare with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on each host.\nTrust them and record them? [y/N] ");
-        fleet.printer.write(Stream::Stderr, &question);
-        let answer = console::Term::stderr().read_line().unwrap_or_default();
-        if matches!(answer.trim(), "y" | "Y" | "yes") {
-            let confirmed: HashMap<String, String> = unknown
-                .iter()
-                .map(|(_, e, f)| (e.clone(), f.clone()))
-                .collect();
-            let known_hosts = options.host_keys.known_hosts().to_path_buf();
-            options.host_keys =
-                Arc::new(HostKeyPolicy::new(known_hosts, false).with_confirmed(confirmed));
-            let again = join_all(
-                unknown
-                    .iter()
-                    .map(|(i, _, _)| Session::connect(&targets[*i], &options)),
-            )
-            .await;
-            for ((i, _, _), result) in unknown.iter().zip(again) {
-                results[*i] = result;
-            }
-        }
+    if unknown.is_empty() {
+        return;
     }
+    let mut question = String::from("These hosts are not in known_hosts yet:\n");
+    for (i, endpoint, fingerprint) in &unknown {
+        question.push_str(&format!(
+            "  {:<12} {endpoint:<24} {fingerprint}\n",
+            targets[*i].name
+        ));
+    }
+    question.push_str("Compare with `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` on each host.\nTrust them and record them? [y/N] ");
+    fleet.printer.write(Stream::Stderr, &question);
+    let answer = console::Term::stderr().read_line().unwrap_or_default();
+    if !matches!(answer.trim(), "y" | "Y" | "yes") {
+        return;
+    }
+    let confirmed: HashMap<String, String> = unknown
+        .iter()
+        .map(|(_, e, f)| (e.clone(), f.clone()))
+        .collect();
+    let known_hosts = options.host_keys.known_hosts().to_path_buf();
+    options.host_keys = Arc::new(HostKeyPolicy::new(known_hosts, false).with_confirmed(confirmed));
+    let again = join_all(
+        unknown
+            .iter()
+            .map(|(i, _, _)| Session::connect(&targets[*i], options)),
+    )
+    .await;
+    for ((i, _, _), result) in unknown.iter().zip(again) {
+        results[*i] = result;
+    }
+}
 
+/// Says for each host whether its key is known or was recorded and whether logging in works
+/// (a record each with --json); asks each host that logged in whether it has a GPU. Returns
+/// the exit code and the hosts that logged in with their answer (None: could not tell).
+async fn report_logins(
+    fleet: &Fleet,
+    path: &Path,
+    targets: &[Target],
+    options: &ConnectOptions,
+    results: Vec<Result<Session, SshError>>,
+) -> (ExitCode, Vec<(String, Option<bool>)>) {
     let learned = options.host_keys.learned();
     let mut code = ExitCode::Success;
     let mut report = String::new();
-    // Hosts that logged in, and whether each has a GPU (None: could not tell).
     let mut gpus: Vec<(String, Option<bool>)> = Vec::new();
     for (target, result) in targets.iter().zip(results) {
         let key = learned
@@ -130,13 +166,7 @@ pub async fn run(fleet: &Fleet, args: &InitArgs) -> Result<ExitCode> {
         });
     }
     fleet.printer.write(Stream::Stdout, &report);
-    settle_device(fleet, args, path, &source, &gpus)?;
-    if code == ExitCode::Success {
-        fleet
-            .printer
-            .info(&format!("next: fleet -i {} check", path.display()));
-    }
-    Ok(code)
+    (code, gpus)
 }
 
 /// Whether the host lists an NVIDIA GPU (None when the question failed).
