@@ -199,75 +199,23 @@ pub async fn stop(fleet: &Fleet, args: &StopArgs) -> Result<ExitCode> {
 pub async fn logs(fleet: &Fleet, args: &LogsArgs) -> Result<ExitCode> {
     let inventory = fleet.inventory()?;
     let (sessions, code) = connect(fleet, &inventory).await?;
-    // One job id for every host: the one asked for, or the first host's current job.
-    let job = match &args.job {
-        Some(job) => job.clone(),
-        None => {
-            let first = sessions
-                .iter()
-                .zip(&inventory.hosts)
-                .find_map(|(s, h)| s.as_ref().map(|s| (s, h)));
-            let Some((session, host)) = first else {
-                return Ok(code);
-            };
-            match status(session, &host.workdir, None, false)
-                .await?
-                .into_iter()
-                .next()
-            {
-                Some(state) => state.job_id,
-                None => anyhow::bail!("{}: no job has run in {}", host.name, host.workdir),
-            }
-        }
+    let Some(job) = job_to_show(&sessions, &inventory, args).await? else {
+        return Ok(code);
     };
-    let states = join_all(sessions.iter().zip(&inventory.hosts).map(|(s, h)| {
-        let job = job.clone();
-        async move {
-            match s {
-                Some(s) => status(s, &h.workdir, Some(&job), false)
-                    .await
-                    .ok()
-                    .and_then(|j| j.into_iter().next()),
-                None => None,
-            }
-        }
-    }))
-    .await;
-
-    // Every process of the job on every host, numbered across hosts.
+    let states = job_states(&sessions, &inventory, &job).await;
+    let (events, receiver) = mpsc::channel(1024);
     let mut described = Vec::new();
     let mut followers = Vec::new();
-    let (events, mut receiver) = mpsc::channel(1024);
     for (host_index, (session, state)) in sessions.iter().zip(&states).enumerate() {
         let (Some(session), Some(state)) = (session, state) else {
             continue;
         };
-        let mut followed = Vec::new();
-        for p in &state.processes {
-            let label = label_of(&p.stem);
-            if args.rank.as_ref().is_some_and(|r| *r != label) {
-                continue;
-            }
-            // A process gone without an exit status will never write one: its log is shown to
-            // the end, not waited on.
-            let vanished = p.state == ProcState::Lost;
-            if vanished && args.follow {
-                fleet.printer.warn(&format!(
-                    "{}: rank {label} is gone without an exit status (killed with its wrapper?)",
-                    inventory.hosts[host_index].name
-                ));
-            }
-            followed.push(Followed {
-                process: described.len(),
-                stem: p.stem.clone(),
-                offset: 0,
-                until_exit: args.follow && !vanished,
-            });
-            described.push((label, inventory.hosts[host_index].name.clone(), host_index));
-        }
+        let host = &inventory.hosts[host_index].name;
+        let followed = followed_processes(fleet, args, host, host_index, state, &mut described);
         if !followed.is_empty() {
+            let sftp = session.sftp().await?;
             followers.push(follow_host(
-                session.sftp().await?,
+                sftp,
                 host_index,
                 state.dir.clone(),
                 followed,
@@ -283,7 +231,108 @@ pub async fn logs(fleet: &Fleet, args: &LogsArgs) -> Result<ExitCode> {
         }
         anyhow::bail!("job {job}: no process found");
     }
-    let labels = Labels::processes(&fleet.printer, &described);
+    let print = print_logs(fleet, args, &inventory, &described, receiver);
+    let (_, failed) = tokio::join!(join_all(followers), print);
+    close(sessions).await;
+    Ok(if failed && args.follow {
+        code.max_with(ExitCode::Failure)
+    } else {
+        code
+    })
+}
+
+/// One job id for every host: the one asked for, or the first reachable host's current job
+/// (None: no host is reachable).
+async fn job_to_show(
+    sessions: &[Option<Session>],
+    inventory: &Inventory,
+    args: &LogsArgs,
+) -> Result<Option<String>> {
+    if let Some(job) = &args.job {
+        return Ok(Some(job.clone()));
+    }
+    let first = sessions
+        .iter()
+        .zip(&inventory.hosts)
+        .find_map(|(s, h)| s.as_ref().map(|s| (s, h)));
+    let Some((session, host)) = first else {
+        return Ok(None);
+    };
+    match status(session, &host.workdir, None, false)
+        .await?
+        .into_iter()
+        .next()
+    {
+        Some(state) => Ok(Some(state.job_id)),
+        None => anyhow::bail!("{}: no job has run in {}", host.name, host.workdir),
+    }
+}
+
+/// The state of `job` on each host (None where it is unreachable or has no such job).
+async fn job_states(
+    sessions: &[Option<Session>],
+    inventory: &Inventory,
+    job: &str,
+) -> Vec<Option<JobState>> {
+    join_all(
+        sessions
+            .iter()
+            .zip(&inventory.hosts)
+            .map(|(s, h)| async move {
+                status(s.as_ref()?, &h.workdir, Some(job), false)
+                    .await
+                    .ok()
+                    .and_then(|j| j.into_iter().next())
+            }),
+    )
+    .await
+}
+
+/// The processes of the job on one host whose logs are shown (all, or `--rank`'s), each
+/// numbered across hosts in `described` (label, host, host index).
+fn followed_processes(
+    fleet: &Fleet,
+    args: &LogsArgs,
+    host: &str,
+    host_index: usize,
+    state: &JobState,
+    described: &mut Vec<(String, String, usize)>,
+) -> Vec<Followed> {
+    let mut followed = Vec::new();
+    for p in &state.processes {
+        let label = label_of(&p.stem);
+        if args.rank.as_ref().is_some_and(|r| *r != label) {
+            continue;
+        }
+        // A process gone without an exit status will never write one: its log is shown to
+        // the end, not waited on.
+        let vanished = p.state == ProcState::Lost;
+        if vanished && args.follow {
+            fleet.printer.warn(&format!(
+                "{host}: rank {label} is gone without an exit status (killed with its wrapper?)"
+            ));
+        }
+        followed.push(Followed {
+            process: described.len(),
+            stem: p.stem.clone(),
+            offset: 0,
+            until_exit: args.follow && !vanished,
+        });
+        described.push((label, host.to_string(), host_index));
+    }
+    followed
+}
+
+/// Prints the followed logs as their lines arrive, each behind its rank's label; returns
+/// whether a process exited with a failure.
+async fn print_logs(
+    fleet: &Fleet,
+    args: &LogsArgs,
+    inventory: &Inventory,
+    described: &[(String, String, usize)],
+    mut receiver: mpsc::Receiver<Event>,
+) -> bool {
+    let labels = Labels::processes(&fleet.printer, described);
     let mut splitters: Vec<LineSplitter> = described.iter().map(|_| LineSplitter::new()).collect();
     // fleet-train's events are for machines: shown with --raw and in --json, as fleet run does.
     let show = |process: usize, line: &[u8]| {
@@ -299,33 +348,24 @@ pub async fn logs(fleet: &Fleet, args: &LogsArgs) -> Result<ExitCode> {
                 .remote_line(Stream::Stdout, labels.prefix(process, Stream::Stdout), line);
         }
     };
-    let print = async {
-        let mut failed = false;
-        while let Some(event) = receiver.recv().await {
-            match event {
-                Event::Output { process, bytes } => {
-                    splitters[process].push(&bytes, |line| show(process, line))
-                }
-                Event::Exited { process, code } => {
-                    splitters[process].finish(|line| show(process, line));
-                    failed |= code != 0;
-                }
-                Event::Caught { process } => splitters[process].finish(|line| show(process, line)),
-                Event::Lost { host, error } => fleet
-                    .printer
-                    .error(&format!("{}: lost ({error})", inventory.hosts[host].name)),
-                Event::Started { .. } => {}
+    let mut failed = false;
+    while let Some(event) = receiver.recv().await {
+        match event {
+            Event::Output { process, bytes } => {
+                splitters[process].push(&bytes, |line| show(process, line))
             }
+            Event::Exited { process, code } => {
+                splitters[process].finish(|line| show(process, line));
+                failed |= code != 0;
+            }
+            Event::Caught { process } => splitters[process].finish(|line| show(process, line)),
+            Event::Lost { host, error } => fleet
+                .printer
+                .error(&format!("{}: lost ({error})", inventory.hosts[host].name)),
+            Event::Started { .. } => {}
         }
-        failed
-    };
-    let (_, failed) = tokio::join!(join_all(followers), print);
-    close(sessions).await;
-    Ok(if failed && args.follow {
-        code.max_with(ExitCode::Failure)
-    } else {
-        code
-    })
+    }
+    failed
 }
 
 async fn close(sessions: Vec<Option<Session>>) {
