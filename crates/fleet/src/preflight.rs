@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::inventory::{Check, Device, Inventory};
+use crate::inventory::{Check, Device, Host, Inventory};
 use crate::launch::Mode;
 use crate::remote::{self, Script};
 
@@ -201,20 +201,39 @@ pub fn evaluate(
     laptop_ms: &[i64],
     needs: Needs,
 ) -> Vec<Finding> {
-    let mut findings = Vec::new();
-    let reachable: Vec<&HostReport> = reports.iter().filter(|r| r.error.is_none()).collect();
-    for report in reports {
-        if let Some(error) = &report.error {
-            findings.push(Finding::fail(
+    let mut findings: Vec<Finding> = reports
+        .iter()
+        .filter_map(|report| {
+            let error = report.error.as_ref()?;
+            Some(Finding::fail(
                 "reachable",
                 Some(&report.host),
                 error.clone(),
                 "check that the host is on, its address, and that sshd runs",
+            ))
+        })
+        .collect();
+    let reachable: Vec<&HostReport> = reports.iter().filter(|r| r.error.is_none()).collect();
+    for (name, read) in &must_match(inventory, needs) {
+        findings.extend(matching(name, read, &reachable, needs));
+    }
+    for (i, (report, host)) in reports.iter().zip(&inventory.hosts).enumerate() {
+        if report.error.is_none() {
+            findings.extend(host_findings(
+                report,
+                host,
+                laptop_ms.get(i).copied(),
+                needs,
             ));
         }
     }
+    findings
+}
 
-    // Values that must be the same on every host.
+/// The values that must be the same on every host, each with how to read it from a report:
+/// Python's minor version, torch, its CUDA build, NCCL, fleet-train and the inventory's
+/// `[[check]]`s with `must_match`.
+fn must_match(inventory: &Inventory, needs: Needs) -> Vec<(String, Reader)> {
     let python_minor = |r: &HostReport| {
         r.get("python")
             .map(|v| v.splitn(3, '.').take(2).collect::<Vec<_>>().join("."))
@@ -254,140 +273,154 @@ pub fn evaluate(
             ));
         }
     }
-    for (name, read) in &must_match {
-        let values: Vec<(&str, String)> = reachable
-            .iter()
-            .filter_map(|r| read(r).map(|v| (r.host.as_str(), v)))
-            .collect();
-        let distinct: std::collections::BTreeSet<&String> = values.iter().map(|(_, v)| v).collect();
-        let listing = values
-            .iter()
-            .map(|(h, v)| format!("{h} {v}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let needed = (name == "torch" && needs.torch)
-            || (name == "fleet-train" && needs.fleet_train.is_some());
-        let mut finding = match distinct.len() {
-            0 => continue,
-            // The same everywhere is no pass when it is missing and the job needs it: that is
-            // said per host below.
-            1 if needed && values[0].1 == NOT_INSTALLED => continue,
-            1 if values[0].1 == NOT_INSTALLED => Finding::pass(
-                name,
-                None,
-                format!("{NOT_INSTALLED} (the job does not need it)"),
-            ),
-            1 => Finding::pass(name, None, values[0].1.clone()),
-            _ => Finding::fail(
-                name,
-                None,
-                format!("differs: {listing}"),
-                format!("make {name} the same on every host"),
-            ),
-        };
-        finding.values = values
-            .iter()
-            .map(|(h, v)| (h.to_string(), v.clone()))
-            .collect();
-        findings.push(finding);
-    }
+    must_match
+}
 
-    for (i, (report, host)) in reports.iter().zip(&inventory.hosts).enumerate() {
-        if report.error.is_some() {
-            continue;
-        }
-        let name = Some(report.host.as_str());
-        findings.extend(missing_for_the_job(report, host, needs));
-        if let Some(line) = &host.activate {
-            findings.push(match report.get("activate_error") {
-                Some(error) => Finding::fail(
-                    "activate",
-                    name,
-                    format!("`{line}` failed: {}", error.trim()),
-                    "fix activate in the inventory: it runs before every command fleet runs on the host",
-                ),
-                None => Finding::pass("activate", name, line.clone()),
-            });
-        }
-        findings.extend(facts(report));
-        findings.extend(wsl_networking(report));
-        if host.device == Device::Cuda {
-            let gpus: u32 = report
-                .get("gpu_count")
-                .and_then(|g| g.parse().ok())
-                .unwrap_or(0);
-            if report.get("gpu_tool").is_some() {
-                findings.push(Finding::fail(
-                    "gpus",
-                    name,
-                    "nvidia-smi not installed",
-                    "install the NVIDIA driver, or set device = \"cpu\" for this host",
-                ));
-            } else if gpus < host.ranks {
-                findings.push(Finding::fail(
-                    "gpus",
-                    name,
-                    format!("{gpus} GPUs for {} ranks", host.ranks),
-                    "lower `ranks` for this host to its GPU count",
-                ));
-            } else {
-                findings.push(Finding::pass(
-                    "gpus",
-                    name,
-                    format!("{gpus}: {}", report.get("gpu.0").unwrap_or("")),
-                ));
-                findings.extend(gpu_memory(report, host.ranks));
-            }
-        }
-        if let Some(free) = report
-            .get("disk_free_mb")
-            .and_then(|d| d.parse::<u64>().ok())
-        {
-            if free < MIN_DISK_MB {
-                findings.push(Finding::fail(
-                    "disk",
-                    name,
-                    format!("{free} MB free in {}", host.workdir),
-                    "free some space in the workdir's file system",
-                ));
-            } else {
-                findings.push(Finding::pass(
-                    "disk",
-                    name,
-                    format!("{:.1} GB free", free as f64 / 1024.0),
-                ));
-            }
-        }
-        if let Some(offset) = report
-            .get("time_ms")
-            .and_then(|t| t.parse::<i64>().ok())
-            .zip(laptop_ms.get(i))
-            .map(|(t, l)| t - l)
-        {
-            let detail = format!("{:+.1} s from the laptop", offset as f64 / 1000.0);
-            findings.push(if offset.abs() > MAX_CLOCK_OFFSET_MS {
-                Finding::fail(
-                    "clock",
-                    name,
-                    detail,
-                    "enable time sync (timedatectl set-ntp true)",
-                )
-            } else {
-                Finding::pass("clock", name, detail)
-            });
-        }
-        if report
-            .get("hostname_address")
-            .is_some_and(|a| a.starts_with("127."))
-        {
-            findings.push(Finding::pass(
-                "hostname",
+/// The finding for one value that must match, over the reachable hosts: the same everywhere,
+/// or how it differs (None: no host has it, or all lack what the job needs, which is said per
+/// host).
+fn matching(name: &str, read: &Reader, reachable: &[&HostReport], needs: Needs) -> Option<Finding> {
+    let values: Vec<(&str, String)> = reachable
+        .iter()
+        .filter_map(|r| read(r).map(|v| (r.host.as_str(), v)))
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = values.iter().map(|(_, v)| v).collect();
+    let listing = values
+        .iter()
+        .map(|(h, v)| format!("{h} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let needed =
+        (name == "torch" && needs.torch) || (name == "fleet-train" && needs.fleet_train.is_some());
+    let mut finding = match distinct.len() {
+        0 => return None,
+        // The same everywhere is no pass when it is missing and the job needs it: that is
+        // said per host.
+        1 if needed && values[0].1 == NOT_INSTALLED => return None,
+        1 if values[0].1 == NOT_INSTALLED => Finding::pass(
+            name,
+            None,
+            format!("{NOT_INSTALLED} (the job does not need it)"),
+        ),
+        1 => Finding::pass(name, None, values[0].1.clone()),
+        _ => Finding::fail(
+            name,
+            None,
+            format!("differs: {listing}"),
+            format!("make {name} the same on every host"),
+        ),
+    };
+    finding.values = values
+        .iter()
+        .map(|(h, v)| (h.to_string(), v.clone()))
+        .collect();
+    Some(finding)
+}
+
+/// The checks of one reachable host: what the job needs, its activate line, facts, WSL's
+/// networking, GPUs, disk, clock and hostname.
+fn host_findings(
+    report: &HostReport,
+    host: &Host,
+    laptop_ms: Option<i64>,
+    needs: Needs,
+) -> Vec<Finding> {
+    let name = Some(report.host.as_str());
+    let mut findings = missing_for_the_job(report, host, needs);
+    if let Some(line) = &host.activate {
+        findings.push(match report.get("activate_error") {
+            Some(error) => Finding::fail(
+                "activate",
                 name,
-                format!("{} resolves to {}: fleet run sets GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME so ranks do not bind it", report.get("hostname").unwrap_or("?"), report.get("hostname_address").unwrap_or("?")),
-            ));
-        }
+                format!("`{line}` failed: {}", error.trim()),
+                "fix activate in the inventory: it runs before every command fleet runs on the host",
+            ),
+            None => Finding::pass("activate", name, line.clone()),
+        });
+    }
+    findings.extend(facts(report));
+    findings.extend(wsl_networking(report));
+    if host.device == Device::Cuda {
+        findings.extend(gpus(report, host));
+    }
+    findings.extend(disk(report, host));
+    findings.extend(clock(report, laptop_ms));
+    if report
+        .get("hostname_address")
+        .is_some_and(|a| a.starts_with("127."))
+    {
+        findings.push(Finding::pass(
+            "hostname",
+            name,
+            format!("{} resolves to {}: fleet run sets GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME so ranks do not bind it", report.get("hostname").unwrap_or("?"), report.get("hostname_address").unwrap_or("?")),
+        ));
     }
     findings
+}
+
+/// A CUDA host's GPUs: nvidia-smi there, one GPU per rank, and their free memory.
+fn gpus(report: &HostReport, host: &Host) -> Vec<Finding> {
+    let name = Some(report.host.as_str());
+    let gpus: u32 = report
+        .get("gpu_count")
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0);
+    if report.get("gpu_tool").is_some() {
+        vec![Finding::fail(
+            "gpus",
+            name,
+            "nvidia-smi not installed",
+            "install the NVIDIA driver, or set device = \"cpu\" for this host",
+        )]
+    } else if gpus < host.ranks {
+        vec![Finding::fail(
+            "gpus",
+            name,
+            format!("{gpus} GPUs for {} ranks", host.ranks),
+            "lower `ranks` for this host to its GPU count",
+        )]
+    } else {
+        let mut findings = vec![Finding::pass(
+            "gpus",
+            name,
+            format!("{gpus}: {}", report.get("gpu.0").unwrap_or("")),
+        )];
+        findings.extend(gpu_memory(report, host.ranks));
+        findings
+    }
+}
+
+/// Free space in the workdir's file system.
+fn disk(report: &HostReport, host: &Host) -> Option<Finding> {
+    let name = Some(report.host.as_str());
+    let free = report.get("disk_free_mb")?.parse::<u64>().ok()?;
+    Some(if free < MIN_DISK_MB {
+        Finding::fail(
+            "disk",
+            name,
+            format!("{free} MB free in {}", host.workdir),
+            "free some space in the workdir's file system",
+        )
+    } else {
+        Finding::pass("disk", name, format!("{:.1} GB free", free as f64 / 1024.0))
+    })
+}
+
+/// The host's clock against the laptop's when the probe's answer arrived.
+fn clock(report: &HostReport, laptop_ms: Option<i64>) -> Option<Finding> {
+    let name = Some(report.host.as_str());
+    let offset = report.get("time_ms")?.parse::<i64>().ok()? - laptop_ms?;
+    let detail = format!("{:+.1} s from the laptop", offset as f64 / 1000.0);
+    Some(if offset.abs() > MAX_CLOCK_OFFSET_MS {
+        Finding::fail(
+            "clock",
+            name,
+            detail,
+            "enable time sync (timedatectl set-ntp true)",
+        )
+    } else {
+        Finding::pass("clock", name, detail)
+    })
 }
 
 /// What the probe found that is shown, not judged: the system, the driver's CUDA, and the
