@@ -447,20 +447,7 @@ impl Inventory {
 
 fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError> {
     let fleet = raw.fleet;
-    let defaults = SshSettings {
-        port: fleet.port.as_ref().map(|p| port(src, p)).transpose()?,
-        user: fleet
-            .user
-            .as_ref()
-            .map(|u| non_empty(src, u, "user"))
-            .transpose()?,
-        identity: fleet
-            .identity
-            .as_ref()
-            .map(|i| local_path(src, i, "identity"))
-            .transpose()?,
-        jump: fleet.jump.as_ref().map(|j| jump(src, j)).transpose()?,
-    };
+    let defaults = ssh_settings(src, &fleet.port, &fleet.user, &fleet.identity, &fleet.jump)?;
     let known_hosts = fleet
         .known_hosts
         .as_ref()
@@ -486,108 +473,17 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
         .as_ref()
         .map(|a| address(src, a))
         .transpose()?;
-    let env = env_table(src, fleet.env)?;
-    let activate = match &fleet.activate {
-        Some(a) => activate_line(src, a)?,
-        None => None,
+    let each_host = HostDefaults {
+        workdir,
+        ranks,
+        device,
+        env: env_table(src, fleet.env)?,
+        activate: match &fleet.activate {
+            Some(a) => activate_line(src, a)?,
+            None => None,
+        },
     };
-
-    if raw.host.is_empty() {
-        return Err(src.error(
-            src.text.len()..src.text.len(),
-            "no [[host]] entries: add one per machine, with its name and address (see inventory/example.toml)",
-        ));
-    }
-
-    let mut hosts: Vec<Host> = Vec::with_capacity(raw.host.len());
-    let mut names: HashMap<String, usize> = HashMap::new();
-    let mut endpoints: HashMap<(String, Option<u16>), usize> = HashMap::new();
-    for entry in raw.host {
-        let line = src.line_of(entry.span().start);
-        let h = entry.into_inner();
-        let address = address(src, &h.address)?;
-        let name = match &h.name {
-            Some(n) => host_name(src, n)?,
-            None => address.clone(),
-        };
-        let name_span = h.name.as_ref().map_or(h.address.span(), |n| n.span());
-        if let Some(first) = names.insert(name.clone(), line) {
-            return Err(src.error(
-                name_span,
-                format!("duplicate host name {name:?}: already used by the host on line {first}"),
-            ));
-        }
-        let ssh = SshSettings {
-            port: h.port.as_ref().map(|p| port(src, p)).transpose()?,
-            user: h
-                .user
-                .as_ref()
-                .map(|u| non_empty(src, u, "user"))
-                .transpose()?,
-            identity: h
-                .identity
-                .as_ref()
-                .map(|i| local_path(src, i, "identity"))
-                .transpose()?,
-            jump: h.jump.as_ref().map(|j| jump(src, j)).transpose()?,
-        };
-        // Two entries for one sshd would start two node ranks on one machine by accident.
-        let endpoint = (address.to_ascii_lowercase(), ssh.port.or(defaults.port));
-        if let Some(first) = endpoints.insert(endpoint, line) {
-            let shown_port = ssh
-                .port
-                .or(defaults.port)
-                .map_or(String::new(), |p| format!(":{p}"));
-            return Err(src.error(
-                h.address.span(),
-                format!("duplicate address {address}{shown_port}: the host on line {first} has it already"),
-            ));
-        }
-        let mut host_env = env.clone();
-        host_env.extend(env_table(src, h.env)?);
-        hosts.push(Host {
-            name,
-            address,
-            ssh,
-            workdir: h
-                .workdir
-                .as_ref()
-                .map(|w| checked_workdir(src, w))
-                .transpose()?
-                .unwrap_or_else(|| workdir.clone()),
-            ranks: h
-                .ranks
-                .as_ref()
-                .map(|r| rank_count(src, r))
-                .transpose()?
-                .unwrap_or(ranks),
-            device: h.device.unwrap_or(device),
-            env: host_env,
-            activate: match &h.activate {
-                Some(a) => activate_line(src, a)?,
-                None => activate.clone(),
-            },
-            line,
-        });
-    }
-
-    let mut checks = Vec::with_capacity(raw.check.len());
-    for c in raw.check {
-        checks.push(Check {
-            name: non_empty(src, &c.name, "check name")?,
-            command: non_empty(src, &c.command, "check command")?,
-            must_match: c.must_match,
-        });
-    }
-    let run_command = match raw.run.command {
-        Some(c) if c.get_ref().is_empty() || c.get_ref()[0].is_empty() => {
-            return Err(src.error(c.span(), "[run].command must name a program, e.g. [\"fleet-train\", \"--data\", \"data.csv\"]"));
-        }
-        Some(c) => Some(c.into_inner()),
-        None => None,
-    };
-    let base = src.path.parent().unwrap_or(Path::new(""));
-    let source = expand_tilde(raw.sync.source.as_deref().unwrap_or("."));
+    let hosts = hosts(src, raw.host, &defaults, &each_host)?;
     Ok(Inventory {
         path: src.path.to_path_buf(),
         hosts,
@@ -595,25 +491,171 @@ fn resolve(src: &Source, raw: RawInventory) -> Result<Inventory, InventoryError>
         known_hosts,
         master_port,
         master_addr,
-        checks,
-        sync: Sync {
-            // Resolved where it exists, so messages name `/home/me/proj/runs/<job>`, not
-            // `inventory/../runs/<job>`; a missing source is reported as given.
-            source: {
-                let joined = if source.is_absolute() {
-                    source
-                } else {
-                    base.join(source)
-                };
-                joined.canonicalize().unwrap_or(joined)
-            },
-            exclude: raw
-                .sync
-                .exclude
-                .unwrap_or_else(|| vec![".git/".into(), "target/".into(), "runs/".into()]),
-        },
-        run_command,
+        checks: checks(src, raw.check)?,
+        sync: sync_section(src, raw.sync),
+        run_command: run_command(src, raw.run)?,
     })
+}
+
+/// What `[fleet]` gives every host that does not set it itself.
+struct HostDefaults {
+    workdir: String,
+    ranks: u32,
+    device: Device,
+    env: BTreeMap<String, String>,
+    activate: Option<String>,
+}
+
+/// The SSH settings of `[fleet]` or of one host.
+fn ssh_settings(
+    src: &Source,
+    port_value: &Option<Spanned<i64>>,
+    user: &Option<Spanned<String>>,
+    identity: &Option<Spanned<String>>,
+    jump_value: &Option<Spanned<String>>,
+) -> Result<SshSettings, InventoryError> {
+    Ok(SshSettings {
+        port: port_value.as_ref().map(|p| port(src, p)).transpose()?,
+        user: user
+            .as_ref()
+            .map(|u| non_empty(src, u, "user"))
+            .transpose()?,
+        identity: identity
+            .as_ref()
+            .map(|i| local_path(src, i, "identity"))
+            .transpose()?,
+        jump: jump_value.as_ref().map(|j| jump(src, j)).transpose()?,
+    })
+}
+
+/// Every `[[host]]`, in order, with no name and no address (and port) given twice.
+fn hosts(
+    src: &Source,
+    raw: Vec<Spanned<RawHost>>,
+    defaults: &SshSettings,
+    each_host: &HostDefaults,
+) -> Result<Vec<Host>, InventoryError> {
+    if raw.is_empty() {
+        return Err(src.error(
+            src.text.len()..src.text.len(),
+            "no [[host]] entries: add one per machine, with its name and address (see inventory/example.toml)",
+        ));
+    }
+    let mut hosts: Vec<Host> = Vec::with_capacity(raw.len());
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut endpoints: HashMap<(String, Option<u16>), usize> = HashMap::new();
+    for entry in raw {
+        let line = src.line_of(entry.span().start);
+        let h = entry.into_inner();
+        let host = host(src, &h, line, each_host)?;
+        let name_span = h.name.as_ref().map_or(h.address.span(), |n| n.span());
+        if let Some(first) = names.insert(host.name.clone(), line) {
+            let name = &host.name;
+            return Err(src.error(
+                name_span,
+                format!("duplicate host name {name:?}: already used by the host on line {first}"),
+            ));
+        }
+        // Two entries for one sshd would start two node ranks on one machine by accident.
+        let port = host.ssh.port.or(defaults.port);
+        if let Some(first) = endpoints.insert((host.address.to_ascii_lowercase(), port), line) {
+            let shown_port = port.map_or(String::new(), |p| format!(":{p}"));
+            return Err(src.error(
+                h.address.span(),
+                format!(
+                    "duplicate address {}{shown_port}: the host on line {first} has it already",
+                    host.address
+                ),
+            ));
+        }
+        hosts.push(host);
+    }
+    Ok(hosts)
+}
+
+/// One `[[host]]` (on `line`), with `[fleet]`'s values where it sets none.
+fn host(
+    src: &Source,
+    h: &RawHost,
+    line: usize,
+    each_host: &HostDefaults,
+) -> Result<Host, InventoryError> {
+    let address = address(src, &h.address)?;
+    let name = match &h.name {
+        Some(n) => host_name(src, n)?,
+        None => address.clone(),
+    };
+    let ssh = ssh_settings(src, &h.port, &h.user, &h.identity, &h.jump)?;
+    let mut env = each_host.env.clone();
+    env.extend(env_table(src, h.env.clone())?);
+    Ok(Host {
+        name,
+        address,
+        ssh,
+        workdir: h
+            .workdir
+            .as_ref()
+            .map(|w| checked_workdir(src, w))
+            .transpose()?
+            .unwrap_or_else(|| each_host.workdir.clone()),
+        ranks: h
+            .ranks
+            .as_ref()
+            .map(|r| rank_count(src, r))
+            .transpose()?
+            .unwrap_or(each_host.ranks),
+        device: h.device.unwrap_or(each_host.device),
+        env,
+        activate: match &h.activate {
+            Some(a) => activate_line(src, a)?,
+            None => each_host.activate.clone(),
+        },
+        line,
+    })
+}
+
+/// The `[[check]]`s.
+fn checks(src: &Source, raw: Vec<RawCheck>) -> Result<Vec<Check>, InventoryError> {
+    raw.into_iter()
+        .map(|c| {
+            Ok(Check {
+                name: non_empty(src, &c.name, "check name")?,
+                command: non_empty(src, &c.command, "check command")?,
+                must_match: c.must_match,
+            })
+        })
+        .collect()
+}
+
+/// `[run].command`, which must name a program.
+fn run_command(src: &Source, raw: RawRun) -> Result<Option<Vec<String>>, InventoryError> {
+    match raw.command {
+        Some(c) if c.get_ref().is_empty() || c.get_ref()[0].is_empty() => Err(src.error(
+            c.span(),
+            "[run].command must name a program, e.g. [\"fleet-train\", \"--data\", \"data.csv\"]",
+        )),
+        Some(c) => Ok(Some(c.into_inner())),
+        None => Ok(None),
+    }
+}
+
+/// `[sync]`: the source folder relative to the inventory's, and what is left out.
+fn sync_section(src: &Source, raw: RawSync) -> Sync {
+    let base = src.path.parent().unwrap_or(Path::new(""));
+    let source = expand_tilde(raw.source.as_deref().unwrap_or("."));
+    let joined = if source.is_absolute() {
+        source
+    } else {
+        base.join(source)
+    };
+    Sync {
+        // Resolved where it exists, so messages name `/home/me/proj/runs/<job>`, not
+        // `inventory/../runs/<job>`; a missing source is reported as given.
+        source: joined.canonicalize().unwrap_or(joined),
+        exclude: raw
+            .exclude
+            .unwrap_or_else(|| vec![".git/".into(), "target/".into(), "runs/".into()]),
+    }
 }
 
 /// Rewords serde's messages for people who write TOML, not Rust.
