@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::inventory::Inventory;
+use crate::inventory::{Host, Inventory};
 
 /// How the command is started on the hosts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -92,13 +92,15 @@ pub fn plan(
     mode: Mode,
     job_id: &str,
 ) -> JobPlan {
-    let master_addr = inventory
-        .master_addr
-        .clone()
-        .unwrap_or_else(|| addresses[0].clone());
-    let master_port = inventory.master_port.to_string();
-    let world_size = inventory.world_size();
-    let nnodes = inventory.hosts.len().to_string();
+    let world = World {
+        master_addr: inventory
+            .master_addr
+            .clone()
+            .unwrap_or_else(|| addresses[0].clone()),
+        master_port: inventory.master_port.to_string(),
+        world_size: inventory.world_size(),
+        nnodes: inventory.hosts.len().to_string(),
+    };
     let mut processes = Vec::new();
     for ((node, host), first) in inventory
         .hosts
@@ -106,37 +108,14 @@ pub fn plan(
         .enumerate()
         .zip(inventory.first_ranks())
     {
-        // Ours first, then the user's: the inventory may override anything, e.g. OMP_NUM_THREADS.
-        let mut common = BTreeMap::from([
-            ("FLEET_JOB_ID".to_string(), job_id.to_string()),
-            // The inventory's name for the host, which fleet-train puts in its messages.
-            ("FLEET_HOST".to_string(), host.name.clone()),
-            ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
-        ]);
-        if mode == Mode::Ranks && host.ranks > 1 {
-            // As torchrun does: ranks sharing a host would otherwise each start a thread per
-            // core and slow each other down.
-            common.insert("OMP_NUM_THREADS".to_string(), "1".to_string());
-        }
-        common.extend(host.env.clone());
+        let mut common = host_env(job_id, host, mode);
         match mode {
             Mode::Ranks => {
                 for local in 0..host.ranks {
-                    let mut env = BTreeMap::from([
-                        ("RANK".to_string(), (first + local).to_string()),
-                        ("LOCAL_RANK".to_string(), local.to_string()),
-                        ("WORLD_SIZE".to_string(), world_size.to_string()),
-                        ("LOCAL_WORLD_SIZE".to_string(), host.ranks.to_string()),
-                        ("NODE_RANK".to_string(), node.to_string()),
-                        ("GROUP_RANK".to_string(), node.to_string()),
-                        ("NNODES".to_string(), nnodes.clone()),
-                        ("MASTER_ADDR".to_string(), master_addr.clone()),
-                        ("MASTER_PORT".to_string(), master_port.clone()),
-                    ]);
+                    let mut env = world.rank_env(node, host, first + local, local);
                     env.extend(common.clone());
-                    let index = processes.len();
                     processes.push(Process {
-                        index,
+                        index: processes.len(),
                         host: node,
                         label: (first + local).to_string(),
                         env,
@@ -145,60 +124,14 @@ pub fn plan(
                 }
             }
             Mode::Torchrun | Mode::Accelerate => {
-                let mut argv: Vec<String> = if mode == Mode::Torchrun {
-                    [
-                        "torchrun",
-                        "--nnodes",
-                        &nnodes,
-                        "--nproc-per-node",
-                        &host.ranks.to_string(),
-                        "--node-rank",
-                        &node.to_string(),
-                        "--master-addr",
-                        &master_addr,
-                        "--master-port",
-                        &master_port,
-                    ]
-                    .map(String::from)
-                    .to_vec()
+                let mut argv = if mode == Mode::Torchrun {
+                    world.torchrun(node, host)
                 } else {
-                    let mut a: Vec<String> = [
-                        "accelerate",
-                        "launch",
-                        "--num_machines",
-                        &nnodes,
-                        "--num_processes",
-                        &world_size.to_string(),
-                        "--machine_rank",
-                        &node.to_string(),
-                        "--main_process_ip",
-                        &master_addr,
-                        "--main_process_port",
-                        &master_port,
-                    ]
-                    .map(String::from)
-                    .to_vec();
-                    // More than one process: accelerate's torchrun launcher (`--multi_gpu`,
-                    // whatever the device). Its `--cpu` launcher sets no RANK and expects MPI,
-                    // so CPU ranks get ACCELERATE_USE_CPU instead, which makes accelerate pick
-                    // Gloo on the CPU (MULTI_CPU).
-                    let cpu = host.device == crate::inventory::Device::Cpu;
-                    if world_size > 1 {
-                        a.push("--multi_gpu".into());
-                        if cpu {
-                            common
-                                .entry("ACCELERATE_USE_CPU".to_string())
-                                .or_insert_with(|| "true".to_string());
-                        }
-                    } else if cpu {
-                        a.push("--cpu".into());
-                    }
-                    a
+                    world.accelerate(node, host, &mut common)
                 };
                 argv.extend(command.iter().cloned());
-                let index = processes.len();
                 processes.push(Process {
-                    index,
+                    index: processes.len(),
                     host: node,
                     label: format!("n{node}"),
                     env: common,
@@ -210,10 +143,117 @@ pub fn plan(
     JobPlan {
         job_id: job_id.to_string(),
         mode,
-        master_addr,
+        master_addr: world.master_addr,
         master_port: inventory.master_port,
-        world_size,
+        world_size: world.world_size,
         processes,
+    }
+}
+
+/// The environment every process on `host` gets: fleet's first, then the inventory's, which
+/// may override anything (e.g. OMP_NUM_THREADS).
+fn host_env(job_id: &str, host: &Host, mode: Mode) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::from([
+        ("FLEET_JOB_ID".to_string(), job_id.to_string()),
+        // The inventory's name for the host, which fleet-train puts in its messages.
+        ("FLEET_HOST".to_string(), host.name.clone()),
+        ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
+    ]);
+    if mode == Mode::Ranks && host.ranks > 1 {
+        // As torchrun does: ranks sharing a host would otherwise each start a thread per
+        // core and slow each other down.
+        env.insert("OMP_NUM_THREADS".to_string(), "1".to_string());
+    }
+    env.extend(host.env.clone());
+    env
+}
+
+/// What every host's launch shares: where the ranks meet and how many there are.
+struct World {
+    master_addr: String,
+    master_port: String,
+    world_size: u32,
+    nnodes: String,
+}
+
+impl World {
+    /// The torch.distributed environment of one rank fleet starts itself.
+    fn rank_env(
+        &self,
+        node: usize,
+        host: &Host,
+        rank: u32,
+        local: u32,
+    ) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("RANK".to_string(), rank.to_string()),
+            ("LOCAL_RANK".to_string(), local.to_string()),
+            ("WORLD_SIZE".to_string(), self.world_size.to_string()),
+            ("LOCAL_WORLD_SIZE".to_string(), host.ranks.to_string()),
+            ("NODE_RANK".to_string(), node.to_string()),
+            ("GROUP_RANK".to_string(), node.to_string()),
+            ("NNODES".to_string(), self.nnodes.clone()),
+            ("MASTER_ADDR".to_string(), self.master_addr.clone()),
+            ("MASTER_PORT".to_string(), self.master_port.clone()),
+        ])
+    }
+
+    /// `torchrun` for one node, before the command.
+    fn torchrun(&self, node: usize, host: &Host) -> Vec<String> {
+        [
+            "torchrun",
+            "--nnodes",
+            &self.nnodes,
+            "--nproc-per-node",
+            &host.ranks.to_string(),
+            "--node-rank",
+            &node.to_string(),
+            "--master-addr",
+            &self.master_addr,
+            "--master-port",
+            &self.master_port,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// `accelerate launch` for one machine, before the command; `env` gets what CPU ranks need.
+    fn accelerate(
+        &self,
+        node: usize,
+        host: &Host,
+        env: &mut BTreeMap<String, String>,
+    ) -> Vec<String> {
+        let mut argv: Vec<String> = [
+            "accelerate",
+            "launch",
+            "--num_machines",
+            &self.nnodes,
+            "--num_processes",
+            &self.world_size.to_string(),
+            "--machine_rank",
+            &node.to_string(),
+            "--main_process_ip",
+            &self.master_addr,
+            "--main_process_port",
+            &self.master_port,
+        ]
+        .map(String::from)
+        .to_vec();
+        // More than one process: accelerate's torchrun launcher (`--multi_gpu`, whatever the
+        // device). Its `--cpu` launcher sets no RANK and expects MPI, so CPU ranks get
+        // ACCELERATE_USE_CPU instead, which makes accelerate pick Gloo on the CPU (MULTI_CPU).
+        let cpu = host.device == crate::inventory::Device::Cpu;
+        if self.world_size > 1 {
+            argv.push("--multi_gpu".into());
+            if cpu {
+                env.entry("ACCELERATE_USE_CPU".to_string())
+                    .or_insert_with(|| "true".to_string());
+            }
+        } else if cpu {
+            argv.push("--cpu".into());
+        }
+        argv
     }
 }
 
