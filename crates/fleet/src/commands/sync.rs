@@ -21,7 +21,7 @@ use crate::inventory::{Host, Inventory};
 use crate::output::{Printer, Stream};
 use crate::ssh::{ConnectOptions, Session, Target};
 use crate::sync::remote::{HostState, HostTree, SyncError};
-use crate::sync::transfer::{self, Applied, Progress};
+use crate::sync::transfer::{Applied, Progress, Transfer};
 use crate::sync::{
     Entry, Filter, KEPT_BYTES, Manifest, ManifestError, Plan, RemoteEntry, SavedCopy, Scan, plan,
     scan_project, split_listing,
@@ -430,17 +430,17 @@ impl HostContext<'_> {
             .bars
             .as_ref()
             .map(|bars| host_bar(bars, tree.host(), &plan));
-        let applying = transfer::apply(
+        let transfer = Transfer {
             tree,
             sftp,
-            &self.source,
+            source: &self.source,
             scan,
-            &state,
-            &plan,
+            state: &state,
+            plan: &plan,
             delete,
-            &progress,
-        );
-        let applied = with_bar(applying, bar, &progress, plan.uploads.len()).await?;
+            progress: &progress,
+        };
+        let applied = with_bar(transfer.apply(), bar, &progress, plan.uploads.len()).await?;
         self.after(tree, "applied", started);
         Ok(HostResult::Synced {
             plan,

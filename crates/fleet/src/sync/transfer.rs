@@ -55,116 +55,167 @@ pub struct Applied {
     pub copy: Option<Vec<u8>>,
 }
 
-/// Sends what `plan` says to the host and saves the host's new verified manifest (unless the
-/// host's `state` shows it has that one already).
-// Every argument is one the sync of a host already holds; a struct of them is the shape the
-// architecture work gives this (a host's sync as one value).
-#[allow(clippy::too_many_arguments)]
-pub async fn apply(
-    tree: &HostTree<'_>,
-    sftp: &RawSftpSession,
-    source: &Path,
-    scan: &Scan,
-    state: &HostState,
-    plan: &Plan,
-    delete: bool,
-    progress: &Progress,
-) -> Result<Applied, SyncError> {
-    let host = tree.host().to_string();
-    let local = &scan.manifest;
-    let mut applied = Applied::default();
-    if !plan.conflicts.is_empty() {
-        if !delete {
-            return Err(SyncError::Host {
-                host,
-                message: format!(
-                    "{} is of another kind on the host (a folder where a file goes, or the reverse); run with --delete to replace it",
-                    plan.conflicts.join(", ")
-                ),
-            });
+/// One host's transfer: what its sync holds, for [`Transfer::apply`].
+pub struct Transfer<'a, 't> {
+    pub tree: &'a HostTree<'t>,
+    pub sftp: &'a RawSftpSession,
+    pub source: &'a Path,
+    pub scan: &'a Scan,
+    pub state: &'a HostState,
+    pub plan: &'a Plan,
+    /// `--delete`: what an earlier sync put there and the project no longer has is removed.
+    pub delete: bool,
+    pub progress: &'a Progress,
+}
+
+/// Where each upload lands, and what is renamed into place once every file is verified.
+struct Staged {
+    /// Each file's path and where it lands (its temporary name, or inside a new folder's).
+    files: Vec<(String, String)>,
+    /// Each new folder and each file outside them, with its temporary name.
+    renames: Vec<(String, String)>,
+}
+
+impl Transfer<'_, '_> {
+    /// Sends what the plan says to the host and saves the host's new verified manifest (unless
+    /// the host's state shows it has that one already).
+    pub async fn apply(&self) -> Result<Applied, SyncError> {
+        let mut applied = Applied {
+            removed: self.clear_the_way().await?,
+            ..Applied::default()
+        };
+        let staged = self.stage().await?;
+        // The host's new manifest is written beside the old one while the files travel, and
+        // replaces it once everything is in place.
+        applied.saved = saved_manifest(&self.scan.manifest, &self.state.listing, self.plan);
+        let unchanged = self.state.saved.as_deref() == Some(&applied.saved);
+        if !(unchanged && self.state.confirmed) {
+            applied.copy = Some(applied.saved.to_bytes());
         }
-        // Removed only if a sync put it there and it holds nothing that no sync did.
+        let writing = async {
+            match &applied.copy {
+                Some(bytes) if !unchanged => {
+                    write_manifest(self.tree, self.sftp, bytes).await.map(Some)
+                }
+                _ => Ok(None),
+            }
+        };
+        let (outcome, written) = tokio::join!(self.send_and_verify(&staged), writing);
+        let new_manifest = match outcome.and(written) {
+            Ok(tmp) => tmp,
+            Err(e) => {
+                let temporaries: Vec<String> =
+                    staged.renames.iter().map(|(_, tmp)| tmp.clone()).collect();
+                let _ = self.tree.remove(&temporaries).await;
+                return Err(e);
+            }
+        };
+        applied.files_sent = self.plan.uploads.len();
+        applied.bytes_sent = self.plan.upload_bytes();
+        self.finish(new_manifest).await?;
+        Ok(applied)
+    }
+
+    /// Removes what is in the project's way (a path of another kind, only with --delete and
+    /// only if a sync put it there) and, with --delete, what is extraneous; returns how many.
+    async fn clear_the_way(&self) -> Result<usize, SyncError> {
+        let (tree, plan) = (self.tree, self.plan);
+        let mut removed = 0;
+        if !plan.conflicts.is_empty() {
+            if let Some(message) = self.conflicts_refused() {
+                let host = tree.host().to_string();
+                return Err(SyncError::Host { host, message });
+            }
+            tree.remove(&plan.conflicts).await?;
+            removed += plan.conflicts.len();
+        }
+        if self.delete {
+            tree.remove(&plan.extraneous).await?;
+            removed += plan.extraneous.len();
+        }
+        Ok(removed)
+    }
+
+    /// Why the paths of another kind cannot be replaced: not without --delete, and never one
+    /// a sync did not put there (or that holds anything no sync did).
+    fn conflicts_refused(&self) -> Option<String> {
+        let plan = self.plan;
+        if !self.delete {
+            return Some(format!(
+                "{} is of another kind on the host (a folder where a file goes, or the reverse); run with --delete to replace it",
+                plan.conflicts.join(", ")
+            ));
+        }
         let fleets = |p: &String| {
             let prefix = format!("{p}/");
-            state
+            self.state
                 .saved
                 .as_ref()
                 .is_some_and(|m| m.entries.contains_key(p))
                 && !plan.foreign.iter().any(|f| f.starts_with(&prefix))
         };
-        let theirs: Vec<&String> = plan.conflicts.iter().filter(|p| !fleets(p)).collect();
-        if !theirs.is_empty() {
-            return Err(SyncError::Host {
-                host,
-                message: format!(
-                    "{} is in the way of the project and no sync put it there: move it away (fleet removes only what it put there)",
-                    theirs
-                        .iter()
-                        .map(|p| p.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            });
+        let theirs: Vec<&str> = plan
+            .conflicts
+            .iter()
+            .filter(|p| !fleets(p))
+            .map(String::as_str)
+            .collect();
+        if theirs.is_empty() {
+            return None;
         }
-        tree.remove(&plan.conflicts).await?;
-        applied.removed += plan.conflicts.len();
+        Some(format!(
+            "{} is in the way of the project and no sync put it there: move it away (fleet removes only what it put there)",
+            theirs.join(", ")
+        ))
     }
-    if delete {
-        tree.remove(&plan.extraneous).await?;
-        applied.removed += plan.extraneous.len();
-    }
-    let nonce = super::remote::temporary_nonce();
-    let staging = Staging::new(&plan.mkdirs, &nonce);
-    let folders: Vec<String> = plan
-        .mkdirs
-        .iter()
-        .filter_map(|d| staging.place(d))
-        .collect();
-    tree.mkdirs(&folders).await?;
 
-    // Upload every file under a temporary name (its own, or in a new folder's); on any failure,
-    // remove what landed. Largest first: a big file streams while the small ones fill the gaps
-    // beside it, and its verification on the host overlaps the rest instead of trailing at the end.
-    let mut order: Vec<&super::plan::Upload> = plan.uploads.iter().collect();
-    order.sort_by_key(|u| std::cmp::Reverse(u.size));
-    // `staged`: where each file lands; `renames`: what is renamed into place once verified
-    // (each new folder, each file outside them).
-    let mut staged: Vec<(String, String)> = Vec::with_capacity(order.len());
-    let mut renames: Vec<(String, String)> = staging
-        .tops
-        .iter()
-        .map(|(path, tmp)| (path.clone(), tmp.clone()))
-        .collect();
-    for (i, upload) in order.into_iter().enumerate() {
-        let path = upload.path.clone();
-        match staging.place(&path) {
-            Some(inside) => staged.push((path, inside)),
-            None => {
-                let tmp = temporary_name(&path, &nonce, &i.to_string());
-                renames.push((path.clone(), tmp.clone()));
-                staged.push((path, tmp));
+    /// Makes the new folders under temporary names and decides where every file lands. Largest
+    /// first: a big file streams while the small ones fill the gaps beside it, and its
+    /// verification on the host overlaps the rest instead of trailing at the end.
+    async fn stage(&self) -> Result<Staged, SyncError> {
+        let plan = self.plan;
+        let nonce = super::remote::temporary_nonce();
+        let staging = Staging::new(&plan.mkdirs, &nonce);
+        let folders: Vec<String> = plan
+            .mkdirs
+            .iter()
+            .filter_map(|d| staging.place(d))
+            .collect();
+        self.tree.mkdirs(&folders).await?;
+        let mut order: Vec<&super::plan::Upload> = plan.uploads.iter().collect();
+        order.sort_by_key(|u| std::cmp::Reverse(u.size));
+        let mut staged = Staged {
+            files: Vec::with_capacity(order.len()),
+            renames: staging
+                .tops
+                .iter()
+                .map(|(path, tmp)| (path.clone(), tmp.clone()))
+                .collect(),
+        };
+        for (i, upload) in order.into_iter().enumerate() {
+            let path = upload.path.clone();
+            match staging.place(&path) {
+                Some(inside) => staged.files.push((path, inside)),
+                None => {
+                    let tmp = temporary_name(&path, &nonce, &i.to_string());
+                    staged.renames.push((path.clone(), tmp.clone()));
+                    staged.files.push((path, tmp));
+                }
             }
         }
+        Ok(staged)
     }
-    // The host's new manifest is written beside the old one while the files travel, and
-    // replaces it once everything is in place.
-    applied.saved = saved_manifest(local, &state.listing, plan);
-    let unchanged = state.saved.as_deref() == Some(&applied.saved);
-    if !(unchanged && state.confirmed) {
-        applied.copy = Some(applied.saved.to_bytes());
-    }
-    let writing = async {
-        match &applied.copy {
-            Some(bytes) if !unchanged => write_manifest(tree, sftp, bytes).await.map(Some),
-            _ => Ok(None),
-        }
-    };
-    // Files are verified in batches as they land, so the host hashes while more arrive.
-    let outcome = async {
+
+    /// Uploads every file under its temporary name, verifies them in batches as they land (so
+    /// the host hashes while more arrive), then renames everything into place.
+    async fn send_and_verify(&self, staged: &Staged) -> Result<(), SyncError> {
+        let (tree, sftp, source, scan) = (self.tree, self.sftp, self.source, self.scan);
+        let local = &scan.manifest;
         let mut uploads = futures::stream::iter(
             staged
+                .files
                 .iter()
-                .map(|(path, tmp)| upload(tree, sftp, source, scan, path, tmp, progress)),
+                .map(|(path, tmp)| upload(tree, sftp, source, scan, path, tmp, self.progress)),
         )
         .buffer_unordered(FILES_IN_FLIGHT);
         let mut verifying = FuturesUnordered::new();
@@ -192,36 +243,29 @@ pub async fn apply(
         while let Some(result) = verifying.next().await {
             result?;
         }
-        commit(tree, sftp, &renames).await
-    };
-    let (outcome, written) = tokio::join!(outcome, writing);
-    let new_manifest = match outcome.and(written) {
-        Ok(tmp) => tmp,
-        Err(e) => {
-            let temporaries: Vec<String> = renames.iter().map(|(_, tmp)| tmp.clone()).collect();
-            let _ = tree.remove(&temporaries).await;
-            return Err(e);
-        }
-    };
-    applied.files_sent = plan.uploads.len();
-    applied.bytes_sent = plan.upload_bytes();
+        commit(tree, sftp, &staged.renames).await
+    }
 
-    for (path, mode) in &plan.chmods {
-        let attrs = FileAttributes {
-            permissions: Some(*mode),
-            ..Default::default()
-        };
-        sftp.setstat(tree.path(path), attrs)
-            .await
-            .map_err(|e| file_error(tree, path, "setting permissions", &e))?;
+    /// After the files are in place: modes, links, and the new manifest renamed over the old.
+    async fn finish(&self, new_manifest: Option<String>) -> Result<(), SyncError> {
+        let (tree, sftp) = (self.tree, self.sftp);
+        for (path, mode) in &self.plan.chmods {
+            let attrs = FileAttributes {
+                permissions: Some(*mode),
+                ..Default::default()
+            };
+            sftp.setstat(tree.path(path), attrs)
+                .await
+                .map_err(|e| file_error(tree, path, "setting permissions", &e))?;
+        }
+        tree.links(&self.plan.links).await?;
+        if let Some(tmp) = new_manifest {
+            posix_rename(sftp, &tmp, &tree.path(SAVED_MANIFEST))
+                .await
+                .map_err(|e| file_error(tree, SAVED_MANIFEST, "saving", &e))?;
+        }
+        Ok(())
     }
-    tree.links(&plan.links).await?;
-    if let Some(tmp) = new_manifest {
-        posix_rename(sftp, &tmp, &tree.path(SAVED_MANIFEST))
-            .await
-            .map_err(|e| file_error(tree, SAVED_MANIFEST, "saving", &e))?;
-    }
-    Ok(applied)
 }
 
 /// `path`'s temporary name beside it: `.fleet-tmp.<nonce>.<tag>` in the same folder.
