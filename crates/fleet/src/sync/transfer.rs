@@ -372,11 +372,6 @@ async fn upload(
     else {
         return Ok((path.to_string(), tmp.to_string(), 0));
     };
-    let local_error = |e: std::io::Error| SyncError::File {
-        host: tree.host().to_string(),
-        path: path.to_string(),
-        message: format!("reading the local file failed: {e}"),
-    };
     let create = OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::WRITE;
     let attrs = FileAttributes {
         permissions: Some(*mode),
@@ -398,93 +393,145 @@ async fn upload(
         },
         sftp.open(tree.path(tmp), create, attrs)
     );
-    let content = content.map_err(local_error)?;
+    let writer = Writer {
+        tree,
+        sftp,
+        path,
+        progress,
+        handle: String::new(),
+    };
+    let content = content.map_err(|e| writer.local_error(e))?;
     let handle = opened
         .map_err(|e| file_error(tree, path, "creating it on the host", &e))?
         .handle;
-
-    let mut offset = 0u64;
-    let mut in_flight = FuturesUnordered::new();
-    let send = |data: Vec<u8>, offset: u64| {
-        let len = data.len() as u64;
-        let handle = &handle;
-        async move {
-            let result = sftp.write(handle.as_str(), offset, data).await;
-            progress.bytes.fetch_add(len, Ordering::Relaxed);
-            result
-        }
+    let writer = Writer { handle, ..writer };
+    let sent = match content {
+        Some(content) => writer.write_content(content).await?,
+        None => writer.stream(&local_path).await?,
     };
-    match content {
-        // One request, without a copy.
-        Some(Content::Read(bytes)) if bytes.len() <= CHUNK => {
-            offset = bytes.len() as u64;
-            in_flight.push(send(bytes, 0));
+    writer.close(sent, *size, *mtime, *mode).await?;
+    progress.files.fetch_add(1, Ordering::Relaxed);
+    Ok((path.to_string(), tmp.to_string(), *size))
+}
+
+/// Writes one file's bytes to its open handle on the host, many requests in flight.
+struct Writer<'a, 't> {
+    tree: &'a HostTree<'t>,
+    sftp: &'a RawSftpSession,
+    path: &'a str,
+    progress: &'a Progress,
+    handle: String,
+}
+
+impl Writer<'_, '_> {
+    /// One write request of `data` at `offset`, counted as sent when it is answered.
+    async fn send(&self, data: Vec<u8>, offset: u64) -> Result<(), SftpError> {
+        let len = data.len() as u64;
+        let result = self.sftp.write(self.handle.as_str(), offset, data).await;
+        self.progress.bytes.fetch_add(len, Ordering::Relaxed);
+        result.map(|_| ())
+    }
+
+    fn local_error(&self, e: std::io::Error) -> SyncError {
+        SyncError::File {
+            host: self.tree.host().to_string(),
+            path: self.path.to_string(),
+            message: format!("reading the local file failed: {e}"),
         }
-        Some(content) => {
-            let bytes = match &content {
-                Content::Kept(bytes) => bytes,
-                Content::Read(bytes) => bytes.as_slice(),
-            };
-            for chunk in bytes.chunks(CHUNK) {
-                in_flight.push(send(chunk.to_vec(), offset));
-                offset += chunk.len() as u64;
+    }
+
+    fn write_error(&self, e: &SftpError) -> SyncError {
+        file_error(self.tree, self.path, "writing", e)
+    }
+
+    /// Sends bytes in memory (a small file in one request, without a copy); returns how many.
+    async fn write_content(&self, content: Content<'_>) -> Result<u64, SyncError> {
+        let mut in_flight = FuturesUnordered::new();
+        let mut offset = 0u64;
+        match content {
+            Content::Read(bytes) if bytes.len() <= CHUNK => {
+                offset = bytes.len() as u64;
+                in_flight.push(self.send(bytes, 0));
+            }
+            content => {
+                let bytes = match &content {
+                    Content::Kept(bytes) => bytes,
+                    Content::Read(bytes) => bytes.as_slice(),
+                };
+                for chunk in bytes.chunks(CHUNK) {
+                    in_flight.push(self.send(chunk.to_vec(), offset));
+                    offset += chunk.len() as u64;
+                }
             }
         }
-        None => {
-            let file = std::sync::Arc::new(std::fs::File::open(&local_path).map_err(local_error)?);
-            loop {
-                let reading = file.clone();
-                let chunks = tokio::task::spawn_blocking(move || {
-                    read_chunks(&reading, offset, CHUNKS_PER_READ)
-                })
-                .await
-                .map_err(|e| local_error(std::io::Error::other(e.to_string())))?
-                .map_err(local_error)?;
-                if chunks.is_empty() {
-                    break;
-                }
-                for chunk in chunks {
-                    let length = chunk.len() as u64;
-                    in_flight.push(send(chunk, offset));
-                    offset += length;
-                    if in_flight.len() >= WRITES_IN_FLIGHT {
-                        if let Some(result) = in_flight.next().await {
-                            result.map_err(|e| file_error(tree, path, "writing", &e))?;
-                        }
+        while let Some(result) = in_flight.next().await {
+            result.map_err(|e| self.write_error(&e))?;
+        }
+        Ok(offset)
+    }
+
+    /// Streams a large file from disk, a few chunks per read, at most WRITES_IN_FLIGHT
+    /// requests unanswered; returns how many bytes it sent.
+    async fn stream(&self, local_path: &Path) -> Result<u64, SyncError> {
+        let file =
+            std::sync::Arc::new(std::fs::File::open(local_path).map_err(|e| self.local_error(e))?);
+        let mut in_flight = FuturesUnordered::new();
+        let mut offset = 0u64;
+        loop {
+            let reading = file.clone();
+            let chunks =
+                tokio::task::spawn_blocking(move || read_chunks(&reading, offset, CHUNKS_PER_READ))
+                    .await
+                    .map_err(|e| self.local_error(std::io::Error::other(e.to_string())))?
+                    .map_err(|e| self.local_error(e))?;
+            if chunks.is_empty() {
+                break;
+            }
+            for chunk in chunks {
+                let length = chunk.len() as u64;
+                in_flight.push(self.send(chunk, offset));
+                offset += length;
+                if in_flight.len() >= WRITES_IN_FLIGHT {
+                    if let Some(result) = in_flight.next().await {
+                        result.map_err(|e| self.write_error(&e))?;
                     }
                 }
             }
         }
+        while let Some(result) = in_flight.next().await {
+            result.map_err(|e| self.write_error(&e))?;
+        }
+        Ok(offset)
     }
-    while let Some(result) = in_flight.next().await {
-        result.map_err(|e| file_error(tree, path, "writing", &e))?;
+
+    /// Checks that `sent` bytes are the file's `size` (content is checked by the host's hash;
+    /// a size that moved is caught here already), then sets its time and mode and closes it.
+    async fn close(&self, sent: u64, size: u64, mtime: i64, mode: u32) -> Result<(), SyncError> {
+        let (tree, sftp, path) = (self.tree, self.sftp, self.path);
+        if sent != size {
+            let _ = sftp.close(self.handle.as_str()).await;
+            return Err(SyncError::File {
+                host: tree.host().to_string(),
+                path: path.to_string(),
+                message: "changed while it was being sent; sync again once it is written".into(),
+            });
+        }
+        let time = sftp_time(mtime);
+        let attrs = FileAttributes {
+            permissions: Some(mode),
+            atime: Some(time),
+            mtime: Some(time),
+            ..Default::default()
+        };
+        // The host answers requests in order: both go out at once.
+        let (set, closed) = tokio::join!(
+            sftp.fsetstat(self.handle.as_str(), attrs),
+            sftp.close(self.handle.as_str())
+        );
+        set.map_err(|e| file_error(tree, path, "setting its time and mode", &e))?;
+        closed.map_err(|e| file_error(tree, path, "closing", &e))?;
+        Ok(())
     }
-    drop(in_flight);
-    // Content is checked by the host's hash; a size that moved is caught here already.
-    if offset != *size {
-        let _ = sftp.close(handle.as_str()).await;
-        return Err(SyncError::File {
-            host: tree.host().to_string(),
-            path: path.to_string(),
-            message: "changed while it was being sent; sync again once it is written".into(),
-        });
-    }
-    let time = sftp_time(*mtime);
-    let attrs = FileAttributes {
-        permissions: Some(*mode),
-        atime: Some(time),
-        mtime: Some(time),
-        ..Default::default()
-    };
-    // The host answers requests in order: both go out at once.
-    let (set, closed) = tokio::join!(
-        sftp.fsetstat(handle.as_str(), attrs),
-        sftp.close(handle.as_str())
-    );
-    set.map_err(|e| file_error(tree, path, "setting its time and mode", &e))?;
-    closed.map_err(|e| file_error(tree, path, "closing", &e))?;
-    progress.files.fetch_add(1, Ordering::Relaxed);
-    Ok((path.to_string(), tmp.to_string(), *size))
 }
 
 /// A file's bytes for an upload: kept by the scan, or read now.
