@@ -173,163 +173,62 @@ impl Track {
     }
 }
 
-impl Supervisor<'_> {
+impl<'a> Supervisor<'a> {
     /// Supervises until every followed process has ended. With `stop_first`, the job is
     /// stopped at once (some host refused it).
     pub async fn run(&self, mut events: mpsc::Receiver<Event>, stop_first: bool) -> Outcome {
-        let started = Instant::now();
-        let n = self.job.processes.len();
-        let mut outcome = Outcome {
-            exits: vec![None; n],
-            lines: vec![0; n],
-            ..Outcome::default()
-        };
-        let mut tracks = self.tracks();
-        let mut training = Training::new(self.printer);
-        let mut merged = self
-            .run_dir
-            .as_ref()
-            .and_then(|d| File::create(d.join("merged.log")).ok())
-            .map(BufWriter::new);
-        let mut starts: Vec<Option<u128>> = vec![None; n];
-
+        let mut job = Watched::new(self);
         let mut interrupts = self.interrupts.from_now();
-        let mut stopping: FuturesUnordered<BoxFuture<'_, ()>> = FuturesUnordered::new();
-        // Set once the graceful stop began (SIGTERM sent): when SIGKILL follows.
-        let mut kill_at: Option<tokio::time::Instant> = None;
-        let mut killed = false;
         let mut watch = tokio::time::interval_at(tokio::time::Instant::now() + WATCH, WATCH);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut suspects: Vec<usize> = Vec::new();
         // The hosts are asked in the background, so a slow answer never holds up the log.
         let mut checks: FuturesUnordered<BoxFuture<'_, Vec<usize>>> = FuturesUnordered::new();
         if stop_first {
-            self.begin_stop(&mut stopping, &mut kill_at);
+            job.stop();
         }
         // A signal that came while the job was starting stops it now.
         if self.interrupts.count() > 0 {
-            outcome.interrupted = true;
-            self.begin_stop(&mut stopping, &mut kill_at);
+            job.outcome.interrupted = true;
+            job.stop();
         }
-
-        let stamp = || self.timestamps.then(|| started.elapsed());
-        while tracks.iter().any(|t| !t.ended) {
+        while job.tracks.iter().any(|t| !t.ended) {
             tokio::select! {
                 event = events.recv() => {
                     let Some(event) = event else { break };
-                    match event {
-                        Event::Started { process, at_ns } => starts[process] = Some(at_ns),
-                        Event::Caught { .. } => {}
-                        Event::Output { process, bytes } => {
-                            let mut sinks = Sinks { printer: self.printer, stamp: stamp(), merged: merged.as_mut(), training: &mut training };
-                            outcome.lines[process] += tracks[process].feed(Some(&bytes), &mut sinks);
-                        }
-                        Event::Exited { process, code } => {
-                            let mut sinks = Sinks { printer: self.printer, stamp: stamp(), merged: merged.as_mut(), training: &mut training };
-                            outcome.lines[process] += tracks[process].feed(None, &mut sinks);
-                            tracks[process].ended = true;
-                            outcome.exits[process] = Some(code);
-                            if code != 0 && outcome.first_failure.is_none() && kill_at.is_none() {
-                                outcome.first_failure = Some(process);
-                                let p = &self.job.processes[process];
-                                self.printer.error(&format!(
-                                    "{} on {} exited with {code}{}; stopping the other processes",
-                                    self.describe(process),
-                                    self.host_names[p.host],
-                                    signal_note(code)
-                                ));
-                            }
-                            if outcome.first_failure.is_some() {
-                                self.begin_stop(&mut stopping, &mut kill_at);
-                            }
-                        }
-                        Event::Lost { host, error } => {
-                            self.printer.error(&format!("{}: lost while the job ran ({error}); stopping the other processes", self.host_names[host]));
-                            outcome.lost.push((self.host_names[host].clone(), error));
-                            for p in self.job.on_host(host) {
-                                tracks[p.index].ended = true;
-                            }
-                            self.begin_stop(&mut stopping, &mut kill_at);
-                        }
-                    }
+                    job.on_event(event);
                 }
                 () = interrupts.next() => {
-                    outcome.interrupted = true;
-                    if self.begin_stop(&mut stopping, &mut kill_at) {
-                        self.printer.warn(&format!("interrupted: stopping every process (Ctrl-C again to kill them now, {}s grace)", self.grace.as_secs()));
-                    } else if !killed {
-                        killed = true;
-                        self.printer.warn("killing every process now (Ctrl-C again to leave without waiting)");
-                        stopping.push(Box::pin(self.signal_all(Signal::Kill)));
-                    } else {
-                        self.printer.warn("leaving without waiting: processes may still be running; see fleet ps");
+                    if job.on_interrupt() == Leave::Now {
                         break;
                     }
                 }
                 _ = watch.tick(), if checks.is_empty() => {
-                    let open: Vec<usize> = (0..tracks.len()).filter(|&p| !tracks[p].ended).collect();
+                    let open: Vec<usize> = (0..job.tracks.len()).filter(|&p| !job.tracks[p].ended).collect();
                     checks.push(Box::pin(self.vanished(open)));
                 }
-                Some(gone) = checks.next(), if !checks.is_empty() => {
-                    let gone: Vec<usize> = gone.into_iter().filter(|&p| !tracks[p].ended).collect();
-                    for &process in gone.iter().filter(|p| suspects.contains(p)) {
-                        tracks[process].ended = true;
-                        outcome.exits[process] = Some(VANISHED);
-                        if outcome.first_failure.is_none() && kill_at.is_none() {
-                            outcome.first_failure = Some(process);
-                            let p = &self.job.processes[process];
-                            self.printer.error(&format!(
-                                "{} on {} vanished: it and its wrapper are gone without an exit status; stopping the other processes",
-                                self.describe(process),
-                                self.host_names[p.host]
-                            ));
-                        }
-                        self.begin_stop(&mut stopping, &mut kill_at);
-                    }
-                    suspects = gone;
-                }
-                () = sleep_until(kill_at), if kill_at.is_some() && !killed => {
-                    killed = true;
-                    self.printer.warn(&format!("processes still running after {}s: killing them", self.grace.as_secs()));
-                    stopping.push(Box::pin(self.signal_all(Signal::Kill)));
-                }
-                Some(()) = stopping.next(), if !stopping.is_empty() => {}
+                Some(gone) = checks.next(), if !checks.is_empty() => job.on_watch(gone),
+                () = sleep_until(job.kill_at), if job.kill_at.is_some() && !job.killed => job.on_grace_over(),
+                Some(()) = job.stopping.next(), if !job.stopping.is_empty() => {}
             }
         }
-        // Signals sent but not yet confirmed still finish, so no process outlives a stop.
-        while stopping.next().await.is_some() {}
-        if let Some(m) = &mut merged {
-            let _ = m.flush();
-        }
+        job.finish().await
+    }
 
-        let known: Vec<u128> = starts.iter().flatten().copied().collect();
-        if let (Some(min), Some(max)) = (known.iter().min(), known.iter().max()) {
-            outcome.start_skew_ms = Some((max - min) as f64 / 1e6);
+    /// The last lines of a failed process, on stderr.
+    fn print_tail(&self, process: usize, tail: &VecDeque<String>) {
+        if tail.is_empty() {
+            return;
         }
-        outcome.seconds = started.elapsed().as_secs_f64();
-        outcome.plot = training.finish(self.run_dir.as_deref(), self.printer);
-        outcome.trained_to = training.last_step();
-        outcome.resumed_from = training
-            .resume
-            .as_ref()
-            .map(|r| if r.found { r.step } else { 0 });
-        if let Some(p) = outcome.first_failure {
-            self.note_full_disk(self.job.processes[p].host).await;
-            let tail = &tracks[p].tail;
-            if !tail.is_empty() {
-                let mut text = format!("last {} lines of {}:\n", tail.len(), self.describe(p));
-                for line in tail {
-                    text.push_str("  ");
-                    text.push_str(&sanitize(
-                        line.as_bytes(),
-                        self.printer.stderr_is_terminal(),
-                    ));
-                    text.push('\n');
-                }
-                self.printer.write(Stream::Stderr, &text);
-            }
+        let mut text = format!("last {} lines of {}:\n", tail.len(), self.describe(process));
+        for line in tail {
+            text.push_str("  ");
+            text.push_str(&sanitize(
+                line.as_bytes(),
+                self.printer.stderr_is_terminal(),
+            ));
+            text.push('\n');
         }
-        outcome
+        self.printer.write(Stream::Stderr, &text);
     }
 
     /// Sends SIGTERM to every process group and sets when SIGKILL follows, unless a stop is
@@ -481,6 +380,211 @@ impl Supervisor<'_> {
                 }
             });
         futures::future::join_all(signals).await;
+    }
+}
+
+/// Whether the user asked to leave without waiting (the third Ctrl-C).
+#[derive(PartialEq, Eq)]
+enum Leave {
+    Now,
+    AfterTheStop,
+}
+
+/// The supervision loop's state: one job being watched until every process has ended.
+struct Watched<'s, 'a> {
+    sup: &'s Supervisor<'a>,
+    started: Instant,
+    outcome: Outcome,
+    tracks: Vec<Track>,
+    training: Training,
+    merged: Option<BufWriter<File>>,
+    starts: Vec<Option<u128>>,
+    /// Signals on their way to the hosts.
+    stopping: FuturesUnordered<BoxFuture<'s, ()>>,
+    /// Set once the graceful stop began (SIGTERM sent): when SIGKILL follows.
+    kill_at: Option<tokio::time::Instant>,
+    killed: bool,
+    /// Processes the last look found gone; gone again at the next, they vanished.
+    suspects: Vec<usize>,
+}
+
+impl<'s, 'a> Watched<'s, 'a> {
+    fn new(sup: &'s Supervisor<'a>) -> Watched<'s, 'a> {
+        let n = sup.job.processes.len();
+        Watched {
+            sup,
+            started: Instant::now(),
+            outcome: Outcome {
+                exits: vec![None; n],
+                lines: vec![0; n],
+                ..Outcome::default()
+            },
+            tracks: sup.tracks(),
+            training: Training::new(sup.printer),
+            merged: sup
+                .run_dir
+                .as_ref()
+                .and_then(|d| File::create(d.join("merged.log")).ok())
+                .map(BufWriter::new),
+            starts: vec![None; n],
+            stopping: FuturesUnordered::new(),
+            kill_at: None,
+            killed: false,
+            suspects: Vec::new(),
+        }
+    }
+
+    /// Begins the graceful stop unless it is under way; returns whether this call began it.
+    fn stop(&mut self) -> bool {
+        self.sup.begin_stop(&mut self.stopping, &mut self.kill_at)
+    }
+
+    /// Prints and records what `bytes` completes of a process's output (`None`: it ended).
+    fn feed(&mut self, process: usize, bytes: Option<&[u8]>) {
+        let mut sinks = Sinks {
+            printer: self.sup.printer,
+            stamp: self.sup.timestamps.then(|| self.started.elapsed()),
+            merged: self.merged.as_mut(),
+            training: &mut self.training,
+        };
+        self.outcome.lines[process] += self.tracks[process].feed(bytes, &mut sinks);
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Started { process, at_ns } => self.starts[process] = Some(at_ns),
+            Event::Caught { .. } => {}
+            Event::Output { process, bytes } => self.feed(process, Some(&bytes)),
+            Event::Exited { process, code } => self.on_exit(process, code),
+            Event::Lost { host, error } => self.on_lost(host, error),
+        }
+    }
+
+    /// A process ended with `code`: a failure, the first, stops the job.
+    fn on_exit(&mut self, process: usize, code: i32) {
+        self.feed(process, None);
+        self.tracks[process].ended = true;
+        self.outcome.exits[process] = Some(code);
+        if code != 0 {
+            self.first_failure(process, format!("exited with {code}{}", signal_note(code)));
+        }
+        if self.outcome.first_failure.is_some() {
+            self.stop();
+        }
+    }
+
+    /// A host was lost: its processes count as ended, and the job stops.
+    fn on_lost(&mut self, host: usize, error: String) {
+        let name = &self.sup.host_names[host];
+        self.sup.printer.error(&format!(
+            "{name}: lost while the job ran ({error}); stopping the other processes"
+        ));
+        self.outcome.lost.push((name.clone(), error));
+        for p in self.sup.job.on_host(host) {
+            self.tracks[p.index].ended = true;
+        }
+        self.stop();
+    }
+
+    /// Records `process` as the failure that stops the job, if it is the first and no stop was
+    /// under way, and says so: "rank R on HOST `what`; stopping the other processes".
+    fn first_failure(&mut self, process: usize, what: String) {
+        if self.outcome.first_failure.is_some() || self.kill_at.is_some() {
+            return;
+        }
+        self.outcome.first_failure = Some(process);
+        let host = self.sup.job.processes[process].host;
+        self.sup.printer.error(&format!(
+            "{} on {} {what}; stopping the other processes",
+            self.sup.describe(process),
+            self.sup.host_names[host]
+        ));
+    }
+
+    /// Ctrl-C: the first stops the job, the second kills it, the third leaves.
+    fn on_interrupt(&mut self) -> Leave {
+        self.outcome.interrupted = true;
+        let printer = self.sup.printer;
+        if self.stop() {
+            printer.warn(&format!(
+                "interrupted: stopping every process (Ctrl-C again to kill them now, {}s grace)",
+                self.sup.grace.as_secs()
+            ));
+        } else if !self.killed {
+            printer.warn("killing every process now (Ctrl-C again to leave without waiting)");
+            self.kill();
+        } else {
+            printer.warn("leaving without waiting: processes may still be running; see fleet ps");
+            return Leave::Now;
+        }
+        Leave::AfterTheStop
+    }
+
+    /// What a look at the hosts found gone: a process gone twice in a row vanished, which is
+    /// a failure.
+    fn on_watch(&mut self, gone: Vec<usize>) {
+        let gone: Vec<usize> = gone
+            .into_iter()
+            .filter(|&p| !self.tracks[p].ended)
+            .collect();
+        let vanished: Vec<usize> = gone
+            .iter()
+            .copied()
+            .filter(|p| self.suspects.contains(p))
+            .collect();
+        for process in vanished {
+            self.tracks[process].ended = true;
+            self.outcome.exits[process] = Some(VANISHED);
+            self.first_failure(
+                process,
+                "vanished: it and its wrapper are gone without an exit status".to_string(),
+            );
+            self.stop();
+        }
+        self.suspects = gone;
+    }
+
+    /// The grace period ended with processes still running.
+    fn on_grace_over(&mut self) {
+        self.sup.printer.warn(&format!(
+            "processes still running after {}s: killing them",
+            self.sup.grace.as_secs()
+        ));
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        self.killed = true;
+        self.stopping
+            .push(Box::pin(self.sup.signal_all(Signal::Kill)));
+    }
+
+    /// Waits for the signals under way, then makes the outcome: start skew, time, training,
+    /// and the first failure's full disk and last lines.
+    async fn finish(mut self) -> Outcome {
+        // Signals sent but not yet confirmed still finish, so no process outlives a stop.
+        while self.stopping.next().await.is_some() {}
+        if let Some(m) = &mut self.merged {
+            let _ = m.flush();
+        }
+        let (sup, mut outcome) = (self.sup, self.outcome);
+        let known: Vec<u128> = self.starts.iter().flatten().copied().collect();
+        if let (Some(min), Some(max)) = (known.iter().min(), known.iter().max()) {
+            outcome.start_skew_ms = Some((max - min) as f64 / 1e6);
+        }
+        outcome.seconds = self.started.elapsed().as_secs_f64();
+        outcome.plot = self.training.finish(sup.run_dir.as_deref(), sup.printer);
+        outcome.trained_to = self.training.last_step();
+        outcome.resumed_from = self
+            .training
+            .resume
+            .as_ref()
+            .map(|r| if r.found { r.step } else { 0 });
+        if let Some(p) = outcome.first_failure {
+            sup.note_full_disk(sup.job.processes[p].host).await;
+            sup.print_tail(p, &self.tracks[p].tail);
+        }
+        outcome
     }
 }
 
