@@ -2,11 +2,12 @@
 //! one, and stop everything when one fails or the user presses Ctrl-C.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
-use futures::future::join_all;
+use futures::FutureExt;
+use futures::future::{BoxFuture, join_all};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -14,12 +15,12 @@ use super::Fleet;
 use crate::cli::RunArgs;
 use crate::exit_code::{ExitCode, UsageError};
 use crate::inventory::Inventory;
-use crate::launch::follow::{Followed, follow_host};
+use crate::launch::follow::{Event, Followed, follow_host};
 use crate::launch::remote::{BUSY, NO_WORKDIR, interface_to, job_dir, start_script, stem};
 use crate::launch::supervise::{Outcome, Supervisor};
 use crate::launch::{JobPlan, Mode, new_job_id, plan};
 use crate::preflight::Needs;
-use crate::ssh::ExitStatus;
+use crate::ssh::{ExitStatus, Session};
 
 /// `runs/<job>/summary.json`.
 #[derive(Serialize)]
@@ -75,16 +76,13 @@ pub async fn run(fleet: &Fleet, args: &RunArgs) -> Result<ExitCode> {
     }
 
     if !args.no_check {
-        let needs = Needs::of(mode, &command);
-        let checked = super::check::before_run(fleet, &inventory, needs);
-        let code = match fleet.unless_interrupted(checked).await? {
-            Ok(code) => code,
-            Err(interrupted) => return Ok(interrupted),
-        };
+        let code = check_before_start(fleet, &inventory, mode, &command).await?;
         if code != ExitCode::Success {
-            fleet
-                .printer
-                .error("the check failed; nothing was started (--no-check starts anyway)");
+            if code != ExitCode::Interrupted {
+                fleet
+                    .printer
+                    .error("the check failed; nothing was started (--no-check starts anyway)");
+            }
             return Ok(code);
         }
     }
@@ -133,6 +131,20 @@ struct AttemptRecord {
     resumed_from: Option<u64>,
 }
 
+/// Checks the hosts before a start: `Success` when they pass, else the code to end with.
+async fn check_before_start(
+    fleet: &Fleet,
+    inventory: &Inventory,
+    mode: Mode,
+    command: &[String],
+) -> Result<ExitCode> {
+    let checked = super::check::before_run(fleet, inventory, Needs::of(mode, command));
+    Ok(fleet
+        .unless_interrupted(checked)
+        .await?
+        .unwrap_or_else(|interrupted| interrupted))
+}
+
 /// Runs the job, and after a failure stops it, checks the hosts again and starts it anew, up to
 /// --max-restarts times; hosts that stay unreachable are left out while --min-hosts allows.
 async fn restart_loop(
@@ -142,46 +154,42 @@ async fn restart_loop(
     command: &[String],
     mode: Mode,
     job_id: &str,
-    runs: &std::path::Path,
+    runs: &Path,
 ) -> Result<ExitCode> {
-    let min_hosts = args.min_hosts.unwrap_or(inventory.hosts.len()).max(1);
     let mut current = inventory.clone();
     let mut records: Vec<AttemptRecord> = Vec::new();
     let mut code = ExitCode::Success;
     for number in 0..=args.max_restarts {
         if number > 0 {
-            let reachable = fleet.unless_interrupted(hosts_for_restart(fleet, &current, min_hosts));
-            match reachable.await? {
-                Ok(Ok(hosts)) => current = hosts,
-                Ok(Err(message)) => {
-                    fleet.printer.error(&message);
-                    code = ExitCode::Unreachable;
-                    break;
-                }
-                Err(interrupted) => {
-                    code = interrupted;
-                    break;
-                }
-            }
-            if !args.no_check {
-                let needs = Needs::of(mode, command);
-                let checked =
-                    fleet.unless_interrupted(super::check::before_run(fleet, &current, needs));
-                let checked = match checked.await? {
-                    Ok(checked) => checked,
-                    Err(interrupted) => {
-                        code = interrupted;
-                        break;
-                    }
-                };
-                if checked != ExitCode::Success {
-                    fleet.printer.error("the check failed: no restart");
-                    code = checked;
+            match hosts_for_restart(fleet, args, &current, mode, command).await? {
+                Ok(hosts) => current = hosts,
+                Err(stopped) => {
+                    code = stopped;
                     break;
                 }
             }
         }
-        let attempt = Attempt {
+        let attempt = Attempt::numbered(job_id, runs, number);
+        let ended = start(fleet, args, &current, command, mode, &attempt).await?;
+        code = ended.code;
+        records.push(AttemptRecord::of(number, &current, &ended));
+        if !worth_restarting(&ended) || number == args.max_restarts {
+            break;
+        }
+        if let Some(interrupted) = pause_before_restart(fleet, args, number, ended.reason).await {
+            code = interrupted;
+            break;
+        }
+    }
+    report_restarts(fleet, job_id, command, runs, code, &records);
+    Ok(code)
+}
+
+impl Attempt {
+    /// Attempt `number` of job `job_id` with --max-restarts: its id on the hosts gains `-rN`
+    /// after the first, and its logs go to `runs/attempt-N`.
+    fn numbered(job_id: &str, runs: &Path, number: u32) -> Attempt {
+        Attempt {
             number: Some(number),
             run_id: job_id.to_string(),
             remote_id: if number == 0 {
@@ -190,39 +198,56 @@ async fn restart_loop(
                 format!("{job_id}-r{number}")
             },
             run_dir: runs.join(format!("attempt-{number}")),
-        };
-        let ended = start(fleet, args, &current, command, mode, &attempt).await?;
-        code = ended.code;
-        records.push(AttemptRecord {
-            attempt: number,
-            hosts: current.hosts.iter().map(|h| h.name.clone()).collect(),
+        }
+    }
+}
+
+impl AttemptRecord {
+    fn of(attempt: u32, inventory: &Inventory, ended: &Ended) -> AttemptRecord {
+        AttemptRecord {
+            attempt,
+            hosts: inventory.hosts.iter().map(|h| h.name.clone()).collect(),
             exit_code: ended.code.code(),
             reason: ended.reason.clone(),
             trained_to: ended.outcome.as_ref().and_then(|o| o.trained_to),
             resumed_from: ended.outcome.as_ref().and_then(|o| o.resumed_from),
-        });
-        if !worth_restarting(&ended) || number == args.max_restarts {
-            break;
-        }
-        let reason = ended
-            .reason
-            .unwrap_or_else(|| "the job could not start".into());
-        fleet.printer.warn(&format!(
-            "===== restart {} of {} in {}s: {reason} =====",
-            number + 1,
-            args.max_restarts,
-            args.restart_delay
-        ));
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(args.restart_delay)) => {}
-            () = fleet.interrupts.any() => {
-                fleet.printer.warn("interrupted: no restart");
-                code = ExitCode::Interrupted;
-                break;
-            }
         }
     }
+}
 
+/// Says why the job restarts and waits --restart-delay; a Ctrl-C meanwhile ends the job
+/// instead, with its exit code returned.
+async fn pause_before_restart(
+    fleet: &Fleet,
+    args: &RunArgs,
+    number: u32,
+    reason: Option<String>,
+) -> Option<ExitCode> {
+    let reason = reason.unwrap_or_else(|| "the job could not start".into());
+    fleet.printer.warn(&format!(
+        "===== restart {} of {} in {}s: {reason} =====",
+        number + 1,
+        args.max_restarts,
+        args.restart_delay
+    ));
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_secs(args.restart_delay)) => None,
+        () = fleet.interrupts.any() => {
+            fleet.printer.warn("interrupted: no restart");
+            Some(ExitCode::Interrupted)
+        }
+    }
+}
+
+/// The job's last line across its attempts, and runs/<job>/summary.json with one record each.
+fn report_restarts(
+    fleet: &Fleet,
+    job_id: &str,
+    command: &[String],
+    runs: &Path,
+    code: ExitCode,
+    records: &[AttemptRecord],
+) {
     let restarts = records.len().saturating_sub(1);
     // Steps trained again: from where each attempt resumed back to where the one before it got.
     let redone: u64 = records
@@ -247,16 +272,18 @@ async fn restart_loop(
     fleet
         .printer
         .info(&format!("{text}; logs in {}", runs.display()));
-    if crate::files::create_private_dir(runs).is_ok() {
-        let summary = serde_json::json!({
-            "job_id": job_id, "command": command, "restarts": restarts,
-            "steps_trained_again": redone, "exit_code": code.code(), "attempts": records,
-        });
-        if let Ok(json) = serde_json::to_vec_pretty(&summary) {
-            let _ = std::fs::write(runs.join("summary.json"), json);
+    match crate::files::create_private_dir(runs) {
+        Ok(()) => {
+            let summary = serde_json::json!({
+                "job_id": job_id, "command": command, "restarts": restarts,
+                "steps_trained_again": redone, "exit_code": code.code(), "attempts": records,
+            });
+            write_summary(fleet, &runs.join("summary.json"), &summary);
         }
+        Err(e) => fleet
+            .printer
+            .warn(&format!("could not write {}: {e}", runs.display())),
     }
-    Ok(code)
 }
 
 /// Whether an attempt that ended so is started again (restarts permitting): not after a
@@ -275,12 +302,41 @@ fn worth_restarting(ended: &Ended) -> bool {
     }
 }
 
-/// The hosts of `inventory` that can be reached now, or why the job cannot go on.
+/// The hosts to restart on: those of `inventory` that can be reached now and pass the check,
+/// or the code the job ends with (fewer than --min-hosts left, a failed check, a Ctrl-C).
 async fn hosts_for_restart(
+    fleet: &Fleet,
+    args: &RunArgs,
+    inventory: &Inventory,
+    mode: Mode,
+    command: &[String],
+) -> Result<std::result::Result<Inventory, ExitCode>> {
+    let min_hosts = args.min_hosts.unwrap_or(inventory.hosts.len()).max(1);
+    let reachable = fleet.unless_interrupted(reachable_hosts(fleet, inventory, min_hosts));
+    let hosts = match reachable.await? {
+        Ok(Some(hosts)) => hosts,
+        Ok(None) => return Ok(Err(ExitCode::Unreachable)),
+        Err(interrupted) => return Ok(Err(interrupted)),
+    };
+    if !args.no_check {
+        let code = check_before_start(fleet, &hosts, mode, command).await?;
+        if code != ExitCode::Success {
+            if code != ExitCode::Interrupted {
+                fleet.printer.error("the check failed: no restart");
+            }
+            return Ok(Err(code));
+        }
+    }
+    Ok(Ok(hosts))
+}
+
+/// The hosts of `inventory` that can be reached now, or `None` (said on stderr) when fewer
+/// than `min_hosts` are.
+async fn reachable_hosts(
     fleet: &Fleet,
     inventory: &Inventory,
     min_hosts: usize,
-) -> Result<std::result::Result<Inventory, String>> {
+) -> Result<Option<Inventory>> {
     let (_, connected) = fleet.connect_all(inventory).await?;
     let mut kept = inventory.clone();
     kept.hosts.clear();
@@ -295,24 +351,26 @@ async fn hosts_for_restart(
         }
     }
     if gone.is_empty() {
-        return Ok(Ok(kept));
+        return Ok(Some(kept));
     }
     if kept.hosts.len() < min_hosts {
-        return Ok(Err(format!(
+        fleet.printer.error(&format!(
             "no restart: {} cannot be reached and {} host(s) are left, fewer than --min-hosts {min_hosts}",
             gone.join(", "),
             kept.hosts.len()
-        )));
+        ));
+        return Ok(None);
     }
     fleet.printer.warn(&format!(
         "{} cannot be reached: restarting on the other {} host(s)",
         gone.join(", "),
         kept.hosts.len()
     ));
-    Ok(Ok(kept))
+    Ok(Some(kept))
 }
 
-/// Starts every process of the job on `inventory`'s hosts and supervises them to the end.
+/// Starts every process of the job on `inventory`'s hosts and supervises them to the end:
+/// connect, plan, launch, follow, supervise, then the summary.
 async fn start(
     fleet: &Fleet,
     args: &RunArgs,
@@ -321,13 +379,77 @@ async fn start(
     mode: Mode,
     attempt: &Attempt,
 ) -> Result<Ended> {
-    let not_started = |code: ExitCode| Ended {
-        code,
-        outcome: None,
-        reason: None,
+    let Some((addresses, sessions)) = connect_every_host(fleet, inventory).await? else {
+        return Ok(Ended {
+            code: ExitCode::Unreachable,
+            outcome: None,
+            reason: Some("a host could not be reached".into()),
+        });
     };
+    let job = plan_attempt(
+        inventory,
+        &addresses,
+        command,
+        mode,
+        attempt,
+        args.max_restarts,
+    );
+    let roots = launch(fleet, inventory, &sessions, &job).await;
+    let refused = roots.iter().any(Option::is_none);
+    if args.detach && !refused {
+        let job_id = &job.job_id;
+        fleet
+            .printer
+            .write(crate::output::Stream::Stdout, &format!("{job_id}\n"));
+        fleet.printer.info(&format!("job {job_id} started; follow it with `fleet logs -f {job_id}`, stop it with `fleet stop {job_id}`"));
+        close_all(sessions).await;
+        return Ok(Ended {
+            code: ExitCode::Success,
+            outcome: None,
+            reason: None,
+        });
+    }
+    let run_dir = keep_logs_in(fleet, &attempt.run_dir);
+    fleet.printer.info(&format!(
+        "job {}: {} processes on {} hosts, MASTER_ADDR {}:{}",
+        job.job_id,
+        job.processes.len(),
+        sessions.len(),
+        job.master_addr,
+        job.master_port
+    ));
+    let host_names: Vec<String> = inventory.hosts.iter().map(|h| h.name.clone()).collect();
+    let (events, receiver) = mpsc::channel(1024);
+    let (followers, followed) = follow(fleet, &sessions, &host_names, &job, &roots, &events).await;
+    drop(events);
+    // A host that refused, or that cannot be followed, stops whatever did start at once.
+    let refused = refused || followed.iter().any(|f| !f);
+    let workdirs: Vec<String> = inventory.hosts.iter().map(|h| h.workdir.clone()).collect();
+    let supervisor = Supervisor {
+        printer: &fleet.printer,
+        job: &job,
+        host_names: &host_names,
+        sessions: &sessions,
+        workdirs: &workdirs,
+        grace: Duration::from_secs(args.grace),
+        timestamps: args.timestamps,
+        run_dir,
+        followed,
+        interrupts: &fleet.interrupts,
+    };
+    let outcome = supervise(&supervisor, receiver, followers, refused).await;
+    let ended = conclude(fleet, &supervisor, command, outcome, refused);
+    close_all(sessions).await;
+    Ok(ended)
+}
+
+/// A session to every host, with each host's address, or `None` once every host that cannot
+/// be reached has been named.
+async fn connect_every_host(
+    fleet: &Fleet,
+    inventory: &Inventory,
+) -> Result<Option<(Vec<String>, Vec<Session>)>> {
     let (targets, connected) = fleet.connect_all(inventory).await?;
-    // Every host that cannot be reached is named before giving up.
     let mut sessions = Vec::with_capacity(connected.len());
     let mut unreachable = false;
     for result in connected {
@@ -340,155 +462,125 @@ async fn start(
         }
     }
     if unreachable {
-        for session in sessions {
-            session.close().await;
-        }
-        return Ok(Ended {
-            code: ExitCode::Unreachable,
-            outcome: None,
-            reason: Some("a host could not be reached".into()),
-        });
+        close_all(sessions).await;
+        return Ok(None);
     }
+    Ok(Some((
+        targets.into_iter().map(|t| t.addr).collect(),
+        sessions,
+    )))
+}
 
-    let host_names: Vec<String> = inventory.hosts.iter().map(|h| h.name.clone()).collect();
-    let addresses: Vec<String> = targets.iter().map(|t| t.addr.clone()).collect();
-    let job_id = attempt.remote_id.clone();
-    let mut job = plan(inventory, &addresses, command, mode, &job_id);
-    // The job across its restarts: fleet-train resumes only checkpoints of its own job.
+/// The job's plan for this attempt: fleet-train resumes only checkpoints of its own run
+/// (`FLEET_RUN_ID`), and with --max-restarts every process learns which attempt it is.
+fn plan_attempt(
+    inventory: &Inventory,
+    addresses: &[String],
+    command: &[String],
+    mode: Mode,
+    attempt: &Attempt,
+    max_restarts: u32,
+) -> JobPlan {
+    let mut job = plan(inventory, addresses, command, mode, &attempt.remote_id);
     for process in &mut job.processes {
-        process
-            .env
-            .insert("FLEET_RUN_ID".into(), attempt.run_id.clone());
-    }
-    if let Some(number) = attempt.number {
-        for process in &mut job.processes {
-            process
-                .env
-                .insert("FLEET_RESTART_COUNT".into(), number.to_string());
-            process
-                .env
-                .insert("FLEET_MAX_RESTARTS".into(), args.max_restarts.to_string());
+        let env = &mut process.env;
+        env.insert("FLEET_RUN_ID".into(), attempt.run_id.clone());
+        if let Some(number) = attempt.number {
+            env.insert("FLEET_RESTART_COUNT".into(), number.to_string());
+            env.insert("FLEET_MAX_RESTARTS".into(), max_restarts.to_string());
             if mode == Mode::Ranks {
-                process
-                    .env
-                    .insert("TORCHELASTIC_RESTART_COUNT".into(), number.to_string());
+                env.insert("TORCHELASTIC_RESTART_COUNT".into(), number.to_string());
             }
         }
     }
-    let workdirs: Vec<String> = inventory.hosts.iter().map(|h| h.workdir.clone()).collect();
+    job
+}
 
+/// Starts each host's processes; per host, the workdir's absolute path where they started,
+/// or `None` where the host refused (named on stderr: busy, no workdir, a failed script).
+async fn launch(
+    fleet: &Fleet,
+    inventory: &Inventory,
+    sessions: &[Session],
+    job: &JobPlan,
+) -> Vec<Option<String>> {
     // Gloo and NCCL bind to whatever the host name resolves to, often 127.0.1.1: name the
     // interface that reaches the master instead, unless the user did.
     let interfaces = join_all(sessions.iter().map(|s| interface_to(s, &job.master_addr))).await;
-    let extra_env: Vec<BTreeMap<String, String>> = inventory
-        .hosts
-        .iter()
-        .zip(&interfaces)
-        .map(|(host, iface)| {
-            let mut env = BTreeMap::new();
-            if let Some(iface) = iface {
-                for key in ["GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"] {
-                    if !host.env.contains_key(key) {
-                        env.insert(key.to_string(), iface.clone());
-                    }
+    let starts = join_all(sessions.iter().enumerate().map(|(i, session)| {
+        let host = &inventory.hosts[i];
+        let mut env = BTreeMap::new();
+        if let Some(iface) = &interfaces[i] {
+            for key in ["GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"] {
+                if !host.env.contains_key(key) {
+                    env.insert(key.to_string(), iface.clone());
                 }
             }
-            env
-        })
-        .collect();
-
-    let starts = join_all(sessions.iter().enumerate().map(|(i, session)| {
-        let activate = inventory.hosts[i].activate.as_deref();
-        let (script, input) = start_script(&workdirs[i], &job, i, activate, &extra_env[i]);
+        }
+        let (script, input) = start_script(&host.workdir, job, i, host.activate.as_deref(), &env);
         async move { session.capture_with_input(&script, &input).await }
     }))
     .await;
-    let mut refused = false;
-    for (i, result) in starts.iter().enumerate() {
-        let host = &host_names[i];
-        match result {
-            Ok((ExitStatus::Code(0), _, _)) => {}
-            Ok((ExitStatus::Code(BUSY), out, _)) => {
-                let running = String::from_utf8_lossy(out)
-                    .trim()
-                    .trim_start_matches("busy ")
-                    .to_string();
-                fleet.printer.error(&format!(
-                    "{host}: job {running} is still running in {} (fleet stop, or wait for it)",
-                    inventory.hosts[i].workdir
-                ));
-                refused = true;
-            }
-            Ok((ExitStatus::Code(NO_WORKDIR), _, _)) => {
-                fleet.printer.error(&format!(
-                    "{host}: workdir {} does not exist (run fleet sync)",
-                    inventory.hosts[i].workdir
-                ));
-                refused = true;
-            }
-            Ok((status, _, err)) => {
-                fleet.printer.error(&format!(
-                    "{host}: could not start the job ({status:?}): {}",
-                    String::from_utf8_lossy(err).trim()
-                ));
-                refused = true;
-            }
-            Err(e) => {
-                fleet.printer.error(&e.to_string());
-                refused = true;
-            }
-        }
-    }
+    let started = starts.into_iter().zip(&inventory.hosts);
+    started
+        .map(|(result, host)| {
+            let (name, workdir) = (&host.name, &host.workdir);
+            let refusal = match result {
+                Ok((ExitStatus::Code(0), out, _)) => {
+                    // The start script says where the workdir is (SFTP does not expand `~`).
+                    let out = String::from_utf8_lossy(&out);
+                    return Some(out.trim().trim_start_matches("started ").to_string());
+                }
+                Ok((ExitStatus::Code(BUSY), out, _)) => {
+                    let running = String::from_utf8_lossy(&out);
+                    let running = running.trim().trim_start_matches("busy ");
+                    format!(
+                        "{name}: job {running} is still running in {workdir} (fleet stop, or wait for it)"
+                    )
+                }
+                Ok((ExitStatus::Code(NO_WORKDIR), _, _)) => {
+                    format!("{name}: workdir {workdir} does not exist (run fleet sync)")
+                }
+                Ok((status, _, err)) => format!(
+                    "{name}: could not start the job ({status:?}): {}",
+                    String::from_utf8_lossy(&err).trim()
+                ),
+                Err(e) => e.to_string(),
+            };
+            fleet.printer.error(&refusal);
+            None
+        })
+        .collect()
+}
 
-    if args.detach && !refused {
-        fleet
-            .printer
-            .write(crate::output::Stream::Stdout, &format!("{job_id}\n"));
-        fleet.printer.info(&format!("job {job_id} started; follow it with `fleet logs -f {job_id}`, stop it with `fleet stop {job_id}`"));
-        for session in sessions {
-            session.close().await;
-        }
-        return Ok(not_started(ExitCode::Success));
-    }
-    let run_dir = match crate::files::create_private_dir(&attempt.run_dir) {
-        Ok(()) => Some(attempt.run_dir.clone()),
+/// Where this attempt's logs are kept locally, if that folder can be made.
+fn keep_logs_in(fleet: &Fleet, dir: &Path) -> Option<PathBuf> {
+    match crate::files::create_private_dir(dir) {
+        Ok(()) => Some(dir.to_path_buf()),
         Err(e) => {
-            fleet.printer.warn(&format!(
-                "cannot keep logs in {}: {e}",
-                attempt.run_dir.display()
-            ));
+            fleet
+                .printer
+                .warn(&format!("cannot keep logs in {}: {e}", dir.display()));
             None
         }
-    };
-    fleet.printer.info(&format!(
-        "job {job_id}: {} processes on {} hosts, MASTER_ADDR {}:{}",
-        job.processes.len(),
-        sessions.len(),
-        job.master_addr,
-        job.master_port
-    ));
+    }
+}
 
-    // Each host that started is followed; one that cannot be (no SFTP, no workdir) is named
-    // and the job stopped, never left running unsupervised.
-    let mut followed: Vec<bool> = starts
-        .iter()
-        .map(|s| matches!(s, Ok((ExitStatus::Code(0), _, _))))
-        .collect();
-    let (events, receiver) = mpsc::channel(1024);
+/// One follower per host that started (`roots`), and per host whether it is followed. A host
+/// that cannot be followed (no SFTP) is named: the job is then stopped, never left running
+/// unsupervised.
+async fn follow(
+    fleet: &Fleet,
+    sessions: &[Session],
+    host_names: &[String],
+    job: &JobPlan,
+    roots: &[Option<String>],
+    events: &mpsc::Sender<Event>,
+) -> (Vec<BoxFuture<'static, ()>>, Vec<bool>) {
     let mut followers = Vec::new();
+    let mut followed = vec![false; sessions.len()];
     for (i, session) in sessions.iter().enumerate() {
-        if !followed[i] {
-            continue;
-        }
-        // The start script said where the workdir is (SFTP does not expand `~`).
-        let root = match &starts[i] {
-            Ok((_, out, _)) => String::from_utf8_lossy(out)
-                .trim()
-                .strip_prefix("started ")
-                .unwrap_or_default()
-                .to_string(),
-            Err(_) => String::new(),
-        };
+        let Some(root) = &roots[i] else { continue };
         let sftp = match session.sftp().await {
             Ok(sftp) => sftp,
             Err(e) => {
@@ -496,8 +588,6 @@ async fn start(
                     "{}: cannot follow the job's logs ({e}); stopping the job",
                     host_names[i]
                 ));
-                followed[i] = false;
-                refused = true;
                 continue;
             }
         };
@@ -510,90 +600,98 @@ async fn start(
                 until_exit: true,
             })
             .collect();
-        followers.push(follow_host(
-            sftp,
-            i,
-            format!("{root}/{}", job_dir(&job_id)),
-            processes,
-            events.clone(),
-        ));
+        let dir = format!("{root}/{}", job_dir(&job.job_id));
+        followers.push(follow_host(sftp, i, dir, processes, events.clone()).boxed());
+        followed[i] = true;
     }
-    let supervisor = Supervisor {
-        printer: &fleet.printer,
-        job: &job,
-        host_names: &host_names,
-        sessions: &sessions,
-        workdirs: &workdirs,
-        grace: Duration::from_secs(args.grace),
-        timestamps: args.timestamps,
-        run_dir: run_dir.clone(),
-        followed,
-        interrupts: &fleet.interrupts,
-    };
-    drop(events);
-    // When a host refused, whatever did start is stopped at once.
-    let outcome = {
-        let supervised = supervisor.run(receiver, refused);
-        tokio::pin!(supervised);
-        let mut followed = Box::pin(join_all(followers));
-        let mut followers_done = false;
-        let outcome = loop {
-            tokio::select! {
-                outcome = &mut supervised => break outcome,
-                _ = &mut followed, if !followers_done => followers_done = true,
-            }
-        };
-        // A process that vanished has no exit file its follower could wait for: the followers
-        // get a moment to finish reading, then are dropped.
-        if !followers_done {
-            let _ = tokio::time::timeout(Duration::from_secs(2), followed).await;
-        }
-        outcome
-    };
+    (followers, followed)
+}
 
-    let code = if refused {
-        ExitCode::Failure.code()
-    } else {
-        outcome.exit_code()
+/// Supervises the job to its end while the followers read its logs; `stop_first` when a
+/// host refused, so whatever did start is stopped at once.
+async fn supervise(
+    supervisor: &Supervisor<'_>,
+    events: mpsc::Receiver<Event>,
+    followers: Vec<BoxFuture<'static, ()>>,
+    stop_first: bool,
+) -> Outcome {
+    let supervised = supervisor.run(events, stop_first);
+    tokio::pin!(supervised);
+    let mut followed = join_all(followers);
+    let mut followers_done = false;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut supervised => break outcome,
+            _ = &mut followed, if !followers_done => followers_done = true,
+        }
     };
-    let reason = if refused {
-        Some("a host refused to start the job".into())
+    // A process that vanished has no exit file its follower could wait for: the followers
+    // get a moment to finish reading, then are dropped.
+    if !followers_done {
+        let _ = tokio::time::timeout(Duration::from_secs(2), followed).await;
+    }
+    outcome
+}
+
+/// The attempt's exit code and reason, its summary.json and its last line.
+fn conclude(
+    fleet: &Fleet,
+    supervisor: &Supervisor<'_>,
+    command: &[String],
+    outcome: Outcome,
+    refused: bool,
+) -> Ended {
+    let job = supervisor.job;
+    let (code, reason) = if refused {
+        let reason = "a host refused to start the job".to_string();
+        (ExitCode::Failure.code(), Some(reason))
     } else {
-        supervisor.reason(&outcome)
+        (outcome.exit_code(), supervisor.reason(&outcome))
     };
-    if let Some(dir) = &run_dir {
+    if let Some(dir) = &supervisor.run_dir {
         let summary = Summary {
-            job_id: &job_id,
+            job_id: &job.job_id,
             command,
-            mode,
-            hosts: &host_names,
-            plan: &job,
+            mode: job.mode,
+            hosts: supervisor.host_names,
+            plan: job,
             outcome: &outcome,
             exit_code: code,
         };
-        if let Ok(json) = serde_json::to_vec_pretty(&summary) {
-            let _ = std::fs::write(dir.join("summary.json"), json);
-        }
+        write_summary(fleet, &dir.join("summary.json"), &summary);
     }
     let skew = outcome
         .start_skew_ms
         .map_or(String::new(), |ms| format!(", start skew {ms:.1} ms"));
+    let logs = supervisor
+        .run_dir
+        .as_ref()
+        .map_or_else(|| "(none)".to_string(), |d| d.display().to_string());
     fleet.printer.info(&format!(
-        "job {job_id}: exit {code} after {:.1}s{skew}; logs in {}",
-        outcome.seconds,
-        run_dir
-            .as_ref()
-            .map_or(PathBuf::from("(none)"), |d| d.clone())
-            .display()
+        "job {}: exit {code} after {:.1}s{skew}; logs in {logs}",
+        job.job_id, outcome.seconds
     ));
-    for session in sessions {
-        session.close().await;
-    }
-    Ok(Ended {
+    Ended {
         code: ExitCode::Exact(code),
         outcome: Some(outcome),
         reason,
-    })
+    }
+}
+
+/// Writes `summary` as JSON to `path`; a failure is said, not kept quiet.
+fn write_summary(fleet: &Fleet, path: &Path, summary: &impl Serialize) {
+    let written = serde_json::to_vec_pretty(summary)
+        .map_err(std::io::Error::from)
+        .and_then(|json| std::fs::write(path, json));
+    if let Err(e) = written {
+        fleet
+            .printer
+            .warn(&format!("could not write {}: {e}", path.display()));
+    }
+}
+
+async fn close_all(sessions: Vec<Session>) {
+    join_all(sessions.into_iter().map(Session::close)).await;
 }
 
 #[cfg(test)]
