@@ -1,7 +1,6 @@
 //! `fleet run [-- CMD ...]`: sync, start every process of the job at once, follow their logs as
 //! one, and stop everything when one fails or the user presses Ctrl-C.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use crate::cli::RunArgs;
 use crate::exit_code::{ExitCode, UsageError};
 use crate::inventory::Inventory;
 use crate::launch::follow::{Event, Followed, follow_host};
-use crate::launch::remote::{BUSY, NO_WORKDIR, interface_to, job_dir, start_script, stem};
+use crate::launch::remote::{BUSY, NO_WORKDIR, job_dir, start_script, stem};
 use crate::launch::supervise::{Outcome, Supervisor};
 use crate::launch::{JobPlan, Mode, new_job_id, plan};
 use crate::preflight::Needs;
@@ -504,20 +503,16 @@ async fn launch(
     sessions: &[Session],
     job: &JobPlan,
 ) -> Vec<Option<String>> {
-    // Gloo and NCCL bind to whatever the host name resolves to, often 127.0.1.1: name the
-    // interface that reaches the master instead, unless the user did.
-    let interfaces = join_all(sessions.iter().map(|s| interface_to(s, &job.master_addr))).await;
     let starts = join_all(sessions.iter().enumerate().map(|(i, session)| {
         let host = &inventory.hosts[i];
-        let mut env = BTreeMap::new();
-        if let Some(iface) = &interfaces[i] {
-            for key in ["GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"] {
-                if !host.env.contains_key(key) {
-                    env.insert(key.to_string(), iface.clone());
-                }
-            }
-        }
-        let (script, input) = start_script(&host.workdir, job, i, host.activate.as_deref(), &env);
+        // Gloo and NCCL bind to whatever the host name resolves to, often 127.0.1.1: name the
+        // interface that reaches the master instead, unless the user did.
+        let interface_keys: Vec<&str> = ["GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"]
+            .into_iter()
+            .filter(|key| !host.env.contains_key(*key))
+            .collect();
+        let activate = host.activate.as_deref();
+        let (script, input) = start_script(&host.workdir, job, i, activate, &interface_keys);
         async move { session.capture_with_input(&script, &input).await }
     }))
     .await;

@@ -18,8 +18,6 @@
 //! While any wrapper lives it holds a shared `flock` on `.fleet/job.lock`: a second job in the
 //! same workdir is refused, and the name of the running one read from `.fleet/current-job`.
 
-use std::collections::BTreeMap;
-
 use super::plan::{JobPlan, Process};
 use crate::remote::{self, Script};
 use crate::shell::quote;
@@ -44,18 +42,20 @@ pub const NO_WORKDIR: u32 = 70;
 
 /// The script that starts host `host`'s processes of `job` in `workdir`, and its stdin: it
 /// prints `busy <job>` (exit 75) when another job runs there, or `started <workdir's absolute
-/// path>` once every wrapper is off.
+/// path>` once every wrapper is off. Each of `interface_keys` (GLOO_SOCKET_IFNAME, ...) is set
+/// to the host's interface that reaches the master, which the script looks up as it starts.
 pub fn start_script(
     workdir: &str,
     job: &JobPlan,
     host: usize,
     activate: Option<&str>,
-    extra_env: &BTreeMap<String, String>,
+    interface_keys: &[&str],
 ) -> (Script, Vec<u8>) {
     let processes: Vec<&Process> = job.on_host(host).collect();
     let script = Script::new(remote::JOB_START)
         .using(remote::JOB_LIB)
-        .args([workdir, &job.job_id])
+        .using(remote::NET_LIB)
+        .args([workdir, &job.job_id, &job.master_addr])
         .args(processes.iter().map(|p| stem(p)));
     let mut input = Vec::new();
     let mut block = |bytes: &[u8]| {
@@ -68,21 +68,17 @@ pub fn start_script(
             .file(),
     );
     for process in processes {
-        block(process_file(process, activate, extra_env).as_bytes());
+        block(process_file(process, activate, interface_keys).as_bytes());
     }
     (script, input)
 }
 
 /// What the wrapper of `process` reads: the host's `activate` line (a failure ends the process
-/// with 126 and says so in its log), its environment as `export` lines (with the mark that
-/// finds all its processes), then its command as `set --`.
-fn process_file(
-    process: &Process,
-    activate: Option<&str>,
-    extra_env: &BTreeMap<String, String>,
-) -> String {
-    let mut env = extra_env.clone();
-    env.extend(process.env.clone());
+/// with 126 and says so in its log), `interface_keys` set to the start script's
+/// `$FLEET_IFACE`, its environment as `export` lines (with the mark that finds all its
+/// processes), then its command as `set --`.
+fn process_file(process: &Process, activate: Option<&str>, interface_keys: &[&str]) -> String {
+    let mut env = process.env.clone();
     env.insert("FLEET_PROCESS".into(), stem(process));
     let mut file = String::new();
     if let Some(line) = activate {
@@ -91,6 +87,17 @@ fn process_file(
             line = quote(line)
         ));
     }
+    if !interface_keys.is_empty() {
+        let exports: Vec<String> = interface_keys
+            .iter()
+            .map(|key| format!("{key}=\"$FLEET_IFACE\""))
+            .collect();
+        file.push_str(&format!(
+            "if [ -n \"${{FLEET_IFACE-}}\" ]; then export {}; fi\n",
+            exports.join(" ")
+        ));
+    }
+    file.push_str("unset FLEET_IFACE\n");
     for (name, value) in &env {
         file.push_str(&format!("export {name}={}\n", quote(value)));
     }
@@ -228,7 +235,9 @@ pub fn label_of(stem: &str) -> String {
 
 /// The interface of `host` that reaches `addr`: the one holding it, else the route's device.
 pub async fn interface_to(session: &crate::ssh::Session, addr: &str) -> Option<String> {
-    let script = Script::new(remote::INTERFACE).arg(addr);
+    let script = Script::new(remote::INTERFACE)
+        .using(remote::NET_LIB)
+        .arg(addr);
     match session.capture(&script).await {
         Ok((crate::ssh::ExitStatus::Code(0), out, _)) => {
             Some(String::from_utf8_lossy(&out).trim().to_string()).filter(|s| !s.is_empty())
@@ -241,6 +250,7 @@ pub async fn interface_to(session: &crate::ssh::Session, addr: &str) -> Option<S
 mod tests {
     use super::*;
     use crate::launch::plan::{JobPlan, Mode};
+    use std::collections::BTreeMap;
 
     fn job() -> JobPlan {
         let process = |index: usize, label: &str, argv: &[&str]| Process {
@@ -308,7 +318,7 @@ mod tests {
     }
 
     fn start(dir: &std::path::Path, job: &JobPlan) -> String {
-        let (script, input) = start_script(dir.to_str().unwrap(), job, 0, None, &BTreeMap::new());
+        let (script, input) = start_script(dir.to_str().unwrap(), job, 0, None, &[]);
         run(dir, &script, &input)
     }
 
@@ -367,6 +377,31 @@ mod tests {
         assert_eq!(mode(&jobs.join("rank-0.exit")), 0o600);
     }
 
+    /// The start script looks up the interface that reaches the master (loopback here) and
+    /// each process gets it under the keys asked for, without the start script's variable.
+    #[test]
+    fn the_processes_get_the_interface_that_reaches_the_master() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = job();
+        job.processes.truncate(1);
+        job.processes[0].argv = [
+            "sh",
+            "-c",
+            "echo \"$GLOO_SOCKET_IFNAME ${NCCL_SOCKET_IFNAME-none} ${FLEET_IFACE-gone}\"",
+        ]
+        .map(String::from)
+        .to_vec();
+        let workdir = dir.path().to_str().unwrap();
+        let (script, input) = start_script(workdir, &job, 0, None, &["GLOO_SOCKET_IFNAME"]);
+        run(dir.path(), &script, &input);
+        let jobs = dir.path().join(".fleet/jobs/J1");
+        wait_for("the wrapper did not finish", || {
+            jobs.join("rank-0.exit").exists()
+        });
+        let log = std::fs::read_to_string(jobs.join("rank-0.log")).unwrap();
+        assert_eq!(log, "lo none gone\n");
+    }
+
     #[test]
     fn the_status_script_reports_each_process() {
         let dir = tempfile::tempdir().unwrap();
@@ -405,13 +440,7 @@ mod tests {
         start(dir.path(), &first);
         let mut second = job();
         second.job_id = "J5".into();
-        let (script, input) = start_script(
-            dir.path().to_str().unwrap(),
-            &second,
-            0,
-            None,
-            &BTreeMap::new(),
-        );
+        let (script, input) = start_script(dir.path().to_str().unwrap(), &second, 0, None, &[]);
         let out = crate::remote::run_here("sh", dir.path(), &script, &input);
         assert_eq!(out.status.code(), Some(BUSY as i32));
         assert_eq!(String::from_utf8_lossy(&out.stdout), "busy J4\n");

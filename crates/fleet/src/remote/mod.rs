@@ -33,6 +33,8 @@ pub const JOB_WRAPPER: &str = include_str!("job_wrapper.sh");
 pub const JOB_SIGNAL: &str = include_str!("job_signal.sh");
 pub const JOB_STATUS: &str = include_str!("job_status.sh");
 pub const EXEC: &str = include_str!("exec.sh");
+/// `interface_to`: the interface that reaches an address.
+pub const NET_LIB: &str = include_str!("net_lib.sh");
 pub const INTERFACE: &str = include_str!("interface.sh");
 pub const DISK_FREE: &str = include_str!("disk_free.sh");
 pub const GPU_COUNT: &str = include_str!("gpu_count.sh");
